@@ -1,0 +1,152 @@
+"""lfnnify.convert: turn a model into K gradient-isolated blocks with prediction heads."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .cuts import CutPoint
+from .heads import Pool, build_head
+from .model import LFNNModel
+from .partition import dual_block, split_graph
+from .plan import analyse, channels_of, head_layout, make_plan, validate_knobs
+
+__all__ = ["convert"]
+
+MODES = ("local", "lfnn")
+
+
+def convert(
+    model: nn.Module,
+    *,
+    blocks: int | None = None,
+    cuts: Sequence[str] | None = None,
+    workers: int = 1,
+    leaders: float = 1.0,
+    mode: str = "local",
+    follower_weight: float = 1.0,
+    head="linear",
+    num_classes: int | None = None,
+    balance: str = "flops",
+    example_input: torch.Tensor | None = None,
+    leaf_modules: Sequence[type] = (),
+    concrete_args: dict | None = None,
+    share_parameters: bool = False,
+) -> LFNNModel:
+    """Convert ``model`` into a leader-follower network trained with local error signals.
+
+    The input model is not modified: ``convert`` works on a deep copy, unless
+    ``share_parameters=True``, in which case the blocks use (and train) the model's own
+    parameters. ``net(x)`` returns exactly what ``model(x)`` returns.
+
+    Example:
+        >>> net = lfnnify.convert(timm.create_model("resnet101"), blocks=4)
+        >>> net = lfnnify.convert(model, cuts=["layer1", "layer2", "layer3"])
+        >>> net = lfnnify.convert(model, blocks=4, workers=8, leaders=0.7)
+        >>> net.local_losses(images, labels).backward()
+
+    Args:
+        model: any classifier torch.fx can trace with timm's leaf modules.
+        blocks: number of blocks K; the K - 1 cuts minimise the most expensive block (default 4
+            when ``cuts`` is not given).
+        cuts: explicit cut names, as listed by :func:`lfnnify.plan`.
+        workers: filter-wise workers per hidden block; each takes an equal group of the block's
+            output channels and gets its own head. 1 = block-wise workers.
+        leaders: share δ of workers that lead, in (0, 1]; 1.0 = every worker leads.
+        mode: ``"local"`` (LFNN-ℓ, Eq. 2: each block's input detached) or ``"lfnn"`` (Eq. 1:
+            global loss through all blocks, follower channels masked, plus local losses).
+        follower_weight: λ, the weight of the followers' alignment loss.
+        head: ``"linear"`` (global average pooling + Linear, the paper's) or a callable
+            ``head(channels, num_classes, workers) -> nn.Module``.
+        num_classes: classes the heads predict; read from the model's classifier by default.
+        balance: cost the partition balances: ``"flops"``, ``"time"`` or ``"params"``.
+        example_input: a batch used to profile and check shapes; by default a random batch of
+            timm's ``pretrained_cfg`` input size (224×224 otherwise).
+        leaf_modules: module classes to keep whole when tracing.
+        concrete_args: values for optional forward arguments.
+        share_parameters: use the model's parameters instead of a copy.
+
+    Returns:
+        An :class:`~lfnnify.LFNNModel`.
+
+    Raises:
+        ValueError, TypeError: bad knobs, with the rule and the fix.
+        lfnnify.CutError: impossible cuts (too many blocks, unknown names).
+        lfnnify.TraceError: torch.fx can't trace the model; names the failing module.
+    """
+    if blocks is None and cuts is None:
+        blocks = 4
+    validate_knobs(blocks=blocks, cuts=cuts, workers=workers, leaders=leaders, balance=balance)
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} must be 'local' (LFNN-ℓ, BP-free, Eq. 2) or 'lfnn' (Eq. 1, with BP)")
+    if isinstance(follower_weight, bool) or not isinstance(follower_weight, (int, float)) or follower_weight < 0:
+        raise ValueError(f"follower_weight={follower_weight!r} must be a number >= 0 (λ; the paper uses 1)")
+    if not (head == "linear" or callable(head)):
+        raise ValueError(f"head={head!r} must be 'linear' or a callable head(channels, num_classes, workers)")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+    source = model if share_parameters else copy.deepcopy(model)
+    analysis = analyse(source, example_input=example_input, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    the_plan = make_plan(
+        source,
+        analysis,
+        blocks=blocks,
+        cuts=cuts,
+        workers=workers,
+        num_classes=num_classes,
+        head=head,
+        balance=balance,
+    )
+    by_name: dict[str, CutPoint] = {c.name: c for c in analysis.cut_points}
+    chosen = [by_name[name] for name in the_plan.cuts]
+    block_modules = _build_blocks(analysis, chosen)
+
+    heads = []
+    for cut in chosen:
+        layout, token, prefix = head_layout(source, cut.output_shape)
+        heads.append(
+            build_head(
+                head,
+                channels=channels_of(layout, cut.output_shape),
+                num_classes=the_plan.num_classes,
+                workers=workers,
+                pool=Pool(layout, token=token, prefix_tokens=prefix),
+            )
+        )
+    param = next(source.parameters(), None)
+    if param is not None:
+        for h in heads:
+            h.to(device=param.device, dtype=param.dtype if param.is_floating_point() else None)
+
+    config = {
+        "blocks": len(block_modules),
+        "cuts": list(the_plan.cuts),
+        "workers": workers,
+        "leaders": float(leaders),
+        "mode": mode,
+        "follower_weight": float(follower_weight),
+        "head": head if isinstance(head, str) else getattr(head, "__name__", "custom"),
+        "num_classes": the_plan.num_classes,
+        "balance": balance,
+    }
+    net = LFNNModel(block_modules, heads, plan=the_plan, config=config, source=source)
+    net.train(source.training)
+    return net
+
+
+def _build_blocks(analysis, chosen: list[CutPoint]) -> list[nn.Module]:
+    traced = analysis.traced
+    train_blocks = split_graph(traced.graph_module, [c.node for c in chosen])
+    if traced.eval_graph_module is None:
+        return train_blocks
+    # the same cut names, found again in the eval graph (node names can differ there)
+    eval_nodes = {}
+    for node in traced.eval_graph_module.graph.nodes:
+        eval_nodes.setdefault(traced.eval_qualnames.get(node.name, node.name), node.name)
+    eval_cut_nodes = [eval_nodes.get(traced.qualnames[c.node], c.node) for c in chosen]
+    eval_blocks = split_graph(traced.eval_graph_module, eval_cut_nodes)
+    return [dual_block(t, e, f"Block{k}") for k, (t, e) in enumerate(zip(train_blocks, eval_blocks))]

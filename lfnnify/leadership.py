@@ -1,0 +1,60 @@
+"""Leader/follower selection and the local losses of one block's workers (vectorised)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["WorkerLosses", "leader_count", "worker_losses"]
+
+
+def leader_count(workers: int, leaders: float) -> int:
+    """``round(leaders · workers)`` (halves round up), at least 1."""
+    return max(1, min(workers, int(leaders * workers + 0.5)))
+
+
+@dataclass
+class WorkerLosses:
+    """One block's local loss and how it was made."""
+
+    loss: Tensor  # leader CE + follower_weight · follower MSE, ready for backward()
+    leaders: Tensor  # indices of the leader workers, best first
+    best: int  # index of the best leader, the followers' target
+    worker_ce: Tensor  # (workers,) cross-entropy of every worker, detached
+
+
+def worker_losses(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    leaders: float = 1.0,
+    follower_weight: float = 1.0,
+    fixed_leaders: Tensor | None = None,
+) -> WorkerLosses:
+    """Local loss of a block whose N workers each predict the label.
+
+    ``logits`` is (N, B, classes). The ``leader_count(N, leaders)`` workers with the
+    lowest cross-entropy lead and are trained on it; the others follow, trained with the
+    MSE between their softmax and the best leader's (detached) softmax.
+    ``fixed_leaders`` (best first) skips selection, for per-epoch leadership.
+    """
+    n, b, c = logits.shape
+    ce = F.cross_entropy(logits.reshape(n * b, c), target.repeat(n), reduction="none").view(n, b).mean(1)
+    if fixed_leaders is None:
+        order = torch.argsort(ce.detach())
+        lead = order[: leader_count(n, leaders)]
+    else:
+        lead = fixed_leaders
+    is_leader = torch.zeros(n, dtype=torch.bool, device=logits.device)
+    is_leader[lead] = True
+    loss = ce[is_leader].sum()
+    best = int(lead[0])
+    if not bool(is_leader.all()):
+        probs = logits.softmax(-1)
+        target_probs = probs[best].detach()
+        follower_mse = (probs[~is_leader] - target_probs).pow(2).mean(dim=(1, 2))
+        loss = loss + follower_weight * follower_mse.sum()
+    return WorkerLosses(loss, lead, best, ce.detach())

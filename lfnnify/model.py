@@ -1,0 +1,172 @@
+"""The converted model: K blocks plus prediction heads; forward() is the original forward()."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .leadership import worker_losses
+
+__all__ = ["LFNNModel", "LocalLosses", "main_output"]
+
+
+def main_output(output) -> Tensor:
+    """The logits in a model's output: the tensor itself, or the first field of a tuple
+    (torchvision's ``InceptionOutputs``/``GoogLeNetOutputs`` in train mode, distillation pairs)."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    if isinstance(output, dict) and isinstance(output.get("logits"), Tensor):
+        return output["logits"]
+    raise TypeError(
+        f"the model returned {type(output).__name__}; lfnnify trains on a logits tensor, the first "
+        f"element of a tuple, or a dict's 'logits' entry. Wrap the model so forward() returns logits."
+    )
+
+
+@dataclass
+class LocalLosses:
+    """Everything one training step of a converted model produces."""
+
+    loss: Tensor  # sum of block losses; in local mode, loss.backward() is the whole update
+    block_losses: list[Tensor]  # one per block; the last is the model output's cross-entropy
+    logits: Tensor  # the model's output (main output for tuple-returning models)
+    leaders: list[Tensor]  # per block, the indices of its leader workers (best first)
+    worker_ce: list[Tensor] = field(default_factory=list)  # per block, every worker's CE (detached)
+    _lfnn_chain: list | None = field(default=None, repr=False)
+
+    def backward(self) -> None:
+        """Back-propagate the step's losses the way the model's mode prescribes.
+
+        In ``mode="local"`` this is ``loss.backward()``. In ``mode="lfnn"`` (Eq. 1) each local
+        loss reaches only its own block, while the global loss flows through every block with
+        follower channels masked, so it needs its own pass per block.
+        """
+        if self._lfnn_chain is None:
+            self.loss.backward()
+            return
+        chain = self._lfnn_chain
+        last = len(chain) - 1
+        for k, step in enumerate(chain[:-1]):
+            self.block_losses[k].backward(inputs=step["params"], retain_graph=True)
+        grad = None
+        for k in range(last, -1, -1):
+            step = chain[k]
+            wrt = step["params"] + ([step["input"]] if k > 0 else [])
+            if k == last:
+                self.block_losses[k].backward(inputs=wrt)
+            else:
+                step["output"].backward(grad * step["global_mask"], inputs=wrt)
+            grad = step["input"].grad if k > 0 else None
+
+
+class LFNNModel(nn.Module):
+    """A model cut into blocks with prediction heads, trained with local error signals.
+
+    ``forward(x)`` returns exactly what the original model returns. ``local_losses(x, y)``
+    runs one training step's computation: each block's input detached (``mode="local"``),
+    each hidden block trained by its own workers' losses, the last block by the output loss.
+
+    Attributes:
+        blocks: ``nn.ModuleList`` of K ``torch.fx.GraphModule`` blocks; parameter names are the
+            original model's (``blocks.2.layer3.4.conv1.weight`` is ``layer3.4.conv1.weight``).
+        heads: ``nn.ModuleList`` of K - 1 heads, one after each hidden block.
+        plan: the :class:`~lfnnify.Plan` the model was cut by.
+    """
+
+    def __init__(self, blocks: list[nn.Module], heads: list[nn.Module], *, plan, config: dict, source: nn.Module):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.heads = nn.ModuleList(heads)
+        self.plan = plan
+        self.config = dict(config)
+        object.__setattr__(self, "_source", source)  # the original architecture, not a submodule
+        self.fixed_leaders: list[Tensor | None] = [None] * len(heads)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def mode(self) -> str:
+        return self.config["mode"]
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def head_loss(self, k: int, features: Tensor, target: Tensor):
+        """Local loss of hidden block ``k`` from its output ``features``: its workers' leader
+        cross-entropy plus follower alignment (see :func:`lfnnify.leadership.worker_losses`)."""
+        logits = self.heads[k](features)
+        if logits.dim() == 2:
+            logits = logits.unsqueeze(0)
+        return worker_losses(
+            logits,
+            target,
+            leaders=self.config["leaders"],
+            follower_weight=self.config["follower_weight"],
+            fixed_leaders=self.fixed_leaders[k],
+        )
+
+    def output_loss(self, output, target: Tensor) -> tuple[Tensor, Tensor]:
+        """Cross-entropy of the model's own output (the last block's loss) and the logits."""
+        logits = main_output(output)
+        return F.cross_entropy(logits, target), logits
+
+    def local_losses(self, x: Tensor, target: Tensor) -> LocalLosses:
+        """Run all blocks on ``x`` and compute every block's local loss for labels ``target``.
+
+        Example:
+            >>> out = net.local_losses(images, labels)
+            >>> out.backward()          # same as out.loss.backward() in local mode
+            >>> [float(l) for l in out.block_losses]
+        """
+        local = self.mode == "local"
+        block_losses, leaders, worker_ce, chain = [], [], [], []
+        h = x
+        for k, block in enumerate(self.blocks):
+            inp = h.detach() if k > 0 else h
+            if not local and k > 0:
+                inp.requires_grad_(True)
+            out = block(inp)
+            step = {"input": inp, "output": out, "params": [p for p in block.parameters() if p.requires_grad]}
+            if k < len(self.heads):
+                losses = self.head_loss(k, out, target)
+                block_losses.append(losses.loss)
+                leaders.append(losses.leaders)
+                worker_ce.append(losses.worker_ce)
+                step["params"] += [p for p in self.heads[k].parameters() if p.requires_grad]
+                if not local:
+                    step["global_mask"] = self._leader_channel_mask(k, out, losses.leaders)
+                h = out
+            else:
+                loss, logits = self.output_loss(out, target)
+                block_losses.append(loss)
+                leaders.append(torch.zeros(1, dtype=torch.long, device=loss.device))
+                worker_ce.append(loss.detach().reshape(1))
+            chain.append(step)
+        total = torch.stack(block_losses).sum()
+        return LocalLosses(total, block_losses, logits, leaders, worker_ce, None if local else chain)
+
+    def _leader_channel_mask(self, k: int, features: Tensor, leaders: Tensor) -> Tensor:
+        """1 on the channels of leader workers, 0 on followers', shaped to broadcast on ``features``."""
+        workers = self.config["workers"]
+        layout = self.plan.blocks[k].layout
+        channel_dim = 1 if layout in ("nchw", "nc") else features.dim() - 1
+        channels = features.shape[channel_dim]
+        lead = torch.zeros(workers, device=features.device, dtype=features.dtype)
+        lead[leaders] = 1
+        mask = lead.repeat_interleave(channels // workers)
+        shape = [1] * features.dim()
+        shape[channel_dim] = channels
+        return mask.view(shape)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"blocks={self.num_blocks}, cuts={c['cuts']}, workers={c['workers']}, leaders={c['leaders']}, mode={c['mode']!r}"

@@ -1,0 +1,170 @@
+"""Balanced K-way contiguous partition, and splitting a graph into block GraphModules."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import fx, nn
+
+from .cuts import input_dependent_nodes
+
+__all__ = ["balanced_partition", "split_graph", "DualGraphModule", "dual_block"]
+
+
+def balanced_partition(atom_costs: Sequence[float], cut_costs: Sequence[float], blocks: int) -> list[int]:
+    """Choose ``blocks - 1`` cuts that minimise the cost of the most expensive block.
+
+    ``atom_costs[j]`` is the cost of the piece between candidate cut ``j - 1`` and ``j``
+    (``len(cut_costs) + 1`` pieces). ``cut_costs[j]`` is what a block ending at candidate
+    ``j`` pays on top (its prediction head). Exact O(K·M²) dynamic program over prefixes.
+    Returns the indices of the chosen candidate cuts, ascending.
+    """
+    m = len(atom_costs)
+    if len(cut_costs) != m - 1:
+        raise ValueError(f"need {m - 1} cut costs for {m} pieces, got {len(cut_costs)}")
+    if not 1 <= blocks <= m:
+        raise ValueError(f"blocks={blocks} must be between 1 and {m}")
+    prefix = [0.0]
+    for c in atom_costs:
+        prefix.append(prefix[-1] + c)
+
+    def cost(i: int, j: int) -> float:  # block made of pieces i..j-1
+        extra = cut_costs[j - 1] if j < m else 0.0
+        return prefix[j] - prefix[i] + extra
+
+    inf = float("inf")
+    # best[k][j]: smallest possible max block cost covering pieces 0..j-1 with k blocks
+    best = [[inf] * (m + 1) for _ in range(blocks + 1)]
+    choice = [[0] * (m + 1) for _ in range(blocks + 1)]
+    best[0][0] = 0.0
+    for k in range(1, blocks + 1):
+        for j in range(k, m - (blocks - k) + 1):
+            for i in range(k - 1, j):
+                value = max(best[k - 1][i], cost(i, j))
+                if value < best[k][j]:
+                    best[k][j], choice[k][j] = value, i
+    cuts, j = [], m
+    for k in range(blocks, 0, -1):
+        j = choice[k][j]
+        cuts.append(j)
+    # cuts holds the start piece of blocks K..1; the cut before piece i is candidate i - 1
+    return sorted(i - 1 for i in cuts if i > 0)
+
+
+def _copy_attr(source: nn.Module, target: nn.Module, path: str) -> None:
+    """Make ``target.<path>`` refer to the same object as ``source.<path>`` (no copy)."""
+    *parents, leaf = path.split(".")
+    src, dst = source, target
+    for part in parents:
+        src = getattr(src, part)
+        if not hasattr(dst, part):
+            dst.add_module(part, nn.Module())
+        dst = getattr(dst, part)
+    value = getattr(src, leaf)
+    if isinstance(value, nn.Module):
+        dst.add_module(leaf, value)
+    elif isinstance(value, nn.Parameter):
+        dst.register_parameter(leaf, value)
+    elif leaf in getattr(src, "_buffers", {}):
+        dst.register_buffer(leaf, value, persistent=leaf not in src._non_persistent_buffers_set)
+    else:
+        setattr(dst, leaf, value)
+
+
+def split_graph(gm: fx.GraphModule, cut_nodes: Sequence[str], *, class_name: str = "Block") -> list[fx.GraphModule]:
+    """Split ``gm`` after each node in ``cut_nodes`` into ``len(cut_nodes) + 1`` graphs.
+
+    Block k > 0 takes the activation of cut k - 1 as its only input. Values that don't
+    depend on the input are recomputed in every block that uses them. Parameters and
+    submodules are shared with ``gm`` and keep their qualified names.
+    """
+    nodes = list(gm.graph.nodes)
+    position = {n.name: i for i, n in enumerate(nodes)}
+    bounds = [position[c] for c in cut_nodes]
+    dependent = input_dependent_nodes(gm.graph)
+    ranges = list(zip([-1, *bounds], [*bounds, len(nodes) - 1]))
+
+    graphs = []
+    for k, (start, end) in enumerate(ranges):
+        graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        if k > 0:
+            incoming = nodes[start]
+            env[incoming] = graph.placeholder("x")
+            if any(_mutates_input(u, incoming, gm) for u in incoming.users):
+                # an in-place op (ReLU(inplace=True)) would overwrite the previous block's output,
+                # which that block's head saved for backward: work on a copy instead
+                env[incoming] = graph.call_method("clone", (env[incoming],))
+
+        def fetch(n: fx.Node, graph=graph, env=env, k=k) -> fx.Node:
+            if n not in env:
+                if n in dependent:
+                    raise RuntimeError(f"block {k} needs {n.name}, which crosses a cut: not a valid cut")
+                env[n] = graph.node_copy(n, fetch)  # recompute an input-independent value here
+            return env[n]
+
+        for n in nodes[start + 1 : end + 1]:
+            if n.op == "output":
+                graph.node_copy(n, fetch)
+            elif n in dependent:
+                env[n] = graph.node_copy(n, fetch)
+        if k < len(ranges) - 1:
+            graph.output(env[nodes[end]])
+        graph.lint()
+        block = fx.GraphModule(nn.Module(), fx.Graph(), f"{class_name}{k}")
+        _attach(gm, block, graph)
+        graphs.append(block)
+    return graphs
+
+
+def _mutates_input(node: fx.Node, value: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether ``node`` may write into ``value`` in place."""
+    if not node.args or node.args[0] is not value:
+        return False
+    if node.kwargs.get("inplace"):
+        return True
+    if node.op == "call_module":
+        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
+    name = getattr(node.target, "__name__", str(node.target))
+    return node.op in ("call_method", "call_function") and name.endswith("_") and not name.endswith("__")
+
+
+def _attach(root: nn.Module, block: fx.GraphModule, graph: fx.Graph) -> None:
+    for n in graph.nodes:
+        if n.op in ("call_module", "get_attr") and not _has_path(block, n.target):
+            _copy_attr(root, block, n.target)
+    block.graph = graph  # the setter recompiles forward()
+
+
+def _has_path(module: nn.Module, path: str) -> bool:
+    try:
+        for part in path.split("."):
+            module = getattr(module, part)
+    except AttributeError:
+        return False
+    return True
+
+
+class DualGraphModule(fx.GraphModule):
+    """A block with one graph for training and another for evaluation, picked by ``.train()``.
+
+    Used only when a model's train- and eval-mode traces differ (auxiliary outputs,
+    functional dropout). Both graphs share the same parameters. The graphs live in
+    ``meta`` so that ``copy.deepcopy`` (which re-runs ``__init__``) keeps them.
+    """
+
+    def train(self, mode: bool = True):
+        graphs = self.meta.get("lfnnify_graphs")
+        if graphs is not None and self.graph is not graphs[mode]:
+            self.graph = graphs[mode]
+        return super().train(mode)
+
+
+def dual_block(train_block: fx.GraphModule, eval_block: fx.GraphModule, class_name: str) -> DualGraphModule:
+    """Merge two blocks cut at the same place into one module that switches graph with the mode."""
+    block = DualGraphModule(nn.Module(), fx.Graph(), class_name)
+    _attach(train_block, block, train_block.graph)
+    _attach(eval_block, block, eval_block.graph)
+    block.meta["lfnnify_graphs"] = {True: train_block.graph, False: eval_block.graph}
+    block.graph = train_block.graph
+    return block

@@ -1,0 +1,97 @@
+"""Bad input gets a clear error that names the value, the rule and the fix."""
+
+import pytest
+import timm
+import torch
+
+import lfnnify
+from tests.models import batch
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    return timm.create_model("resnet18", num_classes=10)
+
+
+X = batch(32)[:1]
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,pattern",
+    [
+        ({"blocks": 0}, ValueError, r"blocks=0 must be an int >= 1"),
+        ({"blocks": 40}, lfnnify.CutError, r"blocks=40 but .* has \d+ places where it can be cut.*lfnnify.plan"),
+        ({"cuts": ["layer9"]}, lfnnify.CutError, r"'layer9' is not a valid cut point.*lfnnify.plan\(model\)"),
+        ({"cuts": ["layer1.0.conv1"]}, lfnnify.CutError, r"not a valid cut point"),
+        ({"cuts": "layer1"}, TypeError, r"must be a list of cut names"),
+        ({"blocks": 2, "cuts": ["layer1"]}, ValueError, r"blocks= or cuts=, not both"),
+        ({"leaders": 0}, ValueError, r"leaders=0 must be a fraction in \(0, 1\]"),
+        ({"leaders": 1.5}, ValueError, r"leaders=1.5 must be a fraction"),
+        (
+            {"cuts": ["layer1"], "workers": 65},
+            ValueError,
+            r"workers=65 but the activation after 'layer1' has only 64 channels",
+        ),
+        ({"cuts": ["layer1"], "workers": 6}, ValueError, r"workers=6 does not divide the 64 channels.*divisor"),
+        ({"mode": "bp"}, ValueError, r"mode='bp' must be 'local'"),
+        ({"balance": "memory"}, ValueError, r"balance='memory' must be one of"),
+        ({"head": "mlp"}, ValueError, r"head='mlp' must be 'linear' or a callable"),
+        ({"follower_weight": -1}, ValueError, r"follower_weight=-1"),
+    ],
+)
+def test_bad_knobs(resnet, kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        lfnnify.convert(resnet, example_input=X, **kwargs)
+
+
+def test_unknown_cut_suggests_close_names(resnet):
+    with pytest.raises(lfnnify.CutError, match=r"Did you mean 'layer1'"):
+        lfnnify.convert(resnet, cuts=["layer_1"], example_input=X)
+
+
+def test_model_without_classifier_needs_num_classes():
+    headless = timm.create_model("resnet18", num_classes=0)
+    with pytest.raises(ValueError, match=r"no classifier .* Pass num_classes=N"):
+        lfnnify.convert(headless, blocks=2, example_input=X)
+    net = lfnnify.convert(headless, blocks=2, num_classes=7, example_input=X)
+    assert net.heads[0](net.blocks[0](X)).shape[-1] == 7
+
+
+def test_not_a_module():
+    with pytest.raises(TypeError, match="must be a torch.nn.Module"):
+        lfnnify.convert(lambda x: x, blocks=2)
+
+
+class _DataDependent(torch.nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # control flow on a tensor value: torch.fx cannot trace this
+            return x * 2
+        return x
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 4, 3)
+        self.gate = _DataDependent()
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.gate(self.stem(x)).mean((2, 3)))
+
+
+def test_untraceable_module_is_named_with_the_fix():
+    with pytest.raises(
+        lfnnify.TraceError, match=r"inside module 'gate' \(_DataDependent\).*leaf_modules=\[_DataDependent\]"
+    ):
+        lfnnify.convert(_Net(), blocks=2, example_input=X)
+    model = _Net()
+    net = lfnnify.convert(model, cuts=["stem"], leaf_modules=[_DataDependent], example_input=X)
+    x = batch(32)
+    assert torch.equal(net(x), model(x))
+
+
+def test_example_input_the_model_cannot_take():
+    with pytest.raises(ValueError, match=r"could not run on an example input of shape \(1, 3, 2, 2\).*example_input="):
+        fixed_size = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 30 * 30, 10))
+        lfnnify.convert(fixed_size, blocks=2, example_input=torch.randn(1, 3, 2, 2))
