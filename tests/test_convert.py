@@ -150,7 +150,7 @@ def test_filter_wise_heads_are_batched_and_cost_what_they_should():
         c = info.output_shape[1]
         assert sum(p.numel() for p in head.parameters()) == c * 10 + 8 * 10 == info.head_params
     out = net.local_losses(batch(32, n=4), torch.tensor([0, 1, 2, 3]))
-    assert [len(l) for l in out.leaders] == [6, 6, 6, 1]
+    assert [len(ids) for ids in out.leaders] == [6, 6, 6, 1]
     logits = net.heads[0](net.blocks[0](batch(32)))
     assert logits.shape == (8, 2, 10)
 
