@@ -1,11 +1,14 @@
 """lfnnify: convert any VGG/ResNet/timm model into a leader-follower network trained with local errors."""
 
-from .convert import convert
-from .errors import CheckpointError, CutError, TraceError
-from .model import LFNNModel, LocalLosses
-from .plan import BlockInfo, Plan, plan
-
 __version__ = "0.1.0"
+
+from .checkpoint import export, load, load_pretrained, read_trainer_state, save  # noqa: E402
+from .convert import convert  # noqa: E402
+from .errors import CheckpointError, CutError, TraceError  # noqa: E402
+from .model import LFNNModel, LocalLosses  # noqa: E402
+from .plan import BlockInfo, Plan, plan  # noqa: E402
+from .plots import plot_leadership  # noqa: E402
+from .trainer import Trainer  # noqa: E402
 
 __all__ = [
     "convert",
@@ -14,6 +17,13 @@ __all__ = [
     "BlockInfo",
     "LFNNModel",
     "LocalLosses",
+    "Trainer",
+    "save",
+    "load",
+    "export",
+    "load_pretrained",
+    "read_trainer_state",
+    "plot_leadership",
     "CutError",
     "TraceError",
     "CheckpointError",

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .checkpoint import describe_model
 from .cuts import CutPoint
 from .heads import Pool, build_head
 from .model import LFNNModel
@@ -132,6 +133,7 @@ def convert(
         "head": head if isinstance(head, str) else getattr(head, "__name__", "custom"),
         "num_classes": the_plan.num_classes,
         "balance": balance,
+        "model": describe_model(model),
     }
     net = LFNNModel(block_modules, heads, plan=the_plan, config=config, source=source)
     net.train(source.training)

@@ -24,6 +24,7 @@ class WorkerLosses:
     leaders: Tensor  # indices of the leader workers, best first
     best: int  # index of the best leader, the followers' target
     worker_ce: Tensor  # (workers,) cross-entropy of every worker, detached
+    best_logits: Tensor  # (B, classes) the best leader's logits, detached (for accuracy)
 
 
 def worker_losses(
@@ -57,4 +58,4 @@ def worker_losses(
         target_probs = probs[best].detach()
         follower_mse = (probs[~is_leader] - target_probs).pow(2).mean(dim=(1, 2))
         loss = loss + follower_weight * follower_mse.sum()
-    return WorkerLosses(loss, lead, best, ce.detach())
+    return WorkerLosses(loss, lead, best, ce.detach(), logits[best].detach())

@@ -99,6 +99,28 @@ class Plan:
 # ---------------------------------------------------------------- model facts
 
 
+def find_classifier(model: nn.Module) -> nn.Linear | None:
+    """The model's final Linear classifier: timm's ``get_classifier()``, or torchvision's
+    ``fc``/``classifier``/``head``/``heads`` (the last Linear inside a container)."""
+    get = getattr(model, "get_classifier", None)
+    if callable(get):
+        try:
+            layer = get()
+        except Exception:  # some timm models raise for unusual heads; fall back to attributes
+            layer = None
+        if isinstance(layer, nn.Linear):
+            return layer
+    for name in ("fc", "classifier", "head", "heads", "last_linear"):
+        layer = getattr(model, name, None)
+        if isinstance(layer, nn.Linear):
+            return layer
+        if isinstance(layer, nn.Module):
+            linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
+            if linears:
+                return linears[-1]
+    return None
+
+
 def resolve_num_classes(model: nn.Module, num_classes: int | None) -> int:
     """The number of classes the heads predict: ``num_classes=`` or the model's classifier."""
     if num_classes is not None:
@@ -108,16 +130,9 @@ def resolve_num_classes(model: nn.Module, num_classes: int | None) -> int:
     found = getattr(model, "num_classes", None)
     if isinstance(found, int) and found > 0:
         return found
-    for name in ("fc", "classifier", "head", "heads", "last_linear"):
-        layer = getattr(model, name, None)
-        if isinstance(layer, nn.Sequential):
-            linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
-            layer = linears[-1] if linears else None
-        elif isinstance(layer, nn.Module) and not isinstance(layer, nn.Linear):
-            linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
-            layer = linears[-1] if linears else None
-        if isinstance(layer, nn.Linear):
-            return layer.out_features
+    classifier = find_classifier(model)
+    if classifier is not None:
+        return classifier.out_features
     raise ValueError(
         f"{type(model).__name__} has no classifier lfnnify can find (num_classes="
         f"{getattr(model, 'num_classes', None)!r}, no fc/classifier/head Linear), so the heads "

@@ -1,0 +1,71 @@
+"""Plots: the leadership map (the paper's Figure 4) and learning curves, saved as PNG with matplotlib."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_leadership(leadership: Sequence[Sequence[Sequence[int]]], path: str | Path, *, steps_per_epoch=None) -> Path:
+    """Workers as dots, one row per block, one panel per epoch; colour and size show how often each led.
+
+    ``leadership[e][k][w]`` is how many batches worker w of block k led in epoch e
+    (``Trainer.leadership``).
+    """
+    if not leadership:
+        raise ValueError("no leadership statistics yet: train at least one full epoch first")
+    plt = _pyplot()
+    epochs = len(leadership)
+    blocks = len(leadership[0])
+    workers = max((len(b) for b in leadership[0]), default=1)
+    peak = max((c for epoch in leadership for block in epoch for c in block), default=1) or 1
+    fig, axes = plt.subplots(1, epochs, figsize=(2.2 + 1.6 * epochs, 0.6 + 0.55 * blocks), squeeze=False)
+    for e, ax in enumerate(axes[0]):
+        for k, counts in enumerate(leadership[e]):
+            share = [c / peak for c in counts]
+            ax.scatter(range(len(counts)), [k] * len(counts), c=share, s=[20 + 180 * v for v in share],
+                       cmap="viridis", vmin=0, vmax=1, edgecolors="k", linewidths=0.3)
+        ax.set_title(f"epoch {e + 1}", fontsize=9)
+        ax.set_xticks(range(workers))
+        ax.set_yticks(range(blocks))
+        ax.set_yticklabels([f"block {k}" for k in range(blocks)] if e == 0 else [])
+        ax.set_xlabel("worker", fontsize=8)
+        ax.set_ylim(blocks - 0.5, -0.5)
+        ax.tick_params(labelsize=7)
+    fig.suptitle("times selected as leader (colour and size)", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(series: dict[str, Sequence[float]], path: str | Path, *, xlabel="epoch", ylabel="test error (%)",
+                title="") -> Path:
+    """One line per named series (for example BP against LFNN-ℓ), saved as PNG."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for name, values in series.items():
+        ax.plot(range(1, len(values) + 1), values, marker="o", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
