@@ -6,6 +6,7 @@ from .checkpoint import export, load, load_pretrained, read_trainer_state, save 
 from .convert import convert  # noqa: E402
 from .errors import CheckpointError, CutError, TraceError  # noqa: E402
 from .model import LFNNModel, LocalLosses  # noqa: E402
+from .pipeline import PipelineTrainer  # noqa: E402
 from .plan import BlockInfo, Plan, plan  # noqa: E402
 from .plots import plot_leadership  # noqa: E402
 from .trainer import Trainer  # noqa: E402
@@ -18,6 +19,7 @@ __all__ = [
     "LFNNModel",
     "LocalLosses",
     "Trainer",
+    "PipelineTrainer",
     "save",
     "load",
     "export",

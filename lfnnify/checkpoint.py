@@ -157,12 +157,51 @@ def save(net: LFNNModel, path: str | os.PathLike, *, trainer=None) -> Path:
         "model": net.config.get("model") or describe_model(net._source),
         "source_state_shapes": {k: list(v.shape) for k, v in net._source.state_dict().items()},
     }
+    stage = getattr(net, "_pipeline", None)
+    if stage is not None:
+        return _save_pipeline_stage(net, path, meta, trainer, stage)
     files: dict[str, object] = {WEIGHTS: _unshare(net.state_dict()), META: meta}
     if trainer is not None:
         tensors: dict = {}
         files[TRAINER_META] = {"state": _flatten(trainer.state_dict(), tensors, "trainer")}
         files[TRAINER_TENSORS] = _unshare(tensors)
     _write_folder_atomically(path, files)
+    return path
+
+
+def _save_pipeline_stage(net: LFNNModel, path: Path, meta: dict, trainer, stage: dict) -> Path:
+    """Called on every rank: replica 0 of each block writes its block, head and trainer state; rank 0
+    writes the description and swaps the finished folder in. All ranks must share the filesystem."""
+    import torch.distributed as dist
+
+    k, rank = stage["stage"], stage["rank"]
+    tmp = path.parent / f".{path.name}.tmp"
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    dist.barrier()
+    if stage["replica"] == 0:
+        prefixes = (f"blocks.{k}.", f"heads.{k}.")
+        own = {n: t for n, t in net.state_dict().items() if n.startswith(prefixes)}
+        save_file(_unshare(own), str(tmp / f"block{k}.safetensors"), metadata={"format": FORMAT})
+        if trainer is not None:
+            tensors: dict = {}
+            state = {"state": _flatten(trainer.state_dict(), tensors, "trainer")}
+            (tmp / f"trainer-block{k}.json").write_text(json.dumps(state, default=str))
+            save_file(_unshare(tensors), str(tmp / f"trainer-block{k}.safetensors"), metadata={"format": FORMAT})
+    dist.barrier()
+    if rank == 0:
+        meta["pipeline"] = {"blocks": net.num_blocks, "replicas": stage["replicas"]}
+        (tmp / META).write_text(json.dumps(meta, indent=1, default=str))
+        old = path.parent / f".{path.name}.old"
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+        if old.exists():
+            shutil.rmtree(old)
+    dist.barrier()
     return path
 
 
@@ -231,7 +270,12 @@ def load(
 
     path = Path(path)
     meta = _read_meta(path)
-    weights = _load_tensors(path / WEIGHTS)
+    if "pipeline" in meta:  # one file per block, written by each rank of a pipeline run
+        weights = {}
+        for k in range(meta["pipeline"]["blocks"]):
+            weights.update(_load_tensors(path / f"block{k}.safetensors"))
+    else:
+        weights = _load_tensors(path / WEIGHTS)
     shapes = {k: tuple(v) for k, v in meta.get("source_state_shapes", {}).items()}
     source = model if model is not None else _rebuild(meta["model"], shapes)
     config = meta["config"]
@@ -262,17 +306,26 @@ def load(
     return net
 
 
-def read_trainer_state(path: str | os.PathLike) -> dict:
-    """The trainer state stored by ``save(net, path, trainer=...)``, for ``Trainer.load_state_dict``."""
+def read_trainer_state(path: str | os.PathLike, *, block: int | None = None) -> dict:
+    """The trainer state stored by ``save(net, path, trainer=...)``, for ``Trainer.load_state_dict``.
+
+    For a checkpoint written by a pipeline run, ``block=`` picks that block's rank's state
+    (``PipelineTrainer.stage``).
+    """
     path = Path(path)
-    _read_meta(path)
-    if not (path / TRAINER_META).exists():
+    meta = _read_meta(path)
+    names = (TRAINER_META, TRAINER_TENSORS)
+    if "pipeline" in meta:
+        if block is None:
+            raise CheckpointError(f"{path} was written by a pipeline run: pass block=trainer.stage")
+        names = (f"trainer-block{block}.json", f"trainer-block{block}.safetensors")
+    if not (path / names[0]).exists():
         raise CheckpointError(f"{path} holds no trainer state; it was saved without trainer=, so it cannot resume")
-    tensors = _load_tensors(path / TRAINER_TENSORS)
+    tensors = _load_tensors(path / names[1])
     try:
-        stored = json.loads((path / TRAINER_META).read_text())
+        stored = json.loads((path / names[0]).read_text())
     except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path / TRAINER_META} is damaged ({exc})") from None
+        raise CheckpointError(f"{path / names[0]} is damaged ({exc})") from None
     return _unflatten(stored["state"], tensors)
 
 

@@ -148,7 +148,7 @@ class SeededSampler(Sampler[int]):
         return iter(order[start:])
 
     def __len__(self) -> int:
-        return self.length - self.start
+        return self.length  # a whole epoch, also while resuming: trainers count an epoch's batches by it
 
 
 def make_loader(

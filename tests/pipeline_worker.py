@@ -1,0 +1,78 @@
+"""Run by torchrun from tests/test_pipeline.py: every rank runs this same script (not a test module)."""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lfnnify  # noqa: E402
+from lfnnify.data import SyntheticImages, make_loader  # noqa: E402
+
+# shared with the single-process reference in the test
+SIZE, BATCH, DATA = 16, 16, 72  # 72 images: the last batch of each epoch has 8, not 16
+
+
+def build(blocks):
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", in_chans=1, num_classes=10)
+    return lfnnify.convert(model, blocks=blocks, workers=2, leaders=0.5, example_input=torch.zeros(1, 1, SIZE, SIZE))
+
+
+def optimizer(params):
+    return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+
+def scheduler(opt):
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, 20)
+
+
+def loaders():
+    data = SyntheticImages(DATA, shape=(1, SIZE, SIZE), seed=1)
+    return make_loader(data, batch_size=BATCH, seed=2), make_loader(data, batch_size=32, shuffle=False)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--scenario", required=True, choices=["train", "fail"])
+    parser.add_argument("--blocks", type=int, required=True)
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--resume", type=Path)
+    args = parser.parse_args()
+
+    net = lfnnify.load(args.resume) if args.resume else build(args.blocks)
+    trainer = lfnnify.PipelineTrainer(net, optimizer=optimizer, scheduler=scheduler, threads=1, timeout_s=20,
+                                      progress=False, max_in_flight=2)
+    if args.resume:
+        trainer.load_state_dict(lfnnify.read_trainer_state(args.resume, block=trainer.stage))
+    if args.scenario == "fail" and trainer.rank == 1:
+        original = trainer._stage_step
+
+        def failing(x, y):
+            if trainer.step == 2:
+                raise RuntimeError("injected failure at step 2")
+            return original(x, y)
+
+        trainer._stage_step = failing
+    train, test = loaders()
+    rank0_data = trainer.first
+    trainer.fit(train if rank0_data else None, epochs=10, max_steps=args.steps, val_loader=test if rank0_data else None)
+    lfnnify.save(net, args.out / "ckpt", trainer=trainer)
+    timings = trainer.stage_timings()
+    metrics = trainer.history[-1]
+    if trainer.rank == trainer.world - 1:
+        (args.out / "report.json").write_text(json.dumps({"timings": timings, "history": trainer.history,
+                                                          "metrics": metrics}))
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()

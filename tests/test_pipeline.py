@@ -1,0 +1,111 @@
+"""The pipeline trainer, started the way users start it (torch.distributed.run), on CPU over gloo."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import lfnnify
+from tests import pipeline_worker as worker
+
+WORKER = Path(worker.__file__)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(nproc, *args, timeout=240):
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
+        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "--max-restarts", "0",
+        "--monitor-interval", "0.5", str(WORKER), *map(str, args),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    start = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    return proc, time.monotonic() - start
+
+
+def _reference(blocks, steps, nets_equal_to=None):
+    """The same training on one device with the one-device trainer."""
+    torch.set_num_threads(1)
+    net = worker.build(blocks)
+    trainer = lfnnify.Trainer(net, optimizer=worker.optimizer, scheduler=worker.scheduler, progress=False)
+    train, test = worker.loaders()
+    trainer.fit(train, epochs=10, max_steps=steps, val_loader=test)
+    return net, trainer
+
+
+def _assert_close(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.allclose(sa[key].float(), sb[key].float(), rtol=1e-4, atol=1e-5), key
+
+
+@pytest.mark.parametrize("blocks", [2, 3])
+def test_pipeline_equals_one_device_trainer(tmp_path, blocks):
+    steps = 7  # 5 batches per epoch (the last one smaller), so this crosses an epoch boundary
+    proc, _ = _torchrun(blocks, "--scenario", "train", "--blocks", blocks, "--steps", steps, "--out", tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    piped = lfnnify.load(tmp_path / "ckpt")
+    reference, trainer = _reference(blocks, steps)
+    _assert_close(piped, reference)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert len(report["timings"]) == blocks and all(t["steps"] == steps for t in report["timings"])
+    assert all(t["busy_s"] > 0 for t in report["timings"])
+    expected = trainer.evaluate(worker.loaders()[1])
+    assert report["metrics"]["val_accuracy"] == pytest.approx(expected["accuracy"], abs=1e-6)
+    assert report["metrics"]["val_block_accuracy"] == pytest.approx(expected["block_accuracy"], abs=1e-6)
+
+
+def test_resume_from_a_pipeline_checkpoint(tmp_path):
+    first, _ = _torchrun(2, "--scenario", "train", "--blocks", 2, "--steps", 3, "--out", tmp_path / "a")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second, _ = _torchrun(2, "--scenario", "train", "--blocks", 2, "--steps", 7, "--out", tmp_path / "b",
+                          "--resume", tmp_path / "a" / "ckpt")
+    assert second.returncode == 0, second.stderr[-3000:]
+    reference, _ = _reference(2, 7)
+    _assert_close(lfnnify.load(tmp_path / "b" / "ckpt"), reference)
+
+
+def test_a_failing_rank_stops_every_rank_quickly_and_is_reported_once(tmp_path):
+    proc, seconds = _torchrun(3, "--scenario", "fail", "--blocks", 3, "--steps", 7, "--out", tmp_path, timeout=120)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert seconds < 90, f"took {seconds:.0f} s to stop"
+    assert output.count("lfnnify: rank 1 (block 1) failed: RuntimeError: injected failure at step 2") == 1, output[-4000:]
+
+
+def test_two_blocks_two_replicas(tmp_path):
+    if (os.cpu_count() or 1) < 2:
+        pytest.fail("needs 2 cores")
+    proc, _ = _torchrun(4, "--scenario", "train", "--blocks", 2, "--steps", 2, "--out", tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    net = lfnnify.load(tmp_path / "ckpt")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [t["block"] for t in report["timings"]] == [0, 0, 1, 1]
+    assert all(t["steps"] == 2 for t in report["timings"])
+    assert 0 <= report["metrics"]["val_accuracy"] <= 1
+    assert all(torch.isfinite(v).all() for v in net.state_dict().values() if v.is_floating_point())
+
+
+def test_pipeline_refuses_lfnn_mode_and_needs_torchrun():
+    net = lfnnify.convert(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                              torch.nn.Linear(4 * 14 * 14, 3)),
+                          cuts=["1"], mode="lfnn", num_classes=3, example_input=torch.zeros(1, 1, 16, 16))
+    with pytest.raises(ValueError, match="mode='lfnn'"):
+        lfnnify.PipelineTrainer(net, optimizer=worker.optimizer)
+    net.config["mode"] = "local"
+    if not torch.distributed.is_initialized() and "RANK" not in os.environ:
+        with pytest.raises(RuntimeError, match="started by torchrun"):
+            lfnnify.PipelineTrainer(net, optimizer=worker.optimizer)
