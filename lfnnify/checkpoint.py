@@ -270,12 +270,7 @@ def load(
 
     path = Path(path)
     meta = _read_meta(path)
-    if "pipeline" in meta:  # one file per block, written by each rank of a pipeline run
-        weights = {}
-        for k in range(meta["pipeline"]["blocks"]):
-            weights.update(_load_tensors(path / f"block{k}.safetensors"))
-    else:
-        weights = _load_tensors(path / WEIGHTS)
+    weights = _read_weights_of(path, meta)
     shapes = {k: tuple(v) for k, v in meta.get("source_state_shapes", {}).items()}
     source = model if model is not None else _rebuild(meta["model"], shapes)
     config = meta["config"]
@@ -303,6 +298,32 @@ def load(
             f"{path} does not fit this architecture: {len(missing)} missing keys (e.g. {missing[:3]}), "
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}). Pass the architecture it was saved from as model=."
         )
+    return net
+
+
+def _read_weights_of(path: Path, meta: dict) -> dict:
+    if "pipeline" in meta:  # one file per block, written by each rank of a pipeline run
+        weights = {}
+        for k in range(meta["pipeline"]["blocks"]):
+            weights.update(_load_tensors(path / f"block{k}.safetensors"))
+        return weights
+    return _load_tensors(path / WEIGHTS)
+
+
+def load_weights_into(net: LFNNModel, path: str | os.PathLike) -> LFNNModel:
+    """Copy a checkpoint's weights into ``net``, a model converted the same way (used to resume runs)."""
+    path = Path(path)
+    meta = _read_meta(path)
+    if meta["cuts"] != net.plan.cuts:
+        raise CheckpointError(f"{path} was cut at {meta['cuts']}, this model at {net.plan.cuts}; convert it the same way")
+    stage = getattr(net, "_pipeline", None)
+    weights = _read_weights_of(path, meta)
+    if stage is not None:  # a pipeline rank holds only its own block and head
+        own = (f"blocks.{stage['stage']}.", f"heads.{stage['stage']}.")
+        weights = {k: v for k, v in weights.items() if k.startswith(own)}
+    missing, unexpected = net.load_state_dict(weights, strict=False)
+    if unexpected or (stage is None and missing):
+        raise CheckpointError(f"{path} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return net
 
 

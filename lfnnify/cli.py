@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -11,38 +12,20 @@ from . import __version__
 from .errors import CheckpointError, CutError, TraceError
 
 EPILOG = """examples:
-  lfnnify plan resnet101 --blocks 4
-  lfnnify plan torchvision/vgg19 --blocks 4 --input-size 64
   lfnnify demo
+  lfnnify plan resnet101 --blocks 4
+  lfnnify train recipes/fashion_mnist_resnet18_k4.yaml
+  lfnnify train recipes/cifar10_resnet101_k4.yaml --data ~/data/cifar10 --set train.iterations=1000
+  torchrun --nproc-per-node 4 -m lfnnify train recipes/imagenet_resnet152_k4.yaml --data /datasets/imagenet
+  lfnnify export runs/xyz/ckpt resnet101_trained.safetensors
 """
 
 
-def build_model(name: str, *, num_classes: int | None = None, in_chans: int | None = None) -> torch.nn.Module:
-    """A model by name, never pretrained: timm names (``resnet101``), or ``torchvision/<name>``."""
-    kwargs = {} if num_classes is None else {"num_classes": num_classes}
-    if name.startswith(("torchvision/", "tv/")):
-        import torchvision
-
-        arch = name.split("/", 1)[1]
-        try:
-            return torchvision.models.get_model(arch, weights=None, **kwargs)
-        except ValueError as exc:
-            raise ValueError(f"unknown torchvision model {arch!r}: {exc}") from None
-    import timm
-
-    if not timm.is_model(name):
-        close = timm.list_models(f"*{name}*")[:5]
-        hint = f" Close: {', '.join(close)}." if close else ""
-        raise ValueError(f"unknown model {name!r}: give a timm model name, or torchvision/<name>.{hint}")
-    if in_chans is not None:
-        kwargs["in_chans"] = in_chans
-    return timm.create_model(name, pretrained=False, **kwargs)
-
-
 def _cmd_plan(args) -> int:
+    from .models import create_model
     from .plan import plan
 
-    model = build_model(args.model, num_classes=args.num_classes)
+    model = create_model(args.model, num_classes=args.num_classes)
     example = None
     if args.input_size:
         example = torch.randn(1, 3, args.input_size, args.input_size)
@@ -50,6 +33,22 @@ def _cmd_plan(args) -> int:
         model, blocks=args.blocks, cuts=args.cuts, workers=args.workers, balance=args.balance, example_input=example
     )
     print(result)
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from .run import main_train
+
+    return main_train(args)
+
+
+def _cmd_export(args) -> int:
+    from .checkpoint import export, load
+
+    net = load(args.checkpoint)
+    export(net, args.output)
+    print(f"wrote {args.output}: {type(net._source).__name__} weights with the original keys "
+          f"(load with timm's pretrained_cfg_overlay=dict(file=...) or load_state_dict)")
     return 0
 
 
@@ -85,6 +84,34 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=int, help="square input size (default: the model's pretrained_cfg)")
     p.set_defaults(func=_cmd_plan)
 
+    t = sub.add_parser(
+        "train",
+        help="train from a recipe (pipeline-parallel under torchrun when WORLD_SIZE > 1)",
+        epilog="examples:\n  lfnnify train recipes/fashion_mnist_resnet18_k4.yaml\n"
+               "  lfnnify train recipes/fashion_mnist_resnet18_k4.yaml --set method=bp --set train.epochs=1\n"
+               "  torchrun --nproc-per-node 4 -m lfnnify train recipes/cifar10_resnet101_k4.yaml --data ~/cifar",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    t.add_argument("recipe", help="a recipe YAML (see recipes/)")
+    t.add_argument("--data", help="dataset folder (overrides data.root)")
+    t.add_argument("--out", type=Path, help="run folder (default runs/<recipe>-<time>)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key, e.g. train.iterations=1000")
+    t.add_argument("--pretrained", help="a local .safetensors/.pth checkpoint to fine-tune from")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    t.add_argument("--download", action="store_true", help="allow torchvision to download the dataset")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser(
+        "export",
+        help="write a checkpoint's weights in the original architecture's layout (safetensors)",
+        epilog="example:\n  lfnnify export runs/xyz/ckpt resnet101_trained.safetensors",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    e.add_argument("checkpoint")
+    e.add_argument("output")
+    e.set_defaults(func=_cmd_export)
+
     d = sub.add_parser(
         "demo",
         help="convert a timm ResNet, show its plan, check it computes what the original does, train briefly",
@@ -101,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CutError, TraceError, CheckpointError, ValueError, TypeError, FileNotFoundError) as exc:
+    except (CutError, TraceError, CheckpointError, ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
         print(f"lfnnify: error: {exc}", file=sys.stderr)
         return 2
 

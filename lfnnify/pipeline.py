@@ -101,6 +101,13 @@ class PipelineTrainer(Trainer):
         self.first, self.last = self.stage == 0, self.stage == blocks - 1
         self.prev_rank = self.rank - self.replicas if not self.first else None
         self.next_rank = self.rank + self.replicas if not self.last else None
+        cuts: list = [None] * self.world
+        dist.all_gather_object(cuts, net.plan.cuts)
+        if any(c != cuts[0] for c in cuts):
+            raise ValueError(
+                f"ranks converted the model with different cuts ({cuts}); every rank must cut at the same places: "
+                f"pass explicit cuts=[...] (balance='time' measures on each rank and can disagree)"
+            )
         # every rank creates every group, in the same order (torch.distributed's rule)
         groups = [dist.new_group([k * self.replicas + r for r in range(self.replicas)]) for k in range(blocks)]
         self.group = groups[self.stage]
@@ -317,7 +324,7 @@ class PipelineTrainer(Trainer):
         bar = tqdm(total=rounds, initial=self.step_in_epoch, disable=not self.progress, leave=False,
                    desc=f"epoch {self.epoch + 1} (pipeline, {self.world} ranks)", unit="batch", dynamic_ncols=True)
         finished = False
-        while max_steps is None or self.step < max_steps:
+        while (max_steps is None or self.step < max_steps) and not self._stop:
             if self.step_in_epoch >= rounds:
                 finished = True
                 break
@@ -334,7 +341,7 @@ class PipelineTrainer(Trainer):
             bar.update(1)
             bar.set_postfix(loss=f"{records[-1]['loss']:.3f}")
         bar.close()
-        stopped = max_steps is not None and self.step >= max_steps
+        stopped = (max_steps is not None and self.step >= max_steps) or self._stop
         flags = (_EPOCH_DONE if finished else 0) | (_EVALUATE if evaluate and (finished or stopped) else 0)
         if not self.last:
             self._send(_END, flag=flags)

@@ -112,6 +112,11 @@ class Trainer:
         self._epoch_counts = torch.zeros(len(net.heads), workers, dtype=torch.long)
         self.leadership: list[list[list[int]]] = []  # per epoch, per hidden block, times each worker led
         self.history: list[dict] = []
+        self._stop = False
+
+    def request_stop(self) -> None:
+        """Ask ``fit`` to return after the current step (signal handlers call this)."""
+        self._stop = True
 
     # ------------------------------------------------------------------ the data path
 
@@ -205,6 +210,7 @@ class Trainer:
             scaler.update()
         else:
             opt.step()
+        opt.zero_grad(set_to_none=True)  # gradients are dead now; freeing them lowers peak memory
         if scheduler is not None:
             scheduler.step()
 
@@ -240,7 +246,7 @@ class Trainer:
             start, seen, running = time.perf_counter(), 0, []
             batches = iter(loader)
             # check the budget before fetching: a fetched batch draws augmentation randomness
-            while max_steps is None or self.step < max_steps:
+            while (max_steps is None or self.step < max_steps) and not self._stop:
                 try:
                     x, y = next(batches)
                 except StopIteration:
@@ -268,7 +274,7 @@ class Trainer:
                 entry.update({f"val_{k}": v for k, v in self.evaluate(val_loader).items()})
             self.history.append(entry)
             self._log({"kind": "epoch", **entry})
-            if not finished:
+            if not finished or self._stop:
                 break
         return self.history
 

@@ -1,0 +1,252 @@
+"""One method of benchmarks/speedup.py, in a fresh process (torchrun for the multi-process ones).
+
+Every method trains the same model on the same synthetic batch; the process that finishes steps
+(the last stage, or the single process) records the time at which each step completed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lfnnify  # noqa: E402
+from lfnnify.models import create_model  # noqa: E402
+
+
+def _setup(args):
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = create_model(args.model, num_classes=args.classes, cifar=args.cifar)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(args.batch, 3, args.size, args.size, generator=g)
+    y = torch.randint(0, args.classes, (args.batch,), generator=g)
+    return model, x, y
+
+
+def _convert(model, args, **knobs):
+    # the launcher chose the cuts once, so every method and every rank uses the same split
+    return lfnnify.convert(model, cuts=args.cuts, example_input=torch.zeros(1, 3, args.size, args.size), **knobs)
+
+
+def _sgd(params):
+    return torch.optim.SGD(params, lr=0.01, momentum=0.9)
+
+
+def bp_single(args, model, x, y):
+    opt = _sgd(model.parameters())
+    model.train()
+    stamps = []
+    for _ in range(args.warmup + args.steps):
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        stamps.append(time.perf_counter())
+    return {"stamps": stamps}
+
+
+def lfnn_single(args, model, x, y):
+    net = _convert(model, args, workers=args.workers, leaders=args.leaders)
+    trainer = lfnnify.Trainer(net, optimizer=_sgd, progress=False)
+    stamps = []
+    for _ in range(args.warmup + args.steps):
+        trainer.train_step(x, y)
+        stamps.append(time.perf_counter())
+    return {"stamps": stamps}
+
+
+def lfnn_pipeline(args, model, x, y):
+    net = _convert(model, args, workers=args.workers, leaders=args.leaders)
+    trainer = lfnnify.PipelineTrainer(net, optimizer=_sgd, threads=args.threads, progress=False,
+                                      max_in_flight=args.in_flight, timeout_s=300)
+    stamps = []
+    step = trainer._stage_step
+
+    def timed(xb, yb):
+        out = step(xb, yb)
+        stamps.append(time.perf_counter())
+        return out
+
+    trainer._stage_step = timed
+    batches = [(x, y)] * (args.warmup + args.steps)
+    trainer.fit(batches if trainer.first else None, max_steps=len(batches))
+    timings = trainer.stage_timings()
+    return {"stamps": stamps, "stage_timings": timings}
+
+
+def bp_model_parallel(args, model, x, y):
+    """The paper's baseline: the same K blocks on K processes, one waiting for the other."""
+    net = _convert(model, args)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    block = net.blocks[rank]
+    opt = _sgd(block.parameters())
+    first, last = rank == 0, rank == world - 1
+    shapes = _activation_shapes(net, x)
+    stamps, busy, wait = [], 0.0, 0.0
+    for _ in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        if first:
+            inp = x
+        else:
+            inp = torch.empty(shapes[rank - 1])
+            dist.recv(inp, src=rank - 1)
+            inp.requires_grad_(True)
+        t1 = time.perf_counter()
+        out = block(inp)
+        opt.zero_grad(set_to_none=True)
+        if last:
+            F.cross_entropy(out, y).backward()
+            t2 = t3 = time.perf_counter()
+        else:
+            t2 = time.perf_counter()
+            dist.send(out.detach().contiguous(), dst=rank + 1)
+            grad = torch.empty_like(out)
+            dist.recv(grad, src=rank + 1)
+            t3 = time.perf_counter()
+            out.backward(grad)
+        if not first:
+            dist.send(inp.grad.contiguous(), dst=rank - 1)
+        opt.step()
+        t4 = time.perf_counter()
+        busy += (t2 - t1) + (t4 - t3)
+        wait += (t1 - t0) + (t3 - t2)
+        stamps.append(time.perf_counter())
+    timings = _gather({"rank": rank, "block": rank, "busy_s": busy, "wait_s": wait, "steps": len(stamps)})
+    return {"stamps": stamps, "stage_timings": timings}
+
+
+def bp_pipelined(args, model, x, y):
+    """Backprop pipelined with torch.distributed.pipelining (GPipe or 1F1B, M micro-batches)."""
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    net = _convert(model, args)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    block = net.blocks[rank]
+    stage = PipelineStage(block, rank, world, torch.device("cpu"))
+    schedule_cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[args.schedule]
+    schedule = schedule_cls(stage, n_microbatches=args.microbatches, loss_fn=lambda o, t: F.cross_entropy(o, t))
+    opt = _sgd(block.parameters())
+    stamps = []
+    for _ in range(args.warmup + args.steps):
+        if rank == 0:
+            schedule.step(x)
+        elif rank == world - 1:
+            schedule.step(target=y, losses=[])
+        else:
+            schedule.step()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        stamps.append(time.perf_counter())
+    return {"stamps": stamps}
+
+
+def projection(args, model, x, y):
+    """Per-block forward+backward seconds on one process, and the bytes each cut sends."""
+    net = _convert(model, args, workers=args.workers, leaders=args.leaders)
+    net.train()
+    blocks, heads, sizes = [], [], []
+    h = x
+    for k, block in enumerate(net.blocks):
+        times = {"bp": [], "lfnn": []}
+        for _ in range(args.warmup + 3):
+            inp = h.detach().requires_grad_(k > 0)
+            t0 = time.perf_counter()
+            out = block(inp)
+            if k < len(net.heads):
+                t1 = time.perf_counter()
+                out.backward(torch.ones_like(out) / out.numel())
+                t2 = time.perf_counter()
+                out2 = block(inp)
+                t3 = time.perf_counter()
+                net.head_loss(k, out2, y).loss.backward()
+                t4 = time.perf_counter()
+                times["bp"].append(t2 - t0)
+                times["lfnn"].append(t4 - t3)
+            else:
+                F.cross_entropy(out, y).backward()
+                times["bp"].append(time.perf_counter() - t0)
+                times["lfnn"].append(time.perf_counter() - t0)
+            net.zero_grad(set_to_none=True)
+        blocks.append(sorted(times["bp"][args.warmup:])[1])
+        heads.append(sorted(times["lfnn"][args.warmup:])[1])
+        if k < len(net.heads):
+            sizes.append(out.numel() * out.element_size())
+        with torch.no_grad():
+            h = block(h)
+    return {"block_fwd_bwd_s": blocks, "block_lfnn_step_s": heads, "activation_bytes": sizes}
+
+
+def _activation_shapes(net, x):
+    shapes = []
+    with torch.no_grad():
+        h = x
+        for block in list(net.blocks)[:-1]:
+            h = block(h)
+            shapes.append(tuple(h.shape))
+    return shapes
+
+
+def _gather(obj):
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+METHODS = {
+    "bp_single": bp_single,
+    "lfnn_single": lfnn_single,
+    "lfnn_pipeline": lfnn_pipeline,
+    "bp_model_parallel": bp_model_parallel,
+    "bp_pipelined": bp_pipelined,
+    "projection": projection,
+}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--method", required=True, choices=list(METHODS))
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--cifar", action="store_true")
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--blocks", type=int, default=2)
+    parser.add_argument("--cuts", nargs="+", required=True)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--leaders", type=float, default=1.0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--microbatches", type=int, default=4)
+    parser.add_argument("--schedule", default="gpipe", choices=["gpipe", "1f1b"])
+    parser.add_argument("--in-flight", type=int, default=2)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    distributed = "RANK" in os.environ
+    if distributed:
+        dist.init_process_group("gloo")
+    model, x, y = _setup(args)
+    result = METHODS[args.method](args, model, x, y)
+    rank = dist.get_rank() if distributed else 0
+    world = dist.get_world_size() if distributed else 1
+    if rank == world - 1:
+        stamps = result.pop("stamps", None)
+        if stamps is not None:
+            result["step_s"] = [b - a for a, b in zip(stamps[args.warmup - 1 : -1], stamps[args.warmup :])]
+        args.out.write_text(json.dumps(result))
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

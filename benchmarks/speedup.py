@@ -1,0 +1,262 @@
+"""Wall-clock training throughput of LFNN-ℓ against backprop, side by side, on K processes (one per "device").
+
+Methods (same model, split, batch and synthetic data for all; each in a fresh process, fixed threads):
+  1. bp_single           plain backprop, one process using all K×T threads
+  2. bp_model_parallel   the same K blocks on K processes, run sequentially (the paper's baseline)
+  3. bp_gpipe, bp_1f1b   backprop pipelined with torch.distributed.pipelining, M micro-batches
+  4. lfnn_pipeline       LFNN-ℓ with lfnnify.PipelineTrainer (block-wise), and lfnn_pipeline_fw
+                         (filter-wise workers)
+  5. lfnn_single         LFNN-ℓ with the one-device lfnnify.Trainer (block after block), all threads
+Plus a projection: per-block forward+backward times measured in one process predict the K-process
+speed-up, printed next to the measured one so the model of the pipeline is checked.
+
+Synthetic data (one fixed batch) keeps the input pipeline out of the timing.
+
+Reproduce:  python benchmarks/speedup.py --quick --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, environment, hardware_tag, write_json  # noqa: E402
+
+WORKER = Path(__file__).resolve().parent / "_speedup_worker.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(method: str, args, *, nproc: int, threads: int, extra=(), name=None) -> dict:
+    name = name or method
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        common = [
+            "--method", method, "--model", args.model, "--size", str(args.size), "--batch", str(args.batch),
+            "--blocks", str(args.blocks), "--threads", str(threads), "--warmup", str(args.warmup),
+            "--steps", str(args.steps), "--classes", str(args.classes), "--out", str(out), "--cuts", *args.cuts, *extra,
+        ]
+        if args.cifar:
+            common.append("--cifar")
+        if nproc > 1:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
+                   "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "--max-restarts", "0",
+                   str(WORKER), *common]
+        else:
+            cmd = [sys.executable, str(WORKER), *common]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        load_before = os.getloadavg()
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise RuntimeError(f"{name} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        result = json.loads(out.read_text())
+    result.update(processes=nproc, threads_per_process=threads, load_before=load_before,
+                  load_after=os.getloadavg(), process_wall_s=wall, command=" ".join(cmd[1:]))
+    if "step_s" in result:
+        med = statistics.median(result["step_s"])
+        result.update(step_s_median=med, step_s_min=min(result["step_s"]), step_s_max=max(result["step_s"]),
+                      samples_per_s=args.batch / med)
+    print(f"  {name:<20} " + (f"{result['samples_per_s']:8.1f} samples/s  (median step {result['step_s_median'] * 1e3:.0f} ms)"
+                               if "samples_per_s" in result else "done"), flush=True)
+    return result
+
+
+def choose_cuts(args) -> list[str]:
+    """The K-block split every method uses, chosen once (by measured time by default)."""
+    import torch
+
+    import lfnnify
+    from lfnnify.models import create_model
+
+    torch.set_num_threads(args.threads)
+    model = create_model(args.model, num_classes=args.classes, cifar=args.cifar)
+    plan = lfnnify.plan(model, blocks=args.blocks, balance=args.balance,
+                        example_input=torch.zeros(1, 3, args.size, args.size))
+    print(plan, flush=True)
+    return plan.cuts
+
+
+def measure(args) -> dict:
+    k, t = args.blocks, args.threads
+    fw = ["--workers", str(args.fw_workers), "--leaders", str(args.fw_leaders)]
+    methods = {}
+    print(f"measuring {args.model} (cifar={args.cifar}), {args.size}px, batch {args.batch}, K={k}, "
+          f"{t} thread(s) per process, {args.steps} timed steps after {args.warmup} warm-up", flush=True)
+    methods["bp_single"] = _run("bp_single", args, nproc=1, threads=k * t)
+    methods["bp_model_parallel"] = _run("bp_model_parallel", args, nproc=k, threads=t)
+    for schedule in ("gpipe", "1f1b"):
+        methods[f"bp_{schedule}"] = _run("bp_pipelined", args, nproc=k, threads=t, name=f"bp_{schedule}",
+                                         extra=["--schedule", schedule, "--microbatches", str(args.microbatches)])
+        methods[f"bp_{schedule}"]["microbatches"] = args.microbatches
+    methods["lfnn_pipeline"] = _run("lfnn_pipeline", args, nproc=k, threads=t)
+    methods["lfnn_pipeline_fw"] = _run("lfnn_pipeline", args, nproc=k, threads=t, extra=fw, name="lfnn_pipeline_fw")
+    methods["lfnn_single"] = _run("lfnn_single", args, nproc=1, threads=k * t)
+    proj = _run("projection", args, nproc=1, threads=t)
+    return {"methods": methods, "projection_raw": proj}
+
+
+def summarise(args, measured: dict) -> dict:
+    m = measured["methods"]
+    lfnn = m["lfnn_pipeline"]["samples_per_s"]
+    best_pipe = max(("bp_gpipe", "bp_1f1b"), key=lambda n: m[n]["samples_per_s"])
+    speedup = {
+        "vs_bp_model_parallel": lfnn / m["bp_model_parallel"]["samples_per_s"],
+        "vs_bp_pipelined": lfnn / m[best_pipe]["samples_per_s"],
+        "vs_bp_pipelined_schedule": best_pipe.removeprefix("bp_"),
+        "vs_bp_single": lfnn / m["bp_single"]["samples_per_s"],
+        "filter_wise_vs_bp_model_parallel": m["lfnn_pipeline_fw"]["samples_per_s"] / m["bp_model_parallel"]["samples_per_s"],
+        "lfnn_single_vs_bp_single": m["lfnn_single"]["samples_per_s"] / m["bp_single"]["samples_per_s"],
+    }
+    p = measured["projection_raw"]
+    bp_sum = sum(p["block_fwd_bwd_s"])
+    lfnn_max = max(p["block_lfnn_step_s"])
+    projection = {
+        "block_fwd_bwd_s": p["block_fwd_bwd_s"],
+        "block_lfnn_step_s": p["block_lfnn_step_s"],
+        "activation_bytes": p["activation_bytes"],
+        "predicted_bp_model_parallel_step_s": bp_sum,
+        "predicted_lfnn_pipeline_step_s": lfnn_max,
+        "predicted_speedup_vs_bp_model_parallel": bp_sum / lfnn_max,
+        "measured_speedup_vs_bp_model_parallel": speedup["vs_bp_model_parallel"],
+        "note": "prediction = sum of per-block BP forward+backward / slowest block's LFNN step (forward, head, "
+                "backward), one process; transfers over loopback are not modelled (their sizes are listed)",
+    }
+    return {"speedup": speedup, "projection": projection}
+
+
+def markdown(payload: dict) -> str:
+    m, s, p = payload["methods"], payload["speedup"], payload["projection"]
+    cfg = payload["settings"]
+    lines = [
+        f"# Speed-up, {cfg['model']} ({cfg['size']}px, batch {cfg['batch']}), K={cfg['blocks']}, "
+        f"{payload['env']['device']}, {payload['env']['date'][:10]}",
+        "",
+        f"Synthetic data; {cfg['threads']} thread(s) per process; median of {cfg['steps']} steps after "
+        f"{cfg['warmup']} warm-up. Commit {payload['env']['commit']}.",
+        "",
+        "| method | processes | samples/s | median step (ms) | min–max (ms) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in m.items():
+        lines.append(f"| {name} | {r['processes']}×{r['threads_per_process']}t | {r['samples_per_s']:.1f} | "
+                     f"{r['step_s_median'] * 1e3:.0f} | {r['step_s_min'] * 1e3:.0f}–{r['step_s_max'] * 1e3:.0f} |")
+    lines += [
+        "",
+        f"- LFNN-ℓ pipeline vs BP model-parallel: **{s['vs_bp_model_parallel']:.2f}×** (ideal {cfg['blocks']}.0×; "
+        f"projected {p['predicted_speedup_vs_bp_model_parallel']:.2f}×)",
+        f"- LFNN-ℓ pipeline vs BP pipelined ({s['vs_bp_pipelined_schedule']}, M={cfg['microbatches']}): "
+        f"**{s['vs_bp_pipelined']:.2f}×**",
+        f"- LFNN-ℓ pipeline vs one-process BP on the same cores: **{s['vs_bp_single']:.2f}×**",
+        f"- filter-wise LFNN-ℓ pipeline vs BP model-parallel: {s['filter_wise_vs_bp_model_parallel']:.2f}×",
+        f"- one-device LFNN-ℓ trainer vs one-process BP (cost of the heads and block-by-block): "
+        f"{s['lfnn_single_vs_bp_single']:.2f}×",
+        "",
+        "Per-stage time of the LFNN-ℓ pipeline (seconds over all steps):",
+        "",
+        "| rank | block | busy | waiting to receive | waiting for sends |",
+        "|---|---|---|---|---|",
+    ]
+    for t in m["lfnn_pipeline"].get("stage_timings", []):
+        lines.append(f"| {t['rank']} | {t['block']} | {t['busy_s']:.2f} | {t['recv_wait_s']:.2f} | {t['send_wait_s']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(payload: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = payload["methods"]
+    names = list(m)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax1.barh(names, [m[n]["samples_per_s"] for n in names],
+             color=["tab:blue" if n.startswith("bp") else "tab:green" for n in names])
+    ax1.set_xlabel("samples / s")
+    ax1.set_title("throughput (higher is better)", fontsize=10)
+    stages = m["lfnn_pipeline"].get("stage_timings", [])
+    labels = [f"rank {t['rank']}" for t in stages]
+    busy = [t["busy_s"] for t in stages]
+    recv = [t["recv_wait_s"] for t in stages]
+    send = [t["send_wait_s"] for t in stages]
+    ax2.barh(labels, busy, label="busy")
+    ax2.barh(labels, recv, left=busy, label="waiting to receive")
+    ax2.barh(labels, send, left=[a + b for a, b in zip(busy, recv)], label="waiting for sends")
+    ax2.set_xlabel("seconds")
+    ax2.set_title("LFNN-ℓ pipeline, per stage", fontsize=10)
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="K=2, CIFAR-sized resnet18, few steps (< 3 min on 2 cores)")
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--cifar", action="store_true", default=True, help="remove the stem max-pool (default on)")
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--blocks", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="threads per process")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--microbatches", type=int, default=4)
+    parser.add_argument("--balance", default="time", choices=["flops", "time", "params"],
+                        help="how the split is chosen (once, for every method)")
+    parser.add_argument("--fw-workers", type=int, default=4)
+    parser.add_argument("--fw-leaders", type=float, default=0.75)
+    parser.add_argument("--timeout", type=int, default=900)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--name", default=None, help="file name stem (default: speedup-<model>-k<K>-<hw>-<date>)")
+    args = parser.parse_args()
+    if args.quick:
+        args.blocks, args.steps, args.warmup = 2, min(args.steps, 12), min(args.warmup, 2)
+    cores = os.cpu_count() or 1
+    if args.blocks * args.threads > cores:
+        print(f"warning: K×threads = {args.blocks * args.threads} > {cores} cores: processes will oversubscribe "
+              f"and the numbers will not mean much", file=sys.stderr)
+
+    env_before = environment(args.threads)
+    args.cuts = choose_cuts(args)
+    measured = measure(args)
+    payload = {
+        "experiment": "speedup",
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "data": "synthetic: one fixed random batch, so the input pipeline is not timed",
+        "methods": measured["methods"],
+        **summarise(args, measured),
+        "env_before": env_before,
+        "env": environment(args.threads),
+        "command": " ".join(["python", "benchmarks/speedup.py", *sys.argv[1:]]),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / "speedup.json", payload)
+    stem = args.name or f"speedup-{args.model}-k{args.blocks}-{hardware_tag()}-{env_before['date'][:10]}"
+    if args.out.resolve() == RESULTS.resolve():
+        write_json(args.out / f"{stem}.json", payload)
+    (args.out / f"{stem}.md").write_text(markdown(payload))
+    chart(payload, args.out / f"{stem}.png")
+    print()
+    print(markdown(payload))
+    print(f"wrote {args.out / 'speedup.json'}, {stem}.md and {stem}.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""The command line and recipes: validation, a real short run, overrides, errors, SIGTERM and resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lfnnify.recipes import RecipeError, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+FMNIST = ROOT / "recipes" / "fashion_mnist_resnet18_k4.yaml"
+SHORT = ["--set", "data.train_subset=256", "--set", "data.eval_subset=256", "--set", "train.threads=1", "--no-progress"]
+
+
+def _cli(*args, timeout=300, **kwargs):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "lfnnify", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT, **kwargs)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_recipe_validates(path):
+    recipe = load_recipe(path)
+    assert recipe.method == "lfnn" and (recipe.convert.blocks == 4)
+    bp = load_recipe(path, overrides=["method=bp"])
+    assert bp.method == "bp"
+
+
+def test_recipe_count_covers_the_paper():
+    names = {p.stem for p in RECIPES}
+    for model in ("vgg19", "resnet50", "resnet101", "resnet152"):
+        assert f"cifar10_{model}_k4" in names and f"tiny_imagenet_{model}_k4" in names
+    assert {"imagenet_resnet101_k4", "imagenet_resnet152_k4", "fashion_mnist_resnet18_k4", "finetune_resnet50_k4"} <= names
+
+
+@pytest.mark.parametrize(
+    "overrides,pattern",
+    [
+        (["convert.blokcs=4"], r"convert.blokcs: unknown key"),
+        (["convert.blocks=0"], r"convert.blocks: 0 must be >= 1"),
+        (["convert.leaders=1.5"], r"convert.leaders: 1.5 must be in \(0, 1\]"),
+        (["train.optimizer.lr=fast"], r"train.optimizer.lr: expected a number, got 'fast'"),
+        (["data.dataset=mnist"], r"data.dataset: 'mnist' is not one of"),
+    ],
+)
+def test_bad_recipes_name_the_key(overrides, pattern):
+    with pytest.raises(RecipeError, match=pattern):
+        load_recipe(FMNIST, overrides=overrides)
+
+
+def test_run_length_needs_exactly_one_of_iterations_and_epochs():
+    with pytest.raises(RecipeError, match=r"exactly one of train.iterations .*iterations=5, epochs=2"):
+        load_recipe(data={"train": {"epochs": 2, "iterations": 5}})
+    with pytest.raises(RecipeError, match=r"exactly one of train.iterations"):
+        load_recipe(data={"train": {}})
+
+
+def test_set_replaces_the_run_length():
+    recipe = load_recipe(FMNIST, overrides=["train.iterations=7", "convert.workers=2", "convert.leaders=0.5"])
+    assert recipe.train.iterations == 7 and recipe.train.epochs is None
+    assert recipe.convert.workers == 2 and recipe.convert.leaders == 0.5
+
+
+def test_train_writes_the_run_folder(tmp_path):
+    out = tmp_path / "run"
+    proc = _cli("train", FMNIST, "--out", out, "--set", "train.iterations=4", "--set", "data.batch_size=64",
+                "--set", "convert.workers=2", "--set", "convert.leaders=0.5", *SHORT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1].startswith("done: test accuracy") and str(out) in lines[-1]
+    for name in ("recipe.yaml", "log.jsonl", "results.md", "curves.png", "leadership.png", "ckpt/lfnnify.json"):
+        assert (out / name).exists(), name
+    assert load_recipe(out / "recipe.yaml").train.iterations == 4
+    evals = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert evals and len(evals[-1]["block_accuracy"]) == 4
+
+
+def test_method_bp_trains_the_plain_model(tmp_path):
+    proc = _cli("train", FMNIST, "--out", tmp_path / "bp", "--set", "method=bp", "--set", "train.iterations=2", *SHORT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads((tmp_path / "bp" / "ckpt" / "lfnnify.json").read_text())
+    assert meta["cuts"] == [] and meta["config"]["blocks"] == 1
+
+
+@pytest.mark.parametrize(
+    "args,pattern",
+    [
+        (["--set", "convert.leaders=2"], "convert.leaders: 2.0 must be in (0, 1]"),
+        (["--set", "data.dataset=cifar10", "--data", "/nonexistent/cifar"], "cifar10 not found in /nonexistent/cifar"),
+        (["--set", "data.dataset=imagefolder", "--data", "/nonexistent/imgs"], "needs /nonexistent/imgs/train"),
+    ],
+)
+def test_errors_are_one_line_with_exit_code_2(tmp_path, args, pattern):
+    proc = _cli("train", FMNIST, "--out", tmp_path / "x", *args, "--no-progress")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    error_lines = [line for line in proc.stderr.splitlines() if line.startswith("lfnnify: error:")]
+    assert len(error_lines) == 1 and pattern in error_lines[0], proc.stderr
+
+
+def test_missing_dataset_mentions_download(tmp_path):
+    proc = _cli("train", FMNIST, "--set", "data.dataset=cifar10", "--data", tmp_path / "none", "--no-progress")
+    assert proc.returncode == 2 and "--download" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sigterm_saves_and_resume_continues(tmp_path):
+    out = tmp_path / "run"
+    args = ["train", FMNIST, "--out", out, "--set", "train.iterations=40", "--set", "train.checkpoint_every=3",
+            "--set", "data.batch_size=32", *SHORT]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lfnnify", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    deadline = time.monotonic() + 240
+    while not (out / "ckpt" / "lfnnify.json").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "interrupted at iteration" in stdout and "--resume" in stdout
+    state = json.loads((out / "ckpt" / "trainer.json").read_text())
+    stopped_at = next(v for k, v in state["state"]["__dict__"] if k == "step")
+    assert 0 < stopped_at < 40
+
+    again = _cli("train", FMNIST, "--out", out, "--resume", *args[4:])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming at {stopped_at}" in again.stdout
+    assert "40 iterations" in (out / "results.md").read_text()
+
+
+def test_resume_needs_a_run_and_a_fresh_run_needs_a_fresh_folder(tmp_path):
+    proc = _cli("train", FMNIST, "--out", tmp_path / "nothing", "--resume", "--no-progress")
+    assert proc.returncode == 2 and "no checkpoint" in proc.stderr
+
+
+def test_help_gives_examples():
+    for args in (["--help"], ["train", "--help"], ["plan", "--help"], ["demo", "--help"], ["export", "--help"]):
+        proc = _cli(*args)
+        assert proc.returncode == 0 and "example" in proc.stdout
+
+
+def test_plan_command_and_unknown_model():
+    proc = _cli("plan", "resnet18", "--blocks", "2", "--input-size", "32")
+    assert proc.returncode == 0 and "largest block / mean" in proc.stdout
+    proc = _cli("plan", "resnet_nope")
+    assert proc.returncode == 2 and "unknown model 'resnet_nope'" in proc.stderr
+
+
+def test_export_command(tmp_path):
+    out = tmp_path / "run"
+    assert _cli("train", FMNIST, "--out", out, "--set", "train.iterations=1", *SHORT).returncode == 0
+    proc = _cli("export", out / "ckpt", tmp_path / "r18.safetensors")
+    assert proc.returncode == 0, proc.stderr
+    import timm
+    import torch
+
+    model = timm.create_model("resnet18", pretrained=True, in_chans=1, num_classes=10,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / "r18.safetensors"), num_classes=10))
+    assert torch.isfinite(model.eval()(torch.zeros(1, 1, 28, 28))).all()
+
+
+def test_demo_quick():
+    proc = _cli("demo", "--quick", "--out", "/tmp/lfnnify-demo-test")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "bit for bit): True" in proc.stdout and "side by side" in proc.stdout
