@@ -162,7 +162,6 @@ def projection(args, model, x, y):
             t0 = time.perf_counter()
             out = block(inp)
             if k < len(net.heads):
-                t1 = time.perf_counter()
                 out.backward(torch.ones_like(out) / out.numel())
                 t2 = time.perf_counter()
                 out2 = block(inp)
