@@ -85,8 +85,9 @@ def choose_cuts(args) -> list[str]:
 
     torch.set_num_threads(args.threads)
     model = create_model(args.model, num_classes=args.classes, cifar=args.cifar)
+    # time is measured at the training batch size: small batches are dominated by per-op overhead
     plan = lfnnify.plan(model, blocks=args.blocks, balance=args.balance,
-                        example_input=torch.zeros(1, 3, args.size, args.size))
+                        example_input=torch.randn(args.batch, 3, args.size, args.size))
     print(plan, flush=True)
     return plan.cuts
 

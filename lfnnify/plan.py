@@ -148,11 +148,11 @@ def _input_channels(model: nn.Module, default: int) -> int:
 
 
 def example_input_for(model: nn.Module, example_input: torch.Tensor | None = None) -> torch.Tensor:
-    """A batch-1 input: ``example_input=``, or the size from timm's ``pretrained_cfg`` (224 otherwise)."""
+    """``example_input=``, or a batch-1 input of timm's ``pretrained_cfg`` size (224 otherwise)."""
     if example_input is not None:
         if not isinstance(example_input, torch.Tensor):
             raise TypeError(f"example_input must be a tensor, got {type(example_input).__name__}")
-        return example_input[:1]
+        return example_input
     cfg = getattr(model, "pretrained_cfg", None) or {}
     c, h, w = cfg.get("input_size", (3, 224, 224))
     patch_embed = getattr(model, "patch_embed", None)
@@ -229,7 +229,8 @@ def _measured_atom_times(gm: fx.GraphModule, cut_points: list[CutPoint], x: torc
     batch of two so that train-mode normalisation of 1×1 maps works.
     """
     gm = copy.deepcopy(gm).train()
-    x = torch.cat([x, x])
+    if x.shape[0] < 2:
+        x = torch.cat([x, x])
     atoms = split_graph(gm, [c.node for c in cut_points], class_name="Piece")
     atom_times, head_times = [], []
     h = x
@@ -289,19 +290,21 @@ class _Analysis:
     profile: GraphProfile
     cut_points: list[CutPoint]
     example_input: torch.Tensor
+    example_batch: torch.Tensor  # the whole example batch: balance="time" measures at this size
 
 
 def analyse(model: nn.Module, *, example_input=None, leaf_modules=(), concrete_args=None) -> _Analysis:
     """Trace, profile once on an example input, and find the valid cut points."""
     traced = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
-    x = example_input_for(model, example_input)
+    batch = example_input_for(model, example_input)
+    x = batch[:1]  # FLOPs and shapes per sample
     profile = profile_graph(traced.graph_module, x)
     cut_points = find_cut_points(traced.graph_module, traced.qualnames, profile)
     if traced.eval_graph_module is not None:  # a cut must exist in both graphs
         eval_profile = profile_graph(traced.eval_graph_module, x)
         in_eval = {c.name for c in find_cut_points(traced.eval_graph_module, traced.eval_qualnames, eval_profile)}
         cut_points = [c for c in cut_points if c.name in in_eval]
-    return _Analysis(traced, profile, cut_points, x)
+    return _Analysis(traced, profile, cut_points, x, batch)
 
 
 def make_plan(
@@ -369,7 +372,7 @@ def make_plan(
                 )
                 for j in range(len(cut_points))
             ]
-            atom_costs, cut_costs = _measured_atom_times(gm, cut_points, analysis.example_input, heads)
+            atom_costs, cut_costs = _measured_atom_times(gm, cut_points, analysis.example_batch, heads)
         picked = balanced_partition(atom_costs, cut_costs, blocks)
         chosen = [cut_points[j] for j in picked]
     else:
@@ -485,8 +488,10 @@ def plan(
         num_classes: classes the heads predict; read from the model's classifier by default.
         head: ``"linear"`` or a callable ``head(channels, num_classes, workers)``.
         balance: ``"flops"`` (forward FLOPs, the default), ``"time"`` (measured forward+backward
-            seconds) or ``"params"``. Each block's head is part of its cost.
-        example_input: a batch used to profile; by default timm's ``pretrained_cfg`` size.
+            seconds, at ``example_input``'s batch size: pass a training-sized batch) or ``"params"``.
+            Each block's head is part of its cost.
+        example_input: an input batch used to profile (FLOPs are per sample); by default one sample of
+            timm's ``pretrained_cfg`` size.
         leaf_modules: module classes to keep whole when tracing (cuts inside them are impossible).
         concrete_args: values for optional forward arguments (all default ones are fixed anyway).
 
