@@ -76,6 +76,7 @@ class TrainSection:
     seed: int = 0
     threads: int | None = None
     checkpoint_every: int = 500
+    eval_every: int | None = None  # iterations between evaluations (default: every epoch)
 
 
 @dataclass
@@ -193,6 +194,7 @@ def _check(recipe: Recipe) -> None:
         ("train.grad_clip", t.grad_clip is None or t.grad_clip > 0, "must be > 0"),
         ("train.head_warmup_steps", t.head_warmup_steps >= 0, "must be >= 0"),
         ("train.checkpoint_every", t.checkpoint_every >= 1, "must be >= 1"),
+        ("train.eval_every", t.eval_every is None or t.eval_every >= 1, "must be >= 1"),
         ("train.threads", t.threads is None or t.threads >= 1, "must be >= 1"),
         ("pipeline.max_in_flight", recipe.pipeline.max_in_flight >= 1, "must be >= 1"),
     ]

@@ -180,16 +180,21 @@ def train_from_recipe(
     evaluations = _read_evaluations(out / "log.jsonl") if resume else []
     steps_per_epoch = len(train_loader)
     start = time.perf_counter()
+    eval_every = t.eval_every or steps_per_epoch
+    trained_s = 0.0  # training time only: evaluations and checkpoints are not counted
     while trainer.step < total and not stopped:
-        next_epoch_end = (trainer.step // steps_per_epoch + 1) * steps_per_epoch
+        next_eval = (trainer.step // eval_every + 1) * eval_every
         next_ckpt = (trainer.step // t.checkpoint_every + 1) * t.checkpoint_every
-        target = min(total, next_epoch_end, next_ckpt)
+        target = min(total, next_eval, next_ckpt)
+        chunk = time.perf_counter()
         trainer.fit(train_loader if _reads_data(trainer) else None, epochs=10**9, max_steps=target)
+        trained_s += time.perf_counter() - chunk
         if stopped:
             break
-        if trainer.step in (next_epoch_end, total):
+        if trainer.step in (next_eval, total):
             metrics = trainer.evaluate(test_loader if _reads_data(trainer) else None)
-            record = {"kind": "eval", "step": trainer.step, "epoch": trainer.step / steps_per_epoch, **metrics}
+            record = {"kind": "eval", "step": trainer.step, "epoch": trainer.step / steps_per_epoch,
+                      "train_seconds": trained_s, "wall_seconds": time.perf_counter() - start, **metrics}
             evaluations.append(record)
             if leader:
                 _append(out / "log.jsonl", record)
