@@ -195,12 +195,7 @@ def _save_pipeline_stage(net: LFNNModel, path: Path, meta: dict, trainer, stage:
     if rank == 0:
         meta["pipeline"] = {"blocks": net.num_blocks, "replicas": stage["replicas"]}
         (tmp / META).write_text(json.dumps(meta, indent=1, default=str))
-        old = path.parent / f".{path.name}.old"
-        if path.exists():
-            path.rename(old)
-        tmp.rename(path)
-        if old.exists():
-            shutil.rmtree(old)
+        _swap_in(tmp, path)
     dist.barrier()
     return path
 
@@ -216,10 +211,15 @@ def _write_folder_atomically(path: Path, files: dict) -> None:
             save_file(content, str(tmp / name), metadata={"format": FORMAT})
         else:
             (tmp / name).write_text(json.dumps(content, indent=1, default=str))
+    _swap_in(tmp, path)
+
+
+def _swap_in(finished: Path, path: Path) -> None:
+    """Replace ``path`` by the completely written folder ``finished``; the old one goes only afterwards."""
     old = path.parent / f".{path.name}.old-{os.getpid()}"
     if path.exists():
         path.rename(old)
-    tmp.rename(path)
+    finished.rename(path)
     if old.exists():
         shutil.rmtree(old)
 

@@ -36,6 +36,7 @@ def convert(
     leaf_modules: Sequence[type] = (),
     concrete_args: dict | None = None,
     share_parameters: bool = False,
+    fallback: bool = True,
 ) -> LFNNModel:
     """Convert ``model`` into a leader-follower network trained with local error signals.
 
@@ -69,6 +70,8 @@ def convert(
         leaf_modules: module classes to keep whole when tracing.
         concrete_args: values for optional forward arguments.
         share_parameters: use the model's parameters instead of a copy.
+        fallback: when torch.fx cannot trace inside a submodule, keep that module whole and retry
+            (a warning names it; cuts fall on module boundaries around it). ``False`` raises instead.
 
     Returns:
         An :class:`~lfnnify.LFNNModel`.
@@ -91,7 +94,8 @@ def convert(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
     source = model if share_parameters else copy.deepcopy(model)
-    analysis = analyse(source, example_input=example_input, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    analysis = analyse(source, example_input=example_input, leaf_modules=leaf_modules, concrete_args=concrete_args,
+                       fallback=fallback)
     the_plan = make_plan(
         source,
         analysis,

@@ -293,9 +293,11 @@ class _Analysis:
     example_batch: torch.Tensor  # the whole example batch: balance="time" measures at this size
 
 
-def analyse(model: nn.Module, *, example_input=None, leaf_modules=(), concrete_args=None) -> _Analysis:
+def analyse(
+    model: nn.Module, *, example_input=None, leaf_modules=(), concrete_args=None, fallback=True
+) -> _Analysis:
     """Trace, profile once on an example input, and find the valid cut points."""
-    traced = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    traced = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args, fallback=fallback)
     batch = example_input_for(model, example_input)
     x = batch[:1]  # FLOPs and shapes per sample
     profile = profile_graph(traced.graph_module, x)
@@ -472,6 +474,7 @@ def plan(
     example_input: torch.Tensor | None = None,
     leaf_modules: Sequence[type] = (),
     concrete_args: dict | None = None,
+    fallback: bool = True,
 ) -> Plan:
     """List where ``model`` can be cut and, with ``blocks=`` or ``cuts=``, where it will be.
 
@@ -494,6 +497,8 @@ def plan(
             timm's ``pretrained_cfg`` size.
         leaf_modules: module classes to keep whole when tracing (cuts inside them are impossible).
         concrete_args: values for optional forward arguments (all default ones are fixed anyway).
+        fallback: keep a submodule torch.fx cannot trace whole and retry (with a warning), instead of
+            raising :class:`~lfnnify.TraceError`.
 
     Returns:
         A :class:`Plan`; ``str(plan)`` is a table.
@@ -503,7 +508,8 @@ def plan(
         :class:`~lfnnify.TraceError` when torch.fx can't trace the model.
     """
     validate_knobs(blocks=blocks, cuts=cuts, workers=workers, leaders=1.0, balance=balance)
-    analysis = analyse(model, example_input=example_input, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    analysis = analyse(model, example_input=example_input, leaf_modules=leaf_modules, concrete_args=concrete_args,
+                       fallback=fallback)
     return make_plan(
         model,
         analysis,

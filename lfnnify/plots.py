@@ -15,6 +15,15 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return path
+
+
 def plot_leadership(leadership: Sequence[Sequence[Sequence[int]]], path: str | Path, *, steps_per_epoch=None) -> Path:
     """Workers as dots, one row per block, one panel per epoch; colour and size show how often each led.
 
@@ -42,12 +51,7 @@ def plot_leadership(leadership: Sequence[Sequence[Sequence[int]]], path: str | P
         ax.set_ylim(blocks - 0.5, -0.5)
         ax.tick_params(labelsize=7)
     fig.suptitle("times selected as leader (colour and size)", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_curves(series: dict[str, Sequence[float]], path: str | Path, *, xlabel="epoch", ylabel="test error (%)",
@@ -63,9 +67,4 @@ def plot_curves(series: dict[str, Sequence[float]], path: str | Path, *, xlabel=
         ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

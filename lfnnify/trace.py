@@ -104,14 +104,16 @@ def _trace_once(
         where = tracer.failed_at
         module = model.get_submodule(where) if where else model
         place = f"inside module '{where}' ({type(module).__name__})" if where else "in its forward()"
-        raise TraceError(
+        error = TraceError(
             f"torch.fx could not trace {type(model).__name__} ({'train' if training else 'eval'} mode): "
             f"it failed {place}: {type(exc).__name__}: {exc}. "
             f"Fix: mark that module as a leaf so it runs as one step, e.g. "
             f"lfnnify.convert(model, ..., leaf_modules=[{type(module).__name__}]) "
             f"(cuts inside a leaf are then impossible), or fix an optional forward argument "
             f"with concrete_args={{...}}."
-        ) from exc
+        )
+        error.module_path = where
+        raise error from exc
     finally:
         model.train(was_training)
     name = type(model).__name__
@@ -125,26 +127,57 @@ def _signature(gm: fx.GraphModule) -> list[tuple]:
     return [(n.op, str(n.target), str(n.args), str(n.kwargs)) for n in gm.graph.nodes]
 
 
+_MAX_FALLBACKS = 8
+
+
+def _failing_class(model: nn.Module, exc: TraceError) -> type | None:
+    path = getattr(exc, "module_path", None)
+    if not path:
+        return None  # the model's own forward failed: no module to keep whole
+    return type(model.get_submodule(path))
+
+
 def trace(
     model: nn.Module,
     *,
     leaf_modules: Iterable[type] = (),
     concrete_args: dict | None = None,
+    fallback: bool = True,
 ) -> Traced:
     """Trace ``model`` in train mode, check the eval graph, and restore ``model.training``.
 
     The model's parameters are shared with the returned graph modules, not copied.
     A warning says so when the train and eval graphs differ; both are then kept.
+    With ``fallback=True``, a submodule torch.fx cannot trace is kept whole (a leaf) and
+    tracing is retried, with a warning naming it; cuts then fall on module boundaries around it.
     """
     leaves = [*_timm_leaf_modules(), *leaf_modules]
     autowrap = _timm_autowrap_functions()
     args = {**_default_concrete_args(model), **(concrete_args or {})}
-    with torch.no_grad():
-        train_gm, train_names = _trace_once(
-            model, training=True, leaf_modules=leaves, autowrap_functions=autowrap, concrete_args=args
-        )
-        eval_gm, eval_names = _trace_once(
-            model, training=False, leaf_modules=leaves, autowrap_functions=autowrap, concrete_args=args
+    fallbacks: list[str] = []
+    while True:
+        try:
+            with torch.no_grad():
+                train_gm, train_names = _trace_once(
+                    model, training=True, leaf_modules=leaves, autowrap_functions=autowrap, concrete_args=args
+                )
+                eval_gm, eval_names = _trace_once(
+                    model, training=False, leaf_modules=leaves, autowrap_functions=autowrap, concrete_args=args
+                )
+            break
+        except TraceError as exc:
+            failed = _failing_class(model, exc)
+            if not fallback or failed is None or failed in leaves or len(fallbacks) >= _MAX_FALLBACKS:
+                raise
+            # fall back to a coarser graph: keep the module that failed whole, cut only around it
+            leaves.append(failed)
+            fallbacks.append(f"{failed.__name__} ({str(exc.__cause__).splitlines()[0][:120] if exc.__cause__ else exc})")
+    if fallbacks:
+        warnings.warn(
+            f"torch.fx could not trace inside {', '.join(fallbacks)}; lfnnify kept those modules whole "
+            f"(module-boundary cuts around them). Pass leaf_modules=[...] to choose this yourself, or "
+            f"fallback=False to get the error instead.",
+            stacklevel=3,
         )
     if _signature(train_gm) == _signature(eval_gm):
         return Traced(train_gm, train_names)

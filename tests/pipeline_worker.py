@@ -45,11 +45,13 @@ def main():
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--resume", type=Path)
+    parser.add_argument("--send-bf16", action="store_true")
     args = parser.parse_args()
 
     net = lfnnify.load(args.resume) if args.resume else build(args.blocks)
     trainer = lfnnify.PipelineTrainer(net, optimizer=optimizer, scheduler=scheduler, threads=1, timeout_s=20,
-                                      progress=False, max_in_flight=2)
+                                      progress=False, max_in_flight=2,
+                                      send_dtype=torch.bfloat16 if args.send_bf16 else None)
     if args.resume:
         trainer.load_state_dict(lfnnify.read_trainer_state(args.resume, block=trainer.stage))
     if args.scenario == "fail" and trainer.rank == 1:

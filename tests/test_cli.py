@@ -133,6 +133,26 @@ def test_sigterm_saves_and_resume_continues(tmp_path):
     assert "40 iterations" in (out / "results.md").read_text()
 
 
+def test_train_under_torchrun_uses_the_pipeline(tmp_path):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(port), "-m", "lfnnify", "train", str(FMNIST), "--out", str(out),
+           "--set", "train.iterations=3", "--set", "convert.blocks=2", *SHORT]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "pipeline over 2 processes" in proc.stdout
+    meta = json.loads((out / "ckpt" / "lfnnify.json").read_text())
+    assert meta["pipeline"] == {"blocks": 2, "replicas": 1}
+    assert (out / "ckpt" / "block0.safetensors").exists() and (out / "ckpt" / "block1.safetensors").exists()
+    assert (out / "results.md").exists()
+
+
 def test_resume_needs_a_run_and_a_fresh_run_needs_a_fresh_folder(tmp_path):
     proc = _cli("train", FMNIST, "--out", tmp_path / "nothing", "--resume", "--no-progress")
     assert proc.returncode == 2 and "no checkpoint" in proc.stderr

@@ -84,11 +84,32 @@ def test_untraceable_module_is_named_with_the_fix():
     with pytest.raises(
         lfnnify.TraceError, match=r"inside module 'gate' \(_DataDependent\).*leaf_modules=\[_DataDependent\]"
     ):
-        lfnnify.convert(_Net(), blocks=2, example_input=X)
+        lfnnify.convert(_Net(), blocks=2, example_input=X, fallback=False)
     model = _Net()
     net = lfnnify.convert(model, cuts=["stem"], leaf_modules=[_DataDependent], example_input=X)
     x = batch(32)
     assert torch.equal(net(x), model(x))
+
+
+def test_untraceable_module_falls_back_to_module_boundaries():
+    model = _Net()
+    with pytest.warns(UserWarning, match=r"could not trace inside _DataDependent.*kept those modules whole"):
+        net = lfnnify.convert(model, blocks=2, example_input=X)
+    assert net.plan.cuts in (["stem"], ["gate"])
+    x = batch(32)
+    assert torch.equal(net(x), model(x))
+
+
+class _Opaque(torch.nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # the model's own forward: nothing to fall back to
+            return x
+        return -x
+
+
+def test_untraceable_top_level_forward_still_raises():
+    with pytest.raises(lfnnify.TraceError, match=r"in its forward\(\)"):
+        lfnnify.convert(_Opaque(), blocks=1, num_classes=2, example_input=X)
 
 
 def test_example_input_the_model_cannot_take():

@@ -99,6 +99,17 @@ def test_two_blocks_two_replicas(tmp_path):
     assert all(torch.isfinite(v).all() for v in net.state_dict().values() if v.is_floating_point())
 
 
+def test_bf16_activations_stay_close_to_float32(tmp_path):
+    proc, _ = _torchrun(2, "--scenario", "train", "--blocks", 2, "--steps", 3, "--out", tmp_path, "--send-bf16")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    piped = lfnnify.load(tmp_path / "ckpt")
+    reference, _ = _reference(2, 3)
+    sa, sb = piped.state_dict(), reference.state_dict()
+    assert any(not torch.equal(sa[k], sb[k]) for k in sa if k.startswith("blocks.1."))  # bf16 was really used
+    for key in sa:
+        assert torch.allclose(sa[key].float(), sb[key].float(), atol=5e-2), key
+
+
 def test_pipeline_refuses_lfnn_mode_and_needs_torchrun():
     net = lfnnify.convert(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
                                               torch.nn.Linear(4 * 14 * 14, 3)),
