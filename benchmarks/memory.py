@@ -51,7 +51,7 @@ def worker(args) -> dict:
             F.cross_entropy(model(x), y).backward()
             opt.step()
     else:
-        net = lfnnify.convert(model, blocks=args.blocks, example_input=x[:1].cpu()).to(device)
+        net = lfnnify.convert(model, blocks=args.blocks, balance=args.balance, example_input=x[:1].cpu()).to(device)
         del model
         trainer = lfnnify.Trainer(net, optimizer=opt_factory, progress=False)
         def step():
@@ -82,6 +82,8 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--balance", default="memory", choices=["flops", "memory", "time", "params"],
+                        help="how the K blocks are chosen (memory: equal activation bytes)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--worker", dest="method", choices=["bp", "lfnn"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -122,8 +124,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "memory.json", payload)
     if args.out.resolve() == RESULTS.resolve():
-        write_json(args.out / f"memory-{args.model}-k{args.blocks}-b{args.batch}-{hardware_tag()}-{env_before['date'][:10]}.json", payload)
-    print(f"{args.model} {args.size}px batch {args.batch}: LFNN-ℓ (K={args.blocks}, one device) peak {key} = "
+        write_json(args.out / f"memory-{args.model}-k{args.blocks}-b{args.batch}-{args.balance}-{hardware_tag()}-{env_before['date'][:10]}.json", payload)
+    print(f"{args.model} {args.size}px batch {args.batch}: LFNN-ℓ (K={args.blocks}, one device, balance={args.balance}) peak {key} = "
           f"{ratio:.1%} of BP's ({100 * (1 - ratio):.1f}% less; target <= 45%)")
 
 

@@ -64,7 +64,8 @@ def convert(
         head: ``"linear"`` (global average pooling + Linear, the paper's) or a callable
             ``head(channels, num_classes, workers) -> nn.Module``.
         num_classes: classes the heads predict; read from the model's classifier by default.
-        balance: cost the partition balances: ``"flops"``, ``"time"`` or ``"params"``.
+        balance: cost the partition balances: ``"flops"`` (for pipelines), ``"time"``, ``"params"`` or
+            ``"memory"`` (activation bytes: the lowest peak memory for the one-device trainer).
         example_input: a batch used to profile and check shapes; by default a random batch of
             timm's ``pretrained_cfg`` input size (224×224 otherwise).
         leaf_modules: module classes to keep whole when tracing.

@@ -28,6 +28,7 @@ class GraphProfile:
 
     flops: dict[str, int] = field(default_factory=dict)
     shapes: dict[str, tuple[int, ...] | None] = field(default_factory=dict)
+    bytes: dict[str, int] = field(default_factory=dict)  # size of each node's output: activation memory
 
 
 class _Profiler(fx.Interpreter):
@@ -45,6 +46,8 @@ class _Profiler(fx.Interpreter):
             flops = counter.get_total_flops()
         self.profile.flops[n.name] = flops
         self.profile.shapes[n.name] = tuple(result.shape) if isinstance(result, torch.Tensor) else None
+        computed = isinstance(result, torch.Tensor) and n.op not in ("placeholder", "get_attr", "output")
+        self.profile.bytes[n.name] = result.numel() * result.element_size() if computed else 0
         return result
 
 

@@ -20,7 +20,7 @@ from .trace import Traced, trace
 
 __all__ = ["Plan", "BlockInfo", "plan"]
 
-BALANCES = ("flops", "time", "params")
+BALANCES = ("flops", "time", "params", "memory")
 
 
 @dataclass
@@ -360,6 +360,9 @@ def make_plan(
     if chosen is None:
         if balance == "flops":
             atom_costs, cut_costs = piece_flops, [head_cost_flops(j) for j in range(len(cut_points))]
+        elif balance == "memory":  # activations a block keeps for its backward: bounds the one-device peak
+            atom_costs = [sum(analysis.profile.bytes.get(n.name, 0) for n in p) for p in pieces]
+            cut_costs = [0.0] * len(cut_points)
         elif balance == "params":
             atom_costs = [_node_params(gm, p) for p in pieces]
             cut_costs = [head_param_count(channels[j], result.num_classes, 1) for j in range(len(cut_points))]
@@ -491,8 +494,9 @@ def plan(
         num_classes: classes the heads predict; read from the model's classifier by default.
         head: ``"linear"`` or a callable ``head(channels, num_classes, workers)``.
         balance: ``"flops"`` (forward FLOPs, the default), ``"time"`` (measured forward+backward
-            seconds, at ``example_input``'s batch size: pass a training-sized batch) or ``"params"``.
-            Each block's head is part of its cost.
+            seconds, at ``example_input``'s batch size: pass a training-sized batch), ``"params"``, or
+            ``"memory"`` (the activations a block produces, which bound the one-device trainer's peak
+            memory). Each block's head is part of its cost (except for memory).
         example_input: an input batch used to profile (FLOPs are per sample); by default one sample of
             timm's ``pretrained_cfg`` size.
         leaf_modules: module classes to keep whole when tracing (cuts inside them are impossible).
