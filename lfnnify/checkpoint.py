@@ -32,6 +32,8 @@ def describe_model(model: nn.Module) -> dict:
     torchvision's class (the builder is found at load time), or just the class for anything else."""
     cls = type(model)
     spec: dict = {"class": f"{cls.__module__}.{cls.__qualname__}"}
+    if isinstance(getattr(model, "maxpool", None), nn.Identity):
+        spec["cifar_variant"] = True  # lfnnify.models.cifar_variant: no weights show it, so record it
     cfg = getattr(model, "pretrained_cfg", None)
     if cls.__module__.startswith("timm.") and isinstance(cfg, dict) and cfg.get("architecture"):
         kwargs = {"num_classes": getattr(model, "num_classes", None)}
@@ -53,6 +55,15 @@ def describe_model(model: nn.Module) -> dict:
 
 
 def _rebuild(spec: dict, state_keys: dict[str, tuple]) -> nn.Module:
+    model = _rebuild_by_name(spec, state_keys)
+    if spec.get("cifar_variant"):
+        from .models import cifar_variant
+
+        cifar_variant(model)
+    return model
+
+
+def _rebuild_by_name(spec: dict, state_keys: dict[str, tuple]) -> nn.Module:
     library = spec.get("library")
     if library == "timm":
         import timm
@@ -160,6 +171,7 @@ def save(net: LFNNModel, path: str | os.PathLike, *, trainer=None) -> Path:
     stage = getattr(net, "_pipeline", None)
     if stage is not None:
         return _save_pipeline_stage(net, path, meta, trainer, stage)
+    meta["fingerprint"] = _fingerprint(net, meta["input_shape"])
     files: dict[str, object] = {WEIGHTS: _unshare(net.state_dict()), META: meta}
     if trainer is not None:
         tensors: dict = {}
@@ -198,6 +210,23 @@ def _save_pipeline_stage(net: LFNNModel, path: Path, meta: dict, trainer, stage:
         _swap_in(tmp, path)
     dist.barrier()
     return path
+
+
+def _fingerprint(net: LFNNModel, input_shape) -> list[float]:
+    """The model's eval-mode outputs on a fixed input: ``load`` checks that the rebuilt model agrees,
+    so an architecture rebuilt differently (a changed layer without weights) can't pass silently."""
+    from .model import main_output
+
+    device = next(net.parameters()).device
+    x = torch.randn(2, *input_shape[1:], generator=torch.Generator().manual_seed(0)).to(device)
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            out = main_output(net(x)).float().flatten()
+    finally:
+        net.train(was_training)
+    return out[:32].cpu().tolist()
 
 
 def _write_folder_atomically(path: Path, files: dict) -> None:
@@ -298,6 +327,15 @@ def load(
             f"{path} does not fit this architecture: {len(missing)} missing keys (e.g. {missing[:3]}), "
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}). Pass the architecture it was saved from as model=."
         )
+    expected = meta.get("fingerprint")
+    if expected is not None:
+        got = _fingerprint(net, meta["input_shape"])
+        if not torch.allclose(torch.tensor(got), torch.tensor(expected), rtol=1e-3, atol=1e-4):
+            raise CheckpointError(
+                f"{path}: the rebuilt {type(source).__name__} loads the weights but computes something else than "
+                f"the saved model (outputs on a fixed input differ), so its architecture differs in a way the weights "
+                f"don't show. Pass the exact architecture: lfnnify.load(path, model=...)"
+            )
     return net
 
 

@@ -40,6 +40,23 @@ def test_round_trip_rebuilds_a_timm_model_by_name(tmp_path):
         assert torch.equal(back(x), net(x))
 
 
+def test_cifar_variant_survives_a_round_trip_and_a_different_architecture_is_refused(tmp_path):
+    from lfnnify.models import create_model
+
+    model = create_model("resnet18", num_classes=10, cifar=True)
+    net = lfnnify.convert(model, blocks=2, example_input=batch(32)[:1])
+    lfnnify.save(net, tmp_path / "ckpt")
+    back = lfnnify.load(tmp_path / "ckpt")
+    assert isinstance(back._source.maxpool, torch.nn.Identity)
+    x = batch(32)
+    net.eval(), back.eval()
+    with torch.no_grad():
+        assert torch.equal(back(x), net(x))
+    # same weights, different function (max-pool put back): refused, not silently accepted
+    with pytest.raises(lfnnify.CheckpointError, match="computes something else"):
+        lfnnify.load(tmp_path / "ckpt", model=timm.create_model("resnet18", num_classes=10))
+
+
 class _SmallNet(torch.nn.Module):
     """Not timm, not torchvision: load() needs model=. Dropout exercises the RNG on resume."""
 

@@ -133,7 +133,7 @@ def test_explicit_cuts_accept_aliases_and_cut_after_the_module():
         assert torch.equal(net.blocks[0](x), expected)
 
 
-@pytest.mark.parametrize("balance", ["time", "params"])
+@pytest.mark.parametrize("balance", ["time", "params", "memory"])
 def test_other_balances(balance):
     model = timm.create_model("resnet18", num_classes=10)
     plan = lfnnify.plan(model, blocks=3, balance=balance, example_input=batch(32)[:1])
@@ -141,6 +141,10 @@ def test_other_balances(balance):
     if balance == "params":
         costs = [b.params + b.head_params for b in plan.blocks]
         assert [b.cost for b in plan.blocks] == costs
+    if balance == "memory":  # equal activation bytes puts the cuts earlier than equal FLOPs does
+        by_flops = lfnnify.plan(model, blocks=3, example_input=batch(32)[:1])
+        order = [c.name for c in by_flops.cut_points]
+        assert [order.index(c) for c in plan.cuts] <= [order.index(c) for c in by_flops.cuts]
 
 
 def test_filter_wise_heads_are_batched_and_cost_what_they_should():
