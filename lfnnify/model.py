@@ -117,6 +117,12 @@ class LFNNModel(nn.Module):
     def output_loss(self, output, target: Tensor) -> tuple[Tensor, Tensor]:
         """Cross-entropy of the model's own output (the last block's loss) and the logits."""
         logits = main_output(output)
+        if logits.dim() != 2:
+            raise ValueError(
+                f"the model's output has shape {tuple(logits.shape)}, not (batch, classes) logits, so the last "
+                f"block has no prediction loss to train on. Give the model a classifier (timm: num_classes=N; "
+                f"or wrap it with a pooling + Linear head) before converting."
+            )
         return F.cross_entropy(logits, target), logits
 
     def local_losses(self, x: Tensor, target: Tensor) -> LocalLosses:

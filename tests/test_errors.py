@@ -116,3 +116,10 @@ def test_example_input_the_model_cannot_take():
     with pytest.raises(ValueError, match=r"could not run on an example input of shape \(1, 3, 2, 2\).*example_input="):
         fixed_size = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 30 * 30, 10))
         lfnnify.convert(fixed_size, blocks=2, example_input=torch.randn(1, 3, 2, 2))
+
+
+def test_an_encoder_without_logits_gets_a_clear_training_error():
+    encoder = timm.create_model("resnet18", num_classes=0, global_pool="")  # returns a feature map
+    net = lfnnify.convert(encoder, blocks=2, num_classes=10, example_input=X)
+    with pytest.raises(ValueError, match=r"output has shape \(2, 512, 1, 1\), not \(batch, classes\) logits.*classifier"):
+        net.local_losses(batch(32), torch.tensor([0, 1]))
