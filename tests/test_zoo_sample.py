@@ -39,6 +39,6 @@ def test_zoo_sample_converts_with_identical_outputs(name, source):
     record = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # train/eval graph and fallback warnings are recorded, not errors
-        zoo.check_model(name, source, 64, record)
+        zoo.check_model(name, source, 96, record)  # the sweep's cap; inception needs more than 64 px
     assert record["status"] == "ok", record
     assert record["k2"]["equal"] and record["k4"]["equal"] and record["k4"]["isolated"]
