@@ -341,8 +341,9 @@ class PipelineTrainer(Trainer):
             bar.update(1)
             bar.set_postfix(loss=f"{records[-1]['loss']:.3f}")
         bar.close()
-        stopped = (max_steps is not None and self.step >= max_steps) or self._stop
-        flags = (_EPOCH_DONE if finished else 0) | (_EVALUATE if evaluate and (finished or stopped) else 0)
+        reached = max_steps is not None and self.step >= max_steps
+        wanted = evaluate and (finished or reached) and not self._stop  # a stop request returns at once
+        flags = (_EPOCH_DONE if finished else 0) | (_EVALUATE if wanted else 0)
         if not self.last:
             self._send(_END, flag=flags)
         self._flush_sends()
