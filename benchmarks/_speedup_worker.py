@@ -22,14 +22,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lfnnify  # noqa: E402
 from lfnnify.models import create_model  # noqa: E402
 
+DEVICE = torch.device("cpu")  # cuda:LOCAL_RANK when GPUs are present: one GPU per rank
+
+
+def _now() -> float:
+    """A timestamp after the device has finished its queued work."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+    return time.perf_counter()
+
 
 def _setup(args):
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = create_model(args.model, num_classes=args.classes, cifar=args.cifar)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(args.batch, 3, args.size, args.size, generator=g)
-    y = torch.randint(0, args.classes, (args.batch,), generator=g)
+    x = torch.randn(args.batch, 3, args.size, args.size, generator=g).to(DEVICE)
+    y = torch.randint(0, args.classes, (args.batch,), generator=g).to(DEVICE)
     return model, x, y
 
 
@@ -38,29 +47,33 @@ def _convert(model, args, **knobs):
     return lfnnify.convert(model, cuts=args.cuts, example_input=torch.zeros(1, 3, args.size, args.size), **knobs)
 
 
+def _convert_on_device(model, args, **knobs):
+    return _convert(model, args, **knobs).to(DEVICE)
+
+
 def _sgd(params):
     return torch.optim.SGD(params, lr=0.01, momentum=0.9)
 
 
 def bp_single(args, model, x, y):
+    model.to(DEVICE).train()
     opt = _sgd(model.parameters())
-    model.train()
     stamps = []
     for _ in range(args.warmup + args.steps):
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
         opt.step()
-        stamps.append(time.perf_counter())
+        stamps.append(_now())
     return {"stamps": stamps}
 
 
 def lfnn_single(args, model, x, y):
-    net = _convert(model, args, workers=args.workers, leaders=args.leaders)
+    net = _convert_on_device(model, args, workers=args.workers, leaders=args.leaders)
     trainer = lfnnify.Trainer(net, optimizer=_sgd, progress=False)
     stamps = []
     for _ in range(args.warmup + args.steps):
         trainer.train_step(x, y)
-        stamps.append(time.perf_counter())
+        stamps.append(_now())
     return {"stamps": stamps}
 
 
@@ -73,7 +86,7 @@ def lfnn_pipeline(args, model, x, y):
 
     def timed(xb, yb):
         out = step(xb, yb)
-        stamps.append(time.perf_counter())
+        stamps.append(_now())
         return out
 
     trainer._stage_step = timed
@@ -87,39 +100,39 @@ def bp_model_parallel(args, model, x, y):
     """The paper's baseline: the same K blocks on K processes, one waiting for the other."""
     net = _convert(model, args)
     rank, world = dist.get_rank(), dist.get_world_size()
-    block = net.blocks[rank]
+    shapes = _activation_shapes(net, x)
+    block = net.blocks[rank].to(DEVICE)
     opt = _sgd(block.parameters())
     first, last = rank == 0, rank == world - 1
-    shapes = _activation_shapes(net, x)
     stamps, busy, wait = [], 0.0, 0.0
     for _ in range(args.warmup + args.steps):
-        t0 = time.perf_counter()
+        t0 = _now()
         if first:
             inp = x
         else:
-            inp = torch.empty(shapes[rank - 1])
+            inp = torch.empty(shapes[rank - 1], device=DEVICE)
             dist.recv(inp, src=rank - 1)
             inp.requires_grad_(True)
-        t1 = time.perf_counter()
+        t1 = _now()
         out = block(inp)
         opt.zero_grad(set_to_none=True)
         if last:
             F.cross_entropy(out, y).backward()
-            t2 = t3 = time.perf_counter()
+            t2 = t3 = _now()
         else:
-            t2 = time.perf_counter()
+            t2 = _now()
             dist.send(out.detach().contiguous(), dst=rank + 1)
             grad = torch.empty_like(out)
             dist.recv(grad, src=rank + 1)
-            t3 = time.perf_counter()
+            t3 = _now()
             out.backward(grad)
         if not first:
             dist.send(inp.grad.contiguous(), dst=rank - 1)
         opt.step()
-        t4 = time.perf_counter()
+        t4 = _now()
         busy += (t2 - t1) + (t4 - t3)
         wait += (t1 - t0) + (t3 - t2)
-        stamps.append(time.perf_counter())
+        stamps.append(t4)
     timings = _gather({"rank": rank, "block": rank, "busy_s": busy, "wait_s": wait, "steps": len(stamps)})
     return {"stamps": stamps, "stage_timings": timings}
 
@@ -130,8 +143,8 @@ def bp_pipelined(args, model, x, y):
 
     net = _convert(model, args)
     rank, world = dist.get_rank(), dist.get_world_size()
-    block = net.blocks[rank]
-    stage = PipelineStage(block, rank, world, torch.device("cpu"))
+    block = net.blocks[rank].to(DEVICE)
+    stage = PipelineStage(block, rank, world, DEVICE)
     schedule_cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[args.schedule]
     schedule = schedule_cls(stage, n_microbatches=args.microbatches, loss_fn=lambda o, t: F.cross_entropy(o, t))
     opt = _sgd(block.parameters())
@@ -145,13 +158,13 @@ def bp_pipelined(args, model, x, y):
             schedule.step()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        stamps.append(time.perf_counter())
+        stamps.append(_now())
     return {"stamps": stamps}
 
 
 def projection(args, model, x, y):
     """Per-block forward+backward seconds on one process, and the bytes each cut sends."""
-    net = _convert(model, args, workers=args.workers, leaders=args.leaders)
+    net = _convert_on_device(model, args, workers=args.workers, leaders=args.leaders)
     net.train()
     blocks, heads, sizes = [], [], []
     h = x
@@ -159,21 +172,21 @@ def projection(args, model, x, y):
         times = {"bp": [], "lfnn": []}
         for _ in range(args.warmup + 3):
             inp = h.detach().requires_grad_(k > 0)
-            t0 = time.perf_counter()
+            t0 = _now()
             out = block(inp)
             if k < len(net.heads):
                 out.backward(torch.ones_like(out) / out.numel())
-                t2 = time.perf_counter()
+                t2 = _now()
                 out2 = block(inp)
-                t3 = time.perf_counter()
+                t3 = _now()
                 net.head_loss(k, out2, y).loss.backward()
-                t4 = time.perf_counter()
+                t4 = _now()
                 times["bp"].append(t2 - t0)
                 times["lfnn"].append(t4 - t3)
             else:
                 F.cross_entropy(out, y).backward()
-                times["bp"].append(time.perf_counter() - t0)
-                times["lfnn"].append(time.perf_counter() - t0)
+                times["bp"].append(_now() - t0)
+                times["lfnn"].append(_now() - t0)
             net.zero_grad(set_to_none=True)
         blocks.append(sorted(times["bp"][args.warmup:])[1])
         heads.append(sorted(times["lfnn"][args.warmup:])[1])
@@ -185,9 +198,10 @@ def projection(args, model, x, y):
 
 
 def _activation_shapes(net, x):
+    """Each cut's activation shape, computed on the CPU before any block moves to its device."""
     shapes = []
     with torch.no_grad():
-        h = x
+        h = x.cpu()
         for block in list(net.blocks)[:-1]:
             h = block(h)
             shapes.append(tuple(h.shape))
@@ -230,9 +244,13 @@ def main():
     parser.add_argument("--in-flight", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    global DEVICE
     distributed = "RANK" in os.environ
+    if torch.cuda.is_available():
+        DEVICE = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(DEVICE)
     if distributed:
-        dist.init_process_group("gloo")
+        dist.init_process_group("nccl" if DEVICE.type == "cuda" else "gloo")
     model, x, y = _setup(args)
     result = METHODS[args.method](args, model, x, y)
     rank = dist.get_rank() if distributed else 0
