@@ -103,7 +103,15 @@ def check_model(name: str, source: str, cap: int, record: dict) -> dict:
         record["no_classifier"] = True
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        plan = lfnnify.plan(model, example_input=x[:1])
+        try:
+            plan = lfnnify.plan(model, example_input=x[:1])
+        except ValueError as exc:  # some models (halonet, bat) reject capped sizes: use their own
+            if "could not run on an example input" not in str(exc) or source != "timm":
+                raise
+            c, h, w = model.pretrained_cfg.get("input_size", (3, 224, 224))
+            x = torch.randn(2, c, h, w)
+            record["input"] = [c, h, w]
+            plan = lfnnify.plan(model, example_input=x[:1])
         record["cut_points"] = len(plan.cut_points)
         outcomes = {}
         for k in (2, 4):
@@ -194,6 +202,8 @@ def run_one(name: str, source: str, args) -> dict:
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        if proc.returncode < 0:
+            tail = f"killed by signal {-proc.returncode} (out of memory?); {tail}"
         return {"name": name, "source": source, "status": "crash", "reason": tail,
                 "seconds": time.perf_counter() - start}
     record = json.loads(lines[-1])
