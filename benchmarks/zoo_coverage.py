@@ -256,6 +256,9 @@ def report() -> None:
         f"({100 * ok / max(total, 1):.1f}%)",
         f"- torch.fx-traceable with timm's registries alone: {len(fx)}; of these, identical at K=2: {fx_ok_k2} "
         f"({100 * fx_ok_k2 / max(len(fx), 1):.1f}%)",
+        f"- no valid cut point, so one block only (branches live side by side throughout, e.g. crossvit): "
+        f"{sum(1 for r in checked if r.get('k2', {}).get('blocks') == 1)}: "
+        + ", ".join(f"`{r['name']}`" for r in checked if r.get("k2", {}).get("blocks") == 1),
         f"- encoders without a classifier (converted with 1000-class heads): "
         f"{sum(1 for r in rows if r.get('no_classifier'))}",
         f"- skipped over the 400M-parameter cap: {sum(1 for r in rows if r['status'] == 'skipped')}",
