@@ -33,7 +33,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "zoo_coverage.jsonl"
 DOC = ROOT / "docs" / "coverage.md"
 REQUIRED = ["resnet*", "resnext*", "seresnet*", "wide_resnet*", "vgg*", "regnet*", "efficientnet*", "convnext*",
             "mobilenet*", "densenet*"]
-MAX_PARAMS = 400_000_000
+MAX_PARAMS = 400_000_000  # larger models: a separate pass with --max-params and --jobs 1 (memory)
 
 
 # ---------------------------------------------------------------- one model (runs in a child process)
@@ -51,7 +51,7 @@ def _input_shape(model, source: str, cap: int) -> tuple[int, int, int]:
     return c, max(32, int(h * scale)), max(32, int(w * scale))
 
 
-def check_model(name: str, source: str, cap: int, record: dict) -> dict:
+def check_model(name: str, source: str, cap: int, record: dict, max_params: int = MAX_PARAMS) -> dict:
     import torch
 
     import lfnnify
@@ -69,8 +69,8 @@ def check_model(name: str, source: str, cap: int, record: dict) -> dict:
         params = sum(p.numel() for p in skeleton.parameters())
         record["params"] = params
         record["family"] = type(skeleton).__module__.split(".")[-1]
-        if params > MAX_PARAMS:
-            record.update(status="skipped", reason=f"{params / 1e6:.0f}M parameters (> 400M cap)")
+        if params > max_params:
+            record.update(status="skipped", reason=f"{params / 1e6:.0f}M parameters (> {max_params / 1e6:.0f}M cap)")
             return record
         model = timm.create_model(name, pretrained=False)
         record["family"] = type(model).__module__.split(".")[-1]
@@ -81,6 +81,7 @@ def check_model(name: str, source: str, cap: int, record: dict) -> dict:
         record["params"] = sum(p.numel() for p in model.parameters())
         record["family"] = "torchvision." + type(model).__module__.split(".")[-1]
     model.eval()
+    big = record["params"] > MAX_PARAMS
     c, h, w = _input_shape(model, source, cap)
     x = torch.randn(2, c, h, w)
     record["input"] = [c, h, w]
@@ -120,7 +121,8 @@ def check_model(name: str, source: str, cap: int, record: dict) -> dict:
             while used >= 2 and net is None:
                 try:
                     start = time.perf_counter()
-                    net = lfnnify.convert(model, blocks=used, num_classes=classes, example_input=x[:1])
+                    net = lfnnify.convert(model, blocks=used, num_classes=classes, example_input=x[:1],
+                                          share_parameters=big)  # big models: no second copy in memory
                     seconds = time.perf_counter() - start
                 except lfnnify.CutError:
                     used -= 1
@@ -136,7 +138,8 @@ def check_model(name: str, source: str, cap: int, record: dict) -> dict:
             if k == 4:
                 record["stage"] = "isolation"
                 outcomes[k]["isolated"] = _isolated(net, x, net.plan.num_classes) if net.num_blocks > 1 else None
-        record["fallback"] = [str(w.message)[:200] for w in caught if "kept those modules whole" in str(w.message)]
+        record["fallback"] = [str(w.message)[:200] for w in caught
+                              if "kept those modules whole" in str(w.message) or "top-level children" in str(w.message)]
         record["dual_graph"] = any("different graphs" in str(w.message) for w in caught)
     record.update(k2=outcomes[2], k4=outcomes[4])
     ok = all(o["equal"] for o in outcomes.values() if o["equal"] is not None) and outcomes[4].get("isolated") is not False
@@ -192,7 +195,8 @@ def model_names(which: str) -> list[tuple[str, str]]:
 
 
 def run_one(name: str, source: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--one", name, "--source", source, "--cap", str(args.cap)]
+    cmd = [sys.executable, __file__, "--one", name, "--source", source, "--cap", str(args.cap),
+           "--max-params", str(args.max_params)]
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
@@ -214,7 +218,8 @@ def run_one(name: str, source: str, args) -> dict:
 def sweep(args) -> None:
     done = set()
     if RESULTS.exists():
-        done = {(r["name"], r["source"]) for r in map(json.loads, RESULTS.read_text().splitlines())}
+        latest = {(r["name"], r["source"]): r for r in map(json.loads, RESULTS.read_text().splitlines())}
+        done = {m for m, r in latest.items() if not (args.retry and r["status"] != "ok")}
     todo = [m for m in model_names(args.models) if m not in done]
     if args.limit:
         todo = todo[: args.limit]
@@ -306,6 +311,10 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=300)
     parser.add_argument("--cap", type=int, default=96, help="largest input side for models without a fixed size")
     parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--max-params", type=int, default=MAX_PARAMS,
+                        help="skip larger models (recorded as skipped); raise it for a --jobs 1 pass over big ones")
+    parser.add_argument("--retry", action="store_true",
+                        help="check again the models whose latest result is not ok (failures and skips)")
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--source", default="timm", help=argparse.SUPPRESS)
@@ -314,7 +323,7 @@ def main() -> None:
         sys.path.insert(0, str(ROOT))
         record: dict = {}
         try:
-            check_model(args.one, args.source, args.cap, record)
+            check_model(args.one, args.source, args.cap, record, args.max_params)
         except Exception as exc:  # one model's failure is a result, not a crash of the sweep
             record.update(status="error", error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}",
                           where=traceback.format_exc().splitlines()[-3][:200])

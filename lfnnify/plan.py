@@ -6,6 +6,7 @@ import copy
 import difflib
 import statistics
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -13,7 +14,8 @@ import torch
 from torch import fx, nn
 
 from .cuts import CutPoint, GraphProfile, find_cut_points, profile_graph
-from .errors import CutError
+from .errors import CutError, TraceError
+from .fallback import sequential_children
 from .heads import Pool, build_head, head_param_count
 from .partition import balanced_partition, split_graph
 from .trace import Traced, trace
@@ -297,8 +299,23 @@ def analyse(
     model: nn.Module, *, example_input=None, leaf_modules=(), concrete_args=None, fallback=True
 ) -> _Analysis:
     """Trace, profile once on an example input, and find the valid cut points."""
-    traced = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args, fallback=fallback)
-    batch = example_input_for(model, example_input)
+    try:
+        traced = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args, fallback=fallback)
+        batch = example_input_for(model, example_input)
+    except TraceError as exc:
+        if not fallback or getattr(exc, "module_path", None):
+            raise
+        # the model's own forward() failed: cut between its children if they run in sequence
+        batch = example_input_for(model, example_input)
+        children = sequential_children(model, batch[:1], exc)
+        warnings.warn(
+            f"torch.fx could not trace {type(model).__name__}.forward() "
+            f"({str(exc.__cause__ or exc).splitlines()[0][:120]}); its top-level children run one after another "
+            f"give the same outputs, so lfnnify traced those instead (cuts between and inside them). "
+            f"Pass fallback=False to get the error instead.",
+            stacklevel=3,
+        )
+        traced = trace(children, leaf_modules=leaf_modules, fallback=fallback)
     x = batch[:1]  # FLOPs and shapes per sample
     profile = profile_graph(traced.graph_module, x)
     cut_points = find_cut_points(traced.graph_module, traced.qualnames, profile)

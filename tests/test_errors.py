@@ -112,6 +112,45 @@ def test_untraceable_top_level_forward_still_raises():
         lfnnify.convert(_Opaque(), blocks=1, num_classes=2, example_input=X)
 
 
+class _ShapeChecked(torch.nn.Module):
+    """forward() checks its input in Python (untraceable), then runs its children in order."""
+
+    def __init__(self, scale=1.0):
+        super().__init__()
+        self.scale = scale
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+        self.stage = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Dropout(0.5), torch.nn.ReLU())
+        self.head = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 3))
+
+    def forward(self, x):
+        if x.shape[1] != 3:
+            raise ValueError(f"expected 3 channels, got {x.shape[1]}")
+        return self.head(self.stage(self.stem(x))) * self.scale
+
+
+def test_untraceable_forward_falls_back_to_its_children_in_sequence():
+    model = _ShapeChecked()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(UserWarning, match=r"could not trace _ShapeChecked.forward\(\).*top-level children"):
+        net = lfnnify.convert(model, blocks=2, example_input=X)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the check ran on copies
+    x = batch(32)
+    net.eval(), model.eval()
+    assert torch.equal(net(x), model(x))
+    net.train()
+    net.local_losses(x, torch.tensor([0, 1])).block_losses[0].backward()
+    assert all(p.grad is None for p in net.blocks[1].parameters())  # the block boundary still isolates
+    restored = lfnnify.export(net)
+    assert type(restored) is _ShapeChecked and torch.equal(restored.eval()(x), net.eval()(x))
+
+
+def test_children_that_do_not_reproduce_forward_are_not_used():
+    with pytest.raises(lfnnify.TraceError, match=r"children \(stem, stage, head\).*compute something else"):
+        lfnnify.convert(_ShapeChecked(scale=2.0), blocks=2, example_input=X)
+    with pytest.raises(lfnnify.TraceError, match=r"in its forward\(\)"):
+        lfnnify.convert(_ShapeChecked(), blocks=2, example_input=X, fallback=False)
+
+
 def test_example_input_the_model_cannot_take():
     with pytest.raises(ValueError, match=r"could not run on an example input of shape \(1, 3, 2, 2\).*example_input="):
         fixed_size = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 30 * 30, 10))
