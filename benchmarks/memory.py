@@ -51,7 +51,9 @@ def worker(args) -> dict:
             F.cross_entropy(model(x), y).backward()
             opt.step()
     else:
-        net = lfnnify.convert(model, blocks=args.blocks, balance=args.balance, example_input=x[:1].cpu()).to(device)
+        # share_parameters: train the model's own weights, no second copy (how a memory-bound user converts)
+        net = lfnnify.convert(model, blocks=args.blocks, balance=args.balance, example_input=x[:1].cpu(),
+                              share_parameters=True).to(device)
         del model
         trainer = lfnnify.Trainer(net, optimizer=opt_factory, progress=False)
         def step():
@@ -84,6 +86,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--balance", default="memory", choices=["flops", "memory", "time", "params"],
                         help="how the K blocks are chosen (memory: equal activation bytes)")
+    parser.add_argument("--mmap-threshold", type=int, default=None, metavar="BYTES",
+                        help="set glibc's MALLOC_MMAP_THRESHOLD_ in both workers, so that freed activations go "
+                             "back to the OS and peak RSS counts live memory, not allocator caching")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--worker", dest="method", choices=["bp", "lfnn"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -96,7 +101,10 @@ def main() -> None:
     for method in ("bp", "lfnn"):
         cmd = [sys.executable, __file__, "--worker", method, *sys.argv[1:]]
         load = os.getloadavg()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        if args.mmap_threshold is not None:
+            env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             raise SystemExit(f"{method} failed:\n{proc.stderr[-3000:]}")
         results[method] = {**json.loads(proc.stdout.strip().splitlines()[-1]), "load_before": load,

@@ -96,6 +96,12 @@ def measure(args) -> dict:
     k, t = args.blocks, args.threads
     fw = ["--workers", str(args.fw_workers), "--leaders", str(args.fw_leaders)]
     methods = {}
+    if args.projection_only:
+        print(f"projection only: {args.model} (cifar={args.cifar}), {args.size}px, batch {args.batch}, K={k}, "
+              f"one process", flush=True)
+        methods["bp_single"] = _run("bp_single", args, nproc=1, threads=k * t)
+        methods["lfnn_single"] = _run("lfnn_single", args, nproc=1, threads=k * t)
+        return {"methods": methods, "projection_raw": _run("projection", args, nproc=1, threads=k * t)}
     print(f"measuring {args.model} (cifar={args.cifar}), {args.size}px, batch {args.batch}, K={k}, "
           f"{t} thread(s) per process, {args.steps} timed steps after {args.warmup} warm-up", flush=True)
     methods["bp_single"] = _run("bp_single", args, nproc=1, threads=k * t)
@@ -111,18 +117,23 @@ def measure(args) -> dict:
     return {"methods": methods, "projection_raw": proj}
 
 
+PAPER_SPEEDUP_K4 = {"resnet101": 2.07, "resnet152": 2.21}  # ImageNet, 4 blocks on 4 GPUs (METHOD.md)
+
+
 def summarise(args, measured: dict) -> dict:
     m = measured["methods"]
-    lfnn = m["lfnn_pipeline"]["samples_per_s"]
-    best_pipe = max(("bp_gpipe", "bp_1f1b"), key=lambda n: m[n]["samples_per_s"])
-    speedup = {
-        "vs_bp_model_parallel": lfnn / m["bp_model_parallel"]["samples_per_s"],
-        "vs_bp_pipelined": lfnn / m[best_pipe]["samples_per_s"],
-        "vs_bp_pipelined_schedule": best_pipe.removeprefix("bp_"),
-        "vs_bp_single": lfnn / m["bp_single"]["samples_per_s"],
-        "filter_wise_vs_bp_model_parallel": m["lfnn_pipeline_fw"]["samples_per_s"] / m["bp_model_parallel"]["samples_per_s"],
-        "lfnn_single_vs_bp_single": m["lfnn_single"]["samples_per_s"] / m["bp_single"]["samples_per_s"],
-    }
+    speedup = {"lfnn_single_vs_bp_single": m["lfnn_single"]["samples_per_s"] / m["bp_single"]["samples_per_s"]}
+    if "lfnn_pipeline" in m:
+        lfnn = m["lfnn_pipeline"]["samples_per_s"]
+        best_pipe = max(("bp_gpipe", "bp_1f1b"), key=lambda n: m[n]["samples_per_s"])
+        speedup.update({
+            "vs_bp_model_parallel": lfnn / m["bp_model_parallel"]["samples_per_s"],
+            "vs_bp_pipelined": lfnn / m[best_pipe]["samples_per_s"],
+            "vs_bp_pipelined_schedule": best_pipe.removeprefix("bp_"),
+            "vs_bp_single": lfnn / m["bp_single"]["samples_per_s"],
+            "filter_wise_vs_bp_model_parallel": m["lfnn_pipeline_fw"]["samples_per_s"]
+            / m["bp_model_parallel"]["samples_per_s"],
+        })
     p = measured["projection_raw"]
     bp_sum = sum(p["block_fwd_bwd_s"])
     lfnn_max = max(p["block_lfnn_step_s"])
@@ -133,9 +144,10 @@ def summarise(args, measured: dict) -> dict:
         "predicted_bp_model_parallel_step_s": bp_sum,
         "predicted_lfnn_pipeline_step_s": lfnn_max,
         "predicted_speedup_vs_bp_model_parallel": bp_sum / lfnn_max,
-        "measured_speedup_vs_bp_model_parallel": speedup["vs_bp_model_parallel"],
+        "measured_speedup_vs_bp_model_parallel": speedup.get("vs_bp_model_parallel"),
+        "paper_speedup_k4": PAPER_SPEEDUP_K4.get(args.model) if args.blocks == 4 and not args.cifar else None,
         "note": "prediction = sum of per-block BP forward+backward / slowest block's LFNN step (forward, head, "
-                "backward), one process; transfers over loopback are not modelled (their sizes are listed)",
+                "backward), one process; transfers between devices are not modelled (their sizes are listed)",
     }
     return {"speedup": speedup, "projection": projection}
 
@@ -156,8 +168,23 @@ def markdown(payload: dict) -> str:
     for name, r in m.items():
         lines.append(f"| {name} | {r['processes']}×{r['threads_per_process']}t | {r['samples_per_s']:.1f} | "
                      f"{r['step_s_median'] * 1e3:.0f} | {r['step_s_min'] * 1e3:.0f}–{r['step_s_max'] * 1e3:.0f} |")
+    lines.append("")
+    if "vs_bp_model_parallel" not in s:  # --projection-only: one device
+        paper = p.get("paper_speedup_k4")
+        lines += [
+            f"- **projected** LFNN-ℓ pipeline vs BP model-parallel on {cfg['blocks']} devices: "
+            f"**{p['predicted_speedup_vs_bp_model_parallel']:.2f}×** (ideal {cfg['blocks']}.0×"
+            + (f"; the paper measured {paper:.2f}× on 4 GPUs" if paper else "") + "), from one device's per-block times:",
+            "",
+            "| block | BP forward+backward (ms) | LFNN-ℓ step with head (ms) | activation sent (MB) |",
+            "|---|---|---|---|",
+        ]
+        sent = list(p["activation_bytes"]) + [0]
+        for k, (b, f) in enumerate(zip(p["block_fwd_bwd_s"], p["block_lfnn_step_s"])):
+            lines.append(f"| {k} | {b * 1e3:.1f} | {f * 1e3:.1f} | {sent[k] / 1e6:.1f} |")
+        lines += ["", f"- one-device LFNN-ℓ trainer vs one-process BP: {s['lfnn_single_vs_bp_single']:.2f}×"]
+        return "\n".join(lines) + "\n"
     lines += [
-        "",
         f"- LFNN-ℓ pipeline vs BP model-parallel: **{s['vs_bp_model_parallel']:.2f}×** (ideal {cfg['blocks']}.0×; "
         f"projected {p['predicted_speedup_vs_bp_model_parallel']:.2f}×)",
         f"- LFNN-ℓ pipeline vs BP pipelined ({s['vs_bp_pipelined_schedule']}, M={cfg['microbatches']}): "
@@ -190,6 +217,17 @@ def chart(payload: dict, path: Path) -> None:
              color=["tab:blue" if n.startswith("bp") else "tab:green" for n in names])
     ax1.set_xlabel("samples / s")
     ax1.set_title("throughput (higher is better)", fontsize=10)
+    if "lfnn_pipeline" not in m:  # --projection-only: per-block times on one device
+        p = payload["projection"]
+        labels = [f"block {k}" for k in range(len(p["block_fwd_bwd_s"]))]
+        ax2.barh([f"{lb} BP" for lb in labels], [v * 1e3 for v in p["block_fwd_bwd_s"]], color="tab:blue")
+        ax2.barh([f"{lb} LFNN-ℓ" for lb in labels], [v * 1e3 for v in p["block_lfnn_step_s"]], color="tab:green")
+        ax2.set_xlabel("ms per step (one device)")
+        ax2.set_title(f"per block; projected speed-up {p['predicted_speedup_vs_bp_model_parallel']:.2f}×", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return
     stages = m["lfnn_pipeline"].get("stage_timings", [])
     labels = [f"rank {t['rank']}" for t in stages]
     busy = [t["busy_s"] for t in stages]
@@ -210,7 +248,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="K=2, CIFAR-sized resnet18, few steps (< 3 min on 2 cores)")
     parser.add_argument("--model", default="resnet18")
-    parser.add_argument("--cifar", action="store_true", default=True, help="remove the stem max-pool (default on)")
+    parser.add_argument("--cifar", action=argparse.BooleanOptionalAction, default=True,
+                        help="remove the stem max-pool (default on; --no-cifar for ImageNet-sized inputs)")
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--classes", type=int, default=10)
@@ -224,6 +263,9 @@ def main() -> None:
     parser.add_argument("--fw-workers", type=int, default=4)
     parser.add_argument("--fw-leaders", type=float, default=0.75)
     parser.add_argument("--timeout", type=int, default=900)
+    parser.add_argument("--projection-only", action="store_true",
+                        help="one device only (e.g. one GPU): measure one-process BP, the one-device LFNN-ℓ trainer "
+                             "and per-block times, and project the K-device speed-up; nothing runs on K processes")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default=None, help="file name stem (default: speedup-<model>-k<K>-<hw>-<date>)")
     args = parser.parse_args()
