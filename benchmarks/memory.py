@@ -132,7 +132,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "memory.json", payload)
     if args.out.resolve() == RESULTS.resolve():
-        write_json(args.out / f"memory-{args.model}-k{args.blocks}-b{args.batch}-{args.balance}-{hardware_tag()}-{env_before['date'][:10]}.json", payload)
+        alloc = "-mmap" if args.mmap_threshold is not None else ""
+        write_json(args.out / f"memory-{args.model}-k{args.blocks}-b{args.batch}-{args.balance}{alloc}-{hardware_tag()}-"
+                              f"{env_before['date'][:10]}.json", payload)
     print(f"{args.model} {args.size}px batch {args.batch}: LFNN-ℓ (K={args.blocks}, one device, balance={args.balance}) peak {key} = "
           f"{ratio:.1%} of BP's ({100 * (1 - ratio):.1f}% less; target <= 45%)")
 
