@@ -40,11 +40,12 @@ def worker(args) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = create_model(args.model, num_classes=args.classes).to(device)
+    model = create_model(args.model, num_classes=args.classes)  # on the CPU: converted there, then moved
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     y = torch.randint(0, args.classes, (args.batch,), device=device)
     opt_factory = lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9)  # noqa: E731
     if args.method == "bp":
+        model.to(device)
         opt = opt_factory(model.parameters())
         def step():
             opt.zero_grad(set_to_none=True)

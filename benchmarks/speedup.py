@@ -271,6 +271,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.blocks, args.steps, args.warmup = 2, min(args.steps, 12), min(args.warmup, 2)
+    import torch
+
+    if torch.cuda.is_available() and not args.projection_only and torch.cuda.device_count() < args.blocks:
+        raise SystemExit(f"K={args.blocks} processes need one GPU each, but {torch.cuda.device_count()} GPU(s) are "
+                         f"visible: run with --projection-only on one GPU, or with CUDA_VISIBLE_DEVICES= on the CPUs")
     cores = os.cpu_count() or 1
     if args.blocks * args.threads > cores:
         print(f"warning: K×threads = {args.blocks * args.threads} > {cores} cores: processes will oversubscribe "

@@ -409,7 +409,9 @@ class PipelineTrainer(Trainer):
                 run(x, y)
         self._flush_sends()
         self.net.train(was_training)
+        totals = totals.to(self._comm_device)  # NCCL reduces CUDA tensors only
         dist.all_reduce(totals)
+        totals = totals.cpu()
         samples = max(totals[-1].item(), 1.0)
         worker_acc = (totals[: heads * workers].view(heads, workers) / samples).tolist()
         accuracy = totals[-3].item() / samples
