@@ -60,8 +60,9 @@ def _mismatch(model: nn.Module, x: torch.Tensor, *, training: bool) -> str | Non
     if training and x.shape[0] < 2:  # BatchNorm needs two samples in train mode
         x = torch.cat([x, x.flip(0) + 0.5])
     outputs = []
+    devices = [x.device] if x.device.type == "cuda" else []  # leave the user's random state as it was
     for net in (original, sequence):
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
             torch.manual_seed(0)  # dropout draws the same masks in both runs
             try:
                 outputs.append(net(x))
