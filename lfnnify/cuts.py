@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import fx
+from torch.utils._pytree import tree_map_only
 from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ["CutPoint", "GraphProfile", "profile_graph", "find_cut_points", "input_dependent_nodes"]
@@ -36,6 +37,12 @@ class _Profiler(fx.Interpreter):
         super().__init__(gm)
         self.profile = profile
 
+    def fetch_args_kwargs_from_env(self, n: fx.Node):
+        # Under no_grad, a view of a parameter (``latent.expand(...)``) still says requires_grad but has no
+        # grad_fn, and FlopCounterMode's module tracker then fails on it; detached inputs compute the same.
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        return tree_map_only(torch.Tensor, torch.Tensor.detach, (args, kwargs))
+
     def run_node(self, n: fx.Node):
         if n.op in ("placeholder", "output", "get_attr"):
             result = super().run_node(n)
@@ -45,6 +52,8 @@ class _Profiler(fx.Interpreter):
                 result = super().run_node(n)
             flops = counter.get_total_flops()
         self.profile.flops[n.name] = flops
+        if result is None and n.op != "output":
+            n.meta[NONE_VALUE] = True  # e.g. timm's create_attention_mask(None, dtype=x.dtype): nothing to carry
         self.profile.shapes[n.name] = tuple(result.shape) if isinstance(result, torch.Tensor) else None
         computed = isinstance(result, torch.Tensor) and n.op not in ("placeholder", "get_attr", "output")
         self.profile.bytes[n.name] = result.numel() * result.element_size() if computed else 0
@@ -76,10 +85,19 @@ def profile_graph(gm: fx.GraphModule, example_input: torch.Tensor) -> GraphProfi
     return profile
 
 
+NONE_VALUE = "lfnnify_none"  # node.meta key: the node returned None when the graph was profiled
+
+
 def input_dependent_nodes(graph: fx.Graph) -> set[fx.Node]:
-    """Nodes whose value depends on a graph input; everything else can be recomputed anywhere."""
+    """Nodes whose value depends on a graph input; everything else can be recomputed anywhere.
+
+    A node that returned None when profiled (an optional mask built from ``x.dtype`` when no mask was
+    given) carries no data: it is not counted, and every block that uses it gets the constant None.
+    """
     dependent: set[fx.Node] = set()
     for n in graph.nodes:
+        if n.meta.get(NONE_VALUE):
+            continue
         if n.op == "placeholder" or any(a in dependent for a in n.all_input_nodes):
             dependent.add(n)
     return dependent

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import fx, nn
 
-from .cuts import input_dependent_nodes
+from .cuts import NONE_VALUE, input_dependent_nodes
 
 __all__ = ["balanced_partition", "split_graph", "DualGraphModule", "dual_block"]
 
@@ -96,7 +96,9 @@ def split_graph(gm: fx.GraphModule, cut_nodes: Sequence[str], *, class_name: str
                 # which that block's head saved for backward: work on a copy instead
                 env[incoming] = graph.call_method("clone", (env[incoming],))
 
-        def fetch(n: fx.Node, graph=graph, env=env, k=k) -> fx.Node:
+        def fetch(n: fx.Node, graph=graph, env=env, k=k) -> fx.Node | None:
+            if n.meta.get(NONE_VALUE):
+                return None  # it returned None when profiled: pass the constant, compute nothing
             if n not in env:
                 if n in dependent:
                     raise RuntimeError(f"block {k} needs {n.name}, which crosses a cut: not a valid cut")
