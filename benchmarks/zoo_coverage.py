@@ -226,7 +226,7 @@ def sweep(args) -> None:
     done = set()
     if RESULTS.exists():
         latest = {(r["name"], r["source"]): r for r in map(json.loads, RESULTS.read_text().splitlines())}
-        done = {m for m, r in latest.items() if not (args.retry and r["status"] != "ok")}
+        done = {m for m, r in latest.items() if not (args.redo or (args.retry and r["status"] != "ok"))}
     todo = [m for m in model_names(args.models) if m not in done]
     if args.limit:
         todo = todo[: args.limit]
@@ -348,6 +348,7 @@ def main() -> None:
                         help="skip larger models (recorded as skipped); raise it for a --jobs 1 pass over big ones")
     parser.add_argument("--retry", action="store_true",
                         help="check again the models whose latest result is not ok (failures and skips)")
+    parser.add_argument("--redo", action="store_true", help="check every selected model again (after a fix)")
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--source", default="timm", help=argparse.SUPPRESS)
