@@ -57,6 +57,7 @@ def environment(threads: int | None = None) -> dict:
         "host": socket.gethostname(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "loadavg": os.getloadavg(),
+        "allocator_env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "LD_PRELOAD"))},
     }
 
 
