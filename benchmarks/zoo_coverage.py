@@ -228,6 +228,9 @@ def sweep(args) -> None:
         latest = {(r["name"], r["source"]): r for r in map(json.loads, RESULTS.read_text().splitlines())}
         done = {m for m, r in latest.items() if not (args.redo or (args.retry and r["status"] != "ok"))}
     todo = [m for m in model_names(args.models) if m not in done]
+    if args.small_first:  # by the size words in the name: what a time limit cuts off is then the largest
+        words = ("gigantic", "giant", "huge", "so400m", "large", "so150m", "base")
+        todo.sort(key=lambda m: next((len(words) - i for i, w in enumerate(words) if w in m[0]), 0))
     if args.limit:
         todo = todo[: args.limit]
     print(f"{len(todo)} models to check ({len(done)} already in {RESULTS.name}), {args.jobs} at a time", flush=True)
@@ -349,6 +352,8 @@ def main() -> None:
     parser.add_argument("--retry", action="store_true",
                         help="check again the models whose latest result is not ok (failures and skips)")
     parser.add_argument("--redo", action="store_true", help="check every selected model again (after a fix)")
+    parser.add_argument("--small-first", action="store_true",
+                        help="check models whose names say tiny/small before base, large, huge and giant ones")
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--source", default="timm", help=argparse.SUPPRESS)
