@@ -96,7 +96,7 @@ def check_model(name: str, source: str, cap: int, record: dict, max_params: int 
         record["fx_error"] = str(exc.__cause__ or exc).splitlines()[0][:200]
 
     record["stage"] = "plan"
-    from lfnnify.plan import resolve_num_classes
+    from lfnnify.facts import resolve_num_classes
 
     try:
         classes = resolve_num_classes(model, None)

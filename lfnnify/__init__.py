@@ -1,32 +1,70 @@
-"""lfnnify: convert any VGG/ResNet/timm model into a leader-follower network trained with local errors."""
+"""lfnnify: convert any VGG/ResNet/timm model into a leader-follower network trained with local errors.
 
-__version__ = "0.1.0"
+The public names below load on first use, so ``import lfnnify`` (and ``lfnnify --help``) stays fast and
+``lfnnify.convert`` never imports the pipeline's distributed code.
+"""
 
-from .checkpoint import export, load, load_pretrained, read_trainer_state, save  # noqa: E402
-from .convert import convert  # noqa: E402
-from .errors import CheckpointError, CutError, TraceError  # noqa: E402
-from .model import LFNNModel, LocalLosses  # noqa: E402
-from .pipeline import PipelineTrainer  # noqa: E402
-from .plan import BlockInfo, Plan, plan  # noqa: E402
-from .plots import plot_leadership  # noqa: E402
-from .trainer import Trainer  # noqa: E402
+from __future__ import annotations
+
+import importlib
+
+from ._version import __version__
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    CutError,
+    DataError,
+    DataNotFoundError,
+    LabelError,
+    LfnnifyError,
+    NonFiniteLossError,
+    PipelineError,
+    RecipeError,
+    TraceError,
+)
+
+_LAZY = {
+    "convert": "conversion",
+    "plan": "planning",
+    "Plan": "planning",
+    "BlockInfo": "planning",
+    "LFNNModel": "model",
+    "LocalLosses": "model",
+    "Trainer": "trainer",
+    "PipelineTrainer": "pipeline",
+    "save": "checkpoint",
+    "load": "checkpoint",
+    "export": "checkpoint",
+    "load_pretrained": "checkpoint",
+    "read_trainer_state": "checkpoint",
+    "plot_leadership": "plots",
+}
 
 __all__ = [
-    "convert",
-    "plan",
-    "Plan",
-    "BlockInfo",
-    "LFNNModel",
-    "LocalLosses",
-    "Trainer",
-    "PipelineTrainer",
-    "save",
-    "load",
-    "export",
-    "load_pretrained",
-    "read_trainer_state",
-    "plot_leadership",
+    "__version__",
+    *_LAZY,
+    "LfnnifyError",
+    "ConfigError",
     "CutError",
     "TraceError",
     "CheckpointError",
+    "RecipeError",
+    "DataError",
+    "DataNotFoundError",
+    "LabelError",
+    "NonFiniteLossError",
+    "PipelineError",
 ]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lfnnify' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

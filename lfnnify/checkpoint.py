@@ -1,224 +1,104 @@
-"""Checkpoints (safetensors + JSON, written atomically), export to the original architecture, pretrained weights."""
+"""Checkpoints: save and load a converted model (and its trainer), export it back, read pretrained weights."""
 
 from __future__ import annotations
 
 import copy
-import json
 import os
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from . import __version__
-from .errors import CheckpointError
-from .model import LFNNModel
-from .plan import find_classifier
+from . import _store as store
+from ._version import __version__
+from .conversion import convert
+from .errors import CheckpointError, ConfigError, DataNotFoundError
+from .facts import classifier_parameter_names, describe_model, find_classifier, rebuild_model
+from .model import LFNNModel, main_output
 
-__all__ = ["save", "load", "export", "load_pretrained", "describe_model", "read_trainer_state"]
+__all__ = ["save", "load", "export", "load_pretrained", "read_trainer_state", "load_weights_into", "exists",
+           "describe_checkpoint"]
 
-FORMAT = "lfnnify-checkpoint"
-META, WEIGHTS, TRAINER_META, TRAINER_TENSORS = "lfnnify.json", "model.safetensors", "trainer.json", "trainer.safetensors"
-
-
-# ---------------------------------------------------------------- describing a model so load() can rebuild it
-
-
-def describe_model(model: nn.Module) -> dict:
-    """What ``load`` needs to rebuild ``model``: timm's architecture name and arguments, or
-    torchvision's class (the builder is found at load time), or just the class for anything else."""
-    cls = type(model)
-    spec: dict = {"class": f"{cls.__module__}.{cls.__qualname__}"}
-    if isinstance(getattr(model, "maxpool", None), nn.Identity):
-        spec["cifar_variant"] = True  # lfnnify.models.cifar_variant: no weights show it, so record it
-    cfg = getattr(model, "pretrained_cfg", None)
-    if cls.__module__.startswith("timm.") and isinstance(cfg, dict) and cfg.get("architecture"):
-        kwargs = {"num_classes": getattr(model, "num_classes", None)}
-        first_conv = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Conv1d))), None)
-        if first_conv is not None:
-            kwargs["in_chans"] = first_conv.in_channels
-        patch_embed = getattr(model, "patch_embed", None)
-        for attr, key in (("img_size", "img_size"), ("patch_size", "patch_size")):
-            value = getattr(patch_embed, attr, None)
-            if isinstance(value, (tuple, list)) and len(value) == 2 and value[0] == value[1]:
-                kwargs[key] = int(value[0])
-        spec.update(library="timm", name=cfg["architecture"], kwargs=kwargs)
-    elif cls.__module__.startswith("torchvision.models"):
-        classifier = find_classifier(model)
-        spec.update(library="torchvision", kwargs={"num_classes": classifier.out_features} if classifier else {})
-    else:
-        spec["library"] = None
-    return spec
+WEIGHTS, TRAINER_META, TRAINER_TENSORS = "model.safetensors", "trainer.json", "trainer.safetensors"
+_META_KEYS = ("format", "config", "cuts", "input_shape", "model")
+_CONFIG_KEYS = ("workers", "leaders", "mode", "follower_weight", "num_classes")
+_TRAINER_KEYS = ("step", "epoch", "step_in_epoch", "optimizers", "schedulers", "rng", "epoch_counts")
+exists = store.exists
 
 
-def _rebuild(spec: dict, state_keys: dict[str, tuple]) -> nn.Module:
-    model = _rebuild_by_name(spec, state_keys)
-    if spec.get("cifar_variant"):
-        from .models import cifar_variant
-
-        cifar_variant(model)
-    return model
+# ---------------------------------------------------------------- save
 
 
-def _rebuild_by_name(spec: dict, state_keys: dict[str, tuple]) -> nn.Module:
-    library = spec.get("library")
-    if library == "timm":
-        import timm
-
-        kwargs = {k: v for k, v in spec.get("kwargs", {}).items() if v is not None}
-        return timm.create_model(spec["name"], pretrained=False, **kwargs)
-    if library == "torchvision":
-        import torchvision
-
-        for name in torchvision.models.list_models(module=torchvision.models):
-            builder = torchvision.models.get_model_builder(name)
-            if f"{builder.__module__}.{_returns(builder)}" != spec["class"]:
-                continue
-            try:
-                candidate = torchvision.models.get_model(name, weights=None, **spec.get("kwargs", {}))
-            except (TypeError, ValueError):
-                continue
-            shapes = {k: tuple(v.shape) for k, v in candidate.state_dict().items()}
-            if shapes == state_keys:
-                return candidate
-        raise CheckpointError(
-            f"no torchvision builder makes a {spec['class']} with the checkpoint's weights; "
-            f"pass the architecture yourself: lfnnify.load(path, model=torchvision.models.<name>(...))"
-        )
-    raise CheckpointError(
-        f"the checkpoint holds a {spec.get('class')}, which lfnnify cannot rebuild by name (only timm and "
-        f"torchvision models can be); pass it: lfnnify.load(path, model=<an instance of that architecture>)"
-    )
-
-
-def _returns(builder) -> str:
-    annotation = getattr(builder, "__annotations__", {}).get("return")
-    return getattr(annotation, "__name__", str(annotation))
-
-
-# ---------------------------------------------------------------- tensors and JSON
-
-
-def _flatten(value, tensors: dict, path: str):
-    """Nested dicts/lists with tensors -> JSON with tensor references, tensors collected by key."""
-    if isinstance(value, torch.Tensor):
-        tensors[path] = value.detach().cpu().contiguous()
-        return {"__tensor__": path}
-    if isinstance(value, dict):
-        return {"__dict__": [[k, _flatten(v, tensors, f"{path}.{k}")] for k, v in value.items()]}
-    if isinstance(value, (list, tuple)):
-        return [_flatten(v, tensors, f"{path}.{i}") for i, v in enumerate(value)]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise TypeError(f"cannot store {type(value).__name__} at {path} in a checkpoint (only tensors and JSON values)")
-
-
-def _unflatten(value, tensors: dict):
-    if isinstance(value, dict):
-        if "__tensor__" in value:
-            return tensors[value["__tensor__"]]
-        if "__dict__" in value:
-            return {k: _unflatten(v, tensors) for k, v in value["__dict__"]}
-        return {k: _unflatten(v, tensors) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_unflatten(v, tensors) for v in value]
-    return value
-
-
-def _unshare(state: dict) -> dict:
-    """safetensors refuses tensors that share memory (tied parameters, views): copy those."""
-    seen: set[int] = set()
-    out = {}
-    for key, tensor in state.items():
-        tensor = tensor.detach().cpu().contiguous()
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() in seen or storage.nbytes() != tensor.numel() * tensor.element_size():
-            tensor = tensor.clone()
-        seen.add(tensor.untyped_storage().data_ptr())
-        out[key] = tensor
-    return out
-
-
-# ---------------------------------------------------------------- save / load
-
-
-def save(net: LFNNModel, path: str | os.PathLike, *, trainer=None) -> Path:
-    """Save a converted model (and optionally its trainer's state, to resume) as a checkpoint folder.
-
-    The folder holds ``model.safetensors`` and ``lfnnify.json`` (plan, configuration, how to rebuild
-    the architecture), plus ``trainer.safetensors``/``trainer.json`` when ``trainer`` is given. It is
-    written next to ``path`` first and then swapped in, so an existing checkpoint is never half-overwritten.
-
-    Example:
-        >>> lfnnify.save(net, "runs/x/ckpt", trainer=trainer)
-    """
-    if not isinstance(net, LFNNModel):
-        raise TypeError(f"save() takes a model from lfnnify.convert, got {type(net).__name__}")
-    path = Path(path)
-    meta = {
-        "format": FORMAT,
-        "format_version": 1,
+def describe_checkpoint(net: LFNNModel, source_shapes: dict | None = None) -> dict:
+    """The description ``lfnnify.json`` holds: how the model was converted and how to rebuild it."""
+    return {
+        "format": store.FORMAT,
+        "format_version": 2,
         "lfnnify_version": __version__,
         "config": net.config,
         "cuts": net.plan.cuts,
         "input_shape": list(net.plan.input_shape),
         "model": net.config.get("model") or describe_model(net._source),
-        "source_state_shapes": {k: list(v.shape) for k, v in net._source.state_dict().items()},
+        "source_state_shapes": source_shapes or {k: list(v.shape) for k, v in net._source.state_dict().items()},
     }
-    stage = getattr(net, "_pipeline", None)
-    if stage is not None:
-        return _save_pipeline_stage(net, path, meta, trainer, stage)
-    meta["fingerprint"] = _fingerprint(net, meta["input_shape"])
-    files: dict[str, object] = {WEIGHTS: _unshare(net.state_dict()), META: meta}
-    if trainer is not None:
-        tensors: dict = {}
-        files[TRAINER_META] = {"state": _flatten(trainer.state_dict(), tensors, "trainer")}
-        files[TRAINER_TENSORS] = _unshare(tensors)
-    _write_folder_atomically(path, files)
-    return path
 
 
-def _save_pipeline_stage(net: LFNNModel, path: Path, meta: dict, trainer, stage: dict) -> Path:
-    """Called on every rank: replica 0 of each block writes its block, head and trainer state; rank 0
-    writes the description and swaps the finished folder in. All ranks must share the filesystem."""
-    import torch.distributed as dist
+def trainer_files(trainer, folder: Path, json_name: str, tensors_name: str) -> list[str]:
+    """Write a trainer's state as JSON plus a safetensors file of its tensors; return the file names."""
+    tensors: dict = {}
+    store.write_json(folder / json_name, {"state": store.flatten(trainer.state_dict(), tensors, "trainer")})
+    store.write_tensors(folder / tensors_name, tensors)
+    return [json_name, tensors_name]
 
-    k, rank = stage["stage"], stage["rank"]
-    tmp = path.parent / f".{path.name}.tmp"
-    if rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    dist.barrier()
-    if stage["replica"] == 0:
-        prefixes = (f"blocks.{k}.", f"heads.{k}.")
-        own = {n: t for n, t in net.state_dict().items() if n.startswith(prefixes)}
-        save_file(_unshare(own), str(tmp / f"block{k}.safetensors"), metadata={"format": FORMAT})
+
+def save(net: LFNNModel, path: str | os.PathLike, *, trainer=None) -> Path:
+    """Save a converted model (and optionally its trainer's state, to resume) as a checkpoint folder.
+
+    The folder holds ``model.safetensors`` and ``lfnnify.json`` (plan, configuration, how to rebuild the
+    architecture, a checksum of every file), plus ``trainer.safetensors``/``trainer.json`` when ``trainer``
+    is given. A new version is written completely beside the old one and then made current by replacing a
+    small pointer file atomically, so a save killed at any moment leaves the previous checkpoint loadable.
+    Under :class:`~lfnnify.PipelineTrainer` every rank calls ``save``; each writes its own block.
+
+    Example:
+        >>> lfnnify.save(net, "runs/x/ckpt", trainer=trainer)
+
+    Raises:
+        lfnnify.CheckpointError: ``path`` is a file (nothing is touched then).
+    """
+    if not isinstance(net, LFNNModel):
+        raise ConfigError(f"save() takes a model from lfnnify.convert, got {type(net).__name__}")
+    path = Path(path)
+    shard = getattr(net, "_shard", None)
+    if shard is not None:  # a pipeline rank: the pipeline side writes per-block files
+        return shard.save(net, path, trainer=trainer)
+    store.check_target(path)
+    meta = describe_checkpoint(net)
+    meta["fingerprint"] = fingerprint(net, meta["input_shape"])
+    store.fault_point("before-write")
+    tmp = store.new_version(path)
+    try:
+        store.write_tensors(tmp / WEIGHTS, net.state_dict())
+        store.fault_point("mid-write")
+        files = [WEIGHTS]
         if trainer is not None:
-            tensors: dict = {}
-            state = {"state": _flatten(trainer.state_dict(), tensors, "trainer")}
-            (tmp / f"trainer-block{k}.json").write_text(json.dumps(state, default=str))
-            save_file(_unshare(tensors), str(tmp / f"trainer-block{k}.safetensors"), metadata={"format": FORMAT})
-    dist.barrier()
-    if rank == 0:
-        meta["pipeline"] = {"blocks": net.num_blocks, "replicas": stage["replicas"]}
-        (tmp / META).write_text(json.dumps(meta, indent=1, default=str))
-        _swap_in(tmp, path)
-    dist.barrier()
+            files += trainer_files(trainer, tmp, TRAINER_META, TRAINER_TENSORS)
+        meta["files"] = {name: store.sha256(tmp / name) for name in files}
+        store.write_json(tmp / store.META, meta)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    store.publish(tmp)
     return path
 
 
-def _fingerprint(net: LFNNModel, input_shape) -> list[float]:
+def fingerprint(net: LFNNModel, input_shape) -> list[float]:
     """The model's eval-mode outputs on a fixed input: ``load`` checks that the rebuilt model agrees,
     so an architecture rebuilt differently (a changed layer without weights) can't pass silently."""
-    from .model import main_output
-
     device = next(net.parameters()).device
-    x = torch.randn(2, *input_shape[1:], generator=torch.Generator().manual_seed(0)).to(device)
+    x = fingerprint_input(input_shape).to(device)
     was_training = net.training
     net.eval()
     try:
@@ -229,54 +109,36 @@ def _fingerprint(net: LFNNModel, input_shape) -> list[float]:
     return out[:32].cpu().tolist()
 
 
-def _write_folder_atomically(path: Path, files: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    for name, content in files.items():
-        if name.endswith(".safetensors"):
-            save_file(content, str(tmp / name), metadata={"format": FORMAT})
-        else:
-            (tmp / name).write_text(json.dumps(content, indent=1, default=str))
-    _swap_in(tmp, path)
+def fingerprint_input(input_shape) -> torch.Tensor:
+    return torch.randn(2, *input_shape[1:], generator=torch.Generator().manual_seed(0))
 
 
-def _swap_in(finished: Path, path: Path) -> None:
-    """Replace ``path`` by the completely written folder ``finished``; the old one goes only afterwards."""
-    old = path.parent / f".{path.name}.old-{os.getpid()}"
-    if path.exists():
-        path.rename(old)
-    finished.rename(path)
-    if old.exists():
-        shutil.rmtree(old)
+# ---------------------------------------------------------------- load
 
 
-def _read_meta(path: Path) -> dict:
-    if not path.is_dir():
-        raise CheckpointError(
-            f"{path} is not an lfnnify checkpoint: checkpoints are folders written by lfnnify.save"
-            + (" (this is a file; for plain weights use lfnnify.load_pretrained)" if path.is_file() else " (it does not exist)")
-        )
-    try:
-        meta = json.loads((path / META).read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is not an lfnnify checkpoint: it has no {META}") from None
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path / META} is damaged ({exc}); the checkpoint cannot be read") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path / META} is not an lfnnify checkpoint description (format={meta.get('format')!r})")
-    return meta
+def read_meta(path: Path) -> tuple[Path, dict]:
+    """(the folder of the current version, its validated description)."""
+    folder, digest = store.current_folder(path)
+    meta = store.read_json(folder / store.META, _META_KEYS, expected_sha256=digest)
+    if meta.get("format") != store.FORMAT:
+        raise CheckpointError(f"{folder / store.META} is not an lfnnify checkpoint description (format={meta.get('format')!r})")
+    missing = [k for k in _CONFIG_KEYS if k not in meta["config"]]
+    if missing:
+        raise CheckpointError(f"{folder / store.META} is damaged: its 'config' lacks {', '.join(map(repr, missing))}")
+    return folder, meta
 
 
-def _load_tensors(file: Path) -> dict:
-    try:
-        return load_file(str(file))
-    except FileNotFoundError:
-        raise CheckpointError(f"{file} is missing; the checkpoint is incomplete") from None
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{file} is damaged or truncated ({exc}); the checkpoint cannot be read") from None
+def _tensors(folder: Path, meta: dict, name: str) -> dict:
+    return store.load_tensors(folder / name, meta.get("files", {}).get(name))
+
+
+def read_weights(folder: Path, meta: dict) -> dict:
+    if "pipeline" in meta:  # one file per block, written by each rank of a pipeline run
+        weights = {}
+        for k in range(meta["pipeline"]["blocks"]):
+            weights.update(_tensors(folder, meta, f"block{k}.safetensors"))
+        return weights
+    return _tensors(folder, meta, WEIGHTS)
 
 
 def load(
@@ -293,19 +155,19 @@ def load(
     Custom heads need ``head=`` again, custom leaf modules ``leaf_modules=``.
 
     Raises:
-        lfnnify.CheckpointError: not a checkpoint, damaged or truncated files, architecture mismatch.
+        lfnnify.CheckpointError: not a checkpoint; a damaged, truncated or changed file (checksums);
+            an architecture that does not fit the weights or computes something else.
     """
-    from .convert import convert
-
     path = Path(path)
-    meta = _read_meta(path)
-    weights = _read_weights_of(path, meta)
+    folder, meta = read_meta(path)
+    weights = read_weights(folder, meta)
     shapes = {k: tuple(v) for k, v in meta.get("source_state_shapes", {}).items()}
-    source = model if model is not None else _rebuild(meta["model"], shapes)
+    source = model if model is not None else rebuild_model(meta["model"], shapes)
     config = meta["config"]
-    if config.get("head") not in ("linear", None) and head is None:
+    saved_head = config.get("head", "linear")
+    if saved_head not in ("linear", "lookahead") and head is None:
         raise CheckpointError(
-            f"the checkpoint was trained with a custom head ({config['head']!r}); pass the same factory: "
+            f"the checkpoint was trained with a custom head ({saved_head!r}); pass the same factory: "
             f"lfnnify.load(path, head=...)"
         )
     net = convert(
@@ -315,7 +177,8 @@ def load(
         leaders=config["leaders"],
         mode=config["mode"],
         follower_weight=config["follower_weight"],
-        head=head or "linear",
+        local_weight=config.get("local_weight", 0.0),
+        head=head or saved_head,
         num_classes=config["num_classes"],
         example_input=torch.zeros(meta["input_shape"]),
         leaf_modules=leaf_modules,
@@ -329,7 +192,7 @@ def load(
         )
     expected = meta.get("fingerprint")
     if expected is not None:
-        got = _fingerprint(net, meta["input_shape"])
+        got = fingerprint(net, meta["input_shape"])
         if not torch.allclose(torch.tensor(got), torch.tensor(expected), rtol=1e-3, atol=1e-4):
             raise CheckpointError(
                 f"{path}: the rebuilt {type(source).__name__} loads the weights but computes something else than "
@@ -339,28 +202,18 @@ def load(
     return net
 
 
-def _read_weights_of(path: Path, meta: dict) -> dict:
-    if "pipeline" in meta:  # one file per block, written by each rank of a pipeline run
-        weights = {}
-        for k in range(meta["pipeline"]["blocks"]):
-            weights.update(_load_tensors(path / f"block{k}.safetensors"))
-        return weights
-    return _load_tensors(path / WEIGHTS)
-
-
 def load_weights_into(net: LFNNModel, path: str | os.PathLike) -> LFNNModel:
     """Copy a checkpoint's weights into ``net``, a model converted the same way (used to resume runs)."""
     path = Path(path)
-    meta = _read_meta(path)
+    folder, meta = read_meta(path)
     if meta["cuts"] != net.plan.cuts:
         raise CheckpointError(f"{path} was cut at {meta['cuts']}, this model at {net.plan.cuts}; convert it the same way")
-    stage = getattr(net, "_pipeline", None)
-    weights = _read_weights_of(path, meta)
-    if stage is not None:  # a pipeline rank holds only its own block and head
-        own = (f"blocks.{stage['stage']}.", f"heads.{stage['stage']}.")
-        weights = {k: v for k, v in weights.items() if k.startswith(own)}
+    weights = read_weights(folder, meta)
+    shard = getattr(net, "_shard", None)
+    if shard is not None:  # a pipeline rank holds only its own block and head
+        weights = shard.own(weights)
     missing, unexpected = net.load_state_dict(weights, strict=False)
-    if unexpected or (stage is None and missing):
+    if unexpected or (shard is None and missing):
         raise CheckpointError(f"{path} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return net
 
@@ -372,20 +225,22 @@ def read_trainer_state(path: str | os.PathLike, *, block: int | None = None) -> 
     (``PipelineTrainer.stage``).
     """
     path = Path(path)
-    meta = _read_meta(path)
+    folder, meta = read_meta(path)
     names = (TRAINER_META, TRAINER_TENSORS)
     if "pipeline" in meta:
         if block is None:
             raise CheckpointError(f"{path} was written by a pipeline run: pass block=trainer.stage")
         names = (f"trainer-block{block}.json", f"trainer-block{block}.safetensors")
-    if not (path / names[0]).exists():
+    if not (folder / names[0]).exists():
         raise CheckpointError(f"{path} holds no trainer state; it was saved without trainer=, so it cannot resume")
-    tensors = _load_tensors(path / names[1])
-    try:
-        stored = json.loads((path / names[0]).read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path / names[0]} is damaged ({exc})") from None
-    return _unflatten(stored["state"], tensors)
+    sums = meta.get("files", {})
+    tensors = store.load_tensors(folder / names[1], sums.get(names[1]))
+    stored = store.read_json(folder / names[0], ("state",), expected_sha256=sums.get(names[0]))
+    state = store.unflatten(stored["state"], tensors)
+    missing = [k for k in _TRAINER_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{folder / names[0]} is damaged: the trainer state lacks {', '.join(map(repr, missing))}")
+    return state
 
 
 # ---------------------------------------------------------------- export and pretrained weights
@@ -414,10 +269,15 @@ def export(net: LFNNModel, path: str | os.PathLike | None = None) -> nn.Module:
     model.train(net.training)
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise CheckpointError(f"{path} is a folder; export writes one .safetensors file: give a file name")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-        save_file(_unshare(model.state_dict()), str(tmp))
-        tmp.replace(path)
+        try:
+            save_file(store.unshare(model.state_dict()), str(tmp))
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return model
 
 
@@ -426,9 +286,9 @@ _PREFIXES = ("module.", "model.", "_orig_mod.")
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     if not path.exists():
-        raise FileNotFoundError(f"no weights file at {path}")
+        raise DataNotFoundError(f"no weights file at {path}; pass the path of a .safetensors or .pth file")
     if path.suffix == ".safetensors":
-        return _load_tensors(path)
+        return store.load_tensors(path)
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, truncation: one clear message
@@ -458,10 +318,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             state = {k[len(prefix) :]: v for k, v in state.items()}
     own = model.state_dict()
     classifier = find_classifier(model)
-    classifier_keys = set()
-    if classifier is not None:
-        name = next(n for n, m in model.named_modules() if m is classifier)
-        classifier_keys = {f"{name}.weight", f"{name}.bias"}
+    classifier_keys = classifier_parameter_names(model)
     reinit = [k for k in classifier_keys if k in state and k in own and state[k].shape != own[k].shape]
     if reinit:
         for k in reinit:

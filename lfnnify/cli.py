@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
 
-import torch
-
-from . import __version__
-from .errors import CheckpointError, CutError, TraceError
+from ._version import __version__
+from .errors import ConfigError, LfnnifyError
 
 EPILOG = """examples:
   lfnnify demo
@@ -22,16 +21,20 @@ EPILOG = """examples:
 
 
 def _cmd_plan(args) -> int:
-    from .models import create_model
-    from .plan import plan
+    import torch
 
+    from .facts import input_channels
+    from .models import create_model
+    from .planning import plan
+
+    if args.input_size is not None and args.input_size < 1:
+        raise ConfigError(f"--input-size {args.input_size}: give a positive square size in pixels, e.g. --input-size 224")
     model = create_model(args.model, num_classes=args.num_classes)
     example = None
-    if args.input_size:
-        example = torch.randn(1, 3, args.input_size, args.input_size)
-    result = plan(
-        model, blocks=args.blocks, cuts=args.cuts, workers=args.workers, balance=args.balance, example_input=example
-    )
+    if args.input_size is not None:
+        example = torch.randn(1, input_channels(model), args.input_size, args.input_size)
+    result = plan(model, blocks=args.blocks, cuts=args.cuts, workers=args.workers, balance=args.balance,
+                  head=args.head, mode=args.mode, example_input=example)
     print(result)
     return 0
 
@@ -79,7 +82,10 @@ def make_parser() -> argparse.ArgumentParser:
     group.add_argument("--blocks", type=int, help="number of blocks K (balanced automatically)")
     group.add_argument("--cuts", nargs="+", help="explicit cut names")
     p.add_argument("--workers", type=int, default=1, help="filter-wise workers per head (default 1)")
-    p.add_argument("--balance", default="flops", choices=["flops", "time", "params"])
+    p.add_argument("--balance", default="flops", choices=["flops", "time", "params", "memory"])
+    p.add_argument("--head", default="linear", choices=["linear", "lookahead"], help="head kind (default linear)")
+    p.add_argument("--mode", default="local", choices=["local", "lfnn", "replay"],
+                   help="training mode; replay shows the inputs each block keeps")
     p.add_argument("--num-classes", type=int, help="classes the heads predict (default: the model's)")
     p.add_argument("--input-size", type=int, help="square input size (default: the model's pretrained_cfg)")
     p.set_defaults(func=_cmd_plan)
@@ -124,13 +130,26 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+BUG_REPORT = ("lfnnify: this is a bug in lfnnify, not in your input. Please report it with the traceback above "
+              "and the command you ran.")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line. lfnnify's own errors (bad input, missing data, damaged checkpoints) print one
+    line and exit with 2; anything else is a bug: its traceback is printed with a request to report it."""
     args = make_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CutError, TraceError, CheckpointError, ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
+    except LfnnifyError as exc:
         print(f"lfnnify: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("lfnnify: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print(BUG_REPORT, file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ from torch import fx
 from torch.utils._pytree import tree_map_only
 from torch.utils.flop_counter import FlopCounterMode
 
+from .errors import ConfigError
+
 __all__ = ["CutPoint", "GraphProfile", "profile_graph", "find_cut_points", "input_dependent_nodes"]
 
 
@@ -75,7 +77,7 @@ def profile_graph(gm: fx.GraphModule, example_input: torch.Tensor) -> GraphProfi
     except Exception as exc:
         node = next((n for n in gm.graph.nodes if n.name not in profile.shapes), None)
         where = f"at {node.op} {node.target!s}" if node is not None else "in the graph"
-        raise ValueError(
+        raise ConfigError(
             f"{type(gm).__name__} could not run on an example input of shape {tuple(example_input.shape)} "
             f"({where}): {type(exc).__name__}: {str(exc).splitlines()[0]}. Pass example_input= with a "
             f"size the model accepts (its pretrained_cfg input size, for instance)."

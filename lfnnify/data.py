@@ -8,7 +8,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+
+from .errors import DataError, DataNotFoundError
 
 __all__ = [
     "FashionMNIST",
@@ -16,6 +18,7 @@ __all__ = [
     "SeededSampler",
     "make_loader",
     "find_fashion_mnist",
+    "build_datasets",
     "FASHION_MNIST_DEBIAN",
 ]
 
@@ -33,7 +36,7 @@ def _read_idx(path: Path) -> torch.Tensor:
     with opener(path, "rb") as f:
         data = f.read()
     if len(data) < 8 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file (bad magic number)")
+        raise DataError(f"{path} is not an unsigned-byte IDX file (bad magic number); the dataset files are damaged")
     ndim = data[3]
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     offset = 4 + 4 * ndim
@@ -41,31 +44,33 @@ def _read_idx(path: Path) -> torch.Tensor:
     for d in dims:
         expected *= d
     if len(data) - offset != expected:
-        raise ValueError(f"{path} is truncated: {len(data) - offset} bytes of data, {expected} expected")
+        raise DataError(f"{path} is truncated: {len(data) - offset} bytes of data, {expected} expected")
     return torch.frombuffer(bytearray(data[offset:]), dtype=torch.uint8).view(*dims)
 
 
 def _candidates(root: str | os.PathLike | None) -> list[Path]:
-    roots = [Path(root)] if root else []
-    roots.append(FASHION_MNIST_DEBIAN)
-    paths = []
-    for r in roots:
-        paths += [r, r / "FashionMNIST" / "raw", r / "fashion-mnist"]
-    return paths
+    r = Path(root) if root else FASHION_MNIST_DEBIAN  # a folder the user names is the only one tried
+    return [r, r / "FashionMNIST" / "raw", r / "fashion-mnist"]
 
 
 def find_fashion_mnist(root: str | os.PathLike | None = None) -> Path:
-    """The folder holding Fashion-MNIST's IDX files: ``root`` (or torchvision's layout under it),
-    else Debian's ``/usr/share/datasets/fashion-mnist``. Raises FileNotFoundError naming where it looked."""
+    """The folder holding Fashion-MNIST's IDX files: ``root`` (or torchvision's layout under it), or, when no
+    ``root`` is given, Debian's ``/usr/share/datasets/fashion-mnist``. A ``root`` that does not hold the files
+    is an error, never a silent switch to another copy.
+
+    Raises:
+        lfnnify.DataError: naming every folder it looked in.
+    """
     looked = _candidates(root)
     for folder in looked:
         name = _FILES[True][0]
         if (folder / f"{name}.gz").exists() or (folder / name).exists():
             return folder
-    raise FileNotFoundError(
-        f"Fashion-MNIST not found; looked in {', '.join(str(p) for p in looked)}. Install it with "
-        f"'apt-get install dataset-fashion-mnist', or pass the folder holding train-images-idx3-ubyte(.gz)."
-    )
+    fix = ("pass the folder that holds train-images-idx3-ubyte(.gz), or give no folder to use Debian's copy "
+           "(apt-get install dataset-fashion-mnist)" if root else
+           "install it with 'apt-get install dataset-fashion-mnist', or pass the folder holding "
+           "train-images-idx3-ubyte(.gz)")
+    raise DataNotFoundError(f"Fashion-MNIST not found; looked in {', '.join(str(p) for p in looked)}. Fix: {fix}.")
 
 
 class FashionMNIST(Dataset):
@@ -87,7 +92,7 @@ class FashionMNIST(Dataset):
         self.images = _read_idx(pick(images))
         self.labels = _read_idx(pick(labels)).long()
         if len(self.images) != len(self.labels):
-            raise ValueError(f"{folder}: {len(self.images)} images but {len(self.labels)} labels")
+            raise DataError(f"{folder}: {len(self.images)} images but {len(self.labels)} labels; the files do not match")
         self.augment = augment
 
     def __len__(self) -> int:
@@ -164,3 +169,70 @@ def make_loader(
         num_workers=0,
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+def build_datasets(recipe, *, root: str | None = None, download: bool = False):
+    """(train, test, in_chans, classes, input_size) for a recipe's dataset. Never downloads unless asked.
+
+    ``root`` (``--data``) overrides ``data.root``; a folder the user names is the only one tried.
+    """
+    d = recipe.data
+    root = root or d.root
+    if d.dataset == "fashion_mnist":
+        train, test = FashionMNIST(root, train=True, augment=d.augment), FashionMNIST(root, train=False)
+        chans, classes, size = 1, 10, 28
+    elif d.dataset in ("cifar10", "cifar100"):
+        train, test, classes = _cifar(d.dataset, root or "data/cifar", augment=d.augment, download=download)
+        chans, size = 3, 32
+    elif d.dataset == "imagefolder":
+        size = d.input_size or 224
+        train, test = _image_folders(root, size, augment=d.augment)
+        chans, classes = 3, len(train.classes)
+    else:
+        size = d.input_size or 32
+        chans = recipe.model.in_chans or 3
+        classes = recipe.model.num_classes or 10
+        train = SyntheticImages(d.train_subset or 512, shape=(chans, size, size), classes=classes, seed=recipe.train.seed)
+        test = SyntheticImages(d.eval_subset or 256, shape=(chans, size, size), classes=classes, seed=recipe.train.seed + 1)
+    if d.train_subset:
+        train = Subset(train, range(min(d.train_subset, len(train))))
+    if d.eval_subset:
+        test = Subset(test, range(min(d.eval_subset, len(test))))
+    return train, test, chans, classes, d.input_size or size
+
+
+def _cifar(name: str, folder: str, *, augment: bool, download: bool):
+    import torchvision
+    from torchvision import transforms as T
+
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    aug = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if augment else []
+    try:
+        train = cls(folder, train=True, download=download, transform=T.Compose([*aug, T.ToTensor(), T.Normalize(mean, std)]))
+        test = cls(folder, train=False, download=download, transform=T.Compose([T.ToTensor(), T.Normalize(mean, std)]))
+    except RuntimeError as exc:
+        raise DataNotFoundError(
+            f"{name} not found in {Path(folder).resolve()} (torchvision layout); pass --data DIR, "
+            f"or add --download to fetch it ({str(exc).splitlines()[0]})"
+        ) from None
+    return train, test, 10 if name == "cifar10" else 100
+
+
+def _image_folders(root: str | None, size: int, *, augment: bool):
+    import torchvision
+    from torchvision import transforms as T
+
+    if not root:
+        raise DataNotFoundError("data.dataset is imagefolder but no folder was given: pass --data DIR (with train/ and val/)")
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    aug = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()] if augment else [T.Resize(size), T.CenterCrop(size)]
+    folders = [Path(root) / "train", next((Path(root) / n for n in ("val", "test") if (Path(root) / n).is_dir()),
+                                          Path(root) / "val")]
+    for f in folders:
+        if not f.is_dir():
+            raise DataNotFoundError(f"image folder {f} not found: an imagefolder dataset needs {root}/train and {root}/val")
+    train = torchvision.datasets.ImageFolder(folders[0], T.Compose([*aug, T.ToTensor(), T.Normalize(mean, std)]))
+    test = torchvision.datasets.ImageFolder(
+        folders[1], T.Compose([T.Resize(int(size * 1.14)), T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)]))
+    return train, test

@@ -8,9 +8,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LinearHeads", "Pool", "build_head", "head_param_count"]
+from .errors import ConfigError
+
+__all__ = ["HEADS", "LinearHeads", "Pool", "build_head", "head_param_count"]
 
 HeadFactory = Callable[[int, int, int], nn.Module]
+HEADS = ("linear", "lookahead")  # built-in heads; lookahead heads live in lfnnify.lookahead
 
 
 class Pool(nn.Module):
@@ -49,7 +52,7 @@ class LinearHeads(nn.Module):
     def __init__(self, channels: int, num_classes: int, *, workers: int = 1, pool: Pool):
         super().__init__()
         if channels % workers:
-            raise ValueError(f"channels={channels} is not divisible by workers={workers}")
+            raise ConfigError(f"channels={channels} is not divisible by workers={workers}; use a divisor of {channels}")
         self.pool = pool
         self.workers, self.group = workers, channels // workers
         self.weight = nn.Parameter(torch.empty(workers, self.group, num_classes))

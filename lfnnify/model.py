@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .leadership import worker_losses
+from .errors import ConfigError
+from .leadership import check_labels, worker_losses
 
 __all__ = ["LFNNModel", "LocalLosses", "main_output"]
 
@@ -22,7 +23,7 @@ def main_output(output) -> Tensor:
         return output[0]
     if isinstance(output, dict) and isinstance(output.get("logits"), Tensor):
         return output["logits"]
-    raise TypeError(
+    raise ConfigError(
         f"the model returned {type(output).__name__}; lfnnify trains on a logits tensor, the first "
         f"element of a tuple, or a dict's 'logits' entry. Wrap the model so forward() returns logits."
     )
@@ -38,27 +39,35 @@ class LocalLosses:
     leaders: list[Tensor]  # per block, the indices of its leader workers (best first)
     worker_ce: list[Tensor] = field(default_factory=list)  # per block, every worker's CE (detached)
     _lfnn_chain: list | None = field(default=None, repr=False)
+    _mode: str = field(default="local", repr=False)
 
-    def backward(self) -> None:
+    def backward(self, *, gradient_scale: float = 1.0) -> None:
         """Back-propagate the step's losses the way the model's mode prescribes.
 
         In ``mode="local"`` this is ``loss.backward()``. In ``mode="lfnn"`` (Eq. 1) each local
         loss reaches only its own block, while the global loss flows through every block with
-        follower channels masked, so it needs its own pass per block.
+        follower channels masked, so it needs its own pass per block. ``gradient_scale`` multiplies
+        every loss (the fp16 loss scale; the optimizer steps unscale it).
         """
+        if self._mode == "replay":
+            raise ConfigError(
+                "mode='replay' learns from delayed gradients, which need state across steps: train it with "
+                "lfnnify.Trainer or lfnnify.PipelineTrainer (local_losses() only reports the losses)"
+            )
+        losses = [loss * gradient_scale for loss in self.block_losses]
         if self._lfnn_chain is None:
-            self.loss.backward()
+            (self.loss * gradient_scale).backward()
             return
         chain = self._lfnn_chain
         last = len(chain) - 1
         for k, step in enumerate(chain[:-1]):
-            self.block_losses[k].backward(inputs=step["params"], retain_graph=True)
+            losses[k].backward(inputs=step["params"], retain_graph=True)
         grad = None
         for k in range(last, -1, -1):
             step = chain[k]
             wrt = step["params"] + ([step["input"]] if k > 0 else [])
             if k == last:
-                self.block_losses[k].backward(inputs=wrt)
+                losses[k].backward(inputs=wrt)
             else:
                 step["output"].backward(grad * step["global_mask"], inputs=wrt)
             grad = step["input"].grad if k > 0 else None
@@ -118,7 +127,7 @@ class LFNNModel(nn.Module):
         """Cross-entropy of the model's own output (the last block's loss) and the logits."""
         logits = main_output(output)
         if logits.dim() != 2:
-            raise ValueError(
+            raise ConfigError(
                 f"the model's output has shape {tuple(logits.shape)}, not (batch, classes) logits, so the last "
                 f"block has no prediction loss to train on. Give the model a classifier (timm: num_classes=N; "
                 f"or wrap it with a pooling + Linear head) before converting."
@@ -128,12 +137,21 @@ class LFNNModel(nn.Module):
     def local_losses(self, x: Tensor, target: Tensor) -> LocalLosses:
         """Run all blocks on ``x`` and compute every block's local loss for labels ``target``.
 
+        In ``mode="replay"`` it reports the same per-block losses as local mode; the delayed-gradient
+        update itself needs a trainer (:class:`~lfnnify.Trainer` or :class:`~lfnnify.PipelineTrainer`).
+
         Example:
             >>> out = net.local_losses(images, labels)
             >>> out.backward()          # same as out.loss.backward() in local mode
             >>> [float(l) for l in out.block_losses]
+
+        Raises:
+            lfnnify.LabelError: labels that are not class indices in ``[0, num_classes)``.
+            lfnnify.ConfigError: an input whose channels differ from the model's.
         """
-        local = self.mode == "local"
+        check_labels(target, self.config["num_classes"], where="local_losses")
+        self.check_input(x)
+        local = self.mode != "lfnn"
         block_losses, leaders, worker_ce, chain = [], [], [], []
         h = x
         for k, block in enumerate(self.blocks):
@@ -158,7 +176,18 @@ class LFNNModel(nn.Module):
                 worker_ce.append(loss.detach().reshape(1))
             chain.append(step)
         total = torch.stack(block_losses).sum()
-        return LocalLosses(total, block_losses, logits, leaders, worker_ce, None if local else chain)
+        return LocalLosses(total, block_losses, logits, leaders, worker_ce, None if local else chain, self.mode)
+
+    def check_input(self, x) -> None:
+        """Refuse, with the expected shape, an input whose channels differ from the example the model was cut for."""
+        expected = tuple(self.plan.input_shape)
+        if not isinstance(x, Tensor):
+            raise ConfigError(f"the input is a {type(x).__name__}; pass a tensor shaped like {expected}")
+        if len(expected) >= 2 and x.dim() == len(expected) and x.shape[1] != expected[1]:
+            raise ConfigError(
+                f"the input has {x.shape[1]} channels (shape {tuple(x.shape)}), but the model was converted for "
+                f"{expected[1]} (example input {expected}); give images with {expected[1]} channels"
+            )
 
     def _leader_channel_mask(self, k: int, features: Tensor, leaders: Tensor) -> Tensor:
         """1 on the channels of leader workers, 0 on followers', shaped to broadcast on ``features``."""

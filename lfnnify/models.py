@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from .errors import ConfigError
+
 __all__ = ["create_model", "cifar_variant"]
 
 
@@ -29,9 +31,9 @@ def create_model(name: str, *, num_classes: int | None = None, in_chans: int | N
 
         arch = name.split("/", 1)[1]
         if arch not in torchvision.models.list_models(module=torchvision.models):
-            raise ValueError(f"unknown torchvision model {arch!r}; torchvision.models.list_models() lists them")
+            raise ConfigError(f"unknown torchvision model {arch!r}; torchvision.models.list_models() lists them")
         if in_chans not in (None, 3):
-            raise ValueError(f"in_chans={in_chans}: torchvision models take 3 channels; use a timm model instead")
+            raise ConfigError(f"in_chans={in_chans}: torchvision models take 3 channels; use a timm model instead")
         model = torchvision.models.get_model(arch, weights=None, **kwargs)
     else:
         import timm
@@ -39,7 +41,7 @@ def create_model(name: str, *, num_classes: int | None = None, in_chans: int | N
         if not timm.is_model(name):
             close = timm.list_models(f"*{name}*")[:5]
             hint = f" Close: {', '.join(close)}." if close else ""
-            raise ValueError(f"unknown model {name!r}: give a timm model name, or torchvision/<name>.{hint}")
+            raise ConfigError(f"unknown model {name!r}: give a timm model name, or torchvision/<name>.{hint}")
         if in_chans is not None:
             kwargs["in_chans"] = in_chans
         model = timm.create_model(name, pretrained=False, **kwargs)

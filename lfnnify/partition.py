@@ -8,7 +8,21 @@ from torch import fx, nn
 
 from .cuts import NONE_VALUE, input_dependent_nodes
 
-__all__ = ["balanced_partition", "split_graph", "DualGraphModule", "dual_block"]
+__all__ = ["balanced_partition", "split_graph", "DualGraphModule", "dual_block", "attr_at"]
+
+_MISSING = object()
+
+
+def attr_at(module: nn.Module, path: str, default=_MISSING):
+    """The attribute at dotted ``path`` under ``module`` (``"layer1.0.conv1.weight"``); ``default`` if absent."""
+    value = module
+    for part in path.split("."):
+        value = getattr(value, part, _MISSING)
+        if value is _MISSING:
+            if default is _MISSING:
+                raise AttributeError(f"{type(module).__name__} has no attribute {path!r}")
+            return default
+    return value
 
 
 def balanced_partition(atom_costs: Sequence[float], cut_costs: Sequence[float], blocks: int) -> list[int]:
@@ -53,10 +67,10 @@ def balanced_partition(atom_costs: Sequence[float], cut_costs: Sequence[float], 
 
 def _copy_attr(source: nn.Module, target: nn.Module, path: str) -> None:
     """Make ``target.<path>`` refer to the same object as ``source.<path>`` (no copy)."""
-    *parents, leaf = path.split(".")
-    src, dst = source, target
-    for part in parents:
-        src = getattr(src, part)
+    parent, _, leaf = path.rpartition(".")
+    src = attr_at(source, parent) if parent else source
+    dst = target
+    for part in parent.split(".") if parent else ():
         if not hasattr(dst, part):
             dst.add_module(part, nn.Module())
         dst = getattr(dst, part)
@@ -133,18 +147,9 @@ def _mutates_input(node: fx.Node, value: fx.Node, gm: fx.GraphModule) -> bool:
 
 def _attach(root: nn.Module, block: fx.GraphModule, graph: fx.Graph) -> None:
     for n in graph.nodes:
-        if n.op in ("call_module", "get_attr") and not _has_path(block, n.target):
+        if n.op in ("call_module", "get_attr") and attr_at(block, n.target, None) is None:
             _copy_attr(root, block, n.target)
     block.graph = graph  # the setter recompiles forward()
-
-
-def _has_path(module: nn.Module, path: str) -> bool:
-    try:
-        for part in path.split("."):
-            module = getattr(module, part)
-    except AttributeError:
-        return False
-    return True
 
 
 class DualGraphModule(fx.GraphModule):

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import datetime
-import os
 import sys
 import time
 from collections.abc import Iterable
@@ -13,32 +10,33 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
+from ._comm import END, EPOCH_DONE, EVAL, EVALUATE, GRAD, TRAIN, Link, PeerError, init_distributed, stage_device
+from ._shards import Shard
+from ._training import TrainerBase, check_labels
+from .errors import ConfigError, PipelineError
 from .model import LFNNModel, main_output
-from .trainer import Trainer, block_parameters
+from .trainer import metrics_from_counts
 
 __all__ = ["PipelineTrainer", "StageTiming"]
-
-# message kinds in the header
-_TRAIN, _EVAL, _END = 1, 2, 3
-_EPOCH_DONE, _EVALUATE = 1, 2  # flags of an _END message after a training phase
-_HEADER = 16  # int64 slots: kind, flag, ndim, dims[8], dtype code, labels, unused
-_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.uint8]
 
 
 class StageTiming(dict):
     """Seconds a rank spent busy (compute), waiting to receive, and waiting for sends, plus step count."""
 
 
-class PipelineTrainer(Trainer):
+class PipelineTrainer(TrainerBase):
     """Trains an :class:`~lfnnify.LFNNModel` with one block per process, started by ``torchrun``.
 
     With world size K×R (K blocks, R replicas), rank ``r`` trains block ``r // R`` as replica
     ``r % R``. The first stage's ranks read the input batches (replica i takes batches i, i+R, ...);
     labels travel with the activations. Block k sends its output to block k+1 right after its forward
-    pass and then runs its own loss, backward and optimizer step, so block k works on batch t while
-    block k+1 works on batch t−1. Replicas of a block average their gradients with an all-reduce
-    in the block's process group. LFNN-ℓ has no staleness: with the same seed and data order the
+    pass and then runs its own update (:class:`lfnnify.stage.BlockStage`, the same code the one-device
+    trainer runs), so block k works on batch t while block k+1 works on batch t−1. In ``mode="replay"``
+    block k+1 also sends back the gradient of each batch's input, which block k applies one step later;
+    no rank waits for more than its neighbour's previous step. Replicas of a block average their
+    gradients with an all-reduce in the block's process group. With the same seed and data order the
     pipeline computes what :class:`~lfnnify.Trainer` computes (when the blocks draw no random numbers;
     each rank has its own generator for dropout).
 
@@ -49,10 +47,10 @@ class PipelineTrainer(Trainer):
 
     Args:
         net: the converted model (every rank converts the same model; each keeps only its block).
-        optimizer, scheduler, amp, grad_clip, head_warmup_steps, reselect, log_path, progress:
-            as for :class:`~lfnnify.Trainer`.
-        max_in_flight: outgoing activation messages allowed in flight before a stage waits (memory bound).
-        send_dtype: send activations in this dtype (``torch.bfloat16`` halves traffic); default: as computed.
+        optimizer, scheduler, amp, grad_clip, head_warmup_steps, reselect, switch_mode_at, switch_to,
+            log_path, log_every, progress: as for :class:`~lfnnify.Trainer`.
+        max_in_flight: outgoing messages allowed in flight before a stage waits (memory bound).
+        send_dtype: send activations and gradients in this dtype (``torch.bfloat16`` halves traffic).
         timeout_s: how long a rank waits for a neighbour before giving up; a failed rank's neighbours
             stop within this bound (torchrun also stops the others when one process exits with an error).
         threads: torch threads for this process (set it: oversubscribed cores are very slow).
@@ -72,27 +70,32 @@ class PipelineTrainer(Trainer):
         grad_clip: float | None = None,
         head_warmup_steps: int = 0,
         reselect: str = "batch",
+        switch_mode_at: int | None = None,
+        switch_to: str | None = None,
         log_path=None,
         log_every: int = 20,
         progress: bool = True,
     ):
         if not isinstance(net, LFNNModel):
-            raise TypeError(f"PipelineTrainer needs a model from lfnnify.convert, got {type(net).__name__}")
-        if net.mode != "local":
-            raise ValueError(
-                f"mode={net.mode!r}: the pipeline trains LFNN-ℓ (mode='local'); Eq. 1's global loss needs backward "
-                f"through every block, which is backward locking. Use lfnnify.Trainer for mode='lfnn'."
+            raise ConfigError(f"PipelineTrainer needs a model from lfnnify.convert, got {type(net).__name__}")
+        if net.mode == "lfnn":
+            raise ConfigError(
+                f"mode={net.mode!r}: Eq. 1's global loss needs backward through every block in one pass, which is "
+                f"backward locking. The pipeline trains mode='local' (LFNN-ℓ) and mode='replay' (delayed global "
+                f"gradients); use lfnnify.Trainer for mode='lfnn'."
             )
-        if not isinstance(max_in_flight, int) or max_in_flight < 1:
-            raise ValueError(f"max_in_flight={max_in_flight!r} must be an int >= 1")
+        if not isinstance(max_in_flight, int) or isinstance(max_in_flight, bool) or max_in_flight < 1:
+            raise ConfigError(f"max_in_flight={max_in_flight!r} must be an int >= 1")
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
+            raise ConfigError(f"timeout_s={timeout_s!r} must be a positive number of seconds")
         if threads is not None:
             torch.set_num_threads(threads)
         self.timeout = datetime.timedelta(seconds=timeout_s)
-        _init_distributed(self.timeout)
+        init_distributed(self.timeout)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         blocks = net.num_blocks
         if self.world % blocks:
-            raise ValueError(
+            raise ConfigError(
                 f"world size {self.world} is not a multiple of the model's {blocks} blocks; start K×R processes "
                 f"(K blocks, R replicas each), e.g. torchrun --nproc-per-node {blocks}, or convert with blocks={self.world}"
             )
@@ -104,154 +107,82 @@ class PipelineTrainer(Trainer):
         cuts: list = [None] * self.world
         dist.all_gather_object(cuts, net.plan.cuts)
         if any(c != cuts[0] for c in cuts):
-            raise ValueError(
+            raise ConfigError(
                 f"ranks converted the model with different cuts ({cuts}); every rank must cut at the same places: "
                 f"pass explicit cuts=[...] (balance='time' measures on each rank and can disagree)"
             )
         # every rank creates every group, in the same order (torch.distributed's rule)
         groups = [dist.new_group([k * self.replicas + r for r in range(self.replicas)]) for k in range(blocks)]
         self.group = groups[self.stage]
-        self.device = _stage_device()
-        _keep_only_stage(net, self.stage, self.device)
-        self.max_in_flight, self.send_dtype = max_in_flight, send_dtype
-        self._pending: collections.deque = collections.deque()
-        self.timing = StageTiming(busy_s=0.0, recv_wait_s=0.0, send_wait_s=0.0, steps=0)
-
-        # the one-device trainer's bookkeeping, restricted to this rank's block
+        shapes = {k: list(v.shape) for k, v in net._source.state_dict().items()}  # before other blocks are freed
+        _keep_only_stage(net, self.stage, stage_device())
         super().__init__(
-            net, optimizer=optimizer, scheduler=scheduler, amp=amp, grad_clip=grad_clip,
-            head_warmup_steps=head_warmup_steps, reselect=reselect, log_path=log_path if self.last else None,
-            log_every=log_every, progress=progress and self.rank == 0,
+            net, owned=[self.stage], optimizer=optimizer, scheduler=scheduler, amp=amp, grad_clip=grad_clip,
+            head_warmup_steps=head_warmup_steps, reselect=reselect, switch_mode_at=switch_mode_at,
+            switch_to=switch_to, log_path=log_path if self.last else None, log_every=log_every,
+            progress=progress and self.rank == 0,
         )
-        self.device = _stage_device()
-        own = block_parameters(net)[self.stage]
-        self.groups = [own if k == self.stage else [] for k in range(blocks)]
-        self.optimizers = [optimizer(own) if k == self.stage else None for k in range(blocks)]
-        self.schedulers = [
-            scheduler(self.optimizers[k]) if scheduler is not None and k == self.stage else None for k in range(blocks)
-        ]
-        self.scalers = [s if k == self.stage else None for k, s in enumerate(self.scalers)]
-        net._pipeline = {"stage": self.stage, "replica": self.replica, "replicas": self.replicas, "rank": self.rank}
-        if self.replicas > 1:  # replicas start from the same weights
-            for tensor in net.blocks[self.stage].state_dict().values():
+        self.timing = StageTiming(busy_s=0.0, recv_wait_s=0.0, send_wait_s=0.0, steps=0)
+        self.link = Link(rank=self.rank, prev_rank=self.prev_rank, next_rank=self.next_rank, device=self.device,
+                         timeout=self.timeout, max_in_flight=max_in_flight, send_dtype=send_dtype, timing=self.timing,
+                         describe=f"rank {self.rank} (block {self.stage})")
+        self._early_grad: Tensor | None = None  # replay: a gradient received at the end of a phase
+        if self.replicas > 1:
+            self.updates[self.stage].reduce = self._average_gradients
+            for tensor in net.blocks[self.stage].state_dict().values():  # replicas start from the same weights
                 dist.broadcast(tensor, src=self.stage * self.replicas, group=self.group)
+        net._shard = Shard(stage=self.stage, replica=self.replica, replicas=self.replicas, rank=self.rank,
+                           source_shapes=shapes)
 
     # ------------------------------------------------------------------ the data path of one stage
 
     def _stage_step(self, x: Tensor, y: Tensor) -> dict:
-        """Forward this rank's block on batch ``x``, pass the output on, then its own loss and update."""
+        """This rank's block on batch ``x``: forward, pass the output on, then its update (and, in replay
+        mode, the gradient of an earlier batch's input back to the previous rank)."""
         start = time.perf_counter()
-        net, k = self.net, self.stage
-        net.train()
-        warmup = self.step < self.head_warmup_steps
-        with self._autocast():
-            if warmup and not self.last:
-                with torch.no_grad():
-                    out = net.blocks[k](x)
-            else:
-                out = net.blocks[k](x)
+        t, stage = self.step, self.stages[self.stage]
+        self.net.train()
+        out = stage.forward(x, y, t)
         if not self.last:
             self.timing["busy_s"] += time.perf_counter() - start
-            self._send(_TRAIN, out.detach(), y)  # the next stage starts now; our backward overlaps it
+            self.link.send(self.next_rank, TRAIN, out.detach(), y)  # the next stage starts now
             start = time.perf_counter()
-            with self._autocast():
-                result = net.head_loss(k, out, y)
-            loss, logits = result.loss, result.best_logits
-            self._count_leaders(k, result.leaders)
-        else:
-            with self._autocast():
-                loss, logits = net.output_loss(out, y)
-        self._check_finite(k, loss)
-        opt, scaler = self.optimizers[k], self.scalers[k]
-        opt.zero_grad(set_to_none=True)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        if warmup and self.last:
-            for p in self.groups[k]:
-                if id(p) not in self._classifier_ids:
-                    p.grad = None
-        if self.replicas > 1:
-            self._average_gradients()
-        self._clip_and_step(k)
+        grad = None
+        if stage.expects_grad(t):
+            grad = self._take_grad()
+            start = time.perf_counter()
+        below, record = stage.learn(grad, t)
+        del out
+        if below is not None:
+            self.link.send(self.prev_rank, GRAD, below)
+        if record:
+            self._count_leaders(self.stage, record["leaders"])
         self.step += 1
         self.step_in_epoch += 1
         self.timing["steps"] += 1
         self.timing["busy_s"] += time.perf_counter() - start
-        return {"step": self.step, "loss": loss.detach().item(),
-                "accuracy": (logits.detach().argmax(-1) == y).float().mean().item()}
+        return record
+
+    def _take_grad(self) -> Tensor:
+        if self._early_grad is not None:
+            grad, self._early_grad = self._early_grad, None
+            return grad
+        kind, _, grad, _ = self.link.recv(self.next_rank)
+        if kind != GRAD:
+            raise PipelineError(f"rank {self.rank} (block {self.stage}) expected a gradient, got message kind {kind}")
+        return grad
+
+    def _end_phase(self) -> None:
+        """Take the gradient the next rank sent at its last step (it is for this rank's next step), so that no
+        message is left in flight across an evaluation, a checkpoint or the end of training."""
+        if self.stages[self.stage].expects_grad(self.step) and self._early_grad is None:
+            self._early_grad = self._take_grad()
+        self.link.flush()
 
     def train_step(self, x: Tensor, y: Tensor) -> dict:
-        raise RuntimeError("PipelineTrainer steps inside fit(); every rank calls fit() with the same arguments")
+        raise PipelineError("PipelineTrainer steps inside fit(); every rank calls fit() with the same arguments")
 
-    # ------------------------------------------------------------------ messages
-
-    def _send(self, kind: int, tensor: Tensor | None = None, labels: Tensor | None = None, flag: int = 0) -> None:
-        header = torch.zeros(_HEADER, dtype=torch.int64)
-        header[0], header[1] = kind, flag
-        payload = []
-        if tensor is not None:
-            if self.send_dtype is not None and tensor.is_floating_point():
-                tensor = tensor.to(self.send_dtype)
-            tensor = tensor.contiguous()
-            if tensor.dim() > 8:
-                raise ValueError(f"cannot send a {tensor.dim()}-d activation (at most 8 dimensions)")
-            header[2] = tensor.dim()
-            header[3 : 3 + tensor.dim()] = torch.tensor(tensor.shape)
-            header[11] = _DTYPES.index(tensor.dtype)
-            header[12] = len(labels)
-            payload = [tensor, labels.to(torch.int64).contiguous()]
-        messages = [header.to(self._comm_device), *(t.to(self._comm_device) for t in payload)]
-        works = [dist.isend(m, dst=self.next_rank) for m in messages]
-        self._pending.append((works, messages))
-        while len(self._pending) > self.max_in_flight:
-            self._wait_oldest_send()
-
-    def _wait_oldest_send(self) -> None:
-        works, _ = self._pending.popleft()
-        start = time.perf_counter()
-        for w in works:
-            w.wait(self.timeout)
-        self.timing["send_wait_s"] += time.perf_counter() - start
-
-    def _flush_sends(self) -> None:
-        while self._pending:
-            self._wait_oldest_send()
-
-    def _recv(self) -> tuple[int, int, Tensor | None, Tensor | None]:
-        start = time.perf_counter()
-        header = torch.empty(_HEADER, dtype=torch.int64, device=self._comm_device)
-        self._recv_into(header)
-        header = header.cpu()
-        kind, flag = int(header[0]), int(header[1])
-        if kind == _END:
-            self.timing["recv_wait_s"] += time.perf_counter() - start
-            return kind, flag, None, None
-        shape = header[3 : 3 + int(header[2])].tolist()
-        tensor = torch.empty(shape, dtype=_DTYPES[int(header[11])], device=self._comm_device)
-        labels = torch.empty(int(header[12]), dtype=torch.int64, device=self._comm_device)
-        self._recv_into(tensor)
-        self._recv_into(labels)
-        self.timing["recv_wait_s"] += time.perf_counter() - start
-        dtype = next((p.dtype for p in self.net.blocks[self.stage].parameters() if p.is_floating_point()), tensor.dtype)
-        if tensor.is_floating_point() and tensor.dtype != dtype:
-            tensor = tensor.to(dtype)
-        return kind, flag, tensor.to(self.device), labels.to(self.device)
-
-    def _recv_into(self, tensor: Tensor) -> None:
-        work = dist.irecv(tensor, src=self.prev_rank)
-        try:
-            work.wait(self.timeout)
-        except Exception as exc:
-            raise _PeerError(
-                f"rank {self.rank} (block {self.stage}) got nothing from rank {self.prev_rank} within "
-                f"{self.timeout.total_seconds():.0f} s: {type(exc).__name__}"
-            ) from exc
-
-    @property
-    def _comm_device(self) -> torch.device:
-        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
-
-    def _average_gradients(self) -> None:
-        grads = [p.grad for p in self.groups[self.stage] if p.grad is not None]
+    def _average_gradients(self, grads: list[Tensor]) -> None:
         if not grads:
             return
         flat = torch.cat([g.reshape(-1) for g in grads])
@@ -279,28 +210,26 @@ class PipelineTrainer(Trainer):
 
     def _fit(self, loader, *, epochs, max_steps, val_loader):
         if self.first and loader is None:
-            raise ValueError(f"rank {self.rank} runs block 0 and reads the data: pass the training loader to fit()")
+            raise ConfigError(f"rank {self.rank} runs block 0 and reads the data: pass the training loader to fit()")
         while self.epoch < epochs and (max_steps is None or self.step < max_steps):
-            if self.step_in_epoch == 0 and self.reselect == "epoch":
-                self.net.fixed_leaders = [None] * len(self.net.heads)
             start, records = time.perf_counter(), []
             if self.first:
                 flags = self._feed(loader, max_steps, records, evaluate=val_loader is not None)
             else:
                 flags = self._follow(records)
-            finished = bool(flags & _EPOCH_DONE)
+            finished = bool(flags & EPOCH_DONE)
             entry = {
                 "epoch": self.epoch + (1 if finished else 0),
                 "step": self.step,
-                "train_loss": sum(r["loss"] for r in records) / max(len(records), 1),
-                "train_accuracy": sum(r["accuracy"] for r in records) / max(len(records), 1),
+                "train_loss": self._summary(records, "loss"),
+                "train_accuracy": self._summary(records, "accuracy"),
                 "seconds": time.perf_counter() - start,
                 "rank": self.rank,
                 "block": self.stage,
             }
             if finished:
                 self._end_epoch()
-            if flags & _EVALUATE:  # decided by the first stage, so every rank evaluates together
+            if flags & EVALUATE:  # decided by the first stage, so every rank evaluates together
                 entry.update({f"val_{k}": v for k, v in self.evaluate(val_loader).items()})
             self.history.append(entry)
             if self.last:
@@ -311,16 +240,9 @@ class PipelineTrainer(Trainer):
 
     def _feed(self, loader, max_steps, records, *, evaluate: bool) -> int:
         """First stage: read this replica's batches, run block 0, and pass them down the pipe."""
-        sampler = getattr(loader, "sampler", None)
-        batch_size = getattr(loader, "batch_size", None) or 1
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(self.epoch)
-            if self.step_in_epoch and hasattr(sampler, "skip"):
-                sampler.skip(self.step_in_epoch * self.replicas * batch_size)
+        self._start_epoch(loader, replicas=self.replicas)
         rounds = len(loader) // self.replicas  # every replica takes the same number of steps
         batches = iter(loader)
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=rounds, initial=self.step_in_epoch, disable=not self.progress, leave=False,
                    desc=f"epoch {self.epoch + 1} (pipeline, {self.world} ranks)", unit="batch", dynamic_ncols=True)
         finished = False
@@ -334,33 +256,40 @@ class PipelineTrainer(Trainer):
                 finished = True
                 break
             x, y = chunk[self.replica]
+            check_labels(y, self.net.config["num_classes"], where="PipelineTrainer.fit")
             start = time.perf_counter()
             x, y = x.to(self.device), y.to(self.device)
             self.timing["busy_s"] += time.perf_counter() - start
             records.append(self._stage_step(x, y))
             bar.update(1)
-            bar.set_postfix(loss=f"{records[-1]['loss']:.3f}")
+            if records[-1]:
+                bar.set_postfix(loss=f"{records[-1]['loss']:.3f}")
         bar.close()
         reached = max_steps is not None and self.step >= max_steps
         wanted = evaluate and (finished or reached) and not self._stop  # a stop request returns at once
-        flags = (_EPOCH_DONE if finished else 0) | (_EVALUATE if wanted else 0)
+        flags = (EPOCH_DONE if finished else 0) | (EVALUATE if wanted else 0)
         if not self.last:
-            self._send(_END, flag=flags)
-        self._flush_sends()
+            self.link.send(self.next_rank, END, flag=flags)
+        self._end_phase()
         return flags
 
     def _follow(self, records) -> int:
         """Later stages: receive, train, pass on, until the end-of-phase message."""
+        if self.step_in_epoch == 0 and self.reselect == "epoch":
+            self.net.fixed_leaders = [None] * len(self.net.heads)
         while True:
-            kind, flag, x, y = self._recv()
-            if kind == _END:
+            kind, flag, x, y = self.link.recv(self.prev_rank, dtype=self._dtype())
+            if kind == END:
                 if not self.last:
-                    self._send(_END, flag=flag)
-                self._flush_sends()
+                    self.link.send(self.next_rank, END, flag=flag)
+                self._end_phase()
                 return flag
-            if kind != _TRAIN:
-                raise RuntimeError(f"rank {self.rank} expected a training batch, got message kind {kind}")
+            if kind != TRAIN:
+                raise PipelineError(f"rank {self.rank} expected a training batch, got message kind {kind}")
             records.append(self._stage_step(x, y))
+
+    def _dtype(self) -> torch.dtype | None:
+        return next((p.dtype for p in self.net.blocks[self.stage].parameters() if p.is_floating_point()), None)
 
     @torch.no_grad()
     def evaluate(self, loader=None) -> dict:
@@ -380,7 +309,7 @@ class PipelineTrainer(Trainer):
             with self._autocast():
                 out = block(x)
             if not self.last:
-                self._send(_EVAL, out, y)
+                self.link.send(self.next_rank, EVAL, out, y)
                 logits = self.net.heads[self.stage](out)
                 logits = logits.unsqueeze(0) if logits.dim() == 2 else logits
                 offset = self.stage * workers
@@ -393,34 +322,27 @@ class PipelineTrainer(Trainer):
 
         if self.first:
             if loader is None:
-                raise ValueError(f"rank {self.rank} runs block 0: pass the evaluation loader to evaluate()")
+                raise ConfigError(f"rank {self.rank} runs block 0: pass the evaluation loader to evaluate()")
             for i, (x, y) in enumerate(loader):
                 if i % self.replicas == self.replica:
                     run(x.to(self.device), y.to(self.device))
             if not self.last:
-                self._send(_END)
+                self.link.send(self.next_rank, END)
         else:
             while True:
-                kind, _, x, y = self._recv()
-                if kind == _END:
+                kind, _, x, y = self.link.recv(self.prev_rank, dtype=self._dtype())
+                if kind == END:
                     if not self.last:
-                        self._send(_END)
+                        self.link.send(self.next_rank, END)
                     break
                 run(x, y)
-        self._flush_sends()
+        self.link.flush()
         self.net.train(was_training)
-        totals = totals.to(self._comm_device)  # NCCL reduces CUDA tensors only
+        totals = totals.to(self.link.comm_device)  # NCCL reduces CUDA tensors only
         dist.all_reduce(totals)
         totals = totals.cpu()
-        samples = max(totals[-1].item(), 1.0)
-        worker_acc = (totals[: heads * workers].view(heads, workers) / samples).tolist()
-        accuracy = totals[-3].item() / samples
-        return {
-            "accuracy": accuracy,
-            "loss": totals[-2].item() / samples,
-            "block_accuracy": [max(w) for w in worker_acc] + [accuracy],
-            "worker_accuracy": worker_acc,
-        }
+        correct_workers = totals[: heads * workers].view(heads, workers)
+        return metrics_from_counts(correct_workers, totals[-3].item(), totals[-2].item(), totals[-1].item())
 
     def stage_timings(self) -> list[StageTiming]:
         """Every rank's busy / waiting-to-receive / waiting-to-send seconds (a collective: all ranks call it)."""
@@ -429,7 +351,7 @@ class PipelineTrainer(Trainer):
         return [StageTiming(t) for t in gathered]
 
     def _report_failure(self, exc: BaseException) -> None:
-        if isinstance(exc, _PeerError):
+        if isinstance(exc, PeerError):
             print(f"lfnnify: rank {self.rank} (block {self.stage}) stopping: {exc}", file=sys.stderr, flush=True)
         elif not isinstance(exc, KeyboardInterrupt):
             print(f"lfnnify: rank {self.rank} (block {self.stage}) failed: {type(exc).__name__}: {exc}",
@@ -438,50 +360,17 @@ class PipelineTrainer(Trainer):
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict:
-        with self._own_stage_only():
-            state = super().state_dict()
+        state = super().state_dict()
         state["stage"] = self.stage
+        state["early_grad"] = self._early_grad
         return state
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("stage", self.stage) != self.stage:
-            raise ValueError(f"this trainer state belongs to block {state['stage']}, not block {self.stage}")
-        with self._own_stage_only():
-            super().load_state_dict(state)
-
-    @contextlib.contextmanager
-    def _own_stage_only(self):
-        """Expose only this rank's optimizer/scheduler/scaler to the one-device trainer's state code."""
-        saved = self.optimizers, self.schedulers, self.scalers
-        self.optimizers, self.schedulers, self.scalers = ([lst[self.stage]] for lst in saved)
-        try:
-            yield
-        finally:
-            self.optimizers, self.schedulers, self.scalers = saved
-
-
-class _PeerError(RuntimeError):
-    """A neighbour stopped answering: secondary to a failure elsewhere."""
-
-
-def _init_distributed(timeout: datetime.timedelta) -> None:
-    if dist.is_initialized():
-        return
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        raise RuntimeError(
-            "PipelineTrainer runs one process per block, started by torchrun: "
-            "torchrun --nproc-per-node K your_script.py (RANK and WORLD_SIZE are not set here)"
-        )
-    backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend=backend, timeout=timeout)
-
-
-def _stage_device() -> torch.device:
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
+            raise ConfigError(f"this trainer state belongs to block {state['stage']}, not block {self.stage}")
+        super().load_state_dict(state)
+        early = state.get("early_grad")
+        self._early_grad = early.to(self.device) if early is not None else None
 
 
 def _keep_only_stage(net: LFNNModel, stage: int, device: torch.device) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from .errors import ConfigError
+
 
 def _pyplot():
     import matplotlib
@@ -24,14 +26,14 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
-def plot_leadership(leadership: Sequence[Sequence[Sequence[int]]], path: str | Path, *, steps_per_epoch=None) -> Path:
+def plot_leadership(leadership: Sequence[Sequence[Sequence[int]]], path: str | Path) -> Path:
     """Workers as dots, one row per block, one panel per epoch; colour and size show how often each led.
 
     ``leadership[e][k][w]`` is how many batches worker w of block k led in epoch e
     (``Trainer.leadership``).
     """
     if not leadership:
-        raise ValueError("no leadership statistics yet: train at least one full epoch first")
+        raise ConfigError("no leadership statistics yet: train at least one full epoch first")
     plt = _pyplot()
     epochs = len(leadership)
     blocks = len(leadership[0])

@@ -9,11 +9,9 @@ from pathlib import Path
 
 import yaml
 
+from .errors import DataNotFoundError, RecipeError
+
 __all__ = ["Recipe", "RecipeError", "load_recipe", "apply_overrides", "recipe_to_dict"]
-
-
-class RecipeError(ValueError):
-    """A recipe is invalid; the message names the key path, the value and the rule."""
 
 
 @dataclass
@@ -31,8 +29,10 @@ class ConvertSection:
     cuts: list[str] | None = None
     workers: int = 1
     leaders: float = 1.0
-    mode: str = "local"
+    mode: str = "local"  # local (LFNN-ℓ) | lfnn (Eq. 1, one device) | replay (delayed end-to-end gradients)
+    head: str = "linear"  # linear (the paper's) | lookahead (a copy of the next block's first stage)
     follower_weight: float = 1.0
+    local_weight: float = 0.0  # replay only: weight of each block's head loss
     balance: str = "flops"
 
 
@@ -77,6 +77,8 @@ class TrainSection:
     threads: int | None = None
     checkpoint_every: int = 500
     eval_every: int | None = None  # iterations between evaluations (default: every epoch)
+    switch_mode_at: int | None = None  # from this iteration on, train in mode switch_to
+    switch_to: str | None = None  # local | replay
 
 
 @dataclass
@@ -99,8 +101,10 @@ class Recipe:
 
 _CHOICES = {
     "method": ("lfnn", "bp"),
-    "convert.mode": ("local", "lfnn"),
-    "convert.balance": ("flops", "time", "params"),
+    "convert.mode": ("local", "lfnn", "replay"),
+    "convert.head": ("linear", "lookahead"),
+    "convert.balance": ("flops", "time", "params", "memory"),
+    "train.switch_to": (None, "local", "replay"),
     "data.dataset": ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic"),
     "train.optimizer.name": ("sgd", "adamw"),
     "train.schedule.name": ("cosine", "constant"),
@@ -185,6 +189,9 @@ def _check(recipe: Recipe) -> None:
         ("convert.workers", c.workers >= 1, "must be >= 1"),
         ("convert.leaders", 0 < c.leaders <= 1, "must be in (0, 1]"),
         ("convert.follower_weight", c.follower_weight >= 0, "must be >= 0"),
+        ("convert.local_weight", c.local_weight >= 0, "must be >= 0"),
+        ("convert.local_weight", c.local_weight == 0 or c.mode == "replay", "applies to convert.mode: replay only"),
+        ("convert.workers", c.head != "lookahead" or c.workers == 1, "must be 1 with convert.head: lookahead"),
         ("data.batch_size", d.batch_size >= 1, "must be >= 1"),
         ("data.eval_batch_size", d.eval_batch_size >= 1, "must be >= 1"),
         ("data.input_size", d.input_size is None or d.input_size >= 8, "must be >= 8"),
@@ -197,6 +204,12 @@ def _check(recipe: Recipe) -> None:
         ("train.eval_every", t.eval_every is None or t.eval_every >= 1, "must be >= 1"),
         ("train.threads", t.threads is None or t.threads >= 1, "must be >= 1"),
         ("pipeline.max_in_flight", recipe.pipeline.max_in_flight >= 1, "must be >= 1"),
+        ("pipeline.timeout_s", recipe.pipeline.timeout_s > 0, "must be > 0 (seconds a rank waits for a neighbour)"),
+        ("train.switch_mode_at", t.switch_mode_at is None or t.switch_mode_at >= 0, "must be >= 0"),
+        ("train.switch_to", (t.switch_to is None) == (t.switch_mode_at is None),
+         "and train.switch_mode_at go together: give both or neither"),
+        ("train.switch_to", t.switch_to in (None, *({"local", "replay"} - {c.mode})),
+         f"must be the other mode than convert.mode ({c.mode!r}); local and replay switch either way"),
     ]
     for path, ok, rule in rules:
         if not ok:
@@ -232,8 +245,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         node[parts[-1]] = value
         if path.startswith("train.") and parts[-1] in ("iterations", "epochs") and value is not None:
             other = "epochs" if parts[-1] == "iterations" else "iterations"
-            node.pop(other, None)  # setting one length replaces the other
-            node[other] = None
+            node[other] = None  # setting one length replaces the other
     return data
 
 
@@ -242,7 +254,7 @@ def load_recipe(path: str | Path | None = None, *, overrides: list[str] = (), da
     if data is None:
         path = Path(path)
         if not path.exists():
-            raise FileNotFoundError(f"no recipe at {path}; the recipes/ folder lists the built-in ones")
+            raise DataNotFoundError(f"no recipe at {path}; the recipes/ folder lists the built-in ones")
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:

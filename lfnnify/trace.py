@@ -42,20 +42,15 @@ class _Tracer(NodePathTracer):
             leaf_modules=list(dict.fromkeys(leaf_modules)),
             autowrap_functions=tuple(dict.fromkeys(autowrap_functions)),
         )
-        self.module_stack_paths: list[str] = []
         self.failed_at: str | None = None
 
     def call_module(self, m, forward, args, kwargs):
-        path = self.path_of_module(m)
-        self.module_stack_paths.append(path)
         try:
-            out = super().call_module(m, forward, args, kwargs)
+            return super().call_module(m, forward, args, kwargs)
         except Exception:
-            if self.failed_at is None:
-                self.failed_at = path
+            if self.failed_at is None:  # the innermost module: call_module unwinds outwards
+                self.failed_at = self.path_of_module(m)
             raise
-        self.module_stack_paths.pop()
-        return out
 
 
 @dataclass

@@ -22,6 +22,11 @@ def _cosine(opt):
     return torch.optim.lr_scheduler.CosineAnnealingLR(opt, 20)
 
 
+def _current(ckpt):
+    """The folder of a checkpoint's current version (what its CURRENT pointer names)."""
+    return ckpt / (ckpt / "CURRENT").read_text().split()[0]
+
+
 def _states_equal(a, b):
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -113,13 +118,15 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypat
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("lfnnify.checkpoint.save_file", broken)
+    monkeypatch.setattr("lfnnify._store.save_file", broken)
     with pytest.raises(OSError, match="disk full"):
         lfnnify.save(net, tmp_path / "ckpt")
     monkeypatch.undo()
     back = lfnnify.load(tmp_path / "ckpt", model=_SmallNet())
     assert not _states_equal(back, net)  # the old weights, still readable
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["lfnnify.json", "model.safetensors"]
+    # the pointer and the one complete version; the failed attempt left nothing behind
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["CURRENT", "v000001"]
+    assert sorted(p.name for p in (tmp_path / "ckpt" / "v000001").iterdir()) == ["lfnnify.json", "model.safetensors"]
 
 
 def test_not_a_checkpoint_and_truncated_files_give_clear_errors(tmp_path):
@@ -130,9 +137,9 @@ def test_not_a_checkpoint_and_truncated_files_give_clear_errors(tmp_path):
         lfnnify.load(tmp_path / "empty")
     net = lfnnify.convert(_SmallNet(), cuts=["stem"], example_input=X28)
     lfnnify.save(net, tmp_path / "ckpt")
-    weights = tmp_path / "ckpt" / "model.safetensors"
+    weights = _current(tmp_path / "ckpt") / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(lfnnify.CheckpointError, match="damaged or truncated"):
+    with pytest.raises(lfnnify.CheckpointError, match="model.safetensors is damaged"):
         lfnnify.load(tmp_path / "ckpt", model=_SmallNet())
     with pytest.raises(lfnnify.CheckpointError, match="cannot rebuild by name.*model="):
         lfnnify.save(net, tmp_path / "ok")

@@ -18,6 +18,11 @@ FMNIST = ROOT / "recipes" / "fashion_mnist_resnet18_k4.yaml"
 SHORT = ["--set", "data.train_subset=256", "--set", "data.eval_subset=256", "--set", "train.threads=1", "--no-progress"]
 
 
+def _current(ckpt):
+    """The folder of a checkpoint's current version (what its CURRENT pointer names)."""
+    return ckpt / (ckpt / "CURRENT").read_text().split()[0]
+
+
 def _cli(*args, timeout=300, **kwargs):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "lfnnify", *map(str, args)], capture_output=True, text=True,
@@ -74,8 +79,9 @@ def test_train_writes_the_run_folder(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert lines[-1].startswith("done: test accuracy") and str(out) in lines[-1]
-    for name in ("recipe.yaml", "log.jsonl", "results.md", "curves.png", "leadership.png", "ckpt/lfnnify.json"):
+    for name in ("recipe.yaml", "log.jsonl", "results.md", "curves.png", "leadership.png", "ckpt/CURRENT"):
         assert (out / name).exists(), name
+    assert (_current(out / "ckpt") / "lfnnify.json").exists()
     assert load_recipe(out / "recipe.yaml").train.iterations == 4
     evals = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"eval"' in line]
     assert evals and len(evals[-1]["block_accuracy"]) == 4
@@ -84,7 +90,7 @@ def test_train_writes_the_run_folder(tmp_path):
 def test_method_bp_trains_the_plain_model(tmp_path):
     proc = _cli("train", FMNIST, "--out", tmp_path / "bp", "--set", "method=bp", "--set", "train.iterations=2", *SHORT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    meta = json.loads((tmp_path / "bp" / "ckpt" / "lfnnify.json").read_text())
+    meta = json.loads((_current(tmp_path / "bp" / "ckpt") / "lfnnify.json").read_text())
     assert meta["cuts"] == [] and meta["config"]["blocks"] == 1
 
 
@@ -117,13 +123,13 @@ def test_sigterm_saves_and_resume_continues(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "lfnnify", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     deadline = time.monotonic() + 240
-    while not (out / "ckpt" / "lfnnify.json").exists() and time.monotonic() < deadline and proc.poll() is None:
+    while not (out / "ckpt" / "CURRENT").exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     assert "interrupted at iteration" in stdout and "--resume" in stdout
-    state = json.loads((out / "ckpt" / "trainer.json").read_text())
+    state = json.loads((_current(out / "ckpt") / "trainer.json").read_text())
     stopped_at = next(v for k, v in state["state"]["__dict__"] if k == "step")
     assert 0 < stopped_at < 40
 
@@ -147,9 +153,10 @@ def test_train_under_torchrun_uses_the_pipeline(tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "pipeline over 2 processes" in proc.stdout
-    meta = json.loads((out / "ckpt" / "lfnnify.json").read_text())
+    folder = _current(out / "ckpt")
+    meta = json.loads((folder / "lfnnify.json").read_text())
     assert meta["pipeline"] == {"blocks": 2, "replicas": 1}
-    assert (out / "ckpt" / "block0.safetensors").exists() and (out / "ckpt" / "block1.safetensors").exists()
+    assert (folder / "block0.safetensors").exists() and (folder / "block1.safetensors").exists()
     assert (out / "results.md").exists()
 
 

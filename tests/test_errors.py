@@ -35,7 +35,7 @@ X = batch(32)[:1]
         ({"cuts": ["layer1"], "workers": 6}, ValueError, r"workers=6 does not divide the 64 channels.*divisor"),
         ({"mode": "bp"}, ValueError, r"mode='bp' must be 'local'"),
         ({"balance": "bandwidth"}, ValueError, r"balance='bandwidth' must be one of"),
-        ({"head": "mlp"}, ValueError, r"head='mlp' must be 'linear' or a callable"),
+        ({"head": "mlp"}, ValueError, r"head='mlp' must be one of \('linear', 'lookahead'\) or a callable"),
         ({"follower_weight": -1}, ValueError, r"follower_weight=-1"),
     ],
 )

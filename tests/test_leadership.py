@@ -24,8 +24,22 @@ def test_leaders_are_the_lowest_loss_workers_and_losses_match_the_formula():
     assert out.leaders.tolist() == order[:3].tolist() and out.best == int(order[0])
     probs = logits.softmax(-1)
     followers = order[3:]
-    mse = sum(F.mse_loss(probs[f], probs[order[0]].detach()) for f in followers)
-    assert torch.allclose(out.loss, ce[order[:3]].sum() + 0.5 * mse)
+    mse = torch.stack([F.mse_loss(probs[f], probs[order[0]].detach()) for f in followers])
+    # METHOD.md: the *mean* leader cross-entropy plus λ times the *mean* follower MSE
+    assert torch.allclose(out.loss, ce[order[:3]].mean() + 0.5 * mse.mean())
+
+
+@pytest.mark.parametrize("workers", [1, 4, 16])
+def test_block_loss_does_not_grow_with_the_number_of_workers(workers):
+    # the same logits repeated for every worker: a sum would scale the loss (and the trunk's learning rate) by N
+    torch.manual_seed(2)
+    one = torch.randn(1, 32, 10)
+    y = torch.randint(0, 10, (32,))
+    single = worker_losses(one, y, leaders=1.0).loss
+    repeated = worker_losses(one.expand(workers, -1, -1).clone(), y, leaders=1.0).loss
+    assert torch.allclose(repeated, single)
+    followers = worker_losses(one.expand(workers, -1, -1).clone(), y, leaders=0.5, follower_weight=1.0).loss
+    assert torch.allclose(followers, single)  # identical followers: zero MSE, mean CE unchanged
 
 
 def test_best_leader_gets_no_gradient_from_the_follower_loss():

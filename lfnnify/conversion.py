@@ -1,23 +1,26 @@
-"""lfnnify.convert: turn a model into K gradient-isolated blocks with prediction heads."""
+"""Converting a model into K gradient-isolated blocks with prediction heads: lfnnify.convert."""
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from .checkpoint import describe_model
+from .analysis import analyse
 from .cuts import CutPoint
-from .heads import Pool, build_head
+from .errors import ConfigError
+from .facts import describe_model
+from .headplan import build_site_head, head_site
 from .model import LFNNModel
 from .partition import dual_block, split_graph
-from .plan import analyse, channels_of, head_layout, make_plan, validate_knobs
+from .planning import make_plan, staged_cut_points, validate_knobs
 
-__all__ = ["convert"]
+__all__ = ["convert", "MODES"]
 
-MODES = ("local", "lfnn")
+MODES = ("local", "lfnn", "replay")
 
 
 def convert(
@@ -29,6 +32,7 @@ def convert(
     leaders: float = 1.0,
     mode: str = "local",
     follower_weight: float = 1.0,
+    local_weight: float = 0.0,
     head="linear",
     num_classes: int | None = None,
     balance: str = "flops",
@@ -48,6 +52,8 @@ def convert(
         >>> net = lfnnify.convert(timm.create_model("resnet101"), blocks=4)
         >>> net = lfnnify.convert(model, cuts=["layer1", "layer2", "layer3"])
         >>> net = lfnnify.convert(model, blocks=4, workers=8, leaders=0.7)
+        >>> net = lfnnify.convert(model, blocks=4, mode="replay")      # delayed end-to-end gradients
+        >>> net = lfnnify.convert(model, blocks=4, head="lookahead")   # heads that copy the next stage
         >>> net.local_losses(images, labels).backward()
 
     Args:
@@ -58,11 +64,17 @@ def convert(
         workers: filter-wise workers per hidden block; each takes an equal group of the block's
             output channels and gets its own head. 1 = block-wise workers.
         leaders: share δ of workers that lead, in (0, 1]; 1.0 = every worker leads.
-        mode: ``"local"`` (LFNN-ℓ, Eq. 2: each block's input detached) or ``"lfnn"`` (Eq. 1:
-            global loss through all blocks, follower channels masked, plus local losses).
+        mode: ``"local"`` (LFNN-ℓ, Eq. 2: each block's input detached), ``"lfnn"`` (Eq. 1: global
+            loss through all blocks, follower channels masked, plus local losses; one device only), or
+            ``"replay"`` (delayed end-to-end gradients: block k of K applies the gradient of the batch it
+            saw K-1-k steps earlier, recomputed with its current weights; pipeline-capable; with one
+            block it is backprop).
         follower_weight: λ, the weight of the followers' alignment loss.
-        head: ``"linear"`` (global average pooling + Linear, the paper's) or a callable
-            ``head(channels, num_classes, workers) -> nn.Module``.
+        local_weight: ``mode="replay"`` only: the weight of each block's head loss added to the delayed
+            gradient (0 = pure delayed backprop; the heads still learn, on detached features).
+        head: ``"linear"`` (global average pooling + Linear, the paper's), ``"lookahead"`` (a copy of the
+            next block's first stage, initialised from it, then pooling + Linear; block-wise only), or a
+            callable ``head(channels, num_classes, workers) -> nn.Module``.
         num_classes: classes the heads predict; read from the model's classifier by default.
         balance: cost the partition balances: ``"flops"`` (for pipelines), ``"time"``, ``"params"`` or
             ``"memory"`` (activation bytes: the lowest peak memory for the one-device trainer).
@@ -78,51 +90,45 @@ def convert(
         An :class:`~lfnnify.LFNNModel`.
 
     Raises:
-        ValueError, TypeError: bad knobs, with the rule and the fix.
+        lfnnify.ConfigError: bad knobs, with the rule and the fix.
         lfnnify.CutError: impossible cuts (too many blocks, unknown names).
         lfnnify.TraceError: torch.fx can't trace the model; names the failing module.
     """
+    if isinstance(model, LFNNModel):
+        raise ConfigError(
+            f"the model is already converted ({model.num_blocks} blocks, cuts {model.config['cuts']}); convert the "
+            f"original model again, or get it back with lfnnify.export(net) first"
+        )
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if blocks is None and cuts is None:
         blocks = 4
-    validate_knobs(blocks=blocks, cuts=cuts, workers=workers, leaders=leaders, balance=balance)
+    validate_knobs(blocks=blocks, cuts=cuts, workers=workers, leaders=leaders, balance=balance, head=head)
     if mode not in MODES:
-        raise ValueError(f"mode={mode!r} must be 'local' (LFNN-ℓ, BP-free, Eq. 2) or 'lfnn' (Eq. 1, with BP)")
-    if isinstance(follower_weight, bool) or not isinstance(follower_weight, (int, float)) or follower_weight < 0:
-        raise ValueError(f"follower_weight={follower_weight!r} must be a number >= 0 (λ; the paper uses 1)")
-    if not (head == "linear" or callable(head)):
-        raise ValueError(f"head={head!r} must be 'linear' or a callable head(channels, num_classes, workers)")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise ConfigError(
+            f"mode={mode!r} must be 'local' (LFNN-ℓ, BP-free, Eq. 2), 'lfnn' (Eq. 1, with BP) or 'replay' "
+            f"(delayed end-to-end gradients)"
+        )
+    _check_weight("follower_weight", follower_weight, "λ; the paper uses 1")
+    _check_weight("local_weight", local_weight, "the head loss's weight in replay mode")
+    if local_weight and mode != "replay":
+        raise ConfigError(f"local_weight={local_weight!r} applies to mode='replay' only (got mode={mode!r})")
 
     source = model if share_parameters else copy.deepcopy(model)
     analysis = analyse(source, example_input=example_input, leaf_modules=leaf_modules, concrete_args=concrete_args,
                        fallback=fallback)
-    the_plan = make_plan(
-        source,
-        analysis,
-        blocks=blocks,
-        cuts=cuts,
-        workers=workers,
-        num_classes=num_classes,
-        head=head,
-        balance=balance,
-    )
+    the_plan = make_plan(source, analysis, blocks=blocks, cuts=cuts, workers=workers, num_classes=num_classes,
+                         head=head, balance=balance, mode=mode)
     by_name: dict[str, CutPoint] = {c.name: c for c in analysis.cut_points}
     chosen = [by_name[name] for name in the_plan.cuts]
     block_modules = _build_blocks(analysis, chosen)
 
-    heads = []
-    for cut in chosen:
-        layout, token, prefix = head_layout(source, cut.output_shape)
-        heads.append(
-            build_head(
-                head,
-                channels=channels_of(layout, cut.output_shape),
-                num_classes=the_plan.num_classes,
-                workers=workers,
-                pool=Pool(layout, token=token, prefix_tokens=prefix),
-            )
-        )
+    staged = staged_cut_points(analysis)
+    ends = [c.index for c in chosen[1:]] + [len(analysis.traced.graph_module.graph.nodes) - 1]
+    heads = [
+        build_site_head(head, head_site(source, cut, staged, end), analysis, the_plan.num_classes, workers)
+        for cut, end in zip(chosen, ends)
+    ]
     param = next(source.parameters(), None)
     if param is not None:
         for h in heads:
@@ -135,6 +141,7 @@ def convert(
         "leaders": float(leaders),
         "mode": mode,
         "follower_weight": float(follower_weight),
+        "local_weight": float(local_weight),
         "head": head if isinstance(head, str) else getattr(head, "__name__", "custom"),
         "num_classes": the_plan.num_classes,
         "balance": balance,
@@ -143,6 +150,11 @@ def convert(
     net = LFNNModel(block_modules, heads, plan=the_plan, config=config, source=source)
     net.train(source.training)
     return net
+
+
+def _check_weight(name: str, value, rule: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{name}={value!r} must be a finite number >= 0 ({rule})")
 
 
 def _build_blocks(analysis, chosen: list[CutPoint]) -> list[nn.Module]:

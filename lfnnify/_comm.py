@@ -1,0 +1,141 @@
+"""Pipeline messages over torch.distributed point-to-point: a fixed header, then the tensors; bounded and timed."""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .errors import PipelineError
+
+__all__ = ["Link", "PeerError", "TRAIN", "EVAL", "END", "GRAD", "EPOCH_DONE", "EVALUATE", "init_distributed",
+           "stage_device"]
+
+# message kinds in the header
+TRAIN, EVAL, END, GRAD = 1, 2, 3, 4
+EPOCH_DONE, EVALUATE = 1, 2  # flags of an END message after a training phase
+_HEADER = 16  # int64 slots: kind, flag, ndim, dims[8], dtype code, labels, unused
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.uint8]
+
+
+class PeerError(PipelineError):
+    """A neighbour stopped answering: usually secondary to a failure elsewhere."""
+
+
+class Link:
+    """The messages one rank exchanges with its neighbours: activations down, gradients up.
+
+    Sends are asynchronous; at most ``max_in_flight`` are pending before a send waits for the oldest.
+    Every wait is bounded by ``timeout``. ``timing`` collects the seconds spent waiting.
+    """
+
+    def __init__(self, *, rank: int, prev_rank: int | None, next_rank: int | None, device: torch.device,
+                 timeout: datetime.timedelta, max_in_flight: int, send_dtype: torch.dtype | None, timing: dict,
+                 describe: str):
+        self.rank, self.prev_rank, self.next_rank = rank, prev_rank, next_rank
+        self.device, self.timeout = device, timeout
+        self.max_in_flight, self.send_dtype = max_in_flight, send_dtype
+        self.timing, self.describe = timing, describe
+        self._pending: collections.deque = collections.deque()
+
+    @property
+    def comm_device(self) -> torch.device:
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def send(self, dst: int, kind: int, tensor: Tensor | None = None, labels: Tensor | None = None,
+             flag: int = 0) -> None:
+        header = torch.zeros(_HEADER, dtype=torch.int64)
+        header[0], header[1] = kind, flag
+        payload = []
+        if tensor is not None:
+            if self.send_dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(self.send_dtype)
+            tensor = tensor.detach().contiguous()
+            if tensor.dim() > 8:
+                raise PipelineError(f"cannot send a {tensor.dim()}-d activation (at most 8 dimensions)")
+            header[2] = tensor.dim()
+            header[3 : 3 + tensor.dim()] = torch.tensor(tensor.shape)
+            header[11] = _DTYPES.index(tensor.dtype)
+            header[12] = -1 if labels is None else len(labels)
+            payload = [tensor] + ([labels.to(torch.int64).contiguous()] if labels is not None else [])
+        messages = [header.to(self.comm_device), *(t.to(self.comm_device) for t in payload)]
+        works = [dist.isend(m, dst=dst) for m in messages]
+        self._pending.append((works, messages, dst))
+        while len(self._pending) > self.max_in_flight:
+            self._wait_oldest()
+
+    def recv(self, src: int, *, dtype: torch.dtype | None = None) -> tuple[int, int, Tensor | None, Tensor | None]:
+        """(kind, flag, tensor, labels) of the next message from ``src``; the tensor cast to ``dtype``."""
+        start = time.perf_counter()
+        header = torch.empty(_HEADER, dtype=torch.int64, device=self.comm_device)
+        self._recv_into(header, src)
+        header = header.cpu()
+        kind, flag = int(header[0]), int(header[1])
+        if kind == END:
+            self.timing["recv_wait_s"] += time.perf_counter() - start
+            return kind, flag, None, None
+        shape = header[3 : 3 + int(header[2])].tolist()
+        tensor = torch.empty(shape, dtype=_DTYPES[int(header[11])], device=self.comm_device)
+        self._recv_into(tensor, src)
+        labels = None
+        if int(header[12]) >= 0:
+            labels = torch.empty(int(header[12]), dtype=torch.int64, device=self.comm_device)
+            self._recv_into(labels, src)
+        self.timing["recv_wait_s"] += time.perf_counter() - start
+        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+        return kind, flag, tensor.to(self.device), labels.to(self.device) if labels is not None else None
+
+    def flush(self) -> None:
+        while self._pending:
+            self._wait_oldest()
+
+    def _wait_oldest(self) -> None:
+        works, _, dst = self._pending.popleft()
+        start = time.perf_counter()
+        try:
+            for w in works:
+                w.wait(self.timeout)
+        except Exception as exc:
+            raise PeerError(
+                f"{self.describe}: rank {dst} did not take a message within {self.timeout.total_seconds():.0f} s "
+                f"({type(exc).__name__})"
+            ) from exc
+        self.timing["send_wait_s"] += time.perf_counter() - start
+
+    def _recv_into(self, tensor: Tensor, src: int) -> None:
+        work = dist.irecv(tensor, src=src)
+        try:
+            work.wait(self.timeout)
+        except Exception as exc:
+            raise PeerError(
+                f"{self.describe} got nothing from rank {src} within {self.timeout.total_seconds():.0f} s "
+                f"({type(exc).__name__})"
+            ) from exc
+
+
+def init_distributed(timeout: datetime.timedelta) -> None:
+    """Join the process group torchrun describes (gloo on CPU, NCCL with GPUs), once."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise PipelineError(
+            "PipelineTrainer runs one process per block, started by torchrun: "
+            "torchrun --nproc-per-node K your_script.py (RANK and WORLD_SIZE are not set here)"
+        )
+    backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend=backend, timeout=timeout)
+
+
+def stage_device() -> torch.device:
+    """This rank's device: its GPU under NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")

@@ -1,0 +1,96 @@
+"""Checkpoints of a pipeline run: each rank writes its own block, rank 0 writes the description."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from . import _store as store
+from .checkpoint import describe_checkpoint, fingerprint_input, trainer_files
+from .model import LFNNModel, main_output
+
+__all__ = ["Shard"]
+
+
+@dataclass
+class Shard:
+    """Which part of a converted model this pipeline rank holds, and how it saves that part.
+
+    ``lfnnify.save`` hands a pipeline rank's model to :meth:`save`; ``source_shapes`` are the original
+    model's weight shapes, taken before the rank freed the other blocks (a rebuild by name needs them).
+    """
+
+    stage: int
+    replica: int
+    replicas: int
+    rank: int
+    source_shapes: dict = field(default_factory=dict)
+
+    def own(self, weights: dict) -> dict:
+        """The entries of a full state dict that belong to this rank's block and head."""
+        prefixes = (f"blocks.{self.stage}.", f"heads.{self.stage}.")
+        return {k: v for k, v in weights.items() if k.startswith(prefixes)}
+
+    def save(self, net: LFNNModel, path: Path, *, trainer=None) -> Path:
+        """Called on every rank (a collective): replica 0 of each block writes its block, head and trainer
+        state; rank 0 writes the description and publishes the version. All ranks share the filesystem."""
+        store.check_target(path)
+        meta = describe_checkpoint(net, self.source_shapes)
+        meta["fingerprint"] = self._fingerprint(net, meta["input_shape"])
+        holder = [None]
+        if self.rank == 0:
+            holder = [str(store.new_version(path))]
+        dist.broadcast_object_list(holder, src=0)
+        tmp = Path(holder[0])
+        files: list[str] = []
+        try:
+            if self.replica == 0:
+                k = self.stage
+                store.write_tensors(tmp / f"block{k}.safetensors", self.own(net.state_dict()))
+                files.append(f"block{k}.safetensors")
+                if trainer is not None:
+                    files += trainer_files(trainer, tmp, f"trainer-block{k}.json", f"trainer-block{k}.safetensors")
+            written: list = [None] * dist.get_world_size()
+            dist.all_gather_object(written, files)
+            if self.rank == 0:
+                meta["pipeline"] = {"blocks": net.num_blocks, "replicas": self.replicas}
+                meta["files"] = {name: store.sha256(tmp / name) for names in written for name in names}
+                store.write_json(tmp / store.META, meta)
+                store.publish(tmp)
+        except BaseException:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        dist.barrier()
+        return path
+
+    @torch.no_grad()
+    def _fingerprint(self, net: LFNNModel, input_shape) -> list[float]:
+        """The whole model's outputs on the fixed fingerprint input, run through replica 0 of every stage."""
+        last = net.num_blocks - 1
+        result = [None]
+        if self.replica == 0:
+            block = net.blocks[self.stage]
+            device = next((p.device for p in block.parameters()), torch.device("cpu"))
+            if self.stage == 0:
+                h = fingerprint_input(input_shape)
+            else:
+                received = [None]
+                dist.recv_object_list(received, src=self.rank - self.replicas)
+                h = received[0]
+            was_training = block.training
+            block.eval()
+            try:
+                h = block(h.to(device)).cpu() if self.stage < last else main_output(block(h.to(device))).float().cpu()
+            finally:
+                block.train(was_training)
+            if self.stage < last:
+                dist.send_object_list([h], dst=self.rank + self.replicas)
+            else:
+                result = [h.flatten()[:32].tolist()]
+        dist.broadcast_object_list(result, src=last * self.replicas)
+        return result[0]

@@ -1,0 +1,246 @@
+"""What the one-device trainer and the pipeline trainer share: checks, block updates and stages, epochs, state."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ._jsonl import append_jsonl
+from .errors import ConfigError, NonFiniteLossError
+from .facts import find_classifier
+from .leadership import check_labels
+from .model import LFNNModel
+from .stage import BlockStage, ModeSchedule
+from .update import BlockUpdate, OptimizerFactory, SchedulerFactory
+
+__all__ = ["TrainerBase", "block_parameters", "check_labels", "AMP_DTYPES"]
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+SWITCHABLE = ("local", "replay")
+
+
+def block_parameters(net: LFNNModel) -> list[list[nn.Parameter]]:
+    """Trainable parameters of each block plus its head; a parameter two blocks share goes to the first."""
+    seen: set[int] = set()
+    groups = []
+    for k, block in enumerate(net.blocks):
+        params = list(block.parameters())
+        if k < len(net.heads):
+            params += list(net.heads[k].parameters())
+        group = []
+        for p in params:
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                group.append(p)
+        groups.append(group)
+    return groups
+
+
+class TrainerBase:
+    """Checks, per-block updates and stages for the blocks this process trains, epochs, records and state.
+
+    ``owned`` lists the blocks this process trains: all of them on one device, one in a pipeline rank.
+    """
+
+    def __init__(
+        self,
+        net: LFNNModel,
+        *,
+        owned: list[int],
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None,
+        amp: str | None,
+        grad_clip: float | None,
+        head_warmup_steps: int,
+        reselect: str,
+        switch_mode_at: int | None,
+        switch_to: str | None,
+        log_path: str | Path | None,
+        log_every: int,
+        progress: bool,
+    ):
+        _validate(net, amp=amp, reselect=reselect, grad_clip=grad_clip, head_warmup_steps=head_warmup_steps,
+                  switch_mode_at=switch_mode_at, switch_to=switch_to, log_every=log_every)
+        self.net = net
+        self.amp, self.grad_clip, self.reselect = amp, grad_clip, reselect
+        self.head_warmup_steps = head_warmup_steps
+        self.schedule = ModeSchedule(net.mode, switch_mode_at, switch_to, head_warmup_steps)
+        self.log_path = Path(log_path) if log_path is not None else None
+        self.log_every, self.progress = log_every, progress
+        self.device = next((p.device for p in net.blocks[owned[0]].parameters()), torch.device("cpu"))
+        self.groups = block_parameters(net)
+        classifier = find_classifier(net._source)
+        keep = {id(p) for p in classifier.parameters()} if classifier is not None else set()
+        keep |= {id(p) for head in net.heads for p in head.parameters()}
+        # Eq. 1 sends one global loss through every block: one loss scale for all of them
+        shared = torch.amp.GradScaler(self.device.type) if amp == "fp16" and net.mode == "lfnn" else None
+        self.scaler = shared
+        self.updates: dict[int, BlockUpdate] = {}
+        self.stages: dict[int, BlockStage] = {}
+        for k in owned:
+            scaler = shared or (torch.amp.GradScaler(self.device.type) if amp == "fp16" else None)
+            self.updates[k] = BlockUpdate(
+                self.groups[k], optimizer=optimizer, scheduler=scheduler, scaler=scaler, owns_scaler=shared is None,
+                grad_clip=grad_clip, frozen_in_warmup=[p for p in self.groups[k] if id(p) not in keep], block=k,
+            )
+            self.stages[k] = BlockStage(net, k, self.updates[k], schedule=self.schedule, autocast=self._autocast,
+                                        check_finite=self._check_finite)
+        self.step = 0  # optimizer steps taken (one per batch; every block steps once)
+        self.epoch = 0  # epochs completed
+        self.step_in_epoch = 0
+        self._epoch_counts = torch.zeros(len(net.heads), net.config["workers"], dtype=torch.long)
+        self.leadership: list[list[list[int]]] = []  # per epoch, per hidden block, times each worker led
+        self.history: list[dict] = []
+        self._stop = False
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """The optimizers of the blocks this process trains, in block order."""
+        return [u.optimizer for u in self.updates.values()]
+
+    @property
+    def schedulers(self) -> list:
+        return [u.scheduler for u in self.updates.values()]
+
+    def request_stop(self) -> None:
+        """Ask ``fit`` to return after the current step (signal handlers call this)."""
+        self._stop = True
+
+    # ------------------------------------------------------------------ pieces of a step
+
+    def _autocast(self):
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=AMP_DTYPES[self.amp])
+
+    def _check_finite(self, k: int, loss: Tensor) -> None:
+        if not torch.isfinite(loss.detach()).all():
+            raise NonFiniteLossError(
+                f"block {k}'s loss is {loss.detach().item()} at step {self.step}; training stopped. "
+                f"Lower the learning rate, set grad_clip=, or check the inputs of block {k}."
+            )
+
+    def _count_leaders(self, k: int, leaders: Tensor | None) -> None:
+        if leaders is None:
+            return
+        self._epoch_counts[k].index_add_(0, leaders.cpu(), torch.ones(len(leaders), dtype=torch.long))
+        if self.reselect == "epoch" and self.net.fixed_leaders[k] is None:
+            self.net.fixed_leaders[k] = leaders.detach().clone()
+
+    # ------------------------------------------------------------------ epochs
+
+    def _start_epoch(self, loader, *, replicas: int = 1) -> None:
+        """Position the loader's sampler at this epoch and, after a resume, at the current step."""
+        sampler = getattr(loader, "sampler", None)
+        batch_size = getattr(loader, "batch_size", None) or 1
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.epoch)
+            if self.step_in_epoch and hasattr(sampler, "skip"):
+                sampler.skip(self.step_in_epoch * replicas * batch_size)
+        if self.step_in_epoch == 0 and self.reselect == "epoch":
+            self.net.fixed_leaders = [None] * len(self.net.heads)
+
+    def _end_epoch(self) -> None:
+        self.leadership.append(self._epoch_counts.tolist())
+        self._epoch_counts.zero_()
+        self.epoch += 1
+        self.step_in_epoch = 0
+
+    @staticmethod
+    def _summary(records: list[dict], key: str) -> float:
+        values = [r[key] for r in records if key in r]
+        return sum(values) / len(values) if values else float("nan")
+
+    def _log(self, record: dict) -> None:
+        if self.log_path is not None:
+            append_jsonl(self.log_path, record)
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume: counters, optimizer/scheduler/scaler states, random states (CPU and
+        CUDA), leadership, and in replay mode the batches kept for delayed backward passes."""
+        updates = [u.state_dict() for u in self.updates.values()]
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "optimizers": [u["optimizer"] for u in updates],
+            "schedulers": [u["scheduler"] for u in updates],
+            "scalers": [u["scaler"] for u in updates],
+            "shared_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if _cuda_in_use() else [],
+            "epoch_counts": self._epoch_counts.clone(),
+            "leadership": self.leadership,
+            "fixed_leaders": [t.clone() if t is not None else None for t in self.net.fixed_leaders],
+            "history": self.history,
+            "stages": [s.state_dict() for s in self.stages.values()],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["optimizers"]) != len(self.updates):
+            raise ConfigError(
+                f"the checkpoint has {len(state['optimizers'])} block optimizers but this trainer has "
+                f"{len(self.updates)}; resume with the model the checkpoint was saved from"
+            )
+        self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        scalers = state.get("scalers") or [None] * len(self.updates)
+        for update, opt, sched, scaler in zip(self.updates.values(), state["optimizers"], state["schedulers"], scalers):
+            update.load_state_dict({"optimizer": opt, "scheduler": sched, "scaler": scaler})
+        if self.scaler is not None and state.get("shared_scaler") is not None:
+            self.scaler.load_state_dict(state["shared_scaler"])
+        torch.set_rng_state(state["rng"])
+        cuda_states = state.get("cuda_rng") or []
+        if cuda_states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+        self._epoch_counts = state["epoch_counts"].clone()
+        self.leadership = [list(map(list, epoch)) for epoch in state.get("leadership", [])]
+        fixed = state.get("fixed_leaders") or [None] * len(self.net.heads)
+        self.net.fixed_leaders = [t.clone() if t is not None else None for t in fixed]
+        self.history = list(state.get("history", []))
+        for stage, stage_state in zip(self.stages.values(), state.get("stages", [])):
+            stage.load_state_dict(stage_state)
+
+
+def _cuda_in_use() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
+def _validate(net, *, amp, reselect, grad_clip, head_warmup_steps, switch_mode_at, switch_to, log_every) -> None:
+    if not isinstance(net, LFNNModel):
+        raise ConfigError(f"a trainer needs a model from lfnnify.convert, got {type(net).__name__}")
+    if amp not in (None, *AMP_DTYPES):
+        raise ConfigError(f"amp={amp!r} must be None, 'bf16' or 'fp16'")
+    if reselect not in ("batch", "epoch"):
+        raise ConfigError(f"reselect={reselect!r} must be 'batch' or 'epoch'")
+    if grad_clip is not None and (isinstance(grad_clip, bool) or not isinstance(grad_clip, (int, float))
+                                  or not grad_clip > 0 or not math.isfinite(grad_clip)):
+        raise ConfigError(f"grad_clip={grad_clip!r} must be a positive number or None")
+    if not isinstance(head_warmup_steps, int) or isinstance(head_warmup_steps, bool) or head_warmup_steps < 0:
+        raise ConfigError(f"head_warmup_steps={head_warmup_steps!r} must be an int >= 0")
+    if not isinstance(log_every, int) or isinstance(log_every, bool) or log_every < 1:
+        raise ConfigError(f"log_every={log_every!r} must be an int >= 1")
+    if (switch_mode_at is None) != (switch_to is None):
+        raise ConfigError(
+            f"switch_mode_at={switch_mode_at!r}, switch_to={switch_to!r}: give both (e.g. switch_mode_at=1000, "
+            f"switch_to='replay') or neither"
+        )
+    if switch_mode_at is not None:
+        if not isinstance(switch_mode_at, int) or isinstance(switch_mode_at, bool) or switch_mode_at < 0:
+            raise ConfigError(f"switch_mode_at={switch_mode_at!r} must be a step count >= 0")
+        if switch_to not in SWITCHABLE or net.mode not in SWITCHABLE or switch_to == net.mode:
+            raise ConfigError(
+                f"switch_to={switch_to!r} with a model converted with mode={net.mode!r}: training can switch between "
+                f"'local' and 'replay' (either way round); convert with one and switch to the other"
+            )
+    uses_replay = net.mode == "replay" or switch_to == "replay"
+    if uses_replay and amp == "fp16":
+        raise ConfigError(
+            "amp='fp16' with mode='replay': delayed gradients travel between blocks that scale their losses "
+            "differently, so replay supports amp='bf16' (no loss scaling) or full precision"
+        )

@@ -1,0 +1,117 @@
+"""Analysing a model once: trace it (falling back to module boundaries), profile it, find its cut points."""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from .cuts import CutPoint, GraphProfile, find_cut_points, profile_graph
+from .errors import TraceError
+from .facts import example_input_for
+from .fallback import sequential_children
+from .partition import attr_at, split_graph
+from .trace import Traced, trace
+
+__all__ = ["Analysis", "analyse", "node_params", "measured_piece_times"]
+
+
+@dataclass
+class Analysis:
+    """What one trace and one profiling run of a model tell: its graph, costs and valid cut points."""
+
+    traced: Traced
+    profile: GraphProfile
+    cut_points: list[CutPoint]
+    example_input: torch.Tensor  # one example: FLOPs and shapes are per example
+    example_batch: torch.Tensor  # the whole example batch: balance="time" measures at this size
+
+
+def analyse(
+    model: nn.Module, *, example_input=None, leaf_modules=(), concrete_args=None, fallback=True
+) -> Analysis:
+    """Trace ``model``, profile it once on an example input, and find the valid cut points."""
+    batch = example_input_for(model, example_input)
+    try:
+        traced = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args, fallback=fallback)
+    except TraceError as exc:
+        if not fallback or getattr(exc, "module_path", None):
+            raise
+        # the model's own forward() failed: cut between its children if they run in sequence
+        children = sequential_children(model, batch[:1], exc)
+        warnings.warn(
+            f"torch.fx could not trace {type(model).__name__}.forward() "
+            f"({str(exc.__cause__ or exc).splitlines()[0][:120]}); running its top-level children one after "
+            f"another gives the same outputs, so lfnnify traced those instead (cuts between and inside them). "
+            f"Pass fallback=False to get the error instead.",
+            stacklevel=3,
+        )
+        traced = trace(children, leaf_modules=leaf_modules, fallback=fallback)
+    x = batch[:1]
+    profile = profile_graph(traced.graph_module, x)
+    cut_points = find_cut_points(traced.graph_module, traced.qualnames, profile)
+    if traced.eval_graph_module is not None:  # a cut must exist in both graphs
+        eval_profile = profile_graph(traced.eval_graph_module, x)
+        in_eval = {c.name for c in find_cut_points(traced.eval_graph_module, traced.eval_qualnames, eval_profile)}
+        cut_points = [c for c in cut_points if c.name in in_eval]
+    return Analysis(traced, profile, cut_points, x, batch)
+
+
+def node_params(gm: fx.GraphModule, nodes: Sequence[fx.Node]) -> int:
+    """Parameters used by ``nodes`` (each counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for n in nodes:
+        if n.op == "call_module":
+            tensors = list(gm.get_submodule(n.target).parameters())
+        elif n.op == "get_attr":
+            value = attr_at(gm, n.target)
+            tensors = [value] if isinstance(value, nn.Parameter) else []
+        else:
+            continue
+        for t in tensors:
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel()
+    return total
+
+
+def _time_fwd_bwd(fn, x: torch.Tensor, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats + 1):
+        inp = x.detach().requires_grad_(x.is_floating_point())
+        start = time.perf_counter()
+        out = fn(inp)
+        out = out if isinstance(out, torch.Tensor) else out[0]
+        out.float().sum().backward()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def measured_piece_times(
+    gm: fx.GraphModule, cut_points: list[CutPoint], x: torch.Tensor, heads: list
+) -> tuple[list[float], list[float]]:
+    """Forward+backward seconds of each piece between candidate cuts, and of each head.
+
+    Runs in train mode on a copy (BatchNorm statistics of the model stay untouched), with a
+    batch of two at least, so that train-mode normalisation of 1×1 maps works.
+    """
+    gm = copy.deepcopy(gm).train()
+    if x.shape[0] < 2:
+        x = torch.cat([x, x])
+    pieces = split_graph(gm, [c.node for c in cut_points], class_name="Piece")
+    piece_times, head_times = [], []
+    h = x
+    for j, piece in enumerate(pieces):
+        piece_times.append(_time_fwd_bwd(piece, h))
+        with torch.no_grad():
+            h = piece(h)
+        if j < len(heads):  # a head that cannot take this output makes the cut impossible
+            head_times.append(_time_fwd_bwd(heads[j], h) if heads[j] is not None else float("inf"))
+    return piece_times, head_times
