@@ -61,6 +61,17 @@ def environment(threads: int | None = None) -> dict:
     }
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (VmHWM), in bytes; 0 where /proc is missing."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def hardware_tag() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0).replace(" ", "-").lower()

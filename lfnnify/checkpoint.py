@@ -16,6 +16,7 @@ from ._version import __version__
 from .conversion import convert
 from .errors import CheckpointError, ConfigError, DataNotFoundError
 from .facts import classifier_parameter_names, describe_model, find_classifier, rebuild_model
+from .heads import HEADS
 from .model import LFNNModel, main_output
 
 __all__ = ["save", "load", "export", "load_pretrained", "read_trainer_state", "load_weights_into", "exists",
@@ -165,7 +166,7 @@ def load(
     source = model if model is not None else rebuild_model(meta["model"], shapes)
     config = meta["config"]
     saved_head = config.get("head", "linear")
-    if saved_head not in ("linear", "lookahead") and head is None:
+    if saved_head not in HEADS and head is None:
         raise CheckpointError(
             f"the checkpoint was trained with a custom head ({saved_head!r}); pass the same factory: "
             f"lfnnify.load(path, head=...)"

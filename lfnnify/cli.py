@@ -83,7 +83,8 @@ def make_parser() -> argparse.ArgumentParser:
     group.add_argument("--cuts", nargs="+", help="explicit cut names")
     p.add_argument("--workers", type=int, default=1, help="filter-wise workers per head (default 1)")
     p.add_argument("--balance", default="flops", choices=["flops", "time", "params", "memory"])
-    p.add_argument("--head", default="linear", choices=["linear", "lookahead"], help="head kind (default linear)")
+    p.add_argument("--head", default="linear", choices=["linear", "lookahead", "lookahead-layer"],
+                   help="head kind (default linear)")
     p.add_argument("--mode", default="local", choices=["local", "lfnn", "replay"],
                    help="training mode; replay shows the inputs each block keeps")
     p.add_argument("--num-classes", type=int, help="classes the heads predict (default: the model's)")

@@ -70,11 +70,13 @@ def convert(
             saw K-1-k steps earlier, recomputed with its current weights; pipeline-capable; with one
             block it is backprop).
         follower_weight: λ, the weight of the followers' alignment loss.
-        local_weight: ``mode="replay"`` only: the weight of each block's head loss added to the delayed
-            gradient (0 = pure delayed backprop; the heads still learn, on detached features).
+        local_weight: the weight of each block's head loss added to the delayed gradient whenever the model
+            trains in replay mode (from the start, or after a trainer's ``switch_to="replay"``); 0 = pure
+            delayed backprop (the heads still learn, on detached features).
         head: ``"linear"`` (global average pooling + Linear, the paper's), ``"lookahead"`` (a copy of the
-            next block's first stage, initialised from it, then pooling + Linear; block-wise only), or a
-            callable ``head(channels, num_classes, workers) -> nn.Module``.
+            next block's first stage, initialised from it, then pooling + Linear; block-wise only),
+            ``"lookahead-layer"`` (the same with only the next block's first layer), or a callable
+            ``head(channels, num_classes, workers) -> nn.Module``.
         num_classes: classes the heads predict; read from the model's classifier by default.
         balance: cost the partition balances: ``"flops"`` (for pipelines), ``"time"``, ``"params"`` or
             ``"memory"`` (activation bytes: the lowest peak memory for the one-device trainer).
@@ -111,8 +113,6 @@ def convert(
         )
     _check_weight("follower_weight", follower_weight, "λ; the paper uses 1")
     _check_weight("local_weight", local_weight, "the head loss's weight in replay mode")
-    if local_weight and mode != "replay":
-        raise ConfigError(f"local_weight={local_weight!r} applies to mode='replay' only (got mode={mode!r})")
 
     source = model if share_parameters else copy.deepcopy(model)
     analysis = analyse(source, example_input=example_input, leaf_modules=leaf_modules, concrete_args=concrete_args,
@@ -126,7 +126,7 @@ def convert(
     staged = staged_cut_points(analysis)
     ends = [c.index for c in chosen[1:]] + [len(analysis.traced.graph_module.graph.nodes) - 1]
     heads = [
-        build_site_head(head, head_site(source, cut, staged, end), analysis, the_plan.num_classes, workers)
+        build_site_head(head, head_site(source, cut, staged, end, analysis=analysis, head=head), analysis, the_plan.num_classes, workers)
         for cut, end in zip(chosen, ends)
     ]
     param = next(source.parameters(), None)

@@ -8,12 +8,12 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .analysis import Analysis, node_params
+from .analysis import Analysis
 from .cuts import CutPoint
 from .errors import ConfigError
 from .facts import channels_of, head_layout
 from .heads import Pool, build_head, head_param_count
-from .lookahead import build_lookahead_head, first_stage_end, stage_cost
+from .lookahead import LOOKAHEADS, Stage, build_lookahead_head, next_stage, stage_params_and_flops
 
 __all__ = ["HeadSite", "head_site", "head_cost", "build_site_head"]
 
@@ -27,7 +27,8 @@ class HeadSite:
     token: bool
     prefix_tokens: int
     channels: int
-    stage: HeadSite | None = None  # head="lookahead": the site where the copied first stage ends
+    stage: HeadSite | None = None  # look-ahead heads: the site at the end of the copied stage
+    copied: Stage | None = None  # look-ahead heads: the nodes the head copies
 
     def pool(self) -> Pool:
         return Pool(self.layout, token=self.token, prefix_tokens=self.prefix_tokens)
@@ -36,26 +37,29 @@ class HeadSite:
 # ---------------------------------------------------------------- the plan
 
 
-def head_site(model: nn.Module, cut: CutPoint, staged: list[CutPoint], limit: int) -> HeadSite:
-    """The head after ``cut``: how it pools, its channels, and (for look-ahead heads) where the copied
-    first stage of the next block ends, no further than node ``limit``."""
+def head_site(model: nn.Module, cut: CutPoint, staged: list[CutPoint], limit: int, *, analysis: Analysis | None = None,
+              head="linear") -> HeadSite:
+    """The head after ``cut``: how it pools, its channels, and for look-ahead heads what they copy of the next
+    block (no further than node ``limit``, where that block ends)."""
     layout, token, prefix = head_layout(model, cut.output_shape)
-    end = first_stage_end(cut, staged, limit)
-    stage = head_site(model, end, [], -1) if end is not None else None
-    return HeadSite(cut, layout, token, prefix, channels_of(layout, cut.output_shape), stage)
+    site = HeadSite(cut, layout, token, prefix, channels_of(layout, cut.output_shape))
+    if head in LOOKAHEADS and analysis is not None:
+        traced = analysis.traced
+        copied = next_stage(traced.graph_module, traced.qualnames, analysis.profile, cut, staged, limit, head)
+        if copied is not None:
+            site.copied, site.stage = copied, head_site(model, copied.end, [], -1)
+    return site
 
 
 def head_cost(head, site: HeadSite, analysis: Analysis, num_classes: int, workers: int) -> tuple[int, int, str]:
     """(parameters, forward FLOPs per example, a label) of the head at ``site``."""
-    if head == "lookahead" and site.stage is not None:
-        nodes = list(analysis.traced.graph_module.graph.nodes)
-        end, channels = site.stage.cut, site.stage.channels
-        params = node_params(analysis.traced.graph_module, nodes[site.cut.index + 1 : end.index + 1])
-        params += head_param_count(channels, num_classes, 1)
-        flops = stage_cost(nodes, site.cut, end, analysis.profile) + 2 * channels * num_classes
-        return params, flops, f"lookahead (copies {end.name})"
-    if head in ("linear", "lookahead"):  # a look-ahead head with no stage to copy is the paper's head
-        label = "linear" if head == "linear" else "linear (lookahead: no stage to copy before the next cut)"
+    if head in LOOKAHEADS and site.copied is not None:
+        params, flops = stage_params_and_flops(analysis.traced.graph_module, analysis.profile, site.copied)
+        channels = site.stage.channels
+        return (params + head_param_count(channels, num_classes, 1), flops + 2 * channels * num_classes,
+                f"{head} (copies {site.copied.name})")
+    if head == "linear" or head in LOOKAHEADS:  # a look-ahead head with nothing to copy is the paper's head
+        label = "linear" if head == "linear" else f"linear ({head}: nothing to copy before the next cut)"
         return head_param_count(site.channels, num_classes, workers), 2 * site.channels * num_classes, label
     module = build_site_head(head, site, analysis, num_classes, workers)
     x = torch.zeros(1, *site.cut.output_shape[1:], dtype=analysis.example_input.dtype,
@@ -68,10 +72,10 @@ def head_cost(head, site: HeadSite, analysis: Analysis, num_classes: int, worker
 
 def build_site_head(head, site: HeadSite, analysis: Analysis, num_classes: int, workers: int) -> nn.Module:
     """The head module for ``site``: the paper's, a look-ahead head, or the user's (checked for shape)."""
-    if head == "lookahead" and site.stage is not None:
-        return build_lookahead_head(analysis.traced.graph_module, site.cut, site.stage.cut, num_classes=num_classes,
+    if head in LOOKAHEADS and site.copied is not None:
+        return build_lookahead_head(analysis.traced.graph_module, site.cut, site.copied, num_classes=num_classes,
                                     pool=site.stage.pool(), channels=site.stage.channels)
-    if head in ("linear", "lookahead"):
+    if head == "linear" or head in LOOKAHEADS:
         return build_head("linear", channels=site.channels, num_classes=num_classes, workers=workers, pool=site.pool())
     module = build_head(head, channels=site.channels, num_classes=num_classes, workers=workers, pool=site.pool())
     if not isinstance(module, nn.Module):

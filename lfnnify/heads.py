@@ -13,7 +13,7 @@ from .errors import ConfigError
 __all__ = ["HEADS", "LinearHeads", "Pool", "build_head", "head_param_count"]
 
 HeadFactory = Callable[[int, int, int], nn.Module]
-HEADS = ("linear", "lookahead")  # built-in heads; lookahead heads live in lfnnify.lookahead
+HEADS = ("linear", "lookahead", "lookahead-layer")  # built-in heads; look-ahead heads live in lfnnify.lookahead
 
 
 class Pool(nn.Module):

@@ -8,7 +8,7 @@ from torch import fx, nn
 
 from .cuts import NONE_VALUE, input_dependent_nodes
 
-__all__ = ["balanced_partition", "split_graph", "DualGraphModule", "dual_block", "attr_at"]
+__all__ = ["balanced_partition", "split_graph", "subgraph", "DualGraphModule", "dual_block", "attr_at"]
 
 _MISSING = object()
 
@@ -100,37 +100,48 @@ def split_graph(gm: fx.GraphModule, cut_nodes: Sequence[str], *, class_name: str
 
     graphs = []
     for k, (start, end) in enumerate(ranges):
-        graph = fx.Graph()
-        env: dict[fx.Node, fx.Node] = {}
-        if k > 0:
-            incoming = nodes[start]
-            env[incoming] = graph.placeholder("x")
-            if any(_mutates_input(u, incoming, gm) for u in incoming.users):
-                # an in-place op (ReLU(inplace=True)) would overwrite the previous block's output,
-                # which that block's head saved for backward: work on a copy instead
-                env[incoming] = graph.call_method("clone", (env[incoming],))
-
-        def fetch(n: fx.Node, graph=graph, env=env, k=k) -> fx.Node | None:
-            if n.meta.get(NONE_VALUE):
-                return None  # it returned None when profiled: pass the constant, compute nothing
-            if n not in env:
-                if n in dependent:
-                    raise RuntimeError(f"block {k} needs {n.name}, which crosses a cut: not a valid cut")
-                env[n] = graph.node_copy(n, fetch)  # recompute an input-independent value here
-            return env[n]
-
-        for n in nodes[start + 1 : end + 1]:
-            if n.op == "output":
-                graph.node_copy(n, fetch)
-            elif n in dependent:
-                env[n] = graph.node_copy(n, fetch)
-        if k < len(ranges) - 1:
-            graph.output(env[nodes[end]])
-        graph.lint()
-        block = fx.GraphModule(nn.Module(), fx.Graph(), f"{class_name}{k}")
-        _attach(gm, block, graph)
-        graphs.append(block)
+        members = [n for n in nodes[start + 1 : end + 1] if n.op == "output" or n in dependent]
+        output = None if k == len(ranges) - 1 else nodes[end]
+        graphs.append(subgraph(gm, nodes[start] if k > 0 else None, members, output, f"{class_name}{k}",
+                               dependent=dependent))
     return graphs
+
+
+def subgraph(gm: fx.GraphModule, incoming: fx.Node | None, members: Sequence[fx.Node], output: fx.Node | None,
+             class_name: str, *, dependent: set[fx.Node] | None = None) -> fx.GraphModule:
+    """A GraphModule that runs ``members`` (nodes of ``gm``, in order) on one input that stands for
+    ``incoming`` (or on ``gm``'s own input when None) and returns ``output`` (or what ``gm``'s output node
+    returns, when ``members`` holds it). Input-independent values are recomputed; parameters are shared."""
+    dependent = dependent if dependent is not None else input_dependent_nodes(gm.graph)
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    if incoming is not None:
+        env[incoming] = graph.placeholder("x")
+        if any(_mutates_input(u, incoming, gm) for u in incoming.users):
+            # an in-place op (ReLU(inplace=True)) would overwrite the previous block's output,
+            # which that block's head saved for backward: work on a copy instead
+            env[incoming] = graph.call_method("clone", (env[incoming],))
+
+    def fetch(n: fx.Node) -> fx.Node | None:
+        if n.meta.get(NONE_VALUE):
+            return None  # it returned None when profiled: pass the constant, compute nothing
+        if n not in env:
+            if n in dependent:
+                raise RuntimeError(f"{class_name} needs {n.name}, which crosses a cut: not a valid cut")
+            env[n] = graph.node_copy(n, fetch)  # recompute an input-independent value here
+        return env[n]
+
+    for n in members:
+        if n.op == "output":
+            graph.node_copy(n, fetch)
+        else:
+            env[n] = graph.node_copy(n, fetch)
+    if output is not None:
+        graph.output(env[output])
+    graph.lint()
+    block = fx.GraphModule(nn.Module(), fx.Graph(), class_name)
+    _attach(gm, block, graph)
+    return block
 
 
 def _mutates_input(node: fx.Node, value: fx.Node, gm: fx.GraphModule) -> bool:

@@ -130,9 +130,9 @@ def validate_knobs(*, blocks, cuts, workers, leaders, balance, head="linear") ->
         raise ConfigError(
             f"head={head!r} must be one of {HEADS} or a callable head(channels, num_classes, workers) -> nn.Module"
         )
-    if head == "lookahead" and workers != 1:
+    if head in ("lookahead", "lookahead-layer") and workers != 1:
         raise ConfigError(
-            f"head='lookahead' with workers={workers}: a look-ahead head copies the next block's first stage, "
+            f"head={head!r} with workers={workers}: a look-ahead head copies the next block's first stage, "
             f"which mixes all channels, so it is block-wise only. Use workers=1, or head='linear' for filter-wise workers."
         )
 
@@ -198,7 +198,7 @@ def make_plan(
             )
         chosen, candidates = None, staged
     end_of_graph = len(nodes) - 1
-    sites = [head_site(model, c, staged, end_of_graph) for c in candidates]
+    sites = [head_site(model, c, staged, end_of_graph, analysis=analysis, head=head) for c in candidates]
 
     bounds = [-1] + [c.index for c in candidates] + [end_of_graph]
     pieces = [nodes[a + 1 : b + 1] for a, b in zip(bounds, bounds[1:])]
@@ -233,7 +233,7 @@ def make_plan(
             layout, h_params, h_flops, h_name = "", 0, 0, ""
         else:
             j = position[b]
-            site = head_site(model, candidates[j], staged, edges[k + 2])  # its stage ends inside the next block
+            site = head_site(model, candidates[j], staged, edges[k + 2], analysis=analysis, head=head)
             out_shape, layout = candidates[j].output_shape, site.layout
             _check_workers(workers, site.channels, candidates[j].name)
             h_params, h_flops, h_name = head_cost(head, site, analysis, result.num_classes, workers)
@@ -360,7 +360,7 @@ def plan(
         cuts: explicit cut names (see the listing of ``plan(model)``).
         workers: filter-wise workers per head (1 = block-wise).
         num_classes: classes the heads predict; read from the model's classifier by default.
-        head: ``"linear"``, ``"lookahead"`` or a callable ``head(channels, num_classes, workers)``; its
+        head: ``"linear"``, ``"lookahead"``, ``"lookahead-layer"`` or a callable ``head(channels, num_classes, workers)``; its
             parameters and FLOPs are reported per block.
         mode: the training mode (``"local"``, ``"lfnn"``, ``"replay"``); for ``"replay"`` the plan says how
             many earlier inputs each block keeps and what they cost.

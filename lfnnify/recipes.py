@@ -102,7 +102,7 @@ class Recipe:
 _CHOICES = {
     "method": ("lfnn", "bp"),
     "convert.mode": ("local", "lfnn", "replay"),
-    "convert.head": ("linear", "lookahead"),
+    "convert.head": ("linear", "lookahead", "lookahead-layer"),
     "convert.balance": ("flops", "time", "params", "memory"),
     "train.switch_to": (None, "local", "replay"),
     "data.dataset": ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic"),
@@ -190,8 +190,7 @@ def _check(recipe: Recipe) -> None:
         ("convert.leaders", 0 < c.leaders <= 1, "must be in (0, 1]"),
         ("convert.follower_weight", c.follower_weight >= 0, "must be >= 0"),
         ("convert.local_weight", c.local_weight >= 0, "must be >= 0"),
-        ("convert.local_weight", c.local_weight == 0 or c.mode == "replay", "applies to convert.mode: replay only"),
-        ("convert.workers", c.head != "lookahead" or c.workers == 1, "must be 1 with convert.head: lookahead"),
+        ("convert.workers", not c.head.startswith("lookahead") or c.workers == 1, "must be 1 with look-ahead heads"),
         ("data.batch_size", d.batch_size >= 1, "must be >= 1"),
         ("data.eval_batch_size", d.eval_batch_size >= 1, "must be >= 1"),
         ("data.input_size", d.input_size is None or d.input_size >= 8, "must be >= 8"),

@@ -17,12 +17,13 @@ from lfnnify.data import SyntheticImages, make_loader  # noqa: E402
 SIZE, BATCH, DATA = 16, 16, 72  # 72 images: the last batch of each epoch has 8, not 16
 
 
-def build(blocks):
+def build(blocks, mode="local", local_weight=0.0):
     import timm
 
     torch.manual_seed(0)
     model = timm.create_model("resnet18", in_chans=1, num_classes=10)
-    return lfnnify.convert(model, blocks=blocks, workers=2, leaders=0.5, example_input=torch.zeros(1, 1, SIZE, SIZE))
+    return lfnnify.convert(model, blocks=blocks, workers=2, leaders=0.5, mode=mode, local_weight=local_weight,
+                           example_input=torch.zeros(1, 1, SIZE, SIZE))
 
 
 def optimizer(params):
@@ -46,12 +47,16 @@ def main():
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--resume", type=Path)
     parser.add_argument("--send-bf16", action="store_true")
+    parser.add_argument("--mode", default="local", choices=["local", "replay"])
+    parser.add_argument("--local-weight", type=float, default=0.0)
+    parser.add_argument("--switch-at", type=int, default=None)
+    parser.add_argument("--switch-to", default=None)
     args = parser.parse_args()
 
-    net = lfnnify.load(args.resume) if args.resume else build(args.blocks)
+    net = lfnnify.load(args.resume) if args.resume else build(args.blocks, args.mode, args.local_weight)
     trainer = lfnnify.PipelineTrainer(net, optimizer=optimizer, scheduler=scheduler, threads=1, timeout_s=20,
-                                      progress=False, max_in_flight=2,
-                                      send_dtype=torch.bfloat16 if args.send_bf16 else None)
+                                      progress=False, max_in_flight=2, switch_mode_at=args.switch_at,
+                                      switch_to=args.switch_to, send_dtype=torch.bfloat16 if args.send_bf16 else None)
     if args.resume:
         trainer.load_state_dict(lfnnify.read_trainer_state(args.resume, block=trainer.stage))
     if args.scenario == "fail" and trainer.rank == 1:

@@ -26,9 +26,10 @@ def _grads_by_owner(net):
     return owners
 
 
+@pytest.mark.parametrize("head", ["linear", "lookahead", "lookahead-layer"])
 @pytest.mark.parametrize("name,build,size", MODELS, ids=[m[0] for m in MODELS])
-def test_each_block_loss_stays_in_its_block(name, build, size):
-    net = lfnnify.convert(build(), blocks=4, example_input=batch(size)[:1])
+def test_each_block_loss_stays_in_its_block(name, build, size, head):
+    net = lfnnify.convert(build(), blocks=4, head=head, example_input=batch(size)[:1])
     x, y = batch(size, n=4), torch.tensor([0, 1, 2, 3])
     owners = _grads_by_owner(net)
     for k in range(4):

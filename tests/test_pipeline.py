@@ -35,11 +35,12 @@ def _torchrun(nproc, *args, timeout=240):
     return proc, time.monotonic() - start
 
 
-def _reference(blocks, steps, nets_equal_to=None):
+def _reference(blocks, steps, mode="local", local_weight=0.0, switch_at=None, switch_to=None):
     """The same training on one device with the one-device trainer."""
     torch.set_num_threads(1)
-    net = worker.build(blocks)
-    trainer = lfnnify.Trainer(net, optimizer=worker.optimizer, scheduler=worker.scheduler, progress=False)
+    net = worker.build(blocks, mode, local_weight)
+    trainer = lfnnify.Trainer(net, optimizer=worker.optimizer, scheduler=worker.scheduler, progress=False,
+                              switch_mode_at=switch_at, switch_to=switch_to)
     train, test = worker.loaders()
     trainer.fit(train, epochs=10, max_steps=steps, val_loader=test)
     return net, trainer
@@ -52,13 +53,32 @@ def _assert_close(a, b):
         assert torch.allclose(sa[key].float(), sb[key].float(), rtol=1e-4, atol=1e-5), key
 
 
-@pytest.mark.parametrize("blocks", [2, 3])
-def test_pipeline_equals_one_device_trainer(tmp_path, blocks):
+# (blocks, mode, local_weight, switch_at, switch_to): the paper's mode, delayed gradients with and without the
+# local loss, and a switch either way mid-run (at step 3, inside the first epoch)
+RUNS = [
+    (2, "local", 0.0, None, None),
+    (3, "local", 0.0, None, None),
+    (2, "replay", 0.0, None, None),
+    (3, "replay", 0.5, None, None),
+    (3, "local", 0.0, 3, "replay"),
+    (3, "replay", 0.5, 3, "local"),
+]
+
+
+def _run_id(run):
+    blocks, mode, weight, at, to = run
+    return f"{blocks}-{mode}" + (f"-w{weight}" if weight else "") + (f"-to-{to}-at-{at}" if at is not None else "")
+
+
+@pytest.mark.parametrize("run", RUNS, ids=[_run_id(r) for r in RUNS])
+def test_pipeline_equals_one_device_trainer(tmp_path, run):
+    blocks, mode, weight, at, to = run
     steps = 7  # 5 batches per epoch (the last one smaller), so this crosses an epoch boundary
-    proc, _ = _torchrun(blocks, "--scenario", "train", "--blocks", blocks, "--steps", steps, "--out", tmp_path)
+    extra = ["--mode", mode, "--local-weight", weight] + (["--switch-at", at, "--switch-to", to] if at is not None else [])
+    proc, _ = _torchrun(blocks, "--scenario", "train", "--blocks", blocks, "--steps", steps, "--out", tmp_path, *extra)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     piped = lfnnify.load(tmp_path / "ckpt")
-    reference, trainer = _reference(blocks, steps)
+    reference, trainer = _reference(blocks, steps, mode, weight, at, to)
     _assert_close(piped, reference)
     report = json.loads((tmp_path / "report.json").read_text())
     assert len(report["timings"]) == blocks and all(t["steps"] == steps for t in report["timings"])
@@ -68,13 +88,15 @@ def test_pipeline_equals_one_device_trainer(tmp_path, blocks):
     assert report["metrics"]["val_block_accuracy"] == pytest.approx(expected["block_accuracy"], abs=1e-6)
 
 
-def test_resume_from_a_pipeline_checkpoint(tmp_path):
-    first, _ = _torchrun(2, "--scenario", "train", "--blocks", 2, "--steps", 3, "--out", tmp_path / "a")
+@pytest.mark.parametrize("mode", ["local", "replay"])
+def test_resume_from_a_pipeline_checkpoint(tmp_path, mode):
+    # replay: the checkpoint holds the kept batches and the gradient in flight, so the resume is exact
+    first, _ = _torchrun(3, "--scenario", "train", "--blocks", 3, "--steps", 3, "--out", tmp_path / "a", "--mode", mode)
     assert first.returncode == 0, first.stderr[-3000:]
-    second, _ = _torchrun(2, "--scenario", "train", "--blocks", 2, "--steps", 7, "--out", tmp_path / "b",
-                          "--resume", tmp_path / "a" / "ckpt")
+    second, _ = _torchrun(3, "--scenario", "train", "--blocks", 3, "--steps", 7, "--out", tmp_path / "b",
+                          "--resume", tmp_path / "a" / "ckpt", "--mode", mode)
     assert second.returncode == 0, second.stderr[-3000:]
-    reference, _ = _reference(2, 7)
+    reference, _ = _reference(3, 7, mode)
     _assert_close(lfnnify.load(tmp_path / "b" / "ckpt"), reference)
 
 
