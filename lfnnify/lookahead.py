@@ -87,8 +87,10 @@ def stage_params_and_flops(gm: fx.GraphModule, profile: GraphProfile, stage: Sta
     """Parameters and forward FLOPs per example of a stage (parameters counted once)."""
     from .analysis import node_params
 
-    members = [n for n in gm.graph.nodes if n.name in set(stage.members)]
-    return node_params(gm, members), sum(profile.flops.get(n.name, 0) for n in members)
+    names = set(stage.members)
+    members = [n for n in gm.graph.nodes if n.name in names]
+    attrs = {a for n in members for a in n.all_input_nodes if a.op == "get_attr"}  # weights read functionally
+    return node_params(gm, [*members, *attrs]), sum(profile.flops.get(n.name, 0) for n in members)
 
 
 class LookaheadHead(nn.Module):
