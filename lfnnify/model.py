@@ -41,7 +41,7 @@ class LocalLosses:
     _lfnn_chain: list | None = field(default=None, repr=False)
     _mode: str = field(default="local", repr=False)
 
-    def backward(self, *, gradient_scale: float = 1.0) -> None:
+    def backward(self, *, gradient_scale: float | Tensor = 1.0) -> None:
         """Back-propagate the step's losses the way the model's mode prescribes.
 
         In ``mode="local"`` this is ``loss.backward()``. In ``mode="lfnn"`` (Eq. 1) each local

@@ -121,7 +121,9 @@ class Trainer(TrainerBase):
             self._check_finite(k, loss)
         for update in self.updates.values():
             update.zero_grad()
-        out.backward(gradient_scale=self.scaler.get_scale() if self.scaler is not None else 1.0)
+        # fp16: one loss scale for the whole graph (scale() also starts the scaler's bookkeeping)
+        scale = self.scaler.scale(torch.ones((), device=self.device)) if self.scaler is not None else 1.0
+        out.backward(gradient_scale=scale)
         for k, leaders in enumerate(out.leaders[: len(self.net.heads)]):
             self._count_leaders(k, leaders)
         for update in self.updates.values():

@@ -17,10 +17,16 @@ from lfnnify.data import SyntheticImages, make_loader  # noqa: E402
 SIZE, BATCH, DATA = 16, 16, 72  # 72 images: the last batch of each epoch has 8, not 16
 
 
-def build(blocks, mode="local", local_weight=0.0):
+def build(blocks, mode="local", local_weight=0.0, plain=False):
     import timm
 
     torch.manual_seed(0)
+    if plain:  # no BatchNorm and one worker: replicas averaging gradients equal one process on the doubled batch
+        model = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 3, stride=2, padding=1),
+            torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(), torch.nn.Linear(16, 10))
+        return lfnnify.convert(model, blocks=blocks, mode=mode, num_classes=10, example_input=torch.zeros(1, 1, SIZE, SIZE))
     model = timm.create_model("resnet18", in_chans=1, num_classes=10)
     return lfnnify.convert(model, blocks=blocks, workers=2, leaders=0.5, mode=mode, local_weight=local_weight,
                            example_input=torch.zeros(1, 1, SIZE, SIZE))
@@ -41,7 +47,7 @@ def loaders():
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--scenario", required=True, choices=["train", "fail"])
+    parser.add_argument("--scenario", required=True, choices=["train", "fail", "torchvision"])
     parser.add_argument("--blocks", type=int, required=True)
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--out", type=Path, required=True)
@@ -51,9 +57,12 @@ def main():
     parser.add_argument("--local-weight", type=float, default=0.0)
     parser.add_argument("--switch-at", type=int, default=None)
     parser.add_argument("--switch-to", default=None)
+    parser.add_argument("--plain", action="store_true", help="a small CNN without BatchNorm, one worker per head")
     args = parser.parse_args()
 
-    net = lfnnify.load(args.resume) if args.resume else build(args.blocks, args.mode, args.local_weight)
+    if args.scenario == "torchvision":  # a model lfnnify rebuilds by class and weight shapes
+        return torchvision_run(args)
+    net = lfnnify.load(args.resume) if args.resume else build(args.blocks, args.mode, args.local_weight, args.plain)
     trainer = lfnnify.PipelineTrainer(net, optimizer=optimizer, scheduler=scheduler, threads=1, timeout_s=20,
                                       progress=False, max_in_flight=2, switch_mode_at=args.switch_at,
                                       switch_to=args.switch_to, send_dtype=torch.bfloat16 if args.send_bf16 else None)
@@ -77,6 +86,19 @@ def main():
     if trainer.rank == trainer.world - 1:
         (args.out / "report.json").write_text(json.dumps({"timings": timings, "history": trainer.history,
                                                           "metrics": metrics}))
+    torch.distributed.destroy_process_group()
+
+
+def torchvision_run(args):
+    import torchvision
+
+    torch.manual_seed(0)
+    net = lfnnify.convert(torchvision.models.resnet18(num_classes=10), blocks=args.blocks,
+                          example_input=torch.zeros(1, 3, SIZE, SIZE))
+    trainer = lfnnify.PipelineTrainer(net, optimizer=optimizer, threads=1, timeout_s=20, progress=False)
+    data = SyntheticImages(32, shape=(3, SIZE, SIZE), seed=1)
+    trainer.fit(make_loader(data, batch_size=BATCH, seed=2) if trainer.first else None, max_steps=args.steps)
+    lfnnify.save(net, args.out / "ckpt", trainer=trainer)
     torch.distributed.destroy_process_group()
 
 

@@ -186,9 +186,15 @@ def test_export_command(tmp_path):
     import timm
     import torch
 
+    import lfnnify
+
     model = timm.create_model("resnet18", pretrained=True, in_chans=1, num_classes=10,
                               pretrained_cfg_overlay=dict(file=str(tmp_path / "r18.safetensors"), num_classes=10))
-    assert torch.isfinite(model.eval()(torch.zeros(1, 1, 28, 28))).all()
+    trained = lfnnify.load(out / "ckpt").eval()
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), trained(x))  # timm loads exactly what was trained
+    assert not any((tmp_path).glob(".*tmp*"))  # no temporary file left behind
 
 
 def test_demo_quick():

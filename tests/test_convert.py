@@ -68,6 +68,10 @@ def test_share_parameters_trains_the_model_itself():
     model = timm.create_model("resnet18", num_classes=10)
     net = lfnnify.convert(model, blocks=2, example_input=batch(32)[:1], share_parameters=True)
     assert net.blocks[0].conv1.weight is model.conv1.weight
+    before = model.conv1.weight.detach().clone()
+    trainer = lfnnify.Trainer(net, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1), progress=False)
+    trainer.train_step(batch(32, n=4), torch.tensor([0, 1, 2, 3]))
+    assert not torch.equal(model.conv1.weight, before)  # the user's own model learned
 
 
 def test_state_dict_names_map_one_to_one_to_the_original():
@@ -134,13 +138,19 @@ def test_explicit_cuts_accept_aliases_and_cut_after_the_module():
 
 
 @pytest.mark.parametrize("balance", ["time", "params", "memory"])
-def test_other_balances(balance):
+def test_other_balances(balance, monkeypatch):
     model = timm.create_model("resnet18", num_classes=10)
+    if balance == "time":
+        # a clock that reads a piece's (or head's) parameter count: "time" must then cut exactly where
+        # "params" does, which checks that the measured costs are what the partition balances
+        monkeypatch.setattr("lfnnify.analysis._time_fwd_bwd", lambda fn, x: float(sum(p.numel() for p in fn.parameters())))
     plan = lfnnify.plan(model, blocks=3, balance=balance, example_input=batch(32)[:1])
     assert len(plan.cuts) == 2 and plan.balance == balance
-    if balance == "params":
+    if balance in ("params", "time"):
         costs = [b.params + b.head_params for b in plan.blocks]
         assert [b.cost for b in plan.blocks] == costs
+    if balance == "time":
+        assert plan.cuts == lfnnify.plan(model, blocks=3, balance="params", example_input=batch(32)[:1]).cuts
     if balance == "memory":  # equal activation bytes puts the cuts earlier than equal FLOPs does
         by_flops = lfnnify.plan(model, blocks=3, example_input=batch(32)[:1])
         order = [c.name for c in by_flops.cut_points]
@@ -161,9 +171,15 @@ def test_filter_wise_heads_are_batched_and_cost_what_they_should():
 
 def test_head_pools_globally_whatever_the_input_size():
     model = timm.create_model("resnet18", num_classes=10)
-    net = lfnnify.convert(model, blocks=3, example_input=batch(32)[:1])
+    net = lfnnify.convert(model, blocks=3, example_input=batch(32)[:1]).eval()
+    head = net.heads[0]
     for size in (32, 48, 96):
-        out = net.local_losses(batch(size), torch.tensor([1, 2]))
+        x = batch(size)
+        with torch.no_grad():
+            features = net.blocks[0](x)
+            expected = features.mean(dim=(2, 3)) @ head.weight[0] + head.bias[0]  # mean over every position
+            assert torch.allclose(head(features)[0], expected, atol=1e-5), size
+        out = net.local_losses(x, torch.tensor([1, 2]))
         assert torch.isfinite(out.loss)
 
 

@@ -115,18 +115,53 @@ def test_head_warmup_trains_only_heads_and_classifier():
     assert any(not torch.equal(before[n], t) for n, t in net.state_dict().items() if n.endswith("conv1.weight"))
 
 
-@pytest.mark.parametrize("amp", ["bf16", None])
+def _small(mode="local"):
+    # block 0 is one conv whose 8 output channels belong to 4 workers (2 each): its weight rows show which
+    # workers a step moved. Small weights: fp16 loss scaling never overflows here.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 1),
+                                torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 5))
+    return lfnnify.convert(model, cuts=["1"], mode=mode, workers=4, leaders=0.5, follower_weight=0.0, num_classes=5,
+                           example_input=batch(8)[:1])
+
+
+def _one_step(net, **knobs):
+    before = [p.detach().clone() for p in net.parameters()]
+    trainer = lfnnify.Trainer(net, optimizer=_sgd(knobs.pop("lr", 0.1)), progress=False, **knobs)
+    trainer.train_step(batch(8, n=6), torch.tensor([0, 1, 2, 3, 4, 0]))
+    return trainer, [p.detach() - b for p, b in zip(net.parameters(), before)]
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16", None])
 def test_amp_and_clipping_run(amp):
-    trainer = lfnnify.Trainer(_net(), optimizer=_sgd(0.01), progress=False, amp=amp, grad_clip=1.0)
-    record = trainer.train_step(batch(16, n=4, channels=1), torch.tensor([0, 1, 2, 3]))
-    assert all(torch.isfinite(torch.tensor(v)) for v in record["block_losses"])
+    # clipping: with SGD at lr=1 a block moves by exactly its clipped gradient, so no block moves more than the bound
+    net = _small()
+    trainer, deltas = _one_step(net, amp=amp, grad_clip=0.05, lr=1.0)
+    norms = []
+    for group in trainer.groups:
+        ids = {id(p) for p in group}
+        norms.append(torch.cat([d.flatten() for p, d in zip(net.parameters(), deltas) if id(p) in ids]).norm())
+    assert all(n <= 0.05 * 1.001 for n in norms), norms
+    assert any(n >= 0.05 * 0.99 for n in norms), f"the bound never bit: {norms}"
+    # the fp16 loss scale is taken out before the step: updates match full precision's, not 1/65536 of them
+    _, full = _one_step(_small(), amp=None)
+    _, mixed = _one_step(_small(), amp=amp)
+    ratio = torch.stack([m.norm() / f.norm() for m, f in zip(mixed, full) if f.norm() > 0]).median()
+    assert 0.9 < float(ratio) < 1.1, float(ratio)
 
 
 def test_lfnn_mode_trains_through_the_trainer():
-    net = _net(mode="lfnn", workers=2, leaders=0.5)
-    trainer = lfnnify.Trainer(net, optimizer=_sgd(0.05), progress=False)
-    trainer.fit(_loader(), max_steps=3)
-    assert trainer.step == 3
+    # Eq. 1: the global loss reaches block 0's leader channels and never its followers' (λ=0 here, so followers
+    # get nothing at all); local mode gives the leaders a different update (no global term)
+    updates = {}
+    for mode in ("lfnn", "local"):
+        trainer, deltas = _one_step(_small(mode))
+        rows = deltas[0].view(4, 2, -1).abs().sum(dim=(1, 2))  # block 0's conv weight, per worker
+        led = trainer._epoch_counts[0] > 0
+        assert led.sum() == 2 and (rows[led] > 0).all() and (rows[~led] == 0).all(), (mode, rows)
+        updates[mode] = (deltas[0], led)
+    assert torch.equal(updates["lfnn"][1], updates["local"][1])  # the same leaders...
+    assert not torch.allclose(updates["lfnn"][0], updates["local"][0])  # ...moved by the global loss too
 
 
 def test_bad_trainer_knobs():

@@ -1,0 +1,64 @@
+"""The golden losses: the first 20 steps of fixed-seed K=4 runs on Fashion-MNIST, per block.
+
+tests/test_golden.py compares every commit's losses with tests/golden/losses.json, so a change of numerics is
+seen, not guessed. After a change that is meant to alter them, regenerate and say why in the commit:
+
+    python scripts/golden_losses.py --update
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = ROOT / "tests" / "golden" / "losses.json"
+RUNS = {  # name -> convert knobs; all: timm resnet18 (in_chans=1), K=4, SGD 0.05 momentum 0.9, batch 64
+    "local_k4": dict(blocks=4),
+    "filterwise_k4": dict(blocks=4, workers=4, leaders=0.5),
+    "replay_k4": dict(blocks=4, mode="replay", local_weight=0.3),
+}
+STEPS = 20
+
+
+def losses(knobs: dict, steps: int = STEPS) -> list[list[float]]:
+    import timm
+
+    sys.path.insert(0, str(ROOT))
+    import lfnnify
+    from lfnnify.data import FashionMNIST, make_loader
+
+    torch.manual_seed(0)
+    net = lfnnify.convert(timm.create_model("resnet18", in_chans=1, num_classes=10),
+                          example_input=torch.zeros(1, 1, 28, 28), **knobs)
+    trainer = lfnnify.Trainer(net, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9), progress=False)
+    loader = make_loader(FashionMNIST(train=True, augment=True), batch_size=64, seed=0)
+    loader.sampler.set_epoch(0)
+    out = []
+    for x, y in loader:
+        if len(out) == steps:
+            break
+        out.append(trainer.train_step(x, y)["block_losses"])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--update", action="store_true", help="write tests/golden/losses.json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    runs = {name: losses(knobs) for name, knobs in RUNS.items()}
+    if args.update:
+        GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+        GOLDEN.write_text(json.dumps({"steps": STEPS, "runs": runs}, indent=1) + "\n")
+        print(f"wrote {GOLDEN}")
+    else:
+        print(json.dumps(runs)[:2000])
+
+
+if __name__ == "__main__":
+    main()
