@@ -78,7 +78,7 @@ def lfnn_single(args, model, x, y):
 
 
 def lfnn_pipeline(args, model, x, y):
-    net = _convert(model, args, workers=args.workers, leaders=args.leaders)
+    net = _convert(model, args, workers=args.workers, leaders=args.leaders, mode=args.mode)
     trainer = lfnnify.PipelineTrainer(net, optimizer=_sgd, threads=args.threads, progress=False,
                                       max_in_flight=args.in_flight, timeout_s=300)
     stamps = []
@@ -163,38 +163,88 @@ def bp_pipelined(args, model, x, y):
 
 
 def projection(args, model, x, y):
-    """Per-block forward+backward seconds on one process, and the bytes each cut sends."""
+    """Per-block seconds on one process, for each way a block can train, and the bytes each cut sends.
+
+    Every time covers the whole of what that block does in a step: BP's forward+backward; LFNN-ℓ's
+    forward, head and backward; replay's forward without a graph (the pass whose output goes on), then the
+    recompute with a graph, head and backward (the last block: one forward+backward). Medians of 3 runs.
+    """
     net = _convert_on_device(model, args, workers=args.workers, leaders=args.leaders)
     net.train()
-    blocks, heads, sizes = [], [], []
+    blocks, local, replay, sizes, peaks = [], [], [], [], []
     h = x
     for k, block in enumerate(net.blocks):
-        times = {"bp": [], "lfnn": []}
+        hidden = k < len(net.heads)
+        times = {"bp": [], "lfnn": [], "replay": []}
+        if DEVICE.type == "cuda":  # what this block's step adds on top of the weights already on the device
+            torch.cuda.synchronize(DEVICE)
+            base = torch.cuda.memory_allocated(DEVICE)
+            torch.cuda.reset_peak_memory_stats(DEVICE)
         for _ in range(args.warmup + 3):
             inp = h.detach().requires_grad_(k > 0)
             t0 = _now()
             out = block(inp)
-            if k < len(net.heads):
+            if hidden:
                 out.backward(torch.ones_like(out) / out.numel())
-                t2 = _now()
-                out2 = block(inp)
-                t3 = _now()
-                net.head_loss(k, out2, y).loss.backward()
-                t4 = _now()
-                times["bp"].append(t2 - t0)
-                times["lfnn"].append(t4 - t3)
             else:
                 F.cross_entropy(out, y).backward()
-                times["bp"].append(_now() - t0)
-                times["lfnn"].append(_now() - t0)
+            times["bp"].append(_now() - t0)
             net.zero_grad(set_to_none=True)
+            t0 = _now()
+            out = block(inp)
+            (net.head_loss(k, out, y).loss if hidden else F.cross_entropy(out, y)).backward()
+            times["lfnn"].append(_now() - t0)
+            net.zero_grad(set_to_none=True)
+            t0 = _now()
+            if hidden:
+                with torch.no_grad():
+                    block(inp)  # the pass that goes on to the next block
+                out = block(inp)  # the recompute of an older batch, with a graph
+                out.backward(torch.ones_like(out) / out.numel(), inputs=[*block.parameters(), inp] if k else None)
+            else:
+                out = block(inp)
+                F.cross_entropy(out, y).backward()
+            times["replay"].append(_now() - t0)
+            net.zero_grad(set_to_none=True)
+        if DEVICE.type == "cuda":
+            peaks.append(torch.cuda.max_memory_allocated(DEVICE) - base)
         blocks.append(sorted(times["bp"][args.warmup:])[1])
-        heads.append(sorted(times["lfnn"][args.warmup:])[1])
-        if k < len(net.heads):
+        local.append(sorted(times["lfnn"][args.warmup:])[1])
+        replay.append(sorted(times["replay"][args.warmup:])[1])
+        if hidden:
             sizes.append(out.numel() * out.element_size())
         with torch.no_grad():
             h = block(h)
-    return {"block_fwd_bwd_s": blocks, "block_lfnn_step_s": heads, "activation_bytes": sizes}
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"block_fwd_bwd_s": blocks, "block_lfnn_step_s": local, "block_replay_step_s": replay,
+            "activation_bytes": sizes, "gradient_bytes": params, "block_peak_bytes": peaks or None}
+
+
+def ddp(args, model, x, y):
+    """Data-parallel backprop: K processes, each on 1/K of the same global batch, gradients all-reduced by DDP."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if args.batch % world:
+        raise SystemExit(f"--batch {args.batch} is not divisible by {world} processes")
+    share = args.batch // world
+    xs, ys = x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share]
+    model.to(DEVICE).train()
+    wrapped = DistributedDataParallel(model, device_ids=[DEVICE.index] if DEVICE.type == "cuda" else None)
+    opt = _sgd(wrapped.parameters())
+    stamps = []
+    for _ in range(args.warmup + args.steps):
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(wrapped(xs), ys).backward()  # DDP all-reduces the gradients during the backward
+        opt.step()
+        stamps.append(_now())
+    return {"stamps": stamps, "gradient_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+
+
+def bp_shard(args, model, x, y):
+    """One process of data-parallel backprop without its all-reduce: one step on 1/K of the global batch."""
+    share = args.batch // args.blocks
+    return bp_single(args, model, x[:share], y[:share])
 
 
 def _activation_shapes(net, x):
@@ -221,6 +271,8 @@ METHODS = {
     "bp_model_parallel": bp_model_parallel,
     "bp_pipelined": bp_pipelined,
     "projection": projection,
+    "ddp": ddp,
+    "bp_shard": bp_shard,
 }
 
 
@@ -236,6 +288,7 @@ def main():
     parser.add_argument("--cuts", nargs="+", required=True)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--leaders", type=float, default=1.0)
+    parser.add_argument("--mode", default="local", choices=["local", "replay"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)

@@ -2,15 +2,19 @@
 # The one prepared run for a session that has the one-GPU `device` machine (H100/H200, 16 CPU cores).
 # About 9 minutes at most (each step is bounded). Run it from the repository root there, with OUT set to a folder that comes back:
 #   bash benchmarks/gpu_check.sh            (device tool: run(command="bash benchmarks/gpu_check.sh", timeout_s=560))
-# It measures, on one GPU, ResNet-101 and ResNet-152 at 224 px, batch 256, K=4:
-#   - one-process BP and the one-device LFNN-ℓ trainer (samples/s), per-block forward+backward times,
-#     and the projected 4-GPU speed-up next to the paper's 2.07x / 2.21x (speedup.py --projection-only);
+# It first checks, in seconds, that everything it needs imports (torch 2.11 / torchvision 0.26 there, no package index),
+# then measures, on one GPU, ResNet-101 and ResNet-152 at 224 px, batch 256, K=4:
+#   - one-process BP, BP on a quarter of the batch (one DDP rank without its all-reduce), the one-device LFNN-ℓ
+#     trainer, per-block step times of BP, LFNN-ℓ and replay, per-block peak memory, and the projected 4-GPU step
+#     of each method (pipelines, model-parallel BP, DDP with a ring all-reduce at NVLink 4's 450 GB/s per
+#     direction) next to the paper's 2.07x / 2.21x (speedup.py --projection-only);
 #   - peak GPU memory of BP and of the one-device LFNN-ℓ trainer (memory.py, max_memory_allocated);
-# and then, on the machine's 16 CPU cores, a real K=4 run: 4 processes x 4 threads (speedup.py, no GPU).
+# and then, on the machine's 16 CPU cores, a real K=4 run of every method, DDP and replay included:
+# 4 processes x 4 threads (speedup.py, no GPU).
 # Results land in $OUT/results.tgz (re-packed after every step, so a run cut short still returns what it
 # measured) and the log in $OUT/gpu_check.log. Unpack into benchmarks/results/ and commit with the date.
 set -u
-# sizes can be shrunk for a dry run on a laptop: GPU_CHECK_BATCH=4 GPU_CHECK_SIZE=64 GPU_CHECK_STEPS=2 bash ...
+# sizes can be shrunk for a dry run on a laptop: GPU_CHECK_BATCH=8 GPU_CHECK_SIZE=64 GPU_CHECK_STEPS=2 bash ...
 B=${GPU_CHECK_BATCH:-256} S=${GPU_CHECK_SIZE:-224} N=${GPU_CHECK_STEPS:-8} T=${GPU_CHECK_CPU_THREADS:-4}
 OUT=${OUT:-/tmp/gpu_check_out}
 RES=/tmp/gpu_check_results
@@ -25,19 +29,38 @@ step() {  # step NAME SECONDS command...: a bounded step; a failure is logged an
   pack
 }
 
-date -u; nvidia-smi -L; nproc
-python3 -c "import torch, timm, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'timm', timm.__version__, torch.cuda.get_device_name(0))"
+date -u; nvidia-smi -L 2>/dev/null || echo "(no nvidia-smi)"; nproc
+# preflight: everything this script needs, in seconds, with the reason when something is missing
+timeout 120 python3 - <<'PY' || { echo "!!! preflight failed: nothing was measured (see the line above)"; pack; exit 2; }
+import importlib, sys
+missing = []
+for name in ("torch", "torchvision", "timm", "safetensors", "yaml", "tqdm", "matplotlib"):
+    try:
+        importlib.import_module(name)
+    except Exception as exc:
+        missing.append(f"{name} ({type(exc).__name__}: {exc})")
+if missing:
+    sys.exit("preflight: missing Python packages: " + "; ".join(missing) + ". Carry them as wheels (device README).")
+import torch, torchvision, timm
+from timm.layers import get_notrace_functions, get_notrace_modules  # lfnnify's tracer needs timm's registries
+import lfnnify
+net = lfnnify.convert(timm.create_model("resnet18", num_classes=10), blocks=2, example_input=torch.zeros(1, 3, 32, 32))
+print(f"preflight ok: python {sys.version.split()[0]}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
+      f"timm {timm.__version__}, lfnnify {lfnnify.__version__}, cuda {torch.cuda.is_available()}"
+      + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""))
+PY
+[ "${GPU_CHECK_PREFLIGHT_ONLY:-0}" = 1 ] && { echo "preflight only: done"; pack; exit 0; }
 for model in resnet101 resnet152; do
-  step "projection $model" 110 python3 benchmarks/speedup.py --projection-only --no-cifar --model "$model" \
+  step "projection $model" 100 python3 benchmarks/speedup.py --projection-only --no-cifar --model "$model" \
     --size "$S" --batch "$B" --classes 1000 --blocks 4 --threads 4 --warmup 3 --steps "$N" --balance flops \
     --out "$RES/speedup-$model-k4-gpu" --name "speedup-$model-k4-b$B-gpu"
 done
 for model in resnet101 resnet152; do
-  step "memory $model" 75 python3 benchmarks/memory.py --model "$model" --size "$S" --batch "$B" --blocks 4 --steps 2 \
+  step "memory $model" 70 python3 benchmarks/memory.py --model "$model" --size "$S" --batch "$B" --blocks 4 --steps 2 \
     --balance memory --out "$RES/memory-$model-k4-gpu"
 done
 # the 16 CPU cores, measured for real: K=4 processes x 4 threads, GPUs hidden
-step "cpu16 K=4x4" 160 env CUDA_VISIBLE_DEVICES= python3 benchmarks/speedup.py --model resnet18 --size 32 \
+step "cpu16 K=4x4" 180 env CUDA_VISIBLE_DEVICES= python3 benchmarks/speedup.py --model resnet18 --size 32 \
   --batch 64 --blocks 4 --threads "$T" --warmup 2 --steps "$((N + 2))" --balance flops \
   --out "$RES/speedup-resnet18-k4-cpu16" --name "speedup-resnet18-k4-cpu16"
 date -u

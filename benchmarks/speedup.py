@@ -1,14 +1,18 @@
 """Wall-clock training throughput of LFNN-ℓ against backprop, side by side, on K processes (one per "device").
 
-Methods (same model, split, batch and synthetic data for all; each in a fresh process, fixed threads):
+Methods (same model, split, global batch and synthetic data for all; each in a fresh process, fixed threads):
   1. bp_single           plain backprop, one process using all K×T threads
-  2. bp_model_parallel   the same K blocks on K processes, run sequentially (the paper's baseline)
-  3. bp_gpipe, bp_1f1b   backprop pipelined with torch.distributed.pipelining, M micro-batches
-  4. lfnn_pipeline       LFNN-ℓ with lfnnify.PipelineTrainer (block-wise), and lfnn_pipeline_fw
-                         (filter-wise workers)
-  5. lfnn_single         LFNN-ℓ with the one-device lfnnify.Trainer (block after block), all threads
-Plus a projection: per-block forward+backward times measured in one process predict the K-process
-speed-up, printed next to the measured one so the model of the pipeline is checked.
+  2. ddp                 data-parallel backprop (DistributedDataParallel): K processes × T threads, each on
+                         1/K of the global batch, gradients all-reduced: what a practitioner picks when the
+                         model fits on one device
+  3. bp_model_parallel   the same K blocks on K processes, run sequentially (the paper's baseline)
+  4. bp_gpipe, bp_1f1b   backprop pipelined with torch.distributed.pipelining, M micro-batches
+  5. lfnn_pipeline       LFNN-ℓ with lfnnify.PipelineTrainer (block-wise); lfnn_pipeline_fw (filter-wise
+                         workers); replay_pipeline (mode="replay": delayed end-to-end gradients)
+  6. lfnn_single         LFNN-ℓ with the one-device lfnnify.Trainer (block after block), all threads
+Plus a projection: per-block times measured in one process (each covering all a block does in a step)
+predict the K-device step of every method, with transfers at --link-gbs GB/s, printed next to the measured
+ones so the model of the pipeline is checked. Bytes each method moves per step are reported.
 
 Synthetic data (one fixed batch) keeps the input pipeline out of the timing.
 
@@ -100,11 +104,14 @@ def measure(args) -> dict:
         print(f"projection only: {args.model} (cifar={args.cifar}), {args.size}px, batch {args.batch}, K={k}, "
               f"one process", flush=True)
         methods["bp_single"] = _run("bp_single", args, nproc=1, threads=k * t)
+        methods["bp_shard"] = _run("bp_shard", args, nproc=1, threads=k * t)
         methods["lfnn_single"] = _run("lfnn_single", args, nproc=1, threads=k * t)
         return {"methods": methods, "projection_raw": _run("projection", args, nproc=1, threads=k * t)}
     print(f"measuring {args.model} (cifar={args.cifar}), {args.size}px, batch {args.batch}, K={k}, "
           f"{t} thread(s) per process, {args.steps} timed steps after {args.warmup} warm-up", flush=True)
     methods["bp_single"] = _run("bp_single", args, nproc=1, threads=k * t)
+    methods["ddp"] = _run("ddp", args, nproc=k, threads=t)
+    methods["bp_shard"] = _run("bp_shard", args, nproc=1, threads=t)
     methods["bp_model_parallel"] = _run("bp_model_parallel", args, nproc=k, threads=t)
     for schedule in ("gpipe", "1f1b"):
         methods[f"bp_{schedule}"] = _run("bp_pipelined", args, nproc=k, threads=t, name=f"bp_{schedule}",
@@ -112,6 +119,8 @@ def measure(args) -> dict:
         methods[f"bp_{schedule}"]["microbatches"] = args.microbatches
     methods["lfnn_pipeline"] = _run("lfnn_pipeline", args, nproc=k, threads=t)
     methods["lfnn_pipeline_fw"] = _run("lfnn_pipeline", args, nproc=k, threads=t, extra=fw, name="lfnn_pipeline_fw")
+    methods["replay_pipeline"] = _run("lfnn_pipeline", args, nproc=k, threads=t, extra=["--mode", "replay"],
+                                      name="replay_pipeline")
     methods["lfnn_single"] = _run("lfnn_single", args, nproc=1, threads=k * t)
     proj = _run("projection", args, nproc=1, threads=t)
     return {"methods": methods, "projection_raw": proj}
@@ -131,29 +140,67 @@ def summarise(args, measured: dict) -> dict:
             "vs_bp_pipelined": lfnn / m[best_pipe]["samples_per_s"],
             "vs_bp_pipelined_schedule": best_pipe.removeprefix("bp_"),
             "vs_bp_single": lfnn / m["bp_single"]["samples_per_s"],
+            "vs_ddp": lfnn / m["ddp"]["samples_per_s"],
+            "replay_vs_ddp": m["replay_pipeline"]["samples_per_s"] / m["ddp"]["samples_per_s"],
+            "replay_vs_bp_single": m["replay_pipeline"]["samples_per_s"] / m["bp_single"]["samples_per_s"],
             "filter_wise_vs_bp_model_parallel": m["lfnn_pipeline_fw"]["samples_per_s"]
             / m["bp_model_parallel"]["samples_per_s"],
         })
-    p = measured["projection_raw"]
-    bp_sum = sum(p["block_fwd_bwd_s"])
-    lfnn_max = max(p["block_lfnn_step_s"])
-    projection = {
+    projection = project(args, measured)
+    projection["measured_speedup_vs_bp_model_parallel"] = speedup.get("vs_bp_model_parallel")
+    return {"speedup": speedup, "projection": projection, "bytes_per_step": bytes_moved(args, measured)}
+
+
+def bytes_moved(args, measured: dict) -> dict:
+    """Bytes every method sends per training step, over all links together (the global batch)."""
+    p, k = measured["projection_raw"], args.blocks
+    acts, grads = sum(p["activation_bytes"]), p["gradient_bytes"]
+    ring = 2 * (k - 1) / k * grads * k  # ring all-reduce: each of K ranks sends 2(K-1)/K of the gradients
+    return {"lfnn_pipeline": acts, "replay_pipeline": 2 * acts, "bp_model_parallel": 2 * acts,
+            "bp_pipelined": 2 * acts, "ddp": ring, "activation_bytes_per_cut": p["activation_bytes"],
+            "gradient_bytes": grads}
+
+
+def project(args, measured: dict) -> dict:
+    """K-device step times predicted from one process's per-block times plus transfers at ``args.link_gbs``.
+
+    Pipelines run at their slowest stage (its compute plus what it sends); model-parallel BP runs the blocks
+    one after another; DDP is one process's step on 1/K of the batch plus a ring all-reduce of the gradients,
+    with no overlap between the two (an upper bound: DDP overlaps part of it with the backward).
+    """
+    p, m, k = measured["projection_raw"], measured["methods"], args.blocks
+    bw = args.link_gbs * 1e9
+    acts = list(p["activation_bytes"]) + [0]
+    lfnn = max(t + a / bw for t, a in zip(p["block_lfnn_step_s"], acts))
+    replay = max(t + 2 * a / bw for t, a in zip(p["block_replay_step_s"], acts))
+    bp_mp = sum(p["block_fwd_bwd_s"]) + 2 * sum(acts) / bw
+    ddp = m["bp_shard"]["step_s_median"] + 2 * (k - 1) / k * p["gradient_bytes"] / bw
+    one = m["bp_single"]["step_s_median"]
+    return {
         "block_fwd_bwd_s": p["block_fwd_bwd_s"],
         "block_lfnn_step_s": p["block_lfnn_step_s"],
+        "block_replay_step_s": p["block_replay_step_s"],
         "activation_bytes": p["activation_bytes"],
-        "predicted_bp_model_parallel_step_s": bp_sum,
-        "predicted_lfnn_pipeline_step_s": lfnn_max,
-        "predicted_speedup_vs_bp_model_parallel": bp_sum / lfnn_max,
-        "measured_speedup_vs_bp_model_parallel": speedup.get("vs_bp_model_parallel"),
+        "gradient_bytes": p["gradient_bytes"],
+        "block_peak_bytes": p.get("block_peak_bytes"),
+        "link_gbs": args.link_gbs,
+        "predicted_step_s": {"lfnn_pipeline": lfnn, "replay_pipeline": replay, "bp_model_parallel": bp_mp,
+                             "ddp": ddp, "bp_single": one},
+        "predicted_bp_model_parallel_step_s": bp_mp,
+        "predicted_lfnn_pipeline_step_s": lfnn,
+        "predicted_speedup_vs_bp_model_parallel": bp_mp / lfnn,
+        "predicted_speedup_vs_bp_single": one / lfnn,
+        "predicted_speedup_vs_ddp": ddp / lfnn,
+        "predicted_replay_speedup_vs_bp_single": one / replay,
+        "predicted_replay_speedup_vs_ddp": ddp / replay,
         "paper_speedup_k4": PAPER_SPEEDUP_K4.get(args.model) if args.blocks == 4 and not args.cifar else None,
-        "note": "prediction = sum of per-block BP forward+backward / slowest block's LFNN step (forward, head, "
-                "backward), one process; transfers between devices are not modelled (their sizes are listed)",
+        "note": "per-block times cover everything a block does in a step (LFNN-ℓ: forward, head, backward; replay: "
+                "forward without a graph, recompute, backward); transfers at link_gbs GB/s per direction",
     }
-    return {"speedup": speedup, "projection": projection}
 
 
 def markdown(payload: dict) -> str:
-    m, s, p = payload["methods"], payload["speedup"], payload["projection"]
+    m, s, p, b = payload["methods"], payload["speedup"], payload["projection"], payload["bytes_per_step"]
     cfg = payload["settings"]
     lines = [
         f"# Speed-up, {cfg['model']} ({cfg['size']}px, batch {cfg['batch']}), K={cfg['blocks']}, "
@@ -168,31 +215,50 @@ def markdown(payload: dict) -> str:
     for name, r in m.items():
         lines.append(f"| {name} | {r['processes']}×{r['threads_per_process']}t | {r['samples_per_s']:.1f} | "
                      f"{r['step_s_median'] * 1e3:.0f} | {r['step_s_min'] * 1e3:.0f}–{r['step_s_max'] * 1e3:.0f} |")
-    lines.append("")
+    k, gbs = cfg["blocks"], p["link_gbs"]
+    pred = p["predicted_step_s"]
+    paper = p.get("paper_speedup_k4")
+    lines += [
+        "",
+        f"Projected {k}-device step from one process's per-block times, transfers at {gbs:g} GB/s per direction "
+        f"(DDP: its all-reduce not overlapped with the backward, an upper bound):",
+        "",
+        "| method | projected step (ms) | bytes moved per step (MB) |",
+        "|---|---|---|",
+        f"| one device, backprop | {pred['bp_single'] * 1e3:.1f} | 0 |",
+        f"| DDP, {k} devices | {pred['ddp'] * 1e3:.1f} | {b['ddp'] / 1e6:.1f} |",
+        f"| BP model-parallel | {pred['bp_model_parallel'] * 1e3:.1f} | {b['bp_model_parallel'] / 1e6:.1f} |",
+        f"| LFNN-ℓ pipeline | {pred['lfnn_pipeline'] * 1e3:.1f} | {b['lfnn_pipeline'] / 1e6:.1f} |",
+        f"| replay pipeline | {pred['replay_pipeline'] * 1e3:.1f} | {b['replay_pipeline'] / 1e6:.1f} |",
+        "",
+        f"- projected LFNN-ℓ pipeline vs BP model-parallel: **{p['predicted_speedup_vs_bp_model_parallel']:.2f}×** "
+        f"(ideal {k}.0×" + (f"; the paper measured {paper:.2f}× on 4 GPUs" if paper else "") + ")",
+        f"- projected LFNN-ℓ pipeline vs DDP: **{p['predicted_speedup_vs_ddp']:.2f}×**; vs one device: "
+        f"{p['predicted_speedup_vs_bp_single']:.2f}×",
+        f"- projected replay pipeline vs DDP: **{p['predicted_replay_speedup_vs_ddp']:.2f}×**; vs one device: "
+        f"{p['predicted_replay_speedup_vs_bp_single']:.2f}×",
+        "",
+        "| block | BP forward+backward (ms) | LFNN-ℓ step with head (ms) | replay step (ms) | activation sent (MB) |",
+        "|---|---|---|---|---|",
+    ]
+    sent = list(p["activation_bytes"]) + [0]
+    for i, (bp, lf, rp) in enumerate(zip(p["block_fwd_bwd_s"], p["block_lfnn_step_s"], p["block_replay_step_s"])):
+        lines.append(f"| {i} | {bp * 1e3:.1f} | {lf * 1e3:.1f} | {rp * 1e3:.1f} | {sent[i] / 1e6:.1f} |")
+    lines += ["", f"- one-device LFNN-ℓ trainer vs one-process BP: {s['lfnn_single_vs_bp_single']:.2f}×"]
     if "vs_bp_model_parallel" not in s:  # --projection-only: one device
-        paper = p.get("paper_speedup_k4")
-        lines += [
-            f"- **projected** LFNN-ℓ pipeline vs BP model-parallel on {cfg['blocks']} devices: "
-            f"**{p['predicted_speedup_vs_bp_model_parallel']:.2f}×** (ideal {cfg['blocks']}.0×"
-            + (f"; the paper measured {paper:.2f}× on 4 GPUs" if paper else "") + "), from one device's per-block times:",
-            "",
-            "| block | BP forward+backward (ms) | LFNN-ℓ step with head (ms) | activation sent (MB) |",
-            "|---|---|---|---|",
-        ]
-        sent = list(p["activation_bytes"]) + [0]
-        for k, (b, f) in enumerate(zip(p["block_fwd_bwd_s"], p["block_lfnn_step_s"])):
-            lines.append(f"| {k} | {b * 1e3:.1f} | {f * 1e3:.1f} | {sent[k] / 1e6:.1f} |")
-        lines += ["", f"- one-device LFNN-ℓ trainer vs one-process BP: {s['lfnn_single_vs_bp_single']:.2f}×"]
         return "\n".join(lines) + "\n"
     lines += [
-        f"- LFNN-ℓ pipeline vs BP model-parallel: **{s['vs_bp_model_parallel']:.2f}×** (ideal {cfg['blocks']}.0×; "
-        f"projected {p['predicted_speedup_vs_bp_model_parallel']:.2f}×)",
+        "",
+        "Measured on this machine:",
+        "",
+        f"- LFNN-ℓ pipeline vs BP model-parallel: **{s['vs_bp_model_parallel']:.2f}×** (ideal {k}.0×; projected "
+        f"{p['predicted_speedup_vs_bp_model_parallel']:.2f}×)",
+        f"- LFNN-ℓ pipeline vs DDP: **{s['vs_ddp']:.2f}×**; replay pipeline vs DDP: **{s['replay_vs_ddp']:.2f}×**",
         f"- LFNN-ℓ pipeline vs BP pipelined ({s['vs_bp_pipelined_schedule']}, M={cfg['microbatches']}): "
         f"**{s['vs_bp_pipelined']:.2f}×**",
-        f"- LFNN-ℓ pipeline vs one-process BP on the same cores: **{s['vs_bp_single']:.2f}×**",
+        f"- LFNN-ℓ pipeline vs one-process BP on the same cores: **{s['vs_bp_single']:.2f}×**; replay: "
+        f"{s['replay_vs_bp_single']:.2f}×",
         f"- filter-wise LFNN-ℓ pipeline vs BP model-parallel: {s['filter_wise_vs_bp_model_parallel']:.2f}×",
-        f"- one-device LFNN-ℓ trainer vs one-process BP (cost of the heads and block-by-block): "
-        f"{s['lfnn_single_vs_bp_single']:.2f}×",
         "",
         "Per-stage time of the LFNN-ℓ pipeline (seconds over all steps):",
         "",
@@ -263,6 +329,8 @@ def main() -> None:
     parser.add_argument("--fw-workers", type=int, default=4)
     parser.add_argument("--fw-leaders", type=float, default=0.75)
     parser.add_argument("--timeout", type=int, default=900)
+    parser.add_argument("--link-gbs", type=float, default=450.0,
+                        help="link bandwidth for the projection, GB/s per direction (default: NVLink 4, 450)")
     parser.add_argument("--projection-only", action="store_true",
                         help="one device only (e.g. one GPU): measure one-process BP, the one-device LFNN-ℓ trainer "
                              "and per-block times, and project the K-device speed-up; nothing runs on K processes")

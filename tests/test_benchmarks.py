@@ -1,9 +1,17 @@
 """The benchmark scripts' code paths run end to end at tiny sizes, so they cannot rot."""
 
+import argparse
 import json
+import os
+import math
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -14,29 +22,100 @@ def test_speedup_quick_path_writes_the_documented_json(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "speedup.json").read_text())
-    for name in ("bp_single", "bp_model_parallel", "bp_gpipe", "bp_1f1b", "lfnn_pipeline", "lfnn_pipeline_fw", "lfnn_single"):
-        method = result["methods"][name]
-        assert method["samples_per_s"] > 0 and len(method["step_s"]) == 2 and method["step_s_median"] > 0
-    assert set(result["speedup"]) >= {"vs_bp_model_parallel", "vs_bp_pipelined", "vs_bp_single"}
-    assert result["speedup"]["vs_bp_pipelined_schedule"] in ("gpipe", "1f1b")
+    methods = result["methods"]
+    for name in ("bp_single", "ddp", "bp_model_parallel", "bp_gpipe", "bp_1f1b", "lfnn_pipeline", "lfnn_pipeline_fw",
+                 "replay_pipeline", "lfnn_single"):
+        method = methods[name]
+        assert len(method["step_s"]) == 2 and method["step_s_median"] == pytest.approx(statistics.median(method["step_s"]))
+        assert method["samples_per_s"] == pytest.approx(8 / method["step_s_median"])  # the global batch over the step
+    s = result["speedup"]
+    assert s["vs_ddp"] == pytest.approx(methods["lfnn_pipeline"]["samples_per_s"] / methods["ddp"]["samples_per_s"])
+    assert s["vs_bp_single"] == pytest.approx(methods["lfnn_pipeline"]["samples_per_s"]
+                                              / methods["bp_single"]["samples_per_s"])
+    assert s["vs_bp_pipelined_schedule"] in ("gpipe", "1f1b")
     assert set(result["env"]) >= {"commit", "torch", "device", "cores", "threads", "date"}
-    assert result["projection"]["predicted_speedup_vs_bp_model_parallel"] > 0
+    p, moved = result["projection"], result["bytes_per_step"]
+    assert p["predicted_speedup_vs_bp_model_parallel"] == pytest.approx(
+        p["predicted_step_s"]["bp_model_parallel"] / p["predicted_step_s"]["lfnn_pipeline"])
+    # one cut at K=2: the pipeline sends its activation once, replay and model-parallel BP also the gradient back;
+    # DDP's ring all-reduce of two ranks sends the gradients once each way
+    (act,) = p["activation_bytes"]
+    assert moved["lfnn_pipeline"] == act and moved["replay_pipeline"] == moved["bp_model_parallel"] == 2 * act
+    assert moved["ddp"] == pytest.approx(2 * moved["gradient_bytes"])
+    assert act == 8 * 4 * math.prod(_cut_shape(result))  # batch 8, float32
     assert len(list(tmp_path.glob("*.png"))) == 1 and len(list(tmp_path.glob("*.md"))) == 1
+
+
+def _cut_shape(result):
+    """The activation shape at the speed-up run's cut, for one example (from lfnnify's plan)."""
+    import lfnnify
+    from lfnnify.models import create_model
+
+    model = create_model("resnet18", num_classes=10, cifar=True)
+    plan = lfnnify.plan(model, cuts=result["settings"]["cuts"], example_input=torch.zeros(1, 3, 32, 32))
+    return plan.blocks[0].output_shape[1:]
+
+
+def test_the_projection_times_a_blocks_whole_step(monkeypatch):
+    # the projection timed hidden blocks from after their forward pass, which flattered LFNN-ℓ. A block whose
+    # forward sleeps 30 ms must show that sleep in every per-block time, as in a directly timed step
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import _speedup_worker as worker
+
+    from lfnnify.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes=10, cifar=True)
+    real_convert = worker._convert
+
+    def slowed(model, args, **knobs):
+        net = real_convert(model, args, **knobs)
+        for block in net.blocks:
+            block.register_forward_hook(lambda *_: time.sleep(0.03))
+        return net
+
+    monkeypatch.setattr(worker, "_convert", slowed)
+    args = argparse.Namespace(cuts=["layer2"], size=32, workers=1, leaders=1.0, warmup=1)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    result = worker.projection(args, model, x, y)
+    net = slowed(create_model("resnet18", num_classes=10, cifar=True), args)
+    times = []
+    for _ in range(4):  # the first is a warm-up, as in the projection
+        start = time.perf_counter()
+        out = net.blocks[0](x)
+        net.head_loss(0, out, y).loss.backward()
+        times.append(time.perf_counter() - start)
+    direct = statistics.median(times[1:])
+    assert result["block_lfnn_step_s"][0] >= 0.03 and result["block_fwd_bwd_s"][0] >= 0.03
+    assert result["block_replay_step_s"][0] >= 0.06  # two forward passes: the one that goes on, the recompute
+    assert 0.5 < result["block_lfnn_step_s"][0] / direct < 2.0
 
 
 def test_speedup_projection_only_path_runs_on_one_device(tmp_path):
     # what a one-GPU session runs (benchmarks/gpu_check.sh), here on the CPU at tiny sizes
     cmd = [sys.executable, "benchmarks/speedup.py", "--projection-only", "--no-cifar", "--model", "resnet18",
-           "--blocks", "4", "--batch", "4", "--size", "32", "--steps", "2", "--warmup", "1", "--balance", "flops",
+           "--blocks", "4", "--batch", "8", "--size", "32", "--steps", "2", "--warmup", "1", "--balance", "flops",
            "--out", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "speedup.json").read_text())
-    assert set(result["methods"]) == {"bp_single", "lfnn_single"}
-    assert len(result["projection"]["block_fwd_bwd_s"]) == 4 and len(result["projection"]["activation_bytes"]) == 3
-    assert result["projection"]["predicted_speedup_vs_bp_model_parallel"] > 0
+    assert set(result["methods"]) == {"bp_single", "bp_shard", "lfnn_single"}
+    p = result["projection"]
+    assert len(p["block_fwd_bwd_s"]) == 4 and len(p["activation_bytes"]) == 3 and len(p["block_replay_step_s"]) == 4
+    # the DDP projection: one process's step on a quarter of the batch, plus a ring all-reduce at the link's speed
+    expected = result["methods"]["bp_shard"]["step_s_median"] + 2 * 3 / 4 * p["gradient_bytes"] / (450 * 1e9)
+    assert p["predicted_step_s"]["ddp"] == pytest.approx(expected)
     assert result["settings"]["cifar"] is False
     assert "projected" in next(tmp_path.glob("*.md")).read_text()
+
+
+def test_gpu_check_script_preflight_passes_here(tmp_path):
+    # the prepared accelerator run starts by checking, in seconds, that everything it needs imports and converts
+    env = {**os.environ, "OUT": str(tmp_path), "GPU_CHECK_PREFLIGHT_ONLY": "1"}
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh"], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "preflight ok: python" in proc.stdout and (tmp_path / "results.tgz").exists()
 
 
 def test_memory_script_reports_both_methods(tmp_path):
