@@ -36,11 +36,13 @@ class Link:
 
     def __init__(self, *, rank: int, prev_rank: int | None, next_rank: int | None, device: torch.device,
                  timeout: datetime.timedelta, max_in_flight: int, send_dtype: torch.dtype | None, timing: dict,
-                 describe: str):
+                 label, on_hung=None):
         self.rank, self.prev_rank, self.next_rank = rank, prev_rank, next_rank
         self.device, self.timeout = device, timeout
         self.max_in_flight, self.send_dtype = max_in_flight, send_dtype
-        self.timing, self.describe = timing, describe
+        self.timing = timing
+        self.label = label  # rank -> "rank 1 (block 1)"
+        self.on_hung = on_hung  # called with a rank that did not answer within the timeout
         self._pending: collections.deque = collections.deque()
 
     @property
@@ -64,7 +66,10 @@ class Link:
             header[12] = -1 if labels is None else len(labels)
             payload = [tensor] + ([labels.to(torch.int64).contiguous()] if labels is not None else [])
         messages = [header.to(self.comm_device), *(t.to(self.comm_device) for t in payload)]
-        works = [dist.isend(m, dst=dst) for m in messages]
+        try:
+            works = [dist.isend(m, dst=dst) for m in messages]
+        except Exception as exc:  # a neighbour that is gone refuses at once
+            raise self._peer_error(dst, exc) from None
         self._pending.append((works, messages, dst))
         while len(self._pending) > self.max_in_flight:
             self._wait_oldest()
@@ -102,21 +107,27 @@ class Link:
             for w in works:
                 w.wait(self.timeout)
         except Exception as exc:
-            raise PeerError(
-                f"{self.describe}: rank {dst} did not take a message within {self.timeout.total_seconds():.0f} s "
-                f"({type(exc).__name__})"
-            ) from exc
+            raise self._peer_error(dst, exc) from None
         self.timing["send_wait_s"] += time.perf_counter() - start
 
     def _recv_into(self, tensor: Tensor, src: int) -> None:
-        work = dist.irecv(tensor, src=src)
         try:
+            work = dist.irecv(tensor, src=src)
             work.wait(self.timeout)
         except Exception as exc:
-            raise PeerError(
-                f"{self.describe} got nothing from rank {src} within {self.timeout.total_seconds():.0f} s "
-                f"({type(exc).__name__})"
-            ) from exc
+            raise self._peer_error(src, exc) from None
+
+    def _peer_error(self, peer: int, exc: Exception) -> PeerError:
+        """One line that names the rank that stopped answering, and how: it hung (timeout) or it exited."""
+        text = str(exc)
+        hung = "timed out" in text.lower() or "timeout" in text.lower()
+        if hung:
+            what = f"did not answer within {self.timeout.total_seconds():g} s (stopped or hung)"
+            if self.on_hung is not None and self.on_hung(peer):
+                what += "; ended it"
+        else:
+            what = "exited"
+        return PeerError(f"{self.label(self.rank)} stops: {self.label(peer)} {what}")
 
 
 def init_distributed(timeout: datetime.timedelta) -> None:

@@ -13,13 +13,15 @@ import torch
 from torch import fx, nn
 
 from .cuts import CutPoint, GraphProfile, find_cut_points, profile_graph
-from .errors import TraceError
+from .errors import ConfigError, TraceError
 from .facts import example_input_for
 from .fallback import sequential_children
 from .partition import attr_at, split_graph
 from .trace import Traced, trace
 
-__all__ = ["Analysis", "analyse", "node_params", "measured_piece_times"]
+__all__ = ["Analysis", "analyse", "node_params", "measured_piece_times", "FALLBACKS"]
+
+FALLBACKS = (True, False, "children")
 
 
 @dataclass
@@ -37,27 +39,44 @@ def analyse(
     model: nn.Module, *, example_input=None, leaf_modules=(), concrete_args=None, fallback=True
 ) -> Analysis:
     """Trace ``model``, profile it once on an example input, and find the valid cut points."""
+    if fallback not in FALLBACKS:
+        raise ConfigError(
+            f"fallback={fallback!r} must be True (fall back to module boundaries when that is exact), False (raise), "
+            f"or 'children' (also accept running the top-level children of a forward() that branches on its "
+            f"input's values)"
+        )
     batch = example_input_for(model, example_input)
     try:
-        traced = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args, fallback=fallback)
+        traced = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args, fallback=bool(fallback))
     except TraceError as exc:
         if not fallback or getattr(exc, "module_path", None):
             raise
         # the model's own forward() failed: cut between its children if they run in sequence
         children = sequential_children(model, batch[:1], exc)
+        name, reason = type(model).__name__, str(exc.__cause__ or exc).splitlines()[0][:120]
+        if getattr(exc, "branch_on", None) == "values" and fallback != "children":
+            raise TraceError(
+                f"torch.fx could not trace {name}.forward(): it branches on the values of its input ({reason}). "
+                f"Its top-level children, run one after another, match forward() on the example input, but no input "
+                f"can show they match on every input: the branch may go the other way on another batch, and the "
+                f"converted model would then compute something else. If the branch only checks or rescales inputs "
+                f"your data never triggers, accept it with fallback='children'; otherwise make forward() traceable "
+                f"(move the check out of forward(), or wrap it in a function registered with torch.fx.wrap)."
+            ) from exc.__cause__
+        accepted = (" You accepted it with fallback='children', although forward() branches on its input's values: "
+                    "on inputs that take the other branch the outputs differ." if fallback == "children" else "")
         warnings.warn(
-            f"torch.fx could not trace {type(model).__name__}.forward() "
-            f"({str(exc.__cause__ or exc).splitlines()[0][:120]}); running its top-level children one after "
-            f"another gives the same outputs, so lfnnify traced those instead (cuts between and inside them). "
-            f"Pass fallback=False to get the error instead.",
+            f"torch.fx could not trace {name}.forward() ({reason}); running its top-level children one after "
+            f"another gives the same outputs on the example input, so lfnnify traced those instead (cuts between and "
+            f"inside them).{accepted} Pass fallback=False to get the error instead.",
             stacklevel=3,
         )
-        traced = trace(children, leaf_modules=leaf_modules, fallback=fallback)
+        traced = trace(children, leaf_modules=leaf_modules, fallback=True)
     x = batch[:1]
-    profile = profile_graph(traced.graph_module, x)
+    profile = profile_graph(traced.graph_module, x, given_shape=tuple(batch.shape))
     cut_points = find_cut_points(traced.graph_module, traced.qualnames, profile)
     if traced.eval_graph_module is not None:  # a cut must exist in both graphs
-        eval_profile = profile_graph(traced.eval_graph_module, x)
+        eval_profile = profile_graph(traced.eval_graph_module, x, given_shape=tuple(batch.shape))
         in_eval = {c.name for c in find_cut_points(traced.eval_graph_module, traced.eval_qualnames, eval_profile)}
         cut_points = [c for c in cut_points if c.name in in_eval]
     return Analysis(traced, profile, cut_points, x, batch)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -135,22 +136,53 @@ BUG_REPORT = ("lfnnify: this is a bug in lfnnify, not in your input. Please repo
               "and the command you ran.")
 
 
+def _record_for_torchrun(exc: BaseException) -> bool:
+    """Under torchrun, write the error where its failure summary reads it (torch.distributed.elastic's
+    error file), so the summary shows this rank's traceback. A rank that only saw a neighbour go writes none.
+    Returns whether it was written."""
+    from .errors import PipelineError
+
+    if "TORCHELASTIC_ERROR_FILE" not in os.environ or (isinstance(exc, PipelineError) and "stops:" in str(exc)):
+        return False
+    try:
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        ErrorHandler().record_exception(exc)
+    except Exception:  # noqa: BLE001 - reporting must never hide the error itself
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line. lfnnify's own errors (bad input, missing data, damaged checkpoints) print one
-    line and exit with 2; anything else is a bug: its traceback is printed with a request to report it."""
+    """Run the command line. lfnnify's own errors (bad input, missing data, damaged checkpoints, a pipeline
+    neighbour that failed) print one line and exit with 2; anything else is a bug: its traceback is printed
+    with a request to report it. Under torchrun a failing rank then exits at once, so that its neighbours
+    see it go (and stop within seconds) instead of waiting out their timeout."""
     args = make_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
     except LfnnifyError as exc:
-        print(f"lfnnify: error: {exc}", file=sys.stderr)
-        return 2
+        where = getattr(exc, "pipeline_rank", None)
+        print(f"lfnnify: error: {where + ': ' if where else ''}{exc}", file=sys.stderr)
+        _record_for_torchrun(exc)
+        code = 2
     except KeyboardInterrupt:
         print("lfnnify: interrupted", file=sys.stderr)
-        return 130
-    except Exception:
-        traceback.print_exc()
-        print(BUG_REPORT, file=sys.stderr)
-        return 1
+        code = 130
+    except Exception as exc:
+        if _record_for_torchrun(exc):  # torchrun's failure summary prints the traceback once
+            where = getattr(exc, "pipeline_rank", None)
+            print(f"lfnnify: {where or 'this rank'} failed: {type(exc).__name__}: {exc} (its traceback is in "
+                  f"torchrun's summary below). {BUG_REPORT.removeprefix('lfnnify: ')}", file=sys.stderr)
+        else:
+            traceback.print_exc()
+            print(BUG_REPORT, file=sys.stderr)
+        code = 1
+    if code and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # skip the process group's teardown, which waits on the failed neighbour
+    return code
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def convert(
     leaf_modules: Sequence[type] = (),
     concrete_args: dict | None = None,
     share_parameters: bool = False,
-    fallback: bool = True,
+    fallback: bool | str = True,
 ) -> LFNNModel:
     """Convert ``model`` into a leader-follower network trained with local error signals.
 
@@ -85,8 +85,11 @@ def convert(
         leaf_modules: module classes to keep whole when tracing.
         concrete_args: values for optional forward arguments.
         share_parameters: use the model's parameters instead of a copy.
-        fallback: when torch.fx cannot trace inside a submodule, keep that module whole and retry
-            (a warning names it; cuts fall on module boundaries around it). ``False`` raises instead.
+        fallback: when torch.fx cannot trace inside a submodule, keep that module whole and retry (a warning
+            names it; cuts fall on module boundaries around it); when it cannot trace the model's own
+            ``forward()`` because of a shape check, run its top-level children one after another if that gives
+            the same outputs. A ``forward()`` that branches on its input's *values* is refused unless
+            ``fallback="children"`` (the branch may go another way on other inputs). ``False`` raises instead.
 
     Returns:
         An :class:`~lfnnify.LFNNModel`.

@@ -62,10 +62,11 @@ class _Profiler(fx.Interpreter):
         return result
 
 
-def profile_graph(gm: fx.GraphModule, example_input: torch.Tensor) -> GraphProfile:
+def profile_graph(gm: fx.GraphModule, example_input: torch.Tensor, *, given_shape=None) -> GraphProfile:
     """Run ``gm`` once in eval mode without gradients, recording each node's FLOPs and shape.
 
-    Eval mode keeps BatchNorm running statistics untouched; ``gm.training`` is restored.
+    Eval mode keeps BatchNorm running statistics untouched; ``gm.training`` is restored. ``given_shape`` is
+    the shape of the batch the user gave (the profile runs on its first example), for the error message.
     """
     profile = GraphProfile()
     was_training = gm.training
@@ -78,7 +79,8 @@ def profile_graph(gm: fx.GraphModule, example_input: torch.Tensor) -> GraphProfi
         node = next((n for n in gm.graph.nodes if n.name not in profile.shapes), None)
         where = f"at {node.op} {node.target!s}" if node is not None else "in the graph"
         raise ConfigError(
-            f"{type(gm).__name__} could not run on an example input of shape {tuple(example_input.shape)} "
+            f"{type(gm).__name__} could not run on an example input of shape "
+            f"{tuple(given_shape or example_input.shape)} "
             f"({where}): {type(exc).__name__}: {str(exc).splitlines()[0]}. Pass example_input= with a "
             f"size the model accepts (its pretrained_cfg input size, for instance)."
         ) from exc

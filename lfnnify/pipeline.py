@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import datetime
+import os
+import signal
+import socket
 import sys
 import time
 from collections.abc import Iterable
@@ -123,9 +126,12 @@ class PipelineTrainer(TrainerBase):
             progress=progress and self.rank == 0,
         )
         self.timing = StageTiming(busy_s=0.0, recv_wait_s=0.0, send_wait_s=0.0, steps=0)
+        processes: list = [None] * self.world
+        dist.all_gather_object(processes, (socket.gethostname(), os.getpid()))
+        self._processes = processes
         self.link = Link(rank=self.rank, prev_rank=self.prev_rank, next_rank=self.next_rank, device=self.device,
                          timeout=self.timeout, max_in_flight=max_in_flight, send_dtype=send_dtype, timing=self.timing,
-                         describe=f"rank {self.rank} (block {self.stage})")
+                         label=self._label, on_hung=self._end_hung)
         self._early_grad: Tensor | None = None  # replay: a gradient received at the end of a phase
         if self.replicas > 1:
             self.updates[self.stage].reduce = self._average_gradients
@@ -141,6 +147,7 @@ class PipelineTrainer(TrainerBase):
         mode, the gradient of an earlier batch's input back to the previous rank)."""
         start = time.perf_counter()
         t, stage = self.step, self.stages[self.stage]
+        _fault(self.rank, t)
         self.net.train()
         out = stage.forward(x, y, t)
         if not self.last:
@@ -195,17 +202,36 @@ class PipelineTrainer(TrainerBase):
 
     # ------------------------------------------------------------------ loops
 
+    def _label(self, rank: int) -> str:
+        return f"rank {rank} (block {rank // self.replicas})"
+
+    def _end_hung(self, rank: int) -> bool:
+        """End a neighbour that stopped answering (SIGSTOP, a hang), when it runs on this machine: a stopped
+        process ignores torchrun's SIGTERM for 30 s. Returns whether it was ended."""
+        host, pid = self._processes[rank]
+        if host != socket.gethostname() or pid == os.getpid():
+            return False
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
     def fit(self, loader=None, *, epochs: int = 1, max_steps: int | None = None, val_loader=None) -> list[dict]:
         """Train in pipeline mode. Every rank calls ``fit`` with the same ``epochs``/``max_steps``;
         only the first stage reads ``loader`` (other ranks may pass ``None``).
 
         ``max_steps`` counts optimizer steps of each rank (one per batch of its replica).
         Returns the per-epoch history (the last stage's losses and accuracy).
+
+        Raises:
+            lfnnify.PipelineError: a neighbour exited or stopped answering within ``timeout_s`` (the message
+                names it). Any error raised on this rank carries ``pipeline_rank``, e.g. "rank 1 (block 1)".
         """
         try:
             return self._fit(loader, epochs=epochs, max_steps=max_steps, val_loader=val_loader)
         except BaseException as exc:
-            self._report_failure(exc)
+            _name_the_rank(exc, self._label(self.rank))
             raise
 
     def _fit(self, loader, *, epochs, max_steps, val_loader):
@@ -350,13 +376,6 @@ class PipelineTrainer(TrainerBase):
         dist.all_gather_object(gathered, {**self.timing, "rank": self.rank, "block": self.stage})
         return [StageTiming(t) for t in gathered]
 
-    def _report_failure(self, exc: BaseException) -> None:
-        if isinstance(exc, PeerError):
-            print(f"lfnnify: rank {self.rank} (block {self.stage}) stopping: {exc}", file=sys.stderr, flush=True)
-        elif not isinstance(exc, KeyboardInterrupt):
-            print(f"lfnnify: rank {self.rank} (block {self.stage}) failed: {type(exc).__name__}: {exc}",
-                  file=sys.stderr, flush=True)
-
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict:
@@ -371,6 +390,30 @@ class PipelineTrainer(TrainerBase):
         super().load_state_dict(state)
         early = state.get("early_grad")
         self._early_grad = early.to(self.device) if early is not None else None
+
+
+def _name_the_rank(exc: BaseException, label: str) -> None:
+    """Say on which rank an error happened: an attribute the command line prints, and a note in tracebacks."""
+    if isinstance(exc, (KeyboardInterrupt, PeerError)) or getattr(exc, "pipeline_rank", None):
+        return
+    try:
+        exc.pipeline_rank = label
+    except AttributeError:
+        return
+    if hasattr(exc, "add_note"):
+        exc.add_note(f"lfnnify: this happened on {label}")
+
+
+def _fault(rank: int, step: int) -> None:
+    """The fault suite's hook: ``LFNNIFY_FAULT=raise|kill|stop`` with ``LFNNIFY_FAULT_RANK`` and
+    ``LFNNIFY_FAULT_STEP`` makes that rank fail for real at that step. Unset, it does nothing."""
+    kind = os.environ.get("LFNNIFY_FAULT")
+    if not kind or int(os.environ.get("LFNNIFY_FAULT_RANK", -1)) != rank or int(os.environ.get("LFNNIFY_FAULT_STEP", 0)) != step:
+        return
+    print(f"lfnnify-fault: {kind} on rank {rank} at step {step}, time {time.time():.3f}", file=sys.stderr, flush=True)
+    if kind == "raise":
+        raise RuntimeError(f"injected failure at step {step}")
+    os.kill(os.getpid(), {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}[kind])
 
 
 def _keep_only_stage(net: LFNNModel, stage: int, device: torch.device) -> None:

@@ -345,7 +345,7 @@ def plan(
     example_input: torch.Tensor | None = None,
     leaf_modules: Sequence[type] = (),
     concrete_args: dict | None = None,
-    fallback: bool = True,
+    fallback: bool | str = True,
 ) -> Plan:
     """List where ``model`` can be cut and, with ``blocks=`` or ``cuts=``, where it will be.
 
@@ -372,8 +372,8 @@ def plan(
             timm's ``pretrained_cfg`` size.
         leaf_modules: module classes to keep whole when tracing (cuts inside them are impossible).
         concrete_args: values for optional forward arguments (all default ones are fixed anyway).
-        fallback: keep a submodule torch.fx cannot trace whole and retry (with a warning), instead of
-            raising :class:`~lfnnify.TraceError`.
+        fallback: as for :func:`lfnnify.convert` (module boundaries where torch.fx fails; ``"children"``
+            also accepts a ``forward()`` that branches on its input's values).
 
     Returns:
         A :class:`Plan`; ``str(plan)`` is a table.

@@ -43,6 +43,13 @@ class _Tracer(NodePathTracer):
             autowrap_functions=tuple(dict.fromkeys(autowrap_functions)),
         )
         self.failed_at: str | None = None
+        self.branch_on: str | None = None  # "values" or "shapes": what a failing Python branch depended on
+
+    def to_bool(self, obj):
+        # torch.fx cannot branch on a traced value; remember whether the branch read the input's values (its
+        # outcome can change from one batch to the next) or only its shape (fixed for a given input size)
+        self.branch_on = "values" if _reads_values(obj.node) else "shapes"
+        return super().to_bool(obj)
 
     def call_module(self, m, forward, args, kwargs):
         try:
@@ -51,6 +58,28 @@ class _Tracer(NodePathTracer):
             if self.failed_at is None:  # the innermost module: call_module unwinds outwards
                 self.failed_at = self.path_of_module(m)
             raise
+
+
+_SHAPE_READS = {"size", "dim", "numel", "ndimension"}
+
+
+def _reads_values(node: fx.Node) -> bool:
+    """Whether ``node`` depends on the input's values, not only on its shape (``x.shape``, ``x.size(1)``)."""
+    seen: dict[fx.Node, bool] = {}
+
+    def visit(n: fx.Node) -> bool:
+        if n not in seen:
+            if n.op == "placeholder":
+                seen[n] = True
+            elif (n.op == "call_function" and n.target is getattr and len(n.args) > 1 and n.args[1] in ("shape", "ndim")) \
+                    or (n.op == "call_method" and n.target in _SHAPE_READS):
+                seen[n] = False
+            else:
+                seen[n] = False  # provisional, for cycles (there are none in a trace)
+                seen[n] = any(visit(a) for a in n.all_input_nodes)
+        return seen[n]
+
+    return visit(node)
 
 
 @dataclass
@@ -108,6 +137,7 @@ def _trace_once(
             f"with concrete_args={{...}}."
         )
         error.module_path = where
+        error.branch_on = tracer.branch_on
         raise error from exc
     finally:
         model.train(was_training)

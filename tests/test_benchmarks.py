@@ -2,8 +2,8 @@
 
 import argparse
 import json
-import os
 import math
+import os
 import statistics
 import subprocess
 import sys

@@ -2,10 +2,8 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -113,30 +111,6 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, args, pattern):
 def test_missing_dataset_mentions_download(tmp_path):
     proc = _cli("train", FMNIST, "--set", "data.dataset=cifar10", "--data", tmp_path / "none", "--no-progress")
     assert proc.returncode == 2 and "--download" in proc.stderr and "Traceback" not in proc.stderr
-
-
-def test_sigterm_saves_and_resume_continues(tmp_path):
-    out = tmp_path / "run"
-    args = ["train", FMNIST, "--out", out, "--set", "train.iterations=40", "--set", "train.checkpoint_every=3",
-            "--set", "data.batch_size=32", *SHORT]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "lfnnify", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-    deadline = time.monotonic() + 240
-    while not (out / "ckpt" / "CURRENT").exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
-    assert "interrupted at iteration" in stdout and "--resume" in stdout
-    state = json.loads((_current(out / "ckpt") / "trainer.json").read_text())
-    stopped_at = next(v for k, v in state["state"]["__dict__"] if k == "step")
-    assert 0 < stopped_at < 40
-
-    again = _cli("train", FMNIST, "--out", out, "--resume", *args[4:])
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert f"resuming at {stopped_at}" in again.stdout
-    assert "40 iterations" in (out / "results.md").read_text()
 
 
 def test_train_under_torchrun_uses_the_pipeline(tmp_path):

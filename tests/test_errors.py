@@ -162,3 +162,34 @@ def test_an_encoder_without_logits_gets_a_clear_training_error():
     net = lfnnify.convert(encoder, blocks=2, num_classes=10, example_input=X)
     with pytest.raises(ValueError, match=r"output has shape \(2, 512, 1, 1\), not \(batch, classes\) logits.*classifier"):
         net.local_losses(batch(32), torch.tensor([0, 1]))
+
+
+class _Rescaling(torch.nn.Module):
+    """forward() branches on its input's values: torch.fx cannot trace it, and the branch is not taken on small
+    inputs, so its children match forward() on the example input but not on every input."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU())
+        self.stage = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU())
+        self.head = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 3))
+
+    def forward(self, x):
+        if x.abs().max() > 100:
+            x = x / x.abs().max()
+        return self.head(self.stage(self.stem(x)))
+
+
+def test_a_forward_that_branches_on_values_is_refused_unless_accepted():
+    with pytest.raises(lfnnify.TraceError, match=r"branches on the values of its input.*fallback='children'"):
+        lfnnify.convert(_Rescaling(), blocks=2, example_input=X)
+    model = _Rescaling().eval()
+    with pytest.warns(UserWarning, match=r"You accepted it with fallback='children'.*outputs differ"):
+        net = lfnnify.convert(model, blocks=2, example_input=X, fallback="children")
+    net.eval()
+    with torch.no_grad():
+        assert torch.equal(net(X), model(X))  # the branch not taken: the same
+        big = X * 1000
+        assert not torch.allclose(net(big), model(big))  # taken: what the user accepted
+    with pytest.raises(lfnnify.ConfigError, match=r"fallback='maybe' must be True"):
+        lfnnify.convert(_Rescaling(), blocks=2, example_input=X, fallback="maybe")
