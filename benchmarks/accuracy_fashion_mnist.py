@@ -40,7 +40,8 @@ METHODS = {
     "lfnn_eq1": ("LFNN, Eq. 1 (global loss kept; not pipeline-capable)", dict(blocks=4, mode="lfnn"), {}),
     "replay": ("replay, no local loss", dict(blocks=4, mode="replay"), {}),
     "replay_local": ("replay + 0.3 × local loss", dict(blocks=4, mode="replay", local_weight=0.3), {}),
-    "local_then_replay": ("local for epoch 1, then replay", dict(blocks=4), {"switch_to": "replay", "switch_epochs": 1}),
+    "local_then_replay": ("local for epoch 1, then replay", dict(blocks=4), {"switch_to": "replay",
+                                                                             "switch_epochs": 1}),
 }
 # rows of the 2026-11-26 results whose code is unchanged (checked: the first 20 losses of LFNN-ℓ K=4 are
 # bit-identical before and after the trainer redesign; backprop is a plain torch loop)

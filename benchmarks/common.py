@@ -25,7 +25,8 @@ def commit() -> str:
             cwd=Path(__file__).parent,
         )
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "../lfnnify", "*.py", "*.sh"], capture_output=True, text=True, cwd=Path(__file__).parent
+            ["git", "status", "--porcelain", "--", "../lfnnify", "*.py", "*.sh"], capture_output=True, text=True,
+                cwd=Path(__file__).parent
         ).stdout.strip()
         return out.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):

@@ -134,9 +134,10 @@ def main() -> None:
     write_json(args.out / "memory.json", payload)
     if args.out.resolve() == RESULTS.resolve():
         alloc = "-mmap" if args.mmap_threshold is not None else ""
-        write_json(args.out / f"memory-{args.model}-k{args.blocks}-b{args.batch}-{args.balance}{alloc}-{hardware_tag()}-"
-                              f"{env_before['date'][:10]}.json", payload)
-    print(f"{args.model} {args.size}px batch {args.batch}: LFNN-ℓ (K={args.blocks}, one device, balance={args.balance}) peak {key} = "
+        stem = f"memory-{args.model}-k{args.blocks}-b{args.batch}-{args.balance}{alloc}-{hardware_tag()}"
+        write_json(args.out / f"{stem}-{env_before['date'][:10]}.json", payload)
+    print(f"{args.model} {args.size}px batch {args.batch}: LFNN-ℓ (K={args.blocks}, one device, "
+          f"balance={args.balance}) peak {key} = "
           f"{ratio:.1%} of BP's ({100 * (1 - ratio):.1f}% less; target <= 45%)")
 
 

@@ -75,7 +75,8 @@ def _run(method: str, args, *, nproc: int, threads: int, extra=(), name=None) ->
         med = statistics.median(result["step_s"])
         result.update(step_s_median=med, step_s_min=min(result["step_s"]), step_s_max=max(result["step_s"]),
                       samples_per_s=args.batch / med)
-    print(f"  {name:<20} " + (f"{result['samples_per_s']:8.1f} samples/s  (median step {result['step_s_median'] * 1e3:.0f} ms)"
+    print(f"  {name:<20} " + (f"{result['samples_per_s']:8.1f} samples/s  (median step "
+                              f"{result['step_s_median'] * 1e3:.0f} ms)"
                                if "samples_per_s" in result else "done"), flush=True)
     return result
 
@@ -266,7 +267,8 @@ def markdown(payload: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for t in m["lfnn_pipeline"].get("stage_timings", []):
-        lines.append(f"| {t['rank']} | {t['block']} | {t['busy_s']:.2f} | {t['recv_wait_s']:.2f} | {t['send_wait_s']:.2f} |")
+        lines.append(f"| {t['rank']} | {t['block']} | {t['busy_s']:.2f} | {t['recv_wait_s']:.2f} | "
+                     f"{t['send_wait_s']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -312,7 +314,8 @@ def chart(payload: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="K=2, CIFAR-sized resnet18, few steps (< 3 min on 2 cores)")
+    parser.add_argument("--quick", action="store_true",
+                        help="K=2, CIFAR-sized resnet18, few steps (< 3 min on 2 cores)")
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--cifar", action=argparse.BooleanOptionalAction, default=True,
                         help="remove the stem max-pool (default on; --no-cifar for ImageNet-sized inputs)")

@@ -77,7 +77,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         bp = run("backprop, 1 process", args, Path(tmp) / "bp", pipeline=False)
         lf = run(f"LFNN-ℓ pipeline, {args.blocks} processes", args, Path(tmp) / "lfnn", pipeline=True)
-    target = args.target if args.target is not None else min(max(r["accuracy"] for r in bp), max(r["accuracy"] for r in lf))
+    target = args.target if args.target is not None else min(max(r["accuracy"] for r in bp),
+                                                             max(r["accuracy"] for r in lf))
     hit_bp, hit_lf = first_reaching(bp, target), first_reaching(lf, target)
     ratio = hit_bp["train_seconds"] / hit_lf["train_seconds"] if hit_bp and hit_lf else None
     payload = {

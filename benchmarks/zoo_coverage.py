@@ -144,7 +144,8 @@ def check_model(name: str, source: str, cap: int, record: dict, max_params: int 
                               if "kept those modules whole" in str(w.message) or "top-level children" in str(w.message)]
         record["dual_graph"] = any("different graphs" in str(w.message) for w in caught)
     record.update(k2=outcomes[2], k4=outcomes[4])
-    ok = all(o["equal"] for o in outcomes.values() if o["equal"] is not None) and outcomes[4].get("isolated") is not False
+    equal = all(o["equal"] for o in outcomes.values() if o["equal"] is not None)
+    ok = equal and outcomes[4].get("isolated") is not False
     record["status"] = "ok" if ok else "mismatch"
     record["stage"] = "done"
     return record
@@ -252,7 +253,7 @@ def sweep(args) -> None:
             sink.write(json.dumps(record) + "\n")
             sink.flush()
             print(f"[{i}/{len(todo)}] {record['name']}: {record['status']}"
-                  + (f" ({record.get('reason') or record.get('error', '')})" if record["status"] not in ("ok",) else ""),
+                  + (f" ({record.get('reason') or record.get('error', '')})" if record["status"] != "ok" else ""),
                   flush=True)
     report()
 
@@ -360,7 +361,8 @@ def report(results: Path = None, doc: Path = None) -> dict:
     for r in sorted(failures, key=lambda r: r["name"]):
         reason = r.get("reason") or r.get("error") or ""
         if r["status"] == "mismatch":
-            reason = f"outputs differ (K=2: {r['k2'].get('equal')}, K=4: {r['k4'].get('equal')}), isolated: {r['k4'].get('isolated')}"
+            reason = (f"outputs differ (K=2: {r['k2'].get('equal')}, K=4: {r['k4'].get('equal')}), "
+                      f"isolated: {r['k4'].get('isolated')}")
         lines.append(f"- `{r['name']}` ({r['source']}): **{r['status']}** at {r.get('stage', '?')}: {reason}")
     if unswept_names:
         lines += ["", "## Not swept yet (the sweep was stopped; `--models all --small-first` resumes)", "",
@@ -400,7 +402,8 @@ def main() -> None:
         try:
             check_model(args.one, args.source, args.cap, record, args.max_params)
         except Exception as exc:  # one model's failure is a result, not a crash of the sweep
-            record.update(status="error", error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}",
+            record.update(status="error",
+                          error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}",
                           where=traceback.format_exc().splitlines()[-3][:200])
         print(json.dumps(record, default=str))
         return

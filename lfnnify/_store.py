@@ -122,7 +122,8 @@ def current_folder(path: Path) -> tuple[Path, str | None]:
     if not path.is_dir():
         raise CheckpointError(
             f"{path} is not an lfnnify checkpoint: checkpoints are folders written by lfnnify.save"
-            + (" (this is a file; for plain weights use lfnnify.load_pretrained)" if path.is_file() else " (it does not exist)")
+            + (" (this is a file; for plain weights use lfnnify.load_pretrained)" if path.is_file()
+               else " (it does not exist)")
         )
     pointed = _pointed(path)
     if pointed is not None:

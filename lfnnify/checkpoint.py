@@ -122,7 +122,8 @@ def read_meta(path: Path) -> tuple[Path, dict]:
     folder, digest = store.current_folder(path)
     meta = store.read_json(folder / store.META, _META_KEYS, expected_sha256=digest)
     if meta.get("format") != store.FORMAT:
-        raise CheckpointError(f"{folder / store.META} is not an lfnnify checkpoint description (format={meta.get('format')!r})")
+        raise CheckpointError(f"{folder / store.META} is not an lfnnify checkpoint description "
+                              f"(format={meta.get('format')!r})")
     missing = [k for k in _CONFIG_KEYS if k not in meta["config"]]
     if missing:
         raise CheckpointError(f"{folder / store.META} is damaged: its 'config' lacks {', '.join(map(repr, missing))}")
@@ -208,7 +209,8 @@ def load_weights_into(net: LFNNModel, path: str | os.PathLike) -> LFNNModel:
     path = Path(path)
     folder, meta = read_meta(path)
     if meta["cuts"] != net.plan.cuts:
-        raise CheckpointError(f"{path} was cut at {meta['cuts']}, this model at {net.plan.cuts}; convert it the same way")
+        raise CheckpointError(f"{path} was cut at {meta['cuts']}, this model at {net.plan.cuts}; convert it the "
+                              f"same way")
     weights = read_weights(folder, meta)
     shard = getattr(net, "_shard", None)
     if shard is not None:  # a pipeline rank holds only its own block and head
@@ -240,7 +242,8 @@ def read_trainer_state(path: str | os.PathLike, *, block: int | None = None) -> 
     state = store.unflatten(stored["state"], tensors)
     missing = [k for k in _TRAINER_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
-        raise CheckpointError(f"{folder / names[0]} is damaged: the trainer state lacks {', '.join(map(repr, missing))}")
+        raise CheckpointError(f"{folder / names[0]} is damaged: the trainer state lacks "
+                              f"{', '.join(map(repr, missing))}")
     return state
 
 

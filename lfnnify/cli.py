@@ -29,7 +29,8 @@ def _cmd_plan(args) -> int:
     from .planning import plan
 
     if args.input_size is not None and args.input_size < 1:
-        raise ConfigError(f"--input-size {args.input_size}: give a positive square size in pixels, e.g. --input-size 224")
+        raise ConfigError(f"--input-size {args.input_size}: give a positive square size in pixels, e.g. "
+                          f"--input-size 224")
     model = create_model(args.model, num_classes=args.num_classes)
     example = None
     if args.input_size is not None:
@@ -103,7 +104,8 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("recipe", help="a recipe YAML (see recipes/)")
     t.add_argument("--data", help="dataset folder (overrides data.root)")
     t.add_argument("--out", type=Path, help="run folder (default runs/<recipe>-<time>)")
-    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key, e.g. train.iterations=1000")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. train.iterations=1000")
     t.add_argument("--pretrained", help="a local .safetensors/.pth checkpoint to fine-tune from")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     t.add_argument("--download", action="store_true", help="allow torchvision to download the dataset")

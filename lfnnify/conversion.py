@@ -129,7 +129,8 @@ def convert(
     staged = staged_cut_points(analysis)
     ends = [c.index for c in chosen[1:]] + [len(analysis.traced.graph_module.graph.nodes) - 1]
     heads = [
-        build_site_head(head, head_site(source, cut, staged, end, analysis=analysis, head=head), analysis, the_plan.num_classes, workers)
+        build_site_head(head, head_site(source, cut, staged, end, analysis=analysis, head=head), analysis,
+                        the_plan.num_classes, workers)
         for cut, end in zip(chosen, ends)
     ]
     param = next(source.parameters(), None)

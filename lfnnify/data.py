@@ -92,7 +92,8 @@ class FashionMNIST(Dataset):
         self.images = _read_idx(pick(images))
         self.labels = _read_idx(pick(labels)).long()
         if len(self.images) != len(self.labels):
-            raise DataError(f"{folder}: {len(self.images)} images but {len(self.labels)} labels; the files do not match")
+            raise DataError(f"{folder}: {len(self.images)} images but {len(self.labels)} labels; the files do not "
+                            f"match")
         self.augment = augment
 
     def __len__(self) -> int:
@@ -192,8 +193,10 @@ def build_datasets(recipe, *, root: str | None = None, download: bool = False):
         size = d.input_size or 32
         chans = recipe.model.in_chans or 3
         classes = recipe.model.num_classes or 10
-        train = SyntheticImages(d.train_subset or 512, shape=(chans, size, size), classes=classes, seed=recipe.train.seed)
-        test = SyntheticImages(d.eval_subset or 256, shape=(chans, size, size), classes=classes, seed=recipe.train.seed + 1)
+        train = SyntheticImages(d.train_subset or 512, shape=(chans, size, size), classes=classes,
+                                seed=recipe.train.seed)
+        test = SyntheticImages(d.eval_subset or 256, shape=(chans, size, size), classes=classes,
+                               seed=recipe.train.seed + 1)
     if d.train_subset:
         train = Subset(train, range(min(d.train_subset, len(train))))
     if d.eval_subset:
@@ -209,7 +212,8 @@ def _cifar(name: str, folder: str, *, augment: bool, download: bool):
     mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
     aug = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if augment else []
     try:
-        train = cls(folder, train=True, download=download, transform=T.Compose([*aug, T.ToTensor(), T.Normalize(mean, std)]))
+        normalise = [T.ToTensor(), T.Normalize(mean, std)]
+        train = cls(folder, train=True, download=download, transform=T.Compose([*aug, *normalise]))
         test = cls(folder, train=False, download=download, transform=T.Compose([T.ToTensor(), T.Normalize(mean, std)]))
     except RuntimeError as exc:
         raise DataNotFoundError(
@@ -224,14 +228,16 @@ def _image_folders(root: str | None, size: int, *, augment: bool):
     from torchvision import transforms as T
 
     if not root:
-        raise DataNotFoundError("data.dataset is imagefolder but no folder was given: pass --data DIR (with train/ and val/)")
+        raise DataNotFoundError("data.dataset is imagefolder but no folder was given: pass --data DIR (with train/ "
+                                "and val/)")
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     aug = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()] if augment else [T.Resize(size), T.CenterCrop(size)]
     folders = [Path(root) / "train", next((Path(root) / n for n in ("val", "test") if (Path(root) / n).is_dir()),
                                           Path(root) / "val")]
     for f in folders:
         if not f.is_dir():
-            raise DataNotFoundError(f"image folder {f} not found: an imagefolder dataset needs {root}/train and {root}/val")
+            raise DataNotFoundError(f"image folder {f} not found: an imagefolder dataset needs {root}/train and "
+                                    f"{root}/val")
     train = torchvision.datasets.ImageFolder(folders[0], T.Compose([*aug, T.ToTensor(), T.Normalize(mean, std)]))
     test = torchvision.datasets.ImageFolder(
         folders[1], T.Compose([T.Resize(int(size * 1.14)), T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)]))

@@ -70,7 +70,8 @@ def _mismatch(model: nn.Module, x: torch.Tensor, *, training: bool) -> str | Non
                 who = "forward()" if net is original else "the children in sequence"
                 return f"{who} failed in {'train' if training else 'eval'} mode: {type(exc).__name__}: {exc}"
     if not _same(*outputs):
-        return f"the children in sequence compute something else than forward() in {'train' if training else 'eval'} mode"
+        mode = "train" if training else "eval"
+        return f"the children in sequence compute something else than forward() in {mode} mode"
     return None
 
 

@@ -204,4 +204,5 @@ class LFNNModel(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"blocks={self.num_blocks}, cuts={c['cuts']}, workers={c['workers']}, leaders={c['leaders']}, mode={c['mode']!r}"
+        return (f"blocks={self.num_blocks}, cuts={c['cuts']}, workers={c['workers']}, leaders={c['leaders']}, "
+                f"mode={c['mode']!r}")

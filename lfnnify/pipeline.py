@@ -100,7 +100,8 @@ class PipelineTrainer(TrainerBase):
         if self.world % blocks:
             raise ConfigError(
                 f"world size {self.world} is not a multiple of the model's {blocks} blocks; start K×R processes "
-                f"(K blocks, R replicas each), e.g. torchrun --nproc-per-node {blocks}, or convert with blocks={self.world}"
+                f"(K blocks, R replicas each), e.g. torchrun --nproc-per-node {blocks}, or convert with "
+                f"blocks={self.world}"
             )
         self.replicas = self.world // blocks
         self.stage, self.replica = divmod(self.rank, self.replicas)
@@ -408,7 +409,8 @@ def _fault(rank: int, step: int) -> None:
     """The fault suite's hook: ``LFNNIFY_FAULT=raise|kill|stop`` with ``LFNNIFY_FAULT_RANK`` and
     ``LFNNIFY_FAULT_STEP`` makes that rank fail for real at that step. Unset, it does nothing."""
     kind = os.environ.get("LFNNIFY_FAULT")
-    if not kind or int(os.environ.get("LFNNIFY_FAULT_RANK", -1)) != rank or int(os.environ.get("LFNNIFY_FAULT_STEP", 0)) != step:
+    at = (int(os.environ.get("LFNNIFY_FAULT_RANK", -1)), int(os.environ.get("LFNNIFY_FAULT_STEP", 0)))
+    if not kind or at != (rank, step):
         return
     print(f"lfnnify-fault: {kind} on rank {rank} at step {step}, time {time.time():.3f}", file=sys.stderr, flush=True)
     if kind == "raise":

@@ -95,7 +95,8 @@ class Plan:
                 f"{b.index:<6}{b.start:<{w}}{b.end:<{w}}{b.params:>12,}{b.head_params:>13,}"
                 f"{b.flops / 1e9:>9.3f}{100 * b.flops / total:>6.1f}%{b.head_flops / 1e9:>13.4f}  {b.output_shape}"
             )
-        share = f" ({100 * self.total_head_params / self.model_params:.2f}% of the model's)" if self.model_params else ""
+        share = (f" ({100 * self.total_head_params / self.model_params:.2f}% of the model's)"
+                 if self.model_params else "")
         lines.append(
             f"heads add {self.total_head_params:,} parameters{share}; largest block / mean = {self.imbalance:.3f} "
             f"({self.balance})"
@@ -133,7 +134,8 @@ def validate_knobs(*, blocks, cuts, workers, leaders, balance, head="linear") ->
     if head in ("lookahead", "lookahead-layer") and workers != 1:
         raise ConfigError(
             f"head={head!r} with workers={workers}: a look-ahead head copies the next block's first stage, "
-            f"which mixes all channels, so it is block-wise only. Use workers=1, or head='linear' for filter-wise workers."
+            f"which mixes all channels, so it is block-wise only. Use workers=1, or head='linear' for filter-wise "
+            f"workers."
         )
 
 
@@ -360,8 +362,8 @@ def plan(
         cuts: explicit cut names (see the listing of ``plan(model)``).
         workers: filter-wise workers per head (1 = block-wise).
         num_classes: classes the heads predict; read from the model's classifier by default.
-        head: ``"linear"``, ``"lookahead"``, ``"lookahead-layer"`` or a callable ``head(channels, num_classes, workers)``; its
-            parameters and FLOPs are reported per block.
+        head: ``"linear"``, ``"lookahead"``, ``"lookahead-layer"`` or a callable
+            ``head(channels, num_classes, workers)``; its parameters and FLOPs are reported per block.
         mode: the training mode (``"local"``, ``"lfnn"``, ``"replay"``); for ``"replay"`` the plan says how
             many earlier inputs each block keeps and what they cost.
         balance: ``"flops"`` (forward FLOPs, the default), ``"time"`` (measured forward+backward

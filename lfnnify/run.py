@@ -78,7 +78,8 @@ def train_from_recipe(
     if stopped:
         save(net, out / "ckpt", trainer=trainer)
         if leader:
-            print(f"interrupted at iteration {trainer.step} of {total}: checkpoint saved to {out / 'ckpt'}; continue with: "
+            print(f"interrupted at iteration {trainer.step} of {total}: checkpoint saved to {out / 'ckpt'}; "
+                  f"continue with: "
                   f"lfnnify train {recipe_path} --out {out} --resume", flush=True)
         return 128 + stopped.signal
     if leader:
@@ -88,7 +89,8 @@ def train_from_recipe(
 
 def _check_out(out: Path, resume: bool) -> None:
     if resume and not checkpoint_exists(out / "ckpt"):
-        raise DataNotFoundError(f"--resume: no checkpoint at {out / 'ckpt'}; pass the --out folder of the run to continue")
+        raise DataNotFoundError(f"--resume: no checkpoint at {out / 'ckpt'}; pass the --out folder of the run to "
+                                f"continue")
     if not resume and (out / "ckpt").exists():
         raise ConfigError(f"{out} already holds a run; add --resume to continue it, or choose another --out")
 
@@ -147,7 +149,8 @@ def _train(recipe, net, trainer, train_loader, test_loader, *, total, out, stopp
         next_eval = (trainer.step // eval_every + 1) * eval_every
         next_ckpt = (trainer.step // t.checkpoint_every + 1) * t.checkpoint_every
         chunk = time.perf_counter()
-        trainer.fit(train_loader if _reads_data(trainer) else None, epochs=10**9, max_steps=min(total, next_eval, next_ckpt))
+        stop_at = min(total, next_eval, next_ckpt)
+        trainer.fit(train_loader if _reads_data(trainer) else None, epochs=10**9, max_steps=stop_at)
         trained_s += time.perf_counter() - chunk
         if stopped:
             break
@@ -194,8 +197,8 @@ def _finish(out, recipe, net, trainer, evaluations, seconds) -> None:
     files = ["recipe.yaml", "log.jsonl", "ckpt/"]
     if evaluations:
         heads = len(evaluations[-1]["block_accuracy"])
-        series = {("output" if k == heads - 1 else f"head {k}"): [100 * (1 - e["block_accuracy"][k]) for e in evaluations]
-                  for k in range(heads)}
+        series = {("output" if k == heads - 1 else f"head {k}"): [100 * (1 - e["block_accuracy"][k])
+                                                                  for e in evaluations] for k in range(heads)}
         plot_curves(series, out / "curves.png", xlabel="evaluation (end of each epoch)",
                     title=f"{recipe.name}: test error of every head")
         files.append("curves.png")
@@ -204,14 +207,16 @@ def _finish(out, recipe, net, trainer, evaluations, seconds) -> None:
         files.append("leadership.png")
     final = evaluations[-1] if evaluations else {}
     lines = [f"# {recipe.name}", "", f"method: {recipe.method}; model: {recipe.model.name}; "
-             f"{trainer.step} iterations in {seconds:.0f} s", "", "| block | cut after | test accuracy |", "|---|---|---|"]
+             f"{trainer.step} iterations in {seconds:.0f} s", "", "| block | cut after | test accuracy |",
+             "|---|---|---|"]
     cuts = net.plan.cuts + ["output"]
     for k, acc in enumerate(final.get("block_accuracy", [])):
         lines.append(f"| {k} | {cuts[k]} | {acc:.4f} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     files.append("results.md")
     print("\n".join(lines))
-    print(f"done: test accuracy {final.get('accuracy', float('nan')):.4f}; everything is in {out}/ ({', '.join(files)})")
+    print(f"done: test accuracy {final.get('accuracy', float('nan')):.4f}; everything is in {out}/ "
+          f"({', '.join(files)})")
 
 
 def main_train(args) -> int:

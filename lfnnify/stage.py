@@ -177,10 +177,12 @@ class BlockStage:
             self.update.step()
             return None, self._record(loss, logits, y, leaders)
         if grad is None:
-            raise RuntimeError(f"block {self.k} needs the delayed gradient of batch {batch} at step {step}, but got none")
+            raise RuntimeError(f"block {self.k} needs the delayed gradient of batch {batch} at step {step}, but got "
+                               f"none")
         stored = self._line.popleft()
         if stored.step != batch:
-            raise RuntimeError(f"block {self.k} kept batch {stored.step}, but step {step} back-propagates batch {batch}")
+            raise RuntimeError(f"block {self.k} kept batch {stored.step}, but step {step} back-propagates batch "
+                               f"{batch}")
         return self._replay(stored, grad)
 
     # ------------------------------------------------------------------ pieces

@@ -63,6 +63,12 @@ class _Tracer(NodePathTracer):
 _SHAPE_READS = {"size", "dim", "numel", "ndimension"}
 
 
+def _reads_shape(n: fx.Node) -> bool:
+    if n.op == "call_function" and n.target is getattr:
+        return len(n.args) > 1 and n.args[1] in ("shape", "ndim")
+    return n.op == "call_method" and n.target in _SHAPE_READS
+
+
 def _reads_values(node: fx.Node) -> bool:
     """Whether ``node`` depends on the input's values, not only on its shape (``x.shape``, ``x.size(1)``)."""
     seen: dict[fx.Node, bool] = {}
@@ -71,8 +77,7 @@ def _reads_values(node: fx.Node) -> bool:
         if n not in seen:
             if n.op == "placeholder":
                 seen[n] = True
-            elif (n.op == "call_function" and n.target is getattr and len(n.args) > 1 and n.args[1] in ("shape", "ndim")) \
-                    or (n.op == "call_method" and n.target in _SHAPE_READS):
+            elif _reads_shape(n):
                 seen[n] = False
             else:
                 seen[n] = False  # provisional, for cycles (there are none in a trace)
@@ -196,7 +201,8 @@ def trace(
                 raise
             # fall back to a coarser graph: keep the module that failed whole, cut only around it
             leaves.append(failed)
-            fallbacks.append(f"{failed.__name__} ({str(exc.__cause__).splitlines()[0][:120] if exc.__cause__ else exc})")
+            fallbacks.append(f"{failed.__name__} "
+                             f"({str(exc.__cause__).splitlines()[0][:120] if exc.__cause__ else exc})")
     if fallbacks:
         warnings.warn(
             f"torch.fx could not trace inside {', '.join(fallbacks)}; lfnnify kept those modules whole "

@@ -23,7 +23,8 @@ def make_optimizer(factory: OptimizerFactory, params: list[nn.Parameter], block:
             f"takes a factory: optimizer=lambda params: torch.optim.{type(factory).__name__}(params, lr=...)"
         )
     if not callable(factory):
-        raise ConfigError(f"optimizer={factory!r} must be a factory: optimizer=lambda params: torch.optim.SGD(params, lr=0.1)")
+        raise ConfigError(f"optimizer={factory!r} must be a factory: optimizer=lambda params: "
+                          f"torch.optim.SGD(params, lr=0.1)")
     opt = factory(params)
     if not isinstance(opt, torch.optim.Optimizer):
         raise ConfigError(

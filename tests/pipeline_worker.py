@@ -26,7 +26,8 @@ def build(blocks, mode="local", local_weight=0.0, plain=False):
             torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 3, stride=2, padding=1),
             torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
             torch.nn.Flatten(), torch.nn.Linear(16, 10))
-        return lfnnify.convert(model, blocks=blocks, mode=mode, num_classes=10, example_input=torch.zeros(1, 1, SIZE, SIZE))
+        example = torch.zeros(1, 1, SIZE, SIZE)
+        return lfnnify.convert(model, blocks=blocks, mode=mode, num_classes=10, example_input=example)
     model = timm.create_model("resnet18", in_chans=1, num_classes=10)
     return lfnnify.convert(model, blocks=blocks, workers=2, leaders=0.5, mode=mode, local_weight=local_weight,
                            example_input=torch.zeros(1, 1, SIZE, SIZE))

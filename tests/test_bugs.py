@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def _update_norms(amp):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 1),
-                                torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 5))
+                                torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(8, 5))
     net = lfnnify.convert(model, cuts=["1"], mode="lfnn", workers=4, leaders=0.5, num_classes=5,
                           example_input=batch(8)[:1])
     before = [p.detach().clone() for p in net.parameters()]

@@ -39,7 +39,8 @@ def test_recipe_count_covers_the_paper():
     names = {p.stem for p in RECIPES}
     for model in ("vgg19", "resnet50", "resnet101", "resnet152"):
         assert f"cifar10_{model}_k4" in names and f"tiny_imagenet_{model}_k4" in names
-    assert {"imagenet_resnet101_k4", "imagenet_resnet152_k4", "fashion_mnist_resnet18_k4", "finetune_resnet50_k4"} <= names
+    assert {"imagenet_resnet101_k4", "imagenet_resnet152_k4", "fashion_mnist_resnet18_k4",
+            "finetune_resnet50_k4"} <= names
 
 
 @pytest.mark.parametrize(

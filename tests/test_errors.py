@@ -35,7 +35,7 @@ X = batch(32)[:1]
         ({"cuts": ["layer1"], "workers": 6}, ValueError, r"workers=6 does not divide the 64 channels.*divisor"),
         ({"mode": "bp"}, ValueError, r"mode='bp' must be 'local'"),
         ({"balance": "bandwidth"}, ValueError, r"balance='bandwidth' must be one of"),
-        ({"head": "mlp"}, ValueError, r"head='mlp' must be one of \('linear', 'lookahead'\) or a callable"),
+        ({"head": "mlp"}, ValueError, r"head='mlp' must be one of \('linear', 'lookahead', 'lookahead-layer'\)"),
         ({"follower_weight": -1}, ValueError, r"follower_weight=-1"),
     ],
 )
@@ -160,7 +160,8 @@ def test_example_input_the_model_cannot_take():
 def test_an_encoder_without_logits_gets_a_clear_training_error():
     encoder = timm.create_model("resnet18", num_classes=0, global_pool="")  # returns a feature map
     net = lfnnify.convert(encoder, blocks=2, num_classes=10, example_input=X)
-    with pytest.raises(ValueError, match=r"output has shape \(2, 512, 1, 1\), not \(batch, classes\) logits.*classifier"):
+    with pytest.raises(ValueError,
+                       match=r"output has shape \(2, 512, 1, 1\), not \(batch, classes\) logits.*classifier"):
         net.local_losses(batch(32), torch.tensor([0, 1]))
 
 

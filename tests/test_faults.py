@@ -80,7 +80,8 @@ def test_a_pipeline_fault_ends_every_rank_in_time_with_one_line(tmp_path, kind, 
         assert output.count("Traceback (most recent call last):\n  File \"/") <= 2  # torchrun's own, and the rank's
         assert output.count('raise RuntimeError(f"injected failure at step {step}")') == 1, output[-4000:]
         assert f"lfnnify: {failed} failed: RuntimeError: injected failure at step 2" in output
-        assert [line for line in ours if "stops:" in line] == [f"lfnnify: error: rank 0 (block 0) stops: {failed} exited"]
+        assert [line for line in ours if "stops:" in line] == [f"lfnnify: error: rank 0 (block 0) stops: {failed} "
+                                                               f"exited"]
     else:  # a killed or stopped rank prints nothing: its neighbour names it, once
         other = 1 - rank
         stops = [line for line in ours if "stops:" in line]
@@ -162,7 +163,8 @@ def test_a_save_killed_at_any_point_leaves_a_checkpoint_that_resumes_exactly(tmp
     net, trainer = small_run(steps=2)
     lfnnify.save(net, ckpt, trainer=trainer)  # the last good checkpoint, at step 2
     env = {**os.environ, "LFNNIFY_KILL_AT": point}
-    proc = subprocess.run([sys.executable, "-c", SAVER.format(root=str(ROOT), ckpt=str(ckpt), threads=torch.get_num_threads())], capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", SAVER.format(root=str(ROOT), ckpt=str(ckpt),
+                                                              threads=torch.get_num_threads())], capture_output=True,
                           text=True, timeout=120, cwd=ROOT, env=env)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     step = lfnnify.read_trainer_state(ckpt)["step"]
@@ -216,7 +218,8 @@ def test_a_description_missing_a_key_names_it(tmp_path, file, key):
         meta["files"].pop(file)
         (folder / "lfnnify.json").write_text(json.dumps(meta))
         (tmp_path / "ckpt" / "CURRENT").write_text(folder.name + "\n")
-    with pytest.raises(lfnnify.CheckpointError, match=rf"{file} is damaged or not written by lfnnify: it lacks the key '{key}'"):
+    with pytest.raises(lfnnify.CheckpointError,
+                       match=rf"{file} is damaged or not written by lfnnify: it lacks the key '{key}'"):
         lfnnify.load(tmp_path / "ckpt", model=_Small())
         lfnnify.read_trainer_state(tmp_path / "ckpt")
 
@@ -291,17 +294,21 @@ def test_bad_input_gets_a_clear_error(what, call, error, words):
 @pytest.mark.parametrize(
     "args,words",
     [
-        (["train", str(FMNIST), "--data", "/nonexistent", "--no-progress"], ["Fashion-MNIST not found", "/nonexistent"]),
+        (["train", str(FMNIST), "--data", "/nonexistent", "--no-progress"], ["Fashion-MNIST not found",
+                                                                             "/nonexistent"]),
         (["train", str(FMNIST), "--set", "data.root=/nonexistent", "--no-progress"], ["/nonexistent"]),
-        (["train", str(FMNIST), "--set", "pipeline.timeout_s=-5", "--no-progress"], ["pipeline.timeout_s: -5.0 must be > 0"]),
+        (["train", str(FMNIST), "--set", "pipeline.timeout_s=-5", "--no-progress"],
+         ["pipeline.timeout_s: -5.0 must be > 0"]),
         (["plan", "resnet18", "--input-size", "-3"], ["--input-size -3", "positive"]),
     ],
     ids=["--data missing", "data.root missing", "timeout_s", "input-size"],
 )
 def test_the_command_line_refuses_bad_input_in_one_line(tmp_path, args, words):
-    proc = subprocess.run([sys.executable, "-m", "lfnnify", *args, *(["--out", str(tmp_path / "r")] if args[0] == "train"
+    proc = subprocess.run([sys.executable, "-m", "lfnnify", *args, *(["--out",
+                                                                      str(tmp_path / "r")] if args[0] == "train"
                                                                         else [])],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          capture_output=True, text=True, cwd=ROOT, timeout=120, env={**os.environ,
+                                                                                      "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("lfnnify: error:") and all(w in line for w in words), line

@@ -75,7 +75,8 @@ def _run_id(run):
 def test_pipeline_equals_one_device_trainer(tmp_path, run):
     blocks, mode, weight, at, to = run
     steps = 7  # 5 batches per epoch (the last one smaller), so this crosses an epoch boundary
-    extra = ["--mode", mode, "--local-weight", weight] + (["--switch-at", at, "--switch-to", to] if at is not None else [])
+    extra = ["--mode", mode, "--local-weight", weight] + (["--switch-at", at, "--switch-to",
+                                                           to] if at is not None else [])
     proc, _ = _torchrun(blocks, "--scenario", "train", "--blocks", blocks, "--steps", steps, "--out", tmp_path, *extra)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     piped = lfnnify.load(tmp_path / "ckpt")
@@ -106,7 +107,8 @@ def test_a_failing_rank_stops_every_rank_quickly_and_is_reported_once(tmp_path):
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert seconds < 90, f"took {seconds:.0f} s to stop"
-    assert output.count("lfnnify: rank 1 (block 1) failed: RuntimeError: injected failure at step 2") == 1, output[-4000:]
+    failed = "lfnnify: rank 1 (block 1) failed: RuntimeError: injected failure at step 2"
+    assert output.count(failed) == 1, output[-4000:]
 
 
 @pytest.mark.parametrize("mode", ["local", "replay"])

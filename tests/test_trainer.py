@@ -108,7 +108,8 @@ def test_head_warmup_trains_only_heads_and_classifier():
     trainer.fit(_loader(), max_steps=2)
     changed = {n for n, t in net.state_dict().items() if not torch.equal(before[n], t)}
     assert changed, "nothing trained"
-    trunk = {n for n in changed if n.startswith("blocks.") and ".fc." not in n and "running" not in n and "num_batches" not in n}
+    trunk = {n for n in changed
+             if n.startswith("blocks.") and ".fc." not in n and "running" not in n and "num_batches" not in n}
     assert not trunk, f"trunk weights moved during warm-up: {sorted(trunk)[:4]}"
     assert any(n.startswith("heads.") for n in changed) and any(".fc." in n for n in changed)
     trainer.fit(_loader(), max_steps=3)
@@ -120,7 +121,8 @@ def _small(mode="local"):
     # workers a step moved. Small weights: fp16 loss scaling never overflows here.
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 1),
-                                torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 5))
+                                torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(8, 5))
     return lfnnify.convert(model, cuts=["1"], mode=mode, workers=4, leaders=0.5, follower_weight=0.0, num_classes=5,
                            example_input=batch(8)[:1])
 
