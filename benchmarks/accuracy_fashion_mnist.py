@@ -11,6 +11,7 @@ loss; local for the first epoch, then replay.
 
 Reproduce:  python benchmarks/accuracy_fashion_mnist.py --epochs 3 --jobs 2
 Reuse rows measured earlier with unchanged code: --reuse results/accuracy_fashion_mnist-resnet18-cpu2-2026-11-26.json
+(rows of this script's own result files are reused by name)
 Quick look: python benchmarks/accuracy_fashion_mnist.py --epochs 1 --train-subset 2000 --methods bp replay
 """
 
@@ -40,6 +41,7 @@ METHODS = {
     "lfnn_eq1": ("LFNN, Eq. 1 (global loss kept; not pipeline-capable)", dict(blocks=4, mode="lfnn"), {}),
     "replay": ("replay, no local loss", dict(blocks=4, mode="replay"), {}),
     "replay_local": ("replay + 0.3 × local loss", dict(blocks=4, mode="replay", local_weight=0.3), {}),
+    "replay_stash": ("replay, weight stashing", dict(blocks=4, mode="replay", weight_stashing=True), {}),
     "local_then_replay": ("local for epoch 1, then replay", dict(blocks=4), {"switch_to": "replay",
                                                                              "switch_epochs": 1}),
 }
@@ -47,7 +49,7 @@ METHODS = {
 # bit-identical before and after the trainer redesign; backprop is a plain torch loop)
 REUSABLE = {"bp": "bp", "local": "lfnn_k4"}
 PIPELINE_CAPABLE = {"local", "local_lookahead", "local_lookahead_layer", "filterwise", "replay", "replay_local",
-                    "local_then_replay"}
+                    "replay_stash", "local_then_replay"}
 
 
 def _optimizer(params, lr):
@@ -173,7 +175,7 @@ def _reused(path: Path, names: list[str]) -> dict:
     old = json.loads(path.read_text())
     rows = {}
     for name in names:
-        key = REUSABLE.get(name)
+        key = name if name in old["methods"] else REUSABLE.get(name)  # this script's rows, or the 2026-11-26 ones
         if key and key in old["methods"]:
             row = dict(old["methods"][key])
             row.update(reused_from=str(path.name), reused_env=old.get("env"))
@@ -206,7 +208,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="rows run side by side (one process each)")
     parser.add_argument("--train-subset", type=int, default=None, help="use only the first N training images")
     parser.add_argument("--data", default=None, help="Fashion-MNIST folder (default: Debian's)")
-    parser.add_argument("--reuse", type=Path, default=None, help="take unchanged rows (bp, local) from this JSON")
+    parser.add_argument("--reuse", type=Path, nargs="+", default=[],
+                        help="take rows measured with unchanged code from these JSON files (the first that has a row)")
     parser.add_argument("--name", default=None, help="result file stem (default: experiment, model, hardware, date)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -219,7 +222,9 @@ def main() -> None:
     from lfnnify.plots import plot_curves
 
     env = environment(args.threads)
-    reused = _reused(args.reuse, args.methods) if args.reuse else {}
+    reused = {}
+    for path in args.reuse:
+        reused = {**_reused(path, args.methods), **reused}
     measured = _run_rows([m for m in args.methods if m not in reused], args)
     results = {m: (reused.get(m) or measured[m]) for m in args.methods}
     pipeline = {m: r for m, r in results.items() if m in PIPELINE_CAPABLE}

@@ -60,7 +60,9 @@ def _cmd_export(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(quick=args.quick, out=args.out)
+    if args.budget is not None and not args.budget > 0:
+        raise ConfigError(f"--budget {args.budget}: give the seconds each method trains, e.g. --budget 30")
+    return run_demo(quick=args.quick, out=args.out, budget=args.budget)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -124,11 +126,12 @@ def make_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser(
         "demo",
-        help="convert a timm ResNet, show its plan, check it computes what the original does, train briefly",
+        help="backprop against lfnnify's pipelines at equal wall-clock time, and memory, in one picture",
         epilog="example:\n  lfnnify demo",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    d.add_argument("--quick", action="store_true", help="a few steps only (for smoke tests)")
+    d.add_argument("--quick", action="store_true", help="a few seconds per method, a data subset (smoke tests)")
+    d.add_argument("--budget", type=float, default=None, help="training seconds per method (default 30)")
     d.add_argument("--out", default=None, help="folder for the demo's plot and log (default runs/demo-<time>)")
     d.set_defaults(func=_cmd_demo)
     return parser

@@ -33,6 +33,7 @@ def convert(
     mode: str = "local",
     follower_weight: float = 1.0,
     local_weight: float = 0.0,
+    weight_stashing: bool = False,
     head="linear",
     num_classes: int | None = None,
     balance: str = "flops",
@@ -73,6 +74,9 @@ def convert(
         local_weight: the weight of each block's head loss added to the delayed gradient whenever the model
             trains in replay mode (from the start, or after a trainer's ``switch_to="replay"``); 0 = pure
             delayed backprop (the heads still learn, on detached features).
+        weight_stashing: replay mode: keep each first pass's graph and the weights it used, and back-propagate
+            the delayed gradient through them (PipeDream's weight stashing), instead of recomputing the pass
+            with the current weights. No recompute, but K-1-k graphs and weight copies per block.
         head: ``"linear"`` (global average pooling + Linear, the paper's), ``"lookahead"`` (a copy of the
             next block's first stage, initialised from it, then pooling + Linear; block-wise only),
             ``"lookahead-layer"`` (the same with only the next block's first layer), or a callable
@@ -146,6 +150,7 @@ def convert(
         "mode": mode,
         "follower_weight": float(follower_weight),
         "local_weight": float(local_weight),
+        "weight_stashing": bool(weight_stashing),
         "head": head if isinstance(head, str) else getattr(head, "__name__", "custom"),
         "num_classes": the_plan.num_classes,
         "balance": balance,

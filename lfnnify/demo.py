@@ -1,92 +1,329 @@
-"""``lfnnify demo``: convert a timm ResNet, show its plan, check it, and train it against backprop briefly."""
+"""``lfnnify demo``: backprop against lfnnify's pipeline at equal wall-clock time, plus memory, in one picture.
+
+Every method trains timm resnet18 on Fashion-MNIST for the same number of seconds (``--budget``), and is
+evaluated on the test set along the way, so the comparison is accuracy at equal time on this machine:
+
+- backprop, one process on every core;
+- lfnnify's pipelines with K=2 blocks, two processes started as torchrun starts them, one core each: the
+  mode the leaderboard found best for a pipeline, and plain LFNN-ℓ beside it;
+- the one-device trainer (block after block), which is where lfnnify saves memory.
+
+Then peak training memory of backprop against the one-device trainer for a larger model (resnet50),
+measured. Adding a method is one line in ``METHODS``.
+"""
 
 from __future__ import annotations
 
+import ctypes
 import datetime
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+__all__ = ["run_demo", "METHODS"]
 
-def _data(quick: bool):
+BATCH, EVAL_EXAMPLES = 128, 2000
+
+
+@dataclass(frozen=True)
+class Method:
+    """One curve of the demo: ``kind`` is "bp" (plain backprop), "pipeline" (torchrun, 2 processes) or
+    "single" (the one-device trainer); ``knobs`` go to ``lfnnify.convert``."""
+
+    name: str
+    kind: str
+    knobs: dict = field(default_factory=dict)
+
+
+METHODS = [
+    Method("backprop", "bp"),
+    Method("replay pipeline, K=2", "pipeline", dict(blocks=2, mode="replay")),  # the leaderboard's best
+    Method("LFNN-ℓ pipeline, K=2", "pipeline", dict(blocks=2)),  # the paper's mode
+    Method("replay, one device", "single", dict(blocks=2, mode="replay")),
+]
+
+
+# ---------------------------------------------------------------- data and models
+
+
+def datasets(quick: bool):
+    """(train, test, description); synthetic data, with a note, when Fashion-MNIST is not installed."""
     from torch.utils.data import Subset
 
     from .data import FashionMNIST, SyntheticImages
+    from .errors import DataNotFoundError
 
     try:
         train, test = FashionMNIST(train=True, augment=True), FashionMNIST(train=False)
-        source = "Fashion-MNIST (real data, /usr/share/datasets/fashion-mnist)"
-    except FileNotFoundError as exc:
+        source = "Fashion-MNIST (real data)"
+    except DataNotFoundError as exc:
         print(f"note: {exc}\n      using synthetic data instead, so the accuracies below mean little")
-        train, test = SyntheticImages(4096), SyntheticImages(1024, seed=1)
-        source = "synthetic data (Fashion-MNIST not installed)"
+        train, test = SyntheticImages(8192), SyntheticImages(EVAL_EXAMPLES, seed=1)
+        source = "synthetic data (Fashion-MNIST is not installed)"
     if quick:
-        train, test = Subset(train, range(256)), Subset(test, range(256))
+        train, test = Subset(train, range(512)), Subset(test, range(256))
+    else:
+        test = Subset(test, range(min(EVAL_EXAMPLES, len(test))))
     return train, test, source
 
 
-def run_demo(*, quick: bool = False, out: str | None = None) -> int:
+def resnet18():
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("resnet18", in_chans=1, num_classes=10)
+
+
+def sgd(params):
+    return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+
+# ---------------------------------------------------------------- training against the clock
+
+
+def train_for(trainer, loader, test_loader, *, budget: float, evals: int, pipeline_rank0: bool | None = None) -> dict:
+    """Train ``trainer`` for ``budget`` seconds of training time, evaluating ``evals`` times along the way
+    (evaluation time not counted). In a pipeline every rank calls it; rank 0 keeps the clock and stops the
+    pipeline (the others follow its end-of-phase message), and tells the others whether to go on."""
+    curve, trained, samples = [], 0.0, 0
+    first = pipeline_rank0 is None or pipeline_rank0
+    while True:
+        chunk = min(budget / evals, budget - trained)
+        timer = threading.Timer(chunk, trainer.request_stop) if first else None
+        steps_before = trainer.step
+        start = time.perf_counter()
+        if timer:
+            timer.start()
+        trainer.fit(loader if first else None, epochs=10**9)
+        if timer:
+            timer.cancel()
+        trained += time.perf_counter() - start
+        trainer._stop = False
+        samples += (trainer.step - steps_before) * BATCH
+        metrics = trainer.evaluate(test_loader if first else None)
+        curve.append({"seconds": trained, "accuracy": metrics["accuracy"], "step": trainer.step})
+        go_on = trained < budget * 0.999
+        if pipeline_rank0 is not None:
+            import torch.distributed as dist
+
+            flag = [go_on]
+            dist.broadcast_object_list(flag, src=0)
+            go_on = flag[0]
+        if not go_on:
+            return {"curve": curve, "samples_per_s": samples / max(trained, 1e-9), "steps": trainer.step}
+
+
+class _Backprop:
+    """Plain backprop with the trainers' fit/evaluate/request_stop, so that every method runs the same clock."""
+
+    def __init__(self, model):
+        self.model, self.opt, self.step, self._stop = model, sgd(model.parameters()), 0, False
+
+    def request_stop(self):
+        self._stop = True
+
+    def fit(self, loader, epochs):
+        self.model.train()
+        while not self._stop:
+            loader.sampler.set_epoch(self.step // len(loader))
+            for x, y in loader:
+                self.opt.zero_grad(set_to_none=True)
+                torch.nn.functional.cross_entropy(self.model(x), y).backward()
+                self.opt.step()
+                self.step += 1
+                if self._stop:
+                    return
+
+    @torch.no_grad()
+    def evaluate(self, loader):
+        self.model.eval()
+        correct = sum((self.model(x).argmax(1) == y).sum().item() for x, y in loader)
+        self.model.train()
+        return {"accuracy": correct / len(loader.dataset)}
+
+
+def run_in_process(method: Method, args, train, test) -> dict:
+    import lfnnify
+
+    from .data import make_loader
+
+    torch.set_num_threads(2)
+    loader, test_loader = make_loader(train, batch_size=BATCH, seed=0), make_loader(test, batch_size=500, shuffle=False)
+    if method.kind == "bp":
+        trainer = _Backprop(resnet18())
+    else:
+        net = lfnnify.convert(resnet18(), example_input=torch.zeros(1, 1, 28, 28), **method.knobs)
+        trainer = lfnnify.Trainer(net, optimizer=sgd, progress=False)
+    return train_for(trainer, loader, test_loader, budget=args.budget, evals=args.evals)
+
+
+def run_pipeline(method: Method, args, synthetic: bool) -> dict:
+    """Two processes, started by torch.distributed.run as torchrun starts them, one core each."""
+    with tempfile.TemporaryDirectory() as tmp, socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(port), "--max-restarts", "0", "-m", "lfnnify._demo_stage",
+               "--knobs", json.dumps(method.knobs), "--budget", str(args.budget), "--evals", str(args.evals),
+               "--out", str(out)] + (["--quick"] if args.quick else [])
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.budget * 4 + 300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the {method.name} run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+        return json.loads(out.read_text())
+
+
+# ---------------------------------------------------------------- memory
+
+
+def _rss(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _fresh_peak() -> int:
+    """Release freed memory to the system and restart the peak-RSS counter; returns the resident size now."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux)
+    return _rss("VmRSS:")
+
+
+def memory(quick: bool) -> dict | None:
+    """Peak memory one training step adds, backprop against the one-device trainer (K=4, memory-balanced),
+    for timm resnet50 at 96 px, batch 32 (reset and read with /proc; Linux only)."""
     import timm
 
     import lfnnify
 
-    from .data import make_loader
-    from .plots import plot_curves
+    if not Path("/proc/self/clear_refs").exists():
+        return None
+    size, batch = (64, 8) if quick else (96, 32)
+    x, y = torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,))
+    torch.set_num_threads(2)
+    peaks = {}
+    for name in ("lfnnify, one device (K=4)", "backprop"):
+        torch.manual_seed(0)
+        model = timm.create_model("resnet50")
+        if name == "backprop":
+            opt = sgd(model.parameters())
+            base = _fresh_peak()
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        else:
+            net = lfnnify.convert(model, blocks=4, balance="memory", share_parameters=True,
+                                  example_input=torch.zeros(1, 3, size, size))
+            trainer = lfnnify.Trainer(net, optimizer=sgd, progress=False)
+            base = _fresh_peak()
+            trainer.train_step(x, y)
+        peaks[name] = _rss("VmHWM:") - base
+        del model
+    return {"model": f"timm resnet50, {size}px, batch {batch}", "peak_bytes": peaks}
 
-    threads = torch.get_num_threads()
-    steps = 8 if quick else 300
+
+# ---------------------------------------------------------------- the demo
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _at(curve: list[dict], seconds: float) -> float:
+    """The accuracy a run had reached after ``seconds`` of training (its last evaluation by then)."""
+    reached = [p["accuracy"] for p in curve if p["seconds"] <= seconds + 1e-6]
+    return reached[-1] if reached else float("nan")
+
+
+def run_demo(*, quick: bool = False, out: str | None = None, budget: float | None = None) -> int:
+    import lfnnify
+
+    from .plots import plot_demo
+
+    class Args:
+        pass
+
+    args = Args()
+    args.quick, args.budget = quick, budget if budget is not None else (3.0 if quick else 30.0)
+    args.evals = 2 if quick else 5
     out_dir = Path(out) if out else Path("runs") / f"demo-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    torch.manual_seed(0)
-    model = timm.create_model("resnet18", in_chans=1, num_classes=10)
+    started = time.perf_counter()
+    machine = f"{os.cpu_count()} cores, {_cpu()}"
 
-    print("1. convert timm resnet18 (in_chans=1, 10 classes) into 4 blocks")
-    start = time.perf_counter()
-    net = lfnnify.convert(model, blocks=4, example_input=torch.zeros(1, 1, 28, 28))
-    print(f"   done in {time.perf_counter() - start:.2f} s; the original model is untouched\n")
-    print(net.plan, "\n")
-
+    print("1. convert timm resnet18 (1 input channel, 10 classes) into 2 blocks, and check it")
+    t = time.perf_counter()
+    model = resnet18()
+    net = lfnnify.convert(model, blocks=2, mode="replay", example_input=torch.zeros(1, 1, 28, 28))
     x = torch.randn(16, 1, 28, 28)
     model.eval(), net.eval()
     with torch.no_grad():
         same = torch.equal(net(x), model(x))
-    print(f"2. the converted model computes what the original computes (eval mode, bit for bit): {same}\n")
+    print(net.plan)
+    print(f"   the converted model computes what the original computes (eval mode, bit for bit): {same}"
+          f"   [{time.perf_counter() - t:.1f} s]\n")
     if not same:
         return 1
 
-    train, test, source = _data(quick)
-    print(f"3. train for {steps} iterations each, batch 128, {threads} threads, on {source}")
+    train, test, source = datasets(quick)
+    print(f"2. train each method for {args.budget:g} s of training time on {source}, batch {BATCH}, "
+          f"test accuracy on {len(test)} test images along the way ({machine})")
     results = {}
-    for name, blocks in (("backprop", 1), ("LFNN-ℓ, K=4", 4)):
-        torch.manual_seed(0)
-        fresh = timm.create_model("resnet18", in_chans=1, num_classes=10)
-        candidate = lfnnify.convert(fresh, blocks=blocks, example_input=torch.zeros(1, 1, 28, 28))
-        trainer = lfnnify.Trainer(
-            candidate,
-            optimizer=lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=5e-4),
-            scheduler=lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=steps),
-            progress=False,
-        )
-        loader = make_loader(train, batch_size=128, seed=0)
-        start = time.perf_counter()
-        trainer.fit(loader, epochs=10**6, max_steps=steps)
-        seconds = time.perf_counter() - start
-        metrics = trainer.evaluate(make_loader(test, batch_size=512, shuffle=False))
-        results[name] = {"seconds": seconds, "samples_per_s": steps * 128 / seconds, **metrics}
-        print(f"   {name:<14} test accuracy {metrics['accuracy']:.4f}   {results[name]['samples_per_s']:7.1f} samples/s"
-              + (f"   heads: {', '.join(f'{a:.3f}' for a in metrics['block_accuracy'][:-1])}" if blocks > 1 else ""))
+    for method in METHODS:
+        t = time.perf_counter()
+        if method.kind == "pipeline":
+            results[method.name] = run_pipeline(method, args, synthetic="synthetic" in source)
+        else:
+            results[method.name] = run_in_process(method, args, train, test)
+        r = results[method.name]
+        print(f"   {method.name:<24} test accuracy {r['curve'][-1]['accuracy']:.4f} after {r['steps']:>4} steps, "
+              f"{r['samples_per_s']:6.0f} samples/s   [{time.perf_counter() - t:.1f} s]", flush=True)
 
-    bp, lf = results["backprop"], results["LFNN-ℓ, K=4"]
-    print("\n4. side by side (same model, data order, optimizer and iterations)")
-    print(f"   {'':<14}{'test acc':>10}{'samples/s':>12}{'seconds':>10}")
-    for name, r in results.items():
-        print(f"   {name:<14}{r['accuracy']:>10.4f}{r['samples_per_s']:>12.1f}{r['seconds']:>10.1f}")
-    print(f"   On one device LFNN-ℓ runs {lf['samples_per_s'] / bp['samples_per_s']:.2f}x backprop's speed: its "
-          f"speed-up comes from running the blocks on separate devices (lfnnify.PipelineTrainer), not here.")
-    plot = plot_curves(
-        {name: [100 * (1 - a) for a in r["block_accuracy"]] for name, r in results.items()},
-        out_dir / "demo_heads.png", xlabel="block (last = model output)", ylabel="test error (%)",
-        title=f"after {steps} iterations: test error of each head",
-    )
-    print(f"\nplot saved to {plot}")
+    t = time.perf_counter()
+    mem = memory(quick)
+    if mem:
+        (lf, lf_peak), (bp, bp_peak) = mem["peak_bytes"].items()
+        print(f"\n3. peak memory of one training step, {mem['model']}: backprop {bp_peak / 2**30:.2f} GiB, "
+              f"{lf} {lf_peak / 2**30:.2f} GiB   [{time.perf_counter() - t:.1f} s]")
+
+    bp = results["backprop"]
+    equal_time = min(r["curve"][-1]["seconds"] for r in results.values())
+    plot = plot_demo({n: r["curve"] for n, r in results.items()}, mem, out_dir / "demo.png",
+                     title=f"timm resnet18, {source.split(' (')[0]}, {args.budget:g} s each ({machine})")
+    (out_dir / "demo.json").write_text(json.dumps({"results": results, "memory": mem, "machine": machine,
+                                                   "budget_s": args.budget, "source": source}, indent=1))
+    best = next(m.name for m in METHODS if m.kind == "pipeline")  # the headline: the first pipeline method
+    print(f"\npicture: {plot}")
+    print(f"\nsummary ({machine}; every ratio is to backprop's, measured side by side in this run):")
+    print(f"- accuracy at equal time ({equal_time:.0f} s): {best} {_at(results[best]['curve'], equal_time):.4f} "
+          f"against backprop's {_at(bp['curve'], equal_time):.4f} "
+          f"({_at(results[best]['curve'], equal_time) / _at(bp['curve'], equal_time):.2f}x)")
+    print("- throughput: " + ", ".join(f"{n} {r['samples_per_s'] / bp['samples_per_s']:.2f}x"
+                                        for n, r in results.items() if n != "backprop"))
+    if mem:
+        print(f"- memory: the one-device trainer peaks at {lf_peak / bp_peak:.2f}x backprop's ({mem['model']}); "
+              f"pipelines split it further, one block per device")
+    print(f"\ndemo time {time.perf_counter() - started:.0f} s (set-up excluded); everything is in {out_dir}/")
     return 0

@@ -70,3 +70,29 @@ def plot_curves(series: dict[str, Sequence[float]], path: str | Path, *, xlabel=
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def plot_demo(curves: dict[str, Sequence[dict]], memory: dict | None, path: str | Path, *, title: str = "") -> Path:
+    """Test accuracy against training seconds, one curve per method; beside it, peak memory as bars."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2 if memory else 1, figsize=(11 if memory else 6.5, 4.2), squeeze=False,
+                             gridspec_kw={"width_ratios": [2.2, 1]} if memory else None)
+    ax = axes[0][0]
+    for name, curve in curves.items():
+        ax.plot([p["seconds"] for p in curve], [p["accuracy"] for p in curve], marker="o",
+                markersize=4, label=name, linewidth=2.2 if name == "backprop" else 1.6)
+    ax.set_xlabel("training time (s, evaluations excluded)")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(title, fontsize=9)
+    if memory:
+        names = list(memory["peak_bytes"])
+        bars = axes[0][1]
+        bars.bar(range(len(names)), [memory["peak_bytes"][n] / 2**30 for n in names],
+                 color=["tab:green" if n != "backprop" else "tab:blue" for n in names])
+        bars.set_xticks(range(len(names)), [n.replace(", ", ",\n") for n in names], fontsize=8)
+        bars.set_ylabel("peak memory of a training step (GiB)")
+        bars.set_title(memory["model"], fontsize=9)
+    return _save(fig, path)

@@ -78,13 +78,16 @@ class _ScaleGrad(torch.autograd.Function):
 
 @dataclass
 class _Stored:
-    """A batch kept for the delayed backward: the block's input, labels and the random state of the first pass."""
+    """A batch kept for the delayed backward: the block's input, labels and the random state of the first pass;
+    with weight stashing also the weights that pass used and its graph (``out``; None after a resume)."""
 
     step: int
     x: Tensor
     y: Tensor
     rng: Tensor
     cuda_rng: Tensor | None
+    weights: dict | None = None
+    out: Tensor | None = None
 
 
 class BlockStage:
@@ -101,6 +104,7 @@ class BlockStage:
         self.last = k == net.num_blocks - 1
         self.delay = net.num_blocks - 1 - k
         self.local_weight = float(net.config.get("local_weight", 0.0))
+        self.stash = bool(net.config.get("weight_stashing", False))
         self._autocast, self._check_finite = autocast, check_finite
         self._line: collections.deque[_Stored] = collections.deque()
         self._current: tuple | None = None  # (x, y, out) of this step's forward, when learn needs them
@@ -134,6 +138,15 @@ class BlockStage:
         cuda_rng = torch.cuda.get_rng_state(x.device) if x.device.type == "cuda" else None
         self._line.append(_Stored(step, x.detach(), y, rng, cuda_rng))
         filling = self.schedule.delayed_batch(step, self.delay) is None
+        if self.stash:  # keep this pass's graph and the weights it used: no recompute, more memory
+            stored = self._line[-1]
+            stored.weights = {n: p.detach().clone().requires_grad_(p.requires_grad)
+                              for n, p in self.block.named_parameters()}
+            stored.x = x.detach().requires_grad_(self.k > 0)
+            with self._autocast():
+                stored.out = self._stashed_forward(stored)
+            self._current = (stored.x, y, stored.out) if filling and self.local_weight > 0 else None
+            return stored.out
         with self._autocast():
             if filling and self.local_weight > 0:  # no delayed gradient yet: learn locally meanwhile
                 out = self.block(x)
@@ -173,7 +186,11 @@ class BlockStage:
                 return None, {}
             x, y, out = self._take_current()
             loss, logits, leaders = self._loss(out, y)
-            self._backward(self.local_weight * loss)
+            # with stashing this pass's graph is kept for its delayed backward: keep it, and move the
+            # gradients the stashed weights received to the block's own
+            self._backward(self.local_weight * loss, retain=self.stash)
+            if self.stash:
+                self._take_stashed_grads(self._line[-1])
             self.update.step()
             return None, self._record(loss, logits, y, leaders)
         if grad is None:
@@ -195,15 +212,37 @@ class BlockStage:
             if stored.cuda_rng is not None:
                 torch.cuda.set_rng_state(stored.cuda_rng, x.device)
             with self._autocast():
-                out = self.block(x)
+                if stored.weights is None:
+                    out = self.block(x)  # recompute with the current weights
+                else:  # the stashed pass (recomputed with the stashed weights only after a resume)
+                    out = stored.out if stored.out is not None else self._stashed_forward(stored)
             features = out.detach() if self.local_weight == 0 else _ScaleGrad.apply(out, self.local_weight)
             loss, logits, leaders = self._loss(features, stored.y)
             self._check_finite(self.k, loss)
             self.update.zero_grad()
             torch.autograd.backward([out, self.update.scaled(loss)], [grad.to(out.dtype), None])
+        if stored.weights is not None:  # gradients at the stashed weights, applied to the current ones
+            self._take_stashed_grads(stored)
         below = x.grad.detach() if self.k > 0 else None
         self.update.step()
         return below, self._record(loss, logits, stored.y, leaders)
+
+    def _take_stashed_grads(self, stored: _Stored) -> None:
+        for name, p in self.block.named_parameters():
+            w = stored.weights[name]
+            if w.grad is not None:
+                p.grad = w.grad if p.grad is None else p.grad + w.grad
+                w.grad = None
+
+    def _stashed_forward(self, stored: _Stored) -> Tensor:
+        """The block with the stashed weights. BatchNorm updates copies of its statistics, which go back into
+        the block at once (the batch counts once); the graph keeps the copies, which later passes leave alone."""
+        buffers = {n: b.clone() for n, b in self.block.named_buffers()}
+        out = torch.func.functional_call(self.block, {**stored.weights, **buffers}, (stored.x,))
+        with torch.no_grad():
+            for n, b in self.block.named_buffers():
+                b.copy_(buffers[n])
+        return out
 
     @contextlib.contextmanager
     def _buffers_kept(self):
@@ -229,11 +268,11 @@ class BlockStage:
             result = self.net.head_loss(self.k, out, y)
         return result.loss, result.best_logits, result.leaders
 
-    def _backward(self, loss: Tensor) -> None:
+    def _backward(self, loss: Tensor, *, retain: bool = False) -> None:
         self._check_finite(self.k, loss)
         self.update.zero_grad()
         if loss.requires_grad:
-            self.update.scaled(loss).backward()
+            self.update.scaled(loss).backward(retain_graph=retain)
 
     @staticmethod
     def _record(loss: Tensor, logits: Tensor, y: Tensor, leaders) -> dict:
@@ -246,13 +285,24 @@ class BlockStage:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict:
-        """The batches kept for delayed backward passes (replay), so that a resume is exact."""
-        return {"kept": [{"step": s.step, "x": s.x, "y": s.y, "rng": s.rng,
-                          **({"cuda_rng": s.cuda_rng} if s.cuda_rng is not None else {})} for s in self._line]}
+        """The batches kept for delayed backward passes (replay; with the stashed weights when stashing), so
+        that a resume is exact (a stashed pass is recomputed from its weights and random state)."""
+        kept = []
+        for s in self._line:
+            entry = {"step": s.step, "x": s.x.detach(), "y": s.y, "rng": s.rng}
+            if s.cuda_rng is not None:
+                entry["cuda_rng"] = s.cuda_rng
+            if s.weights is not None:
+                entry["weights"] = {n: w.detach() for n, w in s.weights.items()}
+            kept.append(entry)
+        return {"kept": kept}
 
     def load_state_dict(self, state: dict) -> None:
         device = next((p.device for p in self.block.parameters()), torch.device("cpu"))
-        self._line = collections.deque(
-            _Stored(int(s["step"]), s["x"].to(device), s["y"].to(device), s["rng"], s.get("cuda_rng"))
-            for s in state.get("kept", [])
-        )
+        self._line = collections.deque()
+        for s in state.get("kept", []):
+            weights = s.get("weights")
+            if weights is not None:
+                weights = {n: w.to(device).requires_grad_(w.is_floating_point()) for n, w in weights.items()}
+            self._line.append(_Stored(int(s["step"]), s["x"].to(device), s["y"].to(device), s["rng"],
+                                      s.get("cuda_rng"), weights))

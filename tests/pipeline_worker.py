@@ -29,7 +29,9 @@ def build(blocks, mode="local", local_weight=0.0, plain=False):
         example = torch.zeros(1, 1, SIZE, SIZE)
         return lfnnify.convert(model, blocks=blocks, mode=mode, num_classes=10, example_input=example)
     model = timm.create_model("resnet18", in_chans=1, num_classes=10)
-    return lfnnify.convert(model, blocks=blocks, workers=2, leaders=0.5, mode=mode, local_weight=local_weight,
+    stash = mode == "replay-stash"  # replay with weight stashing
+    return lfnnify.convert(model, blocks=blocks, workers=2, leaders=0.5, mode="replay" if stash else mode,
+                           local_weight=local_weight, weight_stashing=stash,
                            example_input=torch.zeros(1, 1, SIZE, SIZE))
 
 
@@ -54,7 +56,7 @@ def main():
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--resume", type=Path)
     parser.add_argument("--send-bf16", action="store_true")
-    parser.add_argument("--mode", default="local", choices=["local", "replay"])
+    parser.add_argument("--mode", default="local", choices=["local", "replay", "replay-stash"])
     parser.add_argument("--local-weight", type=float, default=0.0)
     parser.add_argument("--switch-at", type=int, default=None)
     parser.add_argument("--switch-to", default=None)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -172,7 +173,16 @@ def test_export_command(tmp_path):
     assert not any((tmp_path).glob(".*tmp*"))  # no temporary file left behind
 
 
-def test_demo_quick():
-    proc = _cli("demo", "--quick", "--out", "/tmp/lfnnify-demo-test")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "bit for bit): True" in proc.stdout and "side by side" in proc.stdout
+def test_demo_quick(tmp_path):
+    # every method, the two-process pipelines included, for a few seconds each; the picture and the summary
+    proc = _cli("demo", "--quick", "--out", tmp_path / "demo", timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "bit for bit): True" in out
+    for name in ("backprop", "replay pipeline, K=2", "LFNN-ℓ pipeline, K=2", "replay, one device"):
+        assert re.search(rf"{re.escape(name)} +test accuracy 0\.\d+ after +\d+ steps", out), name
+    summary = out[out.index("summary ("):]
+    assert "accuracy at equal time" in summary and "throughput:" in summary and "memory:" in summary
+    assert (tmp_path / "demo" / "demo.png").read_bytes()[:4] == b"\x89PNG"
+    result = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    assert all(r["steps"] > 0 and r["curve"] for r in result["results"].values())

@@ -61,6 +61,7 @@ RUNS = [
     (3, "local", 0.0, None, None),
     (2, "replay", 0.0, None, None),
     (3, "replay", 0.5, None, None),
+    (3, "replay-stash", 0.0, None, None),
     (3, "local", 0.0, 3, "replay"),
     (3, "replay", 0.5, 3, "local"),
 ]

@@ -42,13 +42,14 @@ def test_one_block_replay_is_backprop_exactly():
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)  # bit for bit, BatchNorm statistics included
 
 
+@pytest.mark.parametrize("stash", [False, True], ids=["recompute", "stash"])
 @pytest.mark.parametrize("blocks", [2, 3])
-def test_the_first_update_of_block_0_is_backprops_gradient_of_batch_0(blocks):
+def test_the_first_update_of_block_0_is_backprops_gradient_of_batch_0(blocks, stash):
     # block k first steps at step K-1-k, with the gradient of batch 0: every block above computed its share of
     # it before its own first update, so block 0 gets exactly backprop's gradient of batch 0
     model = _resnet(1)
     reference = copy.deepcopy(model).train()
-    net = lfnnify.convert(model, blocks=blocks, mode="replay", example_input=X16)
+    net = lfnnify.convert(model, blocks=blocks, mode="replay", weight_stashing=stash, example_input=X16)
     before = {n: p.detach().clone() for n, p in net.blocks[0].named_parameters()}
     trainer = lfnnify.Trainer(net, optimizer=_sgd(0.1), progress=False)
     batches = _batches(blocks)
@@ -62,9 +63,10 @@ def test_the_first_update_of_block_0_is_backprops_gradient_of_batch_0(blocks):
         assert torch.allclose(p, before[name] - 0.1 * theirs[name].grad, atol=1e-6), name
 
 
-def test_recompute_counts_every_batch_once_in_batchnorm():
+@pytest.mark.parametrize("stash", [False, True], ids=["recompute", "stash"])
+def test_batchnorm_counts_every_batch_once(stash):
     model = _resnet(2)
-    net = lfnnify.convert(model, blocks=3, mode="replay", example_input=X16)
+    net = lfnnify.convert(model, blocks=3, mode="replay", weight_stashing=stash, example_input=X16)
     shadow = copy.deepcopy(net.blocks[0]).train()  # replays block 0's first passes, one per batch
     trainer = lfnnify.Trainer(net, optimizer=_sgd(0.05), progress=False)
     for x, y in _batches(5):
@@ -96,11 +98,12 @@ class _Dropped(torch.nn.Module):
         return self.fc(self.body(self.stem(x)).mean((2, 3)))
 
 
-def test_the_recompute_reuses_the_first_passes_dropout_mask():
+@pytest.mark.parametrize("stash", [False, True], ids=["recompute", "stash"])
+def test_the_delayed_backward_uses_the_first_passes_dropout_mask(stash):
     torch.manual_seed(4)
     model = _Dropped()
     reference = copy.deepcopy(model).train()
-    net = lfnnify.convert(model, cuts=["stem"], mode="replay", example_input=X16)
+    net = lfnnify.convert(model, cuts=["stem"], mode="replay", weight_stashing=stash, example_input=X16)
     before = {n: p.detach().clone() for n, p in net.blocks[0].named_parameters()}
     trainer = lfnnify.Trainer(net, optimizer=_sgd(0.5), progress=False)
     (x0, y0), (x1, y1) = _batches(2, seed=5)
@@ -113,6 +116,23 @@ def test_the_recompute_reuses_the_first_passes_dropout_mask():
     theirs = dict(reference.named_parameters())
     for name, p in net.blocks[0].named_parameters():
         assert torch.allclose(p, before[name] - 0.5 * theirs[name].grad, atol=1e-6), name
+
+
+def test_weight_stashing_back_propagates_through_the_weights_the_first_pass_used():
+    # block 0 of 3 first steps at step 2 with batch 0, and again at step 3 with batch 1, whose first pass (step 1)
+    # ran before block 0's first update: with stashing its gradient is taken at the initial weights, which a
+    # recompute with the updated weights does not do
+    states = {}
+    for stash in (False, True):
+        net = lfnnify.convert(_resnet(8), blocks=3, mode="replay", weight_stashing=stash, example_input=X16)
+        trainer = lfnnify.Trainer(net, optimizer=_sgd(0.1), progress=False)
+        for step, (x, y) in enumerate(_batches(4)):
+            trainer.train_step(x, y)
+            if step == 2:
+                after_first = {n: p.detach().clone() for n, p in net.blocks[0].named_parameters()}
+        states[stash] = (after_first, {n: p.detach().clone() for n, p in net.blocks[0].named_parameters()})
+    assert all(torch.equal(states[False][0][n], states[True][0][n]) for n in states[True][0])  # the same first step
+    assert any(not torch.allclose(states[False][1][n], states[True][1][n]) for n in states[True][1])  # then not
 
 
 def test_local_weight_reaches_the_trunk_and_heads_learn_either_way():
@@ -129,7 +149,8 @@ def test_local_weight_reaches_the_trunk_and_heads_learn_either_way():
     assert any(not torch.allclose(a[n], b[n]) for n in a)  # the local loss changed block 0's update
 
 
-def test_a_resumed_replay_run_ends_where_an_uninterrupted_one_does(tmp_path):
+@pytest.mark.parametrize("stash", [False, True], ids=["recompute", "stash"])
+def test_a_resumed_replay_run_ends_where_an_uninterrupted_one_does(tmp_path, stash):
     data = SyntheticImages(80, shape=(1, 16, 16), seed=1)
 
     def run(steps, net, trainer=None):
@@ -137,9 +158,10 @@ def test_a_resumed_replay_run_ends_where_an_uninterrupted_one_does(tmp_path):
         trainer.fit(make_loader(data, batch_size=16, seed=2), epochs=3, max_steps=steps)
         return trainer
 
-    straight = lfnnify.convert(_resnet(6), blocks=3, mode="replay", local_weight=0.5, example_input=X16)
+    knobs = dict(blocks=3, mode="replay", local_weight=0.5, weight_stashing=stash, example_input=X16)
+    straight = lfnnify.convert(_resnet(6), **knobs)
     run(8, straight)
-    first = lfnnify.convert(_resnet(6), blocks=3, mode="replay", local_weight=0.5, example_input=X16)
+    first = lfnnify.convert(_resnet(6), **knobs)
     lfnnify.save(first, tmp_path / "ckpt", trainer=run(3, first))
     resumed = lfnnify.load(tmp_path / "ckpt")
     trainer = lfnnify.Trainer(resumed, optimizer=_sgd(0.05, 0.9), progress=False)
