@@ -33,6 +33,7 @@ class ConvertSection:
     head: str = "linear"  # linear (the paper's) | lookahead (a copy of the next block's first stage)
     follower_weight: float = 1.0
     local_weight: float = 0.0  # replay only: weight of each block's head loss
+    weight_stashing: bool = False  # replay only: back-propagate through the first pass's weights (no recompute)
     balance: str = "flops"
 
 
