@@ -8,20 +8,9 @@ from __future__ import annotations
 
 import importlib
 
+from . import errors as _errors
 from ._version import __version__
-from .errors import (
-    CheckpointError,
-    ConfigError,
-    CutError,
-    DataError,
-    DataNotFoundError,
-    LabelError,
-    LfnnifyError,
-    NonFiniteLossError,
-    PipelineError,
-    RecipeError,
-    TraceError,
-)
+from .errors import *  # noqa: F403 - every error type is public
 
 _LAZY = {
     "convert": "conversion",
@@ -40,21 +29,7 @@ _LAZY = {
     "plot_leadership": "plots",
 }
 
-__all__ = [
-    "__version__",
-    *_LAZY,
-    "LfnnifyError",
-    "ConfigError",
-    "CutError",
-    "TraceError",
-    "CheckpointError",
-    "RecipeError",
-    "DataError",
-    "DataNotFoundError",
-    "LabelError",
-    "NonFiniteLossError",
-    "PipelineError",
-]
+__all__ = ["__version__", *_LAZY, *_errors.__all__]
 
 
 def __getattr__(name: str):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import collections
 import datetime
 import os
+import signal
+import sys
 import time
 
 import torch
@@ -14,7 +16,7 @@ from torch import Tensor
 from .errors import PipelineError
 
 __all__ = ["Link", "PeerError", "TRAIN", "EVAL", "END", "GRAD", "EPOCH_DONE", "EVALUATE", "init_distributed",
-           "stage_device"]
+           "stage_device", "fault", "name_the_rank"]
 
 # message kinds in the header
 TRAIN, EVAL, END, GRAD = 1, 2, 3, 4
@@ -150,3 +152,28 @@ def stage_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
+
+
+def name_the_rank(exc: BaseException, label: str) -> None:
+    """Say on which rank an error happened: an attribute the command line prints, and a note in tracebacks."""
+    if isinstance(exc, (KeyboardInterrupt, PeerError)) or getattr(exc, "pipeline_rank", None):
+        return
+    try:
+        exc.pipeline_rank = label
+    except AttributeError:
+        return
+    if hasattr(exc, "add_note"):
+        exc.add_note(f"lfnnify: this happened on {label}")
+
+
+def fault(rank: int, step: int) -> None:
+    """The fault suite's hook: ``LFNNIFY_FAULT=raise|kill|stop`` with ``LFNNIFY_FAULT_RANK`` and
+    ``LFNNIFY_FAULT_STEP`` makes that rank fail for real at that step. Unset, it does nothing."""
+    kind = os.environ.get("LFNNIFY_FAULT")
+    at = (int(os.environ.get("LFNNIFY_FAULT_RANK", -1)), int(os.environ.get("LFNNIFY_FAULT_STEP", 0)))
+    if not kind or at != (rank, step):
+        return
+    print(f"lfnnify-fault: {kind} on rank {rank} at step {step}, time {time.time():.3f}", file=sys.stderr, flush=True)
+    if kind == "raise":
+        raise RuntimeError(f"injected failure at step {step}")
+    os.kill(os.getpid(), {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}[kind])

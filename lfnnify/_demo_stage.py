@@ -32,8 +32,13 @@ def main() -> None:
         train, test, _ = datasets(args.quick)
         loader = make_loader(train, batch_size=BATCH, seed=0)
         test_loader = make_loader(test, batch_size=500, shuffle=False)
-    result = train_for(trainer, loader, test_loader, budget=args.budget, evals=args.evals,
-                       pipeline_rank0=trainer.rank == 0)
+    def agree(go_on: bool) -> bool:
+        flag = [go_on]
+        dist.broadcast_object_list(flag, src=0)  # rank 0 keeps the clock
+        return flag[0]
+
+    result = train_for(trainer, loader, test_loader, budget=args.budget, evals=args.evals, clock=trainer.first,
+                       agree=agree)
     if trainer.rank == 0:
         args.out.write_text(json.dumps(result))
     dist.destroy_process_group()

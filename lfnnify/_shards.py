@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import Tensor, nn
 
 from . import _store as store
 from .checkpoint import describe_checkpoint, fingerprint_input, trainer_files
 from .model import LFNNModel, main_output
 
-__all__ = ["Shard"]
+__all__ = ["Shard", "keep_only_stage"]
 
 
 @dataclass
@@ -94,3 +96,22 @@ class Shard:
                 result = [h.flatten()[:32].tolist()]
         dist.broadcast_object_list(result, src=last * self.replicas)
         return result[0]
+
+
+def keep_only_stage(net: LFNNModel, stage: int, device: torch.device) -> None:
+    """Free the other blocks' parameters on this rank and move its own block and head to ``device``."""
+    own = [net.blocks[stage]] + ([net.heads[stage]] if stage < len(net.heads) else [])
+    keep = {id(p) for p in _tensors(*own)}
+    for k in range(net.num_blocks):
+        if k != stage:
+            for p in _tensors(net.blocks[k], net.heads[k] if k < len(net.heads) else None):
+                if id(p) not in keep:
+                    p.data = torch.empty(0, dtype=p.dtype)
+    for m in own:
+        m.to(device)
+
+
+def _tensors(*modules: nn.Module | None) -> Iterable[Tensor]:
+    for m in modules:
+        if m is not None:
+            yield from m.parameters()

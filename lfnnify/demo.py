@@ -90,12 +90,13 @@ def sgd(params):
 # ---------------------------------------------------------------- training against the clock
 
 
-def train_for(trainer, loader, test_loader, *, budget: float, evals: int, pipeline_rank0: bool | None = None) -> dict:
+def train_for(trainer, loader, test_loader, *, budget: float, evals: int, clock: bool = True, agree=None) -> dict:
     """Train ``trainer`` for ``budget`` seconds of training time, evaluating ``evals`` times along the way
-    (evaluation time not counted). In a pipeline every rank calls it; rank 0 keeps the clock and stops the
-    pipeline (the others follow its end-of-phase message), and tells the others whether to go on."""
+    (evaluation time not counted). In a pipeline every rank calls it: the rank with ``clock`` (rank 0) keeps
+    the time and stops the pipeline (the others follow its end-of-phase message); ``agree(go_on)`` returns
+    rank 0's decision to every rank."""
     curve, trained, samples = [], 0.0, 0
-    first = pipeline_rank0 is None or pipeline_rank0
+    first = clock
     while True:
         chunk = min(budget / evals, budget - trained)
         timer = threading.Timer(chunk, trainer.request_stop) if first else None
@@ -112,12 +113,8 @@ def train_for(trainer, loader, test_loader, *, budget: float, evals: int, pipeli
         metrics = trainer.evaluate(test_loader if first else None)
         curve.append({"seconds": trained, "accuracy": metrics["accuracy"], "step": trainer.step})
         go_on = trained < budget * 0.999
-        if pipeline_rank0 is not None:
-            import torch.distributed as dist
-
-            flag = [go_on]
-            dist.broadcast_object_list(flag, src=0)
-            go_on = flag[0]
+        if agree is not None:
+            go_on = agree(go_on)
         if not go_on:
             return {"curve": curve, "samples_per_s": samples / max(trained, 1e-9), "steps": trainer.step}
 
@@ -167,7 +164,7 @@ def run_in_process(method: Method, args, train, test) -> dict:
 
 
 def run_pipeline(method: Method, args, synthetic: bool) -> dict:
-    """Two processes, started by torch.distributed.run as torchrun starts them, one core each."""
+    """Two processes, started by torchrun's module as torchrun starts them, one core each."""
     with tempfile.TemporaryDirectory() as tmp, socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -6,17 +6,27 @@ import datetime
 import os
 import signal
 import socket
-import sys
 import time
-from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
-from ._comm import END, EPOCH_DONE, EVAL, EVALUATE, GRAD, TRAIN, Link, PeerError, init_distributed, stage_device
-from ._shards import Shard
+from ._comm import (
+    END,
+    EPOCH_DONE,
+    EVAL,
+    EVALUATE,
+    GRAD,
+    TRAIN,
+    Link,
+    fault,
+    init_distributed,
+    name_the_rank,
+    stage_device,
+)
+from ._shards import Shard, keep_only_stage
 from ._training import TrainerBase, check_labels
 from .errors import ConfigError, PipelineError
 from .model import LFNNModel, main_output
@@ -119,7 +129,7 @@ class PipelineTrainer(TrainerBase):
         groups = [dist.new_group([k * self.replicas + r for r in range(self.replicas)]) for k in range(blocks)]
         self.group = groups[self.stage]
         shapes = {k: list(v.shape) for k, v in net._source.state_dict().items()}  # before other blocks are freed
-        _keep_only_stage(net, self.stage, stage_device())
+        keep_only_stage(net, self.stage, stage_device())
         super().__init__(
             net, owned=[self.stage], optimizer=optimizer, scheduler=scheduler, amp=amp, grad_clip=grad_clip,
             head_warmup_steps=head_warmup_steps, reselect=reselect, switch_mode_at=switch_mode_at,
@@ -148,7 +158,7 @@ class PipelineTrainer(TrainerBase):
         mode, the gradient of an earlier batch's input back to the previous rank)."""
         start = time.perf_counter()
         t, stage = self.step, self.stages[self.stage]
-        _fault(self.rank, t)
+        fault(self.rank, t)
         self.net.train()
         out = stage.forward(x, y, t)
         if not self.last:
@@ -232,7 +242,7 @@ class PipelineTrainer(TrainerBase):
         try:
             return self._fit(loader, epochs=epochs, max_steps=max_steps, val_loader=val_loader)
         except BaseException as exc:
-            _name_the_rank(exc, self._label(self.rank))
+            name_the_rank(exc, self._label(self.rank))
             raise
 
     def _fit(self, loader, *, epochs, max_steps, val_loader):
@@ -391,47 +401,3 @@ class PipelineTrainer(TrainerBase):
         super().load_state_dict(state)
         early = state.get("early_grad")
         self._early_grad = early.to(self.device) if early is not None else None
-
-
-def _name_the_rank(exc: BaseException, label: str) -> None:
-    """Say on which rank an error happened: an attribute the command line prints, and a note in tracebacks."""
-    if isinstance(exc, (KeyboardInterrupt, PeerError)) or getattr(exc, "pipeline_rank", None):
-        return
-    try:
-        exc.pipeline_rank = label
-    except AttributeError:
-        return
-    if hasattr(exc, "add_note"):
-        exc.add_note(f"lfnnify: this happened on {label}")
-
-
-def _fault(rank: int, step: int) -> None:
-    """The fault suite's hook: ``LFNNIFY_FAULT=raise|kill|stop`` with ``LFNNIFY_FAULT_RANK`` and
-    ``LFNNIFY_FAULT_STEP`` makes that rank fail for real at that step. Unset, it does nothing."""
-    kind = os.environ.get("LFNNIFY_FAULT")
-    at = (int(os.environ.get("LFNNIFY_FAULT_RANK", -1)), int(os.environ.get("LFNNIFY_FAULT_STEP", 0)))
-    if not kind or at != (rank, step):
-        return
-    print(f"lfnnify-fault: {kind} on rank {rank} at step {step}, time {time.time():.3f}", file=sys.stderr, flush=True)
-    if kind == "raise":
-        raise RuntimeError(f"injected failure at step {step}")
-    os.kill(os.getpid(), {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}[kind])
-
-
-def _keep_only_stage(net: LFNNModel, stage: int, device: torch.device) -> None:
-    """Free the other blocks' parameters on this rank and move its own block and head to ``device``."""
-    own = [net.blocks[stage]] + ([net.heads[stage]] if stage < len(net.heads) else [])
-    keep = {id(p) for p in _tensors(*own)}
-    for k in range(net.num_blocks):
-        if k != stage:
-            for p in _tensors(net.blocks[k], net.heads[k] if k < len(net.heads) else None):
-                if id(p) not in keep:
-                    p.data = torch.empty(0, dtype=p.dtype)
-    for m in own:
-        m.to(device)
-
-
-def _tensors(*modules: nn.Module | None) -> Iterable[Tensor]:
-    for m in modules:
-        if m is not None:
-            yield from m.parameters()
