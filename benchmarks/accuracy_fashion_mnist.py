@@ -67,6 +67,44 @@ def _datasets(args):
     return train, FashionMNIST(args.data, train=False)
 
 
+def time_method(name: str, args) -> dict:
+    """Seconds per training step of one row, alone on one thread: ``args.time_steps`` steps after 3 warm-up."""
+    import timm
+
+    import lfnnify
+    from lfnnify.data import make_loader
+
+    torch.set_num_threads(args.threads)
+    train, _ = _datasets(args)
+    torch.manual_seed(args.seed)
+    model = timm.create_model("resnet18", in_chans=1, num_classes=10)
+    loader = make_loader(train, batch_size=args.batch_size, seed=args.seed)
+    _, knobs, trainer_knobs = METHODS[name]
+    if knobs is None:
+        opt = _optimizer(model.parameters(), args.lr)
+
+        def step(x, y):
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    else:
+        net = lfnnify.convert(model, **knobs, example_input=torch.zeros(1, 1, 28, 28))
+        switch = {"switch_to": trainer_knobs["switch_to"], "switch_mode_at": 0} if "switch_to" in trainer_knobs else {}
+        trainer = lfnnify.Trainer(net, optimizer=lambda ps: _optimizer(ps, args.lr), progress=False, **switch)
+        step = trainer.train_step
+    loader.sampler.set_epoch(0)
+    times = []
+    for i, (x, y) in enumerate(loader):
+        start = time.perf_counter()
+        step(x, y)
+        times.append(time.perf_counter() - start)
+        if i + 1 == 3 + args.time_steps:
+            break
+    timed = sorted(times[3:])
+    return {"step_seconds": times[3:], "median_step_s": timed[len(timed) // 2], "steps_per_epoch": len(loader),
+            "peak_rss_bytes": peak_rss_bytes()}
+
+
 def run_method(name: str, args) -> dict:
     """One row, in this process: train ``args.epochs`` epochs, evaluate after each."""
     import timm
@@ -163,7 +201,7 @@ def _run_rows(names: list[str], args) -> dict:
 
 def _forwarded(args) -> list[str]:
     out = ["--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-           "--seed", str(args.seed), "--threads", str(args.threads)]
+           "--seed", str(args.seed), "--threads", str(args.threads), "--time-steps", str(args.time_steps)]
     if args.train_subset:
         out += ["--train-subset", str(args.train_subset)]
     if args.data:
@@ -183,7 +221,7 @@ def _reused(path: Path, names: list[str]) -> dict:
     return rows
 
 
-def table(results: dict, epochs: int) -> str:
+def table(results: dict, epochs: int, today: str = "") -> str:
     head = "| method | " + " | ".join(f"epoch {e + 1}" for e in range(epochs)) + \
         " | heads' params (share) | s/epoch | peak RSS |\n|---|" + "---|" * (epochs + 3)
     lines = [head]
@@ -191,9 +229,13 @@ def table(results: dict, epochs: int) -> str:
         share = r.get("head_params", 0) / r["model_params"] * 100 if r.get("model_params") else 0.0
         peak = f"{r['peak_rss_bytes'] / 2**30:.2f} GiB" if r.get("peak_rss_bytes") else "–"
         errors = " | ".join(f"{e:.2f}" for e in r["test_error"])
-        tag = " (reused)" if "reused_from" in r else ""
+        source = r.get("reused_from", "")
+        tag = f" (measured {source[-15:-5]})" if source and today and today not in source else ""
+        seconds = r.get("clean_s_per_epoch") or sum(r["epoch_seconds"]) / len(r["epoch_seconds"])
+        if r.get("clean_peak_rss_bytes"):
+            peak = f"{r['clean_peak_rss_bytes'] / 2**30:.2f} GiB"
         lines.append(f"| {METHODS[name][0]}{tag} | {errors} | {r.get('head_params', 0):,} ({share:.1f}%) | "
-                     f"{sum(r['epoch_seconds']) / len(r['epoch_seconds']):.0f} | {peak} |")
+                     f"{seconds:.0f} | {peak} |")
     return "\n".join(lines)
 
 
@@ -211,12 +253,28 @@ def main() -> None:
     parser.add_argument("--reuse", type=Path, nargs="+", default=[],
                         help="take rows measured with unchanged code from these JSON files (the first that has a row)")
     parser.add_argument("--name", default=None, help="result file stem (default: experiment, model, hardware, date)")
+    parser.add_argument("--time-steps", type=int, default=0,
+                        help="only time each row: this many steps after 3 warm-up, one row at a time")
+    parser.add_argument("--timing", type=Path, default=None,
+                        help="a --time-steps result: its clean seconds per step fill the s/epoch column")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        args.child_out.write_text(json.dumps(run_method(args.child, args)))
+        run = time_method if args.time_steps else run_method
+        args.child_out.write_text(json.dumps(run(args.child, args)))
+        return
+    if args.time_steps:  # one row after another, nothing beside them: clean seconds per step
+        args.jobs = 1
+        timings = _run_rows(args.methods, args)
+        stem = args.name or f"accuracy_fashion_mnist-timing-{hardware_tag()}-{environment()['date'][:10]}"
+        write_json(args.out / f"{stem}.json", {"experiment": "accuracy_fashion_mnist timing", "methods": timings,
+                                               "env": environment(args.threads),
+                                               "command": " ".join(["python", *sys.argv])})
+        for name, t in timings.items():
+            print(f"{METHODS[name][0]:<55} {t['median_step_s'] * 1e3:7.0f} ms/step  "
+                  f"{t['median_step_s'] * t['steps_per_epoch']:6.0f} s/epoch (one thread)")
         return
 
     from lfnnify.plots import plot_curves
@@ -227,6 +285,12 @@ def main() -> None:
         reused = {**_reused(path, args.methods), **reused}
     measured = _run_rows([m for m in args.methods if m not in reused], args)
     results = {m: (reused.get(m) or measured[m]) for m in args.methods}
+    if args.timing:  # clean one-thread step times, measured alone, for the s/epoch column
+        timing = json.loads(args.timing.read_text())["methods"]
+        for m, r in results.items():
+            if m in timing:
+                r["clean_s_per_epoch"] = timing[m]["median_step_s"] * timing[m]["steps_per_epoch"]
+                r["clean_peak_rss_bytes"] = timing[m]["peak_rss_bytes"]
     pipeline = {m: r for m, r in results.items() if m in PIPELINE_CAPABLE}
     best = min(pipeline, key=lambda m: pipeline[m]["test_error"][-1]) if pipeline else None
     payload = {
@@ -244,7 +308,7 @@ def main() -> None:
     path = write_json(args.out / f"{stem}.json", payload)
     plot_curves({METHODS[n][0]: r["test_error"] for n, r in results.items()}, args.out / f"{stem}.png",
                 title="Fashion-MNIST, timm resnet18, K=4: test error per epoch")
-    print("\n" + table(results, args.epochs))
+    print("\n" + table(results, args.epochs, env["date"][:10]))
     if best:
         gap = results[best]["test_error"][-1] - results["bp"]["test_error"][-1] if "bp" in results else float("nan")
         print(f"\nbest pipeline-capable mode: {METHODS[best][0]} ({gap:+.2f} points against backprop)")
