@@ -216,7 +216,8 @@ def _reused(path: Path, names: list[str]) -> dict:
         key = name if name in old["methods"] else REUSABLE.get(name)  # this script's rows, or the 2026-11-26 ones
         if key and key in old["methods"]:
             row = dict(old["methods"][key])
-            row.update(reused_from=str(path.name), reused_env=old.get("env"))
+            row.setdefault("reused_from", str(path.name))  # where it was measured first
+            row.setdefault("reused_env", old.get("env"))
             rows[name] = row
     return rows
 
