@@ -73,8 +73,9 @@ def _run(method: str, args, *, nproc: int, threads: int, extra=(), name=None) ->
                   load_after=os.getloadavg(), process_wall_s=wall, command=" ".join(cmd[1:]))
     if "step_s" in result:
         med = statistics.median(result["step_s"])
+        batch = args.batch // args.blocks if method == "bp_shard" else args.batch  # one DDP rank's share
         result.update(step_s_median=med, step_s_min=min(result["step_s"]), step_s_max=max(result["step_s"]),
-                      samples_per_s=args.batch / med)
+                      samples_per_s=batch / med)
     print(f"  {name:<20} " + (f"{result['samples_per_s']:8.1f} samples/s  (median step "
                               f"{result['step_s_median'] * 1e3:.0f} ms)"
                                if "samples_per_s" in result else "done"), flush=True)
