@@ -82,6 +82,7 @@ def check_labels(y, num_classes: int, *, where: str = "the trainer") -> None:
         if low < 0 or high >= num_classes:
             bad = low if low < 0 else high
             raise LabelError(
-                f"label {bad} given to {where} is outside [0, {num_classes}): the model and its heads predict "
-                f"num_classes={num_classes} classes. Convert with num_classes= matching the data, or remap the labels."
+                f"label {bad} given to {where} is outside [0, {num_classes}): block 0's head, every later head and "
+                f"the model's output predict num_classes={num_classes} classes. Convert with num_classes= matching "
+                f"the data, or remap the labels."
             )
