@@ -111,19 +111,24 @@ def measure(args) -> dict:
         return {"methods": methods, "projection_raw": _run("projection", args, nproc=1, threads=k * t)}
     print(f"measuring {args.model} (cifar={args.cifar}), {args.size}px, batch {args.batch}, K={k}, "
           f"{t} thread(s) per process, {args.steps} timed steps after {args.warmup} warm-up", flush=True)
-    methods["bp_single"] = _run("bp_single", args, nproc=1, threads=k * t)
-    methods["ddp"] = _run("ddp", args, nproc=k, threads=t)
-    methods["bp_shard"] = _run("bp_shard", args, nproc=1, threads=t)
-    methods["bp_model_parallel"] = _run("bp_model_parallel", args, nproc=k, threads=t)
-    for schedule in ("gpipe", "1f1b"):
-        methods[f"bp_{schedule}"] = _run("bp_pipelined", args, nproc=k, threads=t, name=f"bp_{schedule}",
-                                         extra=["--schedule", schedule, "--microbatches", str(args.microbatches)])
-        methods[f"bp_{schedule}"]["microbatches"] = args.microbatches
-    methods["lfnn_pipeline"] = _run("lfnn_pipeline", args, nproc=k, threads=t)
-    methods["lfnn_pipeline_fw"] = _run("lfnn_pipeline", args, nproc=k, threads=t, extra=fw, name="lfnn_pipeline_fw")
-    methods["replay_pipeline"] = _run("lfnn_pipeline", args, nproc=k, threads=t, extra=["--mode", "replay"],
-                                      name="replay_pipeline")
-    methods["lfnn_single"] = _run("lfnn_single", args, nproc=1, threads=k * t)
+    runs = {  # name -> how to run it; every one by default, a few with --methods
+        "bp_single": lambda: _run("bp_single", args, nproc=1, threads=k * t),
+        "ddp": lambda: _run("ddp", args, nproc=k, threads=t),
+        "bp_shard": lambda: _run("bp_shard", args, nproc=1, threads=t),
+        "bp_model_parallel": lambda: _run("bp_model_parallel", args, nproc=k, threads=t),
+        **{f"bp_{sched}": (lambda sched=sched: {**_run(
+            "bp_pipelined", args, nproc=k, threads=t, name=f"bp_{sched}",
+            extra=["--schedule", sched, "--microbatches", str(args.microbatches)]), "microbatches": args.microbatches})
+           for sched in ("gpipe", "1f1b")},
+        "lfnn_pipeline": lambda: _run("lfnn_pipeline", args, nproc=k, threads=t),
+        "lfnn_pipeline_fw": lambda: _run("lfnn_pipeline", args, nproc=k, threads=t, extra=fw, name="lfnn_pipeline_fw"),
+        "replay_pipeline": lambda: _run("lfnn_pipeline", args, nproc=k, threads=t, extra=["--mode", "replay"],
+                                        name="replay_pipeline"),
+        "lfnn_single": lambda: _run("lfnn_single", args, nproc=1, threads=k * t),
+    }
+    for name, run in runs.items():
+        if not args.methods or name in args.methods:
+            methods[name] = run()
     proj = _run("projection", args, nproc=1, threads=t)
     return {"methods": methods, "projection_raw": proj}
 
@@ -133,20 +138,23 @@ PAPER_SPEEDUP_K4 = {"resnet101": 2.07, "resnet152": 2.21}  # ImageNet, 4 blocks 
 
 def summarise(args, measured: dict) -> dict:
     m = measured["methods"]
-    speedup = {"lfnn_single_vs_bp_single": m["lfnn_single"]["samples_per_s"] / m["bp_single"]["samples_per_s"]}
+
+    def ratio(a: str, b: str) -> float | None:
+        return m[a]["samples_per_s"] / m[b]["samples_per_s"] if a in m and b in m else None
+
+    speedup = {"lfnn_single_vs_bp_single": ratio("lfnn_single", "bp_single")}
     if "lfnn_pipeline" in m:
-        lfnn = m["lfnn_pipeline"]["samples_per_s"]
-        best_pipe = max(("bp_gpipe", "bp_1f1b"), key=lambda n: m[n]["samples_per_s"])
+        piped = [n for n in ("bp_gpipe", "bp_1f1b") if n in m]
+        best_pipe = max(piped, key=lambda n: m[n]["samples_per_s"]) if piped else None
         speedup.update({
-            "vs_bp_model_parallel": lfnn / m["bp_model_parallel"]["samples_per_s"],
-            "vs_bp_pipelined": lfnn / m[best_pipe]["samples_per_s"],
-            "vs_bp_pipelined_schedule": best_pipe.removeprefix("bp_"),
-            "vs_bp_single": lfnn / m["bp_single"]["samples_per_s"],
-            "vs_ddp": lfnn / m["ddp"]["samples_per_s"],
-            "replay_vs_ddp": m["replay_pipeline"]["samples_per_s"] / m["ddp"]["samples_per_s"],
-            "replay_vs_bp_single": m["replay_pipeline"]["samples_per_s"] / m["bp_single"]["samples_per_s"],
-            "filter_wise_vs_bp_model_parallel": m["lfnn_pipeline_fw"]["samples_per_s"]
-            / m["bp_model_parallel"]["samples_per_s"],
+            "vs_bp_model_parallel": ratio("lfnn_pipeline", "bp_model_parallel"),
+            "vs_bp_pipelined": ratio("lfnn_pipeline", best_pipe) if best_pipe else None,
+            "vs_bp_pipelined_schedule": best_pipe.removeprefix("bp_") if best_pipe else None,
+            "vs_bp_single": ratio("lfnn_pipeline", "bp_single"),
+            "vs_ddp": ratio("lfnn_pipeline", "ddp"),
+            "replay_vs_ddp": ratio("replay_pipeline", "ddp"),
+            "replay_vs_bp_single": ratio("replay_pipeline", "bp_single"),
+            "filter_wise_vs_bp_model_parallel": ratio("lfnn_pipeline_fw", "bp_model_parallel"),
         })
     projection = project(args, measured)
     projection["measured_speedup_vs_bp_model_parallel"] = speedup.get("vs_bp_model_parallel")
@@ -176,8 +184,8 @@ def project(args, measured: dict) -> dict:
     lfnn = max(t + a / bw for t, a in zip(p["block_lfnn_step_s"], acts))
     replay = max(t + 2 * a / bw for t, a in zip(p["block_replay_step_s"], acts))
     bp_mp = sum(p["block_fwd_bwd_s"]) + 2 * sum(acts) / bw
-    ddp = m["bp_shard"]["step_s_median"] + 2 * (k - 1) / k * p["gradient_bytes"] / bw
-    one = m["bp_single"]["step_s_median"]
+    ddp = m["bp_shard"]["step_s_median"] + 2 * (k - 1) / k * p["gradient_bytes"] / bw if "bp_shard" in m else None
+    one = m["bp_single"]["step_s_median"] if "bp_single" in m else None
     return {
         "block_fwd_bwd_s": p["block_fwd_bwd_s"],
         "block_lfnn_step_s": p["block_lfnn_step_s"],
@@ -191,14 +199,22 @@ def project(args, measured: dict) -> dict:
         "predicted_bp_model_parallel_step_s": bp_mp,
         "predicted_lfnn_pipeline_step_s": lfnn,
         "predicted_speedup_vs_bp_model_parallel": bp_mp / lfnn,
-        "predicted_speedup_vs_bp_single": one / lfnn,
-        "predicted_speedup_vs_ddp": ddp / lfnn,
-        "predicted_replay_speedup_vs_bp_single": one / replay,
-        "predicted_replay_speedup_vs_ddp": ddp / replay,
+        "predicted_speedup_vs_bp_single": one / lfnn if one else None,
+        "predicted_speedup_vs_ddp": ddp / lfnn if ddp else None,
+        "predicted_replay_speedup_vs_bp_single": one / replay if one else None,
+        "predicted_replay_speedup_vs_ddp": ddp / replay if ddp else None,
         "paper_speedup_k4": PAPER_SPEEDUP_K4.get(args.model) if args.blocks == 4 and not args.cifar else None,
         "note": "per-block times cover everything a block does in a step (LFNN-ℓ: forward, head, backward; replay: "
                 "forward without a graph, recompute, backward); transfers at link_gbs GB/s per direction",
     }
+
+
+def _x(value) -> str:
+    return f"{value:.2f}×" if value is not None else "– (not measured)"
+
+
+def _ms(value) -> str:
+    return f"{value * 1e3:.1f}" if value is not None else "–"
 
 
 def markdown(payload: dict) -> str:
@@ -227,18 +243,18 @@ def markdown(payload: dict) -> str:
         "",
         "| method | projected step (ms) | bytes moved per step (MB) |",
         "|---|---|---|",
-        f"| one device, backprop | {pred['bp_single'] * 1e3:.1f} | 0 |",
-        f"| DDP, {k} devices | {pred['ddp'] * 1e3:.1f} | {b['ddp'] / 1e6:.1f} |",
-        f"| BP model-parallel | {pred['bp_model_parallel'] * 1e3:.1f} | {b['bp_model_parallel'] / 1e6:.1f} |",
-        f"| LFNN-ℓ pipeline | {pred['lfnn_pipeline'] * 1e3:.1f} | {b['lfnn_pipeline'] / 1e6:.1f} |",
-        f"| replay pipeline | {pred['replay_pipeline'] * 1e3:.1f} | {b['replay_pipeline'] / 1e6:.1f} |",
+        f"| one device, backprop | {_ms(pred['bp_single'])} | 0 |",
+        f"| DDP, {k} devices | {_ms(pred['ddp'])} | {b['ddp'] / 1e6:.1f} |",
+        f"| BP model-parallel | {_ms(pred['bp_model_parallel'])} | {b['bp_model_parallel'] / 1e6:.1f} |",
+        f"| LFNN-ℓ pipeline | {_ms(pred['lfnn_pipeline'])} | {b['lfnn_pipeline'] / 1e6:.1f} |",
+        f"| replay pipeline | {_ms(pred['replay_pipeline'])} | {b['replay_pipeline'] / 1e6:.1f} |",
         "",
-        f"- projected LFNN-ℓ pipeline vs BP model-parallel: **{p['predicted_speedup_vs_bp_model_parallel']:.2f}×** "
+        f"- projected LFNN-ℓ pipeline vs BP model-parallel: **{_x(p['predicted_speedup_vs_bp_model_parallel'])}** "
         f"(ideal {k}.0×" + (f"; the paper measured {paper:.2f}× on 4 GPUs" if paper else "") + ")",
-        f"- projected LFNN-ℓ pipeline vs DDP: **{p['predicted_speedup_vs_ddp']:.2f}×**; vs one device: "
-        f"{p['predicted_speedup_vs_bp_single']:.2f}×",
-        f"- projected replay pipeline vs DDP: **{p['predicted_replay_speedup_vs_ddp']:.2f}×**; vs one device: "
-        f"{p['predicted_replay_speedup_vs_bp_single']:.2f}×",
+        f"- projected LFNN-ℓ pipeline vs DDP: **{_x(p['predicted_speedup_vs_ddp'])}**; vs one device: "
+        f"{_x(p['predicted_speedup_vs_bp_single'])}",
+        f"- projected replay pipeline vs DDP: **{_x(p['predicted_replay_speedup_vs_ddp'])}**; vs one device: "
+        f"{_x(p['predicted_replay_speedup_vs_bp_single'])}",
         "",
         "| block | BP forward+backward (ms) | LFNN-ℓ step with head (ms) | replay step (ms) | activation sent (MB) |",
         "|---|---|---|---|---|",
@@ -246,28 +262,28 @@ def markdown(payload: dict) -> str:
     sent = list(p["activation_bytes"]) + [0]
     for i, (bp, lf, rp) in enumerate(zip(p["block_fwd_bwd_s"], p["block_lfnn_step_s"], p["block_replay_step_s"])):
         lines.append(f"| {i} | {bp * 1e3:.1f} | {lf * 1e3:.1f} | {rp * 1e3:.1f} | {sent[i] / 1e6:.1f} |")
-    lines += ["", f"- one-device LFNN-ℓ trainer vs one-process BP: {s['lfnn_single_vs_bp_single']:.2f}×"]
+    lines += ["", f"- one-device LFNN-ℓ trainer vs one-process BP: {_x(s['lfnn_single_vs_bp_single'])}"]
     if "vs_bp_model_parallel" not in s:  # --projection-only: one device
         return "\n".join(lines) + "\n"
     lines += [
         "",
         "Measured on this machine:",
         "",
-        f"- LFNN-ℓ pipeline vs BP model-parallel: **{s['vs_bp_model_parallel']:.2f}×** (ideal {k}.0×; projected "
-        f"{p['predicted_speedup_vs_bp_model_parallel']:.2f}×)",
-        f"- LFNN-ℓ pipeline vs DDP: **{s['vs_ddp']:.2f}×**; replay pipeline vs DDP: **{s['replay_vs_ddp']:.2f}×**",
+        f"- LFNN-ℓ pipeline vs BP model-parallel: **{_x(s['vs_bp_model_parallel'])}** (ideal {k}.0×; projected "
+        f"{_x(p['predicted_speedup_vs_bp_model_parallel'])})",
+        f"- LFNN-ℓ pipeline vs DDP: **{_x(s['vs_ddp'])}**; replay pipeline vs DDP: **{_x(s['replay_vs_ddp'])}**",
         f"- LFNN-ℓ pipeline vs BP pipelined ({s['vs_bp_pipelined_schedule']}, M={cfg['microbatches']}): "
-        f"**{s['vs_bp_pipelined']:.2f}×**",
-        f"- LFNN-ℓ pipeline vs one-process BP on the same cores: **{s['vs_bp_single']:.2f}×**; replay: "
-        f"{s['replay_vs_bp_single']:.2f}×",
-        f"- filter-wise LFNN-ℓ pipeline vs BP model-parallel: {s['filter_wise_vs_bp_model_parallel']:.2f}×",
+        f"**{_x(s['vs_bp_pipelined'])}**",
+        f"- LFNN-ℓ pipeline vs one-process BP on the same cores: **{_x(s['vs_bp_single'])}**; replay: "
+        f"{_x(s['replay_vs_bp_single'])}",
+        f"- filter-wise LFNN-ℓ pipeline vs BP model-parallel: {_x(s['filter_wise_vs_bp_model_parallel'])}",
         "",
         "Per-stage time of the LFNN-ℓ pipeline (seconds over all steps):",
         "",
         "| rank | block | busy | waiting to receive | waiting for sends |",
         "|---|---|---|---|---|",
     ]
-    for t in m["lfnn_pipeline"].get("stage_timings", []):
+    for t in m.get("lfnn_pipeline", {}).get("stage_timings", []):
         lines.append(f"| {t['rank']} | {t['block']} | {t['busy_s']:.2f} | {t['recv_wait_s']:.2f} | "
                      f"{t['send_wait_s']:.2f} |")
     return "\n".join(lines) + "\n"
@@ -333,6 +349,8 @@ def main() -> None:
     parser.add_argument("--fw-workers", type=int, default=4)
     parser.add_argument("--fw-leaders", type=float, default=0.75)
     parser.add_argument("--timeout", type=int, default=900)
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="measure only these methods (default: all of them; the projection always runs)")
     parser.add_argument("--link-gbs", type=float, default=450.0,
                         help="link bandwidth for the projection, GB/s per direction (default: NVLink 4, 450)")
     parser.add_argument("--projection-only", action="store_true",

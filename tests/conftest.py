@@ -5,9 +5,10 @@ import os
 import pytest
 import torch
 
-# Two threads on the 2-core CI machine; set LFNNIFY_TEST_THREADS=1 when another process holds a
-# core (oversubscription made a 2-thread step 7x slower here).
-torch.set_num_threads(int(os.environ.get("LFNNIFY_TEST_THREADS", "2")))
+# The suite runs two tests at a time (pytest-xdist, one worker per core), so each takes one thread; alone it
+# takes two. Oversubscribed cores are very slow here (a 2-thread step ran 7x slower beside another process).
+_DEFAULT = "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2"
+torch.set_num_threads(int(os.environ.get("LFNNIFY_TEST_THREADS", _DEFAULT)))
 
 
 @pytest.fixture(autouse=True)

@@ -17,14 +17,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_speedup_quick_path_writes_the_documented_json(tmp_path):
+    # the methods this benchmark added last (DDP, replay) and the ones their ratios need (bp_shard runs in the
+    # projection-only test below); every method's own code path runs in the full benchmark
+    chosen = ("bp_single", "ddp", "lfnn_pipeline", "replay_pipeline")
     cmd = [sys.executable, "benchmarks/speedup.py", "--quick", "--batch", "8", "--size", "32", "--steps", "2",
-           "--warmup", "1", "--balance", "flops", "--out", str(tmp_path)]
+           "--warmup", "1", "--balance", "flops", "--out", str(tmp_path), "--methods", *chosen]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "speedup.json").read_text())
     methods = result["methods"]
-    for name in ("bp_single", "ddp", "bp_model_parallel", "bp_gpipe", "bp_1f1b", "lfnn_pipeline", "lfnn_pipeline_fw",
-                 "replay_pipeline", "lfnn_single"):
+    assert set(methods) == set(chosen)
+    for name in ("bp_single", "ddp", "lfnn_pipeline", "replay_pipeline"):
         method = methods[name]
         assert len(method["step_s"]) == 2
         assert method["step_s_median"] == pytest.approx(statistics.median(method["step_s"]))
@@ -33,7 +36,6 @@ def test_speedup_quick_path_writes_the_documented_json(tmp_path):
     assert s["vs_ddp"] == pytest.approx(methods["lfnn_pipeline"]["samples_per_s"] / methods["ddp"]["samples_per_s"])
     assert s["vs_bp_single"] == pytest.approx(methods["lfnn_pipeline"]["samples_per_s"]
                                               / methods["bp_single"]["samples_per_s"])
-    assert s["vs_bp_pipelined_schedule"] in ("gpipe", "1f1b")
     assert set(result["env"]) >= {"commit", "torch", "device", "cores", "threads", "date"}
     p, moved = result["projection"], result["bytes_per_step"]
     assert p["predicted_speedup_vs_bp_model_parallel"] == pytest.approx(

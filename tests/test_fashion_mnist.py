@@ -8,23 +8,18 @@ from lfnnify.data import FashionMNIST, make_loader
 
 
 def test_four_block_resnet18_learns_fashion_mnist():
+    # 80 steps of batch 64 (about 25 s on one thread): enough to show every block learning from real data
     import timm
 
     torch.manual_seed(0)
-    train = FashionMNIST(train=True, augment=True)
-    test = Subset(FashionMNIST(train=False), range(2000))
+    train = FashionMNIST(train=True)
+    test = Subset(FashionMNIST(train=False), range(1000))
     net = lfnnify.convert(timm.create_model("resnet18", in_chans=1, num_classes=10), blocks=4,
                           example_input=torch.zeros(1, 1, 28, 28))
-    steps = 300
-    trainer = lfnnify.Trainer(
-        net,
-        optimizer=lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=5e-4),
-        scheduler=lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=steps),
-        progress=False,
-    )
-    trainer.fit(make_loader(train, batch_size=64), max_steps=steps)
+    trainer = lfnnify.Trainer(net, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9), progress=False)
+    trainer.fit(make_loader(train, batch_size=64), max_steps=80)
     metrics = trainer.evaluate(make_loader(test, batch_size=500, shuffle=False))
-    assert metrics["accuracy"] > 0.70, metrics  # chance is 0.10
+    assert metrics["accuracy"] > 0.55, metrics  # chance is 0.10
     assert all(a > 0.5 for a in metrics["block_accuracy"]), metrics  # every head learned too
 
 
