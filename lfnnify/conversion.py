@@ -125,7 +125,8 @@ def convert(
     analysis = analyse(source, example_input=example_input, leaf_modules=leaf_modules, concrete_args=concrete_args,
                        fallback=fallback)
     the_plan = make_plan(source, analysis, blocks=blocks, cuts=cuts, workers=workers, num_classes=num_classes,
-                         head=head, balance=balance, mode=mode)
+                         head=head, balance=balance, mode=mode,
+                         weight_stashing=weight_stashing)
     by_name: dict[str, CutPoint] = {c.name: c for c in analysis.cut_points}
     chosen = [by_name[name] for name in the_plan.cuts]
     block_modules = _build_blocks(analysis, chosen)

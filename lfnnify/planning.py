@@ -40,6 +40,7 @@ class BlockInfo:
     head: str = ""  # "linear", "lookahead (copies layer2.0)", a custom head's name; "" for the last block
     stored_inputs: int = 0  # mode="replay": inputs of earlier batches this block keeps (K - 1 - k)
     stored_bytes: int = 0  # bytes those stored inputs take per example of the batch
+    stashed_weight_bytes: int = 0  # weight_stashing=True: bytes of the weight copies kept for pending batches
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Plan:
     input_shape: tuple[int, ...] = ()
     mode: str = "local"
     model_params: int = 0
+    weight_stashing: bool = False
 
     @property
     def imbalance(self) -> float:
@@ -101,11 +103,18 @@ class Plan:
             f"heads add {self.total_head_params:,} parameters{share}; largest block / mean = {self.imbalance:.3f} "
             f"({self.balance})"
         )
-        if self.mode == "replay":
+        if self.mode == "replay" and self.weight_stashing:
+            kept = ", ".join(f"block {b.index}: {b.stored_inputs}" for b in self.blocks)
+            lines.append(
+                f"replay with weight stashing keeps the first pass's graph of each pending batch and the weights it "
+                f"used ({kept}): {_size(sum(b.stashed_weight_bytes for b in self.blocks))} of weight copies, plus "
+                f"those batches' activations"
+            )
+        elif self.mode == "replay":
             kept = ", ".join(f"block {b.index}: {b.stored_inputs}" for b in self.blocks)
             lines.append(
                 f"replay keeps earlier batches' inputs for the delayed backward ({kept}); "
-                f"{sum(b.stored_bytes for b in self.blocks) / 2**20:.2f} MiB per example of the batch in all"
+                f"{_size(sum(b.stored_bytes for b in self.blocks))} per example of the batch in all"
             )
         return "\n".join(lines)
 
@@ -170,13 +179,15 @@ def make_plan(
     head,
     balance: str,
     mode: str = "local",
+    weight_stashing: bool = False,
 ) -> Plan:
     """Choose the cuts (``blocks=K`` balanced, or explicit ``cuts=``) and cost every block and head."""
     name = getattr(model, "default_cfg", {}).get("architecture") if hasattr(model, "default_cfg") else None
     name = name or type(model).__name__
     cut_points = analysis.cut_points
     result = Plan(name, cut_points, balance=balance, workers=workers, input_shape=tuple(analysis.example_input.shape),
-                  mode=mode, model_params=sum(p.numel() for p in model.parameters()))
+                  mode=mode, model_params=sum(p.numel() for p in model.parameters()),
+                  weight_stashing=weight_stashing and mode == "replay")
     if blocks is None and cuts is None:
         return result
     result.num_classes = resolve_num_classes(model, num_classes)
@@ -225,6 +236,7 @@ def make_plan(
     position = {c.index: j for j, c in enumerate(candidates)}
     edges = [-1] + [c.index for c in chosen] + [end_of_graph]
     input_bytes = analysis.example_input.numel() * analysis.example_input.element_size()
+    element = next((q.element_size() for q in model.parameters()), 4)
     infos = []
     for k, (a, b) in enumerate(zip(edges, edges[1:])):
         block_nodes = nodes[a + 1 : b + 1]
@@ -262,6 +274,7 @@ def make_plan(
                 head=h_name,
                 stored_inputs=kept,
                 stored_bytes=kept * int(in_bytes),
+                stashed_weight_bytes=kept * node_params(gm, block_nodes) * element if result.weight_stashing else 0,
             )
         )
     result.cuts = [c.name for c in chosen]
@@ -392,3 +405,8 @@ def plan(
                        fallback=fallback)
     return make_plan(model, analysis, blocks=blocks, cuts=cuts, workers=workers, num_classes=num_classes, head=head,
                      balance=balance, mode=mode)
+
+
+def _size(n: int) -> str:
+    """Bytes as people read them: 3.1 KiB, 1.50 MiB."""
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"

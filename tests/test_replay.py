@@ -214,3 +214,19 @@ def test_switching_from_local_to_replay_changes_the_update_at_that_step():
     # steps 0-1 local in both; at step 2 replay's block 0 waits for its first delayed gradient (no local loss)
     assert same == [True, True, False, False]
     assert all(torch.equal(runs[2][1][k], runs[2][2][k]) for k in runs[2][1])  # block 0's weights held at step 2
+
+
+@pytest.mark.parametrize("stash", [False, True])
+def test_the_plan_states_what_each_block_keeps_between_steps(stash):
+    # block k holds K-1-k batches between steps: their inputs, and with stashing the weights each pass used
+    net = lfnnify.convert(_resnet(), blocks=3, mode="replay", weight_stashing=stash, example_input=X16)
+    trainer = lfnnify.Trainer(net, optimizer=_sgd(), progress=False)
+    for x, y in _batches(4):
+        trainer.train_step(x, y)
+    for info in net.plan.blocks:
+        kept = list(trainer.stages[info.index]._line)
+        assert len(kept) == info.stored_inputs == 2 - info.index
+        assert all(s.x[0].numel() * s.x.element_size() * len(kept) == info.stored_bytes for s in kept)
+        weights = sum(sum(w.numel() * w.element_size() for w in s.weights.values()) for s in kept if s.weights)
+        assert weights == info.stashed_weight_bytes == (info.stored_inputs * info.params * 4 if stash else 0)
+    assert ("weight stashing keeps" in str(net.plan)) == stash
