@@ -169,13 +169,6 @@ def _isolated(net, x, classes) -> bool:
 
     net.train()
     y = torch.arange(x.shape[0]) % max(classes, 1)
-    owners = {}
-    for k, block in enumerate(net.blocks):
-        for p in block.parameters():
-            owners.setdefault(id(p), set()).add(k)
-    for k, head in enumerate(net.heads):
-        for p in head.parameters():
-            owners.setdefault(id(p), set()).add(k)
     for k in range(net.num_blocks):
         net.zero_grad(set_to_none=True)
         try:
@@ -185,8 +178,7 @@ def _isolated(net, x, classes) -> bool:
                 return None  # an encoder: no output loss, so no training step to check
             raise
         out.block_losses[k].backward()
-        touched = {b for p in net.parameters() if p.grad is not None and p.grad.abs().sum() > 0 for b in owners[id(p)]}
-        if touched - {k}:
+        if net.blocks_with_gradient() - {k}:
             return False
     return True
 

@@ -134,6 +134,15 @@ class LFNNModel(nn.Module):
             )
         return F.cross_entropy(logits, target), logits
 
+    def blocks_with_gradient(self) -> set[int]:
+        """The blocks whose parameters, or whose head's, now hold a non-zero gradient: after backpropagating
+        one block's loss in local mode this is that block alone (the check of gradient isolation)."""
+        reached = set()
+        for k, part in [*enumerate(self.blocks), *enumerate(self.heads)]:
+            if any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters()):
+                reached.add(k)
+        return reached
+
     def local_losses(self, x: Tensor, target: Tensor) -> LocalLosses:
         """Run all blocks on ``x`` and compute every block's local loss for labels ``target``.
 
