@@ -32,11 +32,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, environment, hardware_tag, peak_rss_bytes, write_json  # noqa: E402
 
 # name -> (label, convert knobs, trainer knobs); None = plain backprop, written out by hand
+REFRESH = {"refresh_heads_every": 10, "refresh_momentum": 0.9}  # an EMA of about 0.99 per step, as MAN uses
 METHODS = {
     "bp": ("backprop", None, {}),
     "local": ("LFNN-ℓ, GAP+linear heads (the paper)", dict(blocks=4), {}),
     "local_lookahead": ("LFNN-ℓ, look-ahead heads (next stage)", dict(blocks=4, head="lookahead"), {}),
     "local_lookahead_layer": ("LFNN-ℓ, look-ahead heads (next layer)", dict(blocks=4, head="lookahead-layer"), {}),
+    "local_lookahead_refresh": ("LFNN-ℓ, look-ahead heads (next stage), refreshed every 10 steps, momentum 0.9",
+                                dict(blocks=4, head="lookahead"), REFRESH),
+    "local_lookahead_layer_refresh": ("LFNN-ℓ, look-ahead heads (next layer), refreshed every 10 steps, momentum 0.9",
+                                      dict(blocks=4, head="lookahead-layer"), REFRESH),
     "filterwise": ("LFNN-ℓ, 4 filter-wise workers, δ=0.7", dict(blocks=4, workers=4, leaders=0.7), {}),
     "lfnn_eq1": ("LFNN, Eq. 1 (global loss kept; not pipeline-capable)", dict(blocks=4, mode="lfnn"), {}),
     "replay": ("replay, no local loss", dict(blocks=4, mode="replay"), {}),
@@ -48,7 +53,8 @@ METHODS = {
 # rows of the 2026-11-26 results whose code is unchanged (checked: the first 20 losses of LFNN-ℓ K=4 are
 # bit-identical before and after the trainer redesign; backprop is a plain torch loop)
 REUSABLE = {"bp": "bp", "local": "lfnn_k4"}
-PIPELINE_CAPABLE = {"local", "local_lookahead", "local_lookahead_layer", "filterwise", "replay", "replay_local",
+PIPELINE_CAPABLE = {"local", "local_lookahead", "local_lookahead_layer", "local_lookahead_refresh",
+                    "local_lookahead_layer_refresh", "filterwise", "replay", "replay_local",
                     "replay_stash", "local_then_replay"}
 
 
@@ -151,12 +157,14 @@ def run_method(name: str, args) -> dict:
     if "switch_to" in trainer_knobs:
         switch = {"switch_to": trainer_knobs["switch_to"],
                   "switch_mode_at": trainer_knobs["switch_epochs"] * len(train_loader)}
+    refresh = {k: v for k, v in trainer_knobs.items() if k.startswith("refresh_")}
     trainer = lfnnify.Trainer(
         net,
         optimizer=lambda ps: _optimizer(ps, args.lr),
         scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, total_steps),
         progress=False,
         **switch,
+        **refresh,
     )
     block_errors = []
     for epoch in range(args.epochs):

@@ -6,6 +6,7 @@ import collections
 import datetime
 import os
 import signal
+import socket
 import sys
 import time
 
@@ -15,11 +16,11 @@ from torch import Tensor
 
 from .errors import PipelineError
 
-__all__ = ["Link", "PeerError", "TRAIN", "EVAL", "END", "GRAD", "EPOCH_DONE", "EVALUATE", "init_distributed",
+__all__ = ["Link", "PeerError", "TRAIN", "EVAL", "END", "GRAD", "WEIGHTS", "EPOCH_DONE", "EVALUATE", "init_distributed",
            "stage_device", "fault", "name_the_rank"]
 
 # message kinds in the header
-TRAIN, EVAL, END, GRAD = 1, 2, 3, 4
+TRAIN, EVAL, END, GRAD, WEIGHTS = 1, 2, 3, 4, 5  # WEIGHTS: a block's weights for the previous block's head
 EPOCH_DONE, EVALUATE = 1, 2  # flags of an END message after a training phase
 _HEADER = 16  # int64 slots: kind, flag, ndim, dims[8], dtype code, labels, unused
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.uint8]
@@ -57,7 +58,7 @@ class Link:
         header[0], header[1] = kind, flag
         payload = []
         if tensor is not None:
-            if self.send_dtype is not None and tensor.is_floating_point():
+            if self.send_dtype is not None and tensor.is_floating_point() and kind != WEIGHTS:  # weights: exact
                 tensor = tensor.to(self.send_dtype)
             tensor = tensor.detach().contiguous()
             if tensor.dim() > 8:
@@ -177,3 +178,16 @@ def fault(rank: int, step: int) -> None:
     if kind == "raise":
         raise RuntimeError(f"injected failure at step {step}")
     os.kill(os.getpid(), {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}[kind])
+
+
+def end_if_here(process: tuple[str, int]) -> bool:
+    """End a neighbour ``(host, pid)`` that stopped answering (SIGSTOP, a hang), when it runs on this machine: a
+    stopped process ignores torchrun's SIGTERM for 30 s. Returns whether it was ended."""
+    host, pid = process
+    if host != socket.gethostname() or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True

@@ -13,6 +13,7 @@ from ._jsonl import append_jsonl
 from .errors import ConfigError, NonFiniteLossError
 from .facts import find_classifier
 from .leadership import check_labels
+from .lookahead import LookaheadHead
 from .model import LFNNModel
 from .stage import BlockStage, ModeSchedule
 from .update import BlockUpdate, OptimizerFactory, SchedulerFactory
@@ -59,12 +60,15 @@ class TrainerBase:
         reselect: str,
         switch_mode_at: int | None,
         switch_to: str | None,
+        refresh_heads_every: int | None,
+        refresh_momentum: float,
         log_path: str | Path | None,
         log_every: int,
         progress: bool,
     ):
         _validate(net, amp=amp, reselect=reselect, grad_clip=grad_clip, head_warmup_steps=head_warmup_steps,
                   switch_mode_at=switch_mode_at, switch_to=switch_to, log_every=log_every)
+        self.refresh_heads_every, self.refresh_momentum = _refreshing(net, refresh_heads_every, refresh_momentum)
         self.net = net
         self.amp, self.grad_clip, self.reselect = amp, grad_clip, reselect
         self.head_warmup_steps = head_warmup_steps
@@ -123,6 +127,11 @@ class TrainerBase:
                 f"block {k}'s loss is {loss.detach().item()} at step {self.step}; training stopped. "
                 f"Lower the learning rate, set grad_clip=, or check the inputs of block {k}."
             )
+
+    def _refresh_due(self, k: int, step: int) -> bool:
+        """Whether head ``k`` takes block k+1's weights at ``step`` (as they are after block k+1's step - 1)."""
+        every = self.refresh_heads_every
+        return bool(every) and step > 0 and step % every == 0 and isinstance(self.net.heads[k], LookaheadHead)
 
     def _count_leaders(self, k: int, leaders: Tensor | None) -> None:
         if leaders is None:
@@ -244,3 +253,18 @@ def _validate(net, *, amp, reselect, grad_clip, head_warmup_steps, switch_mode_a
             "amp='fp16' with mode='replay': delayed gradients travel between blocks that scale their losses "
             "differently, so replay supports amp='bf16' (no loss scaling) or full precision"
         )
+
+
+def _refreshing(net, every, momentum) -> tuple[int | None, float]:
+    if every is None:
+        return None, 0.0
+    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+        raise ConfigError(f"refresh_heads_every={every!r} must be a step count >= 1 or None")
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
+        raise ConfigError(f"refresh_momentum={momentum!r} must be a number in [0, 1) (0 copies the weights)")
+    if not any(isinstance(h, LookaheadHead) for h in net.heads):
+        raise ConfigError(
+            f"refresh_heads_every={every}: only look-ahead heads copy the next block, and this model's heads are "
+            f"{net.config.get('head')!r}; convert with head='lookahead' or head='lookahead-layer'"
+        )
+    return every, float(momentum)

@@ -108,18 +108,43 @@ class LookaheadHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(self.stage(x))
 
-    @torch.no_grad()
+    def shared_names(self, next_block: nn.Module) -> list[str]:
+        """The parameters of the copy that the next block also has (by name), in the copy's order."""
+        theirs = {name for name, _ in next_block.named_parameters()}
+        return [name for name, _ in self.stage.named_parameters() if name in theirs]
+
     def refresh(self, next_block: nn.Module, momentum: float = 0.0) -> int:
         """Pull the next block's current weights into the copy: ``p = momentum·p + (1 - momentum)·q``
         (0 copies them). Returns how many tensors were refreshed."""
         theirs = dict(next_block.named_parameters())
-        count = 0
-        for name, p in self.stage.named_parameters():
-            q = theirs.get(name)
-            if q is not None and q.shape == p.shape:
-                p.mul_(momentum).add_(q.to(p.device, p.dtype), alpha=1 - momentum)
-                count += 1
-        return count
+        return self.refresh_from({name: theirs[name] for name in self.shared_names(next_block)}, momentum)
+
+    @torch.no_grad()
+    def refresh_from(self, weights: dict[str, torch.Tensor], momentum: float = 0.0) -> int:
+        """:meth:`refresh` from tensors by name (what a pipeline rank receives from the next block's rank)."""
+        mine = dict(self.stage.named_parameters())
+        for name, q in weights.items():
+            p = mine[name]
+            if q.shape != p.shape:
+                raise ValueError(f"look-ahead head copying {self.source!r}: {name} has shape {tuple(p.shape)}, the "
+                                 f"next block's has {tuple(q.shape)}")
+            p.mul_(momentum).add_(q.to(p.device, p.dtype), alpha=1 - momentum)
+        return len(weights)
+
+    def flat_weights(self, next_block: nn.Module) -> torch.Tensor:
+        """The next block's weights that the copy takes, as one flat tensor (what a pipeline rank sends)."""
+        theirs = dict(next_block.named_parameters())
+        return torch.cat([theirs[name].detach().reshape(-1) for name in self.shared_names(next_block)])
+
+    def refresh_from_flat(self, flat: torch.Tensor, next_block: nn.Module, momentum: float = 0.0) -> int:
+        """:meth:`refresh` from :meth:`flat_weights` (``next_block`` only names the tensors: on a pipeline rank
+        its weights live on another process)."""
+        mine, names = dict(self.stage.named_parameters()), self.shared_names(next_block)
+        sizes = [mine[name].numel() for name in names]
+        if flat.numel() != sum(sizes):
+            raise ValueError(f"look-ahead head copying {self.source!r}: received {flat.numel()} weights, expected "
+                             f"{sum(sizes)}")
+        return self.refresh_from({n: part.view_as(mine[n]) for n, part in zip(names, flat.split(sizes))}, momentum)
 
     def extra_repr(self) -> str:
         return f"copies={self.source!r}"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import signal
 import socket
 import time
 
@@ -20,7 +19,9 @@ from ._comm import (
     EVALUATE,
     GRAD,
     TRAIN,
+    WEIGHTS,
     Link,
+    end_if_here,
     fault,
     init_distributed,
     name_the_rank,
@@ -61,7 +62,8 @@ class PipelineTrainer(TrainerBase):
     Args:
         net: the converted model (every rank converts the same model; each keeps only its block).
         optimizer, scheduler, amp, grad_clip, head_warmup_steps, reselect, switch_mode_at, switch_to,
-            log_path, log_every, progress: as for :class:`~lfnnify.Trainer`.
+            refresh_heads_every, refresh_momentum, log_path, log_every, progress: as for :class:`~lfnnify.Trainer`
+            (block k+1's rank sends its weights to block k's head when it starts a refresh step).
         max_in_flight: outgoing messages allowed in flight before a stage waits (memory bound).
         send_dtype: send activations and gradients in this dtype (``torch.bfloat16`` halves traffic).
         timeout_s: how long a rank waits for a neighbour before giving up; a failed rank's neighbours
@@ -85,6 +87,8 @@ class PipelineTrainer(TrainerBase):
         reselect: str = "batch",
         switch_mode_at: int | None = None,
         switch_to: str | None = None,
+        refresh_heads_every: int | None = None,
+        refresh_momentum: float = 0.0,
         log_path=None,
         log_every: int = 20,
         progress: bool = True,
@@ -133,7 +137,8 @@ class PipelineTrainer(TrainerBase):
         super().__init__(
             net, owned=[self.stage], optimizer=optimizer, scheduler=scheduler, amp=amp, grad_clip=grad_clip,
             head_warmup_steps=head_warmup_steps, reselect=reselect, switch_mode_at=switch_mode_at,
-            switch_to=switch_to, log_path=log_path if self.last else None, log_every=log_every,
+            switch_to=switch_to, refresh_heads_every=refresh_heads_every, refresh_momentum=refresh_momentum,
+            log_path=log_path if self.last else None, log_every=log_every,
             progress=progress and self.rank == 0,
         )
         self.timing = StageTiming(busy_s=0.0, recv_wait_s=0.0, send_wait_s=0.0, steps=0)
@@ -142,7 +147,7 @@ class PipelineTrainer(TrainerBase):
         self._processes = processes
         self.link = Link(rank=self.rank, prev_rank=self.prev_rank, next_rank=self.next_rank, device=self.device,
                          timeout=self.timeout, max_in_flight=max_in_flight, send_dtype=send_dtype, timing=self.timing,
-                         label=self._label, on_hung=self._end_hung)
+                         label=self._label, on_hung=lambda rank: end_if_here(self._processes[rank]))
         self._early_grad: Tensor | None = None  # replay: a gradient received at the end of a phase
         if self.replicas > 1:
             self.updates[self.stage].reduce = self._average_gradients
@@ -160,10 +165,14 @@ class PipelineTrainer(TrainerBase):
         t, stage = self.step, self.stages[self.stage]
         fault(self.rank, t)
         self.net.train()
+        if not self.first and self._refresh_due(self.stage - 1, t):  # block k-1's look-ahead head copies this block
+            self.link.send(self.prev_rank, WEIGHTS, self.net.heads[self.stage - 1].flat_weights(stage.block))
         out = stage.forward(x, y, t)
         if not self.last:
             self.timing["busy_s"] += time.perf_counter() - start
             self.link.send(self.next_rank, TRAIN, out.detach(), y)  # the next stage starts now
+            if self._refresh_due(self.stage, t):
+                self._refresh_head(t)
             start = time.perf_counter()
         grad = None
         if stage.expects_grad(t):
@@ -190,6 +199,16 @@ class PipelineTrainer(TrainerBase):
             raise PipelineError(f"rank {self.rank} (block {self.stage}) expected a gradient, got message kind {kind}")
         return grad
 
+    def _refresh_head(self, t: int) -> None:
+        """Block k+1's weights as they are after its step t-1, which it sent when it started step t (after the
+        gradient it sent at step t-1, which is kept for this step)."""
+        if self.stages[self.stage].expects_grad(t) and self._early_grad is None:
+            self._early_grad = self._take_grad()
+        kind, _, flat, _ = self.link.recv(self.next_rank)
+        if kind != WEIGHTS:
+            raise PipelineError(f"rank {self.rank} (block {self.stage}) expected weights, got message kind {kind}")
+        self.net.heads[self.stage].refresh_from_flat(flat, self.net.blocks[self.stage + 1], self.refresh_momentum)
+
     def _end_phase(self) -> None:
         """Take the gradient the next rank sent at its last step (it is for this rank's next step), so that no
         message is left in flight across an evaluation, a checkpoint or the end of training."""
@@ -215,18 +234,6 @@ class PipelineTrainer(TrainerBase):
 
     def _label(self, rank: int) -> str:
         return f"rank {rank} (block {rank // self.replicas})"
-
-    def _end_hung(self, rank: int) -> bool:
-        """End a neighbour that stopped answering (SIGSTOP, a hang), when it runs on this machine: a stopped
-        process ignores torchrun's SIGTERM for 30 s. Returns whether it was ended."""
-        host, pid = self._processes[rank]
-        if host != socket.gethostname() or pid == os.getpid():
-            return False
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            return False
-        return True
 
     def fit(self, loader=None, *, epochs: int = 1, max_steps: int | None = None, val_loader=None) -> list[dict]:
         """Train in pipeline mode. Every rank calls ``fit`` with the same ``epochs``/``max_steps``;

@@ -80,6 +80,8 @@ class TrainSection:
     eval_every: int | None = None  # iterations between evaluations (default: every epoch)
     switch_mode_at: int | None = None  # from this iteration on, train in mode switch_to
     switch_to: str | None = None  # local | replay
+    refresh_heads_every: int | None = None  # look-ahead heads: take the next block's weights every N iterations
+    refresh_momentum: float = 0.0  # 0 copies them; m keeps m of the head's own
 
 
 @dataclass
@@ -206,6 +208,10 @@ def _check(recipe: Recipe) -> None:
         ("pipeline.max_in_flight", recipe.pipeline.max_in_flight >= 1, "must be >= 1"),
         ("pipeline.timeout_s", recipe.pipeline.timeout_s > 0, "must be > 0 (seconds a rank waits for a neighbour)"),
         ("train.switch_mode_at", t.switch_mode_at is None or t.switch_mode_at >= 0, "must be >= 0"),
+        ("train.refresh_heads_every", t.refresh_heads_every is None or t.refresh_heads_every >= 1, "must be >= 1"),
+        ("train.refresh_heads_every", t.refresh_heads_every is None or c.head.startswith("lookahead"),
+         f"needs look-ahead heads (convert.head: lookahead or lookahead-layer; it is {c.head!r})"),
+        ("train.refresh_momentum", 0 <= t.refresh_momentum < 1, "must be in [0, 1) (0 copies the weights)"),
         ("train.switch_to", (t.switch_to is None) == (t.switch_mode_at is None),
          "and train.switch_mode_at go together: give both or neither"),
         ("train.switch_to", t.switch_to in (None, *({"local", "replay"} - {c.mode})),

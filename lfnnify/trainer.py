@@ -45,6 +45,10 @@ class Trainer(TrainerBase):
             batch of each epoch and keeps them for the rest of it.
         switch_mode_at, switch_to: from step ``switch_mode_at`` on, train in mode ``switch_to``
             (``"local"`` or ``"replay"``; the other one than the model was converted with).
+        refresh_heads_every: look-ahead heads only: every this many steps, each head takes the weights of the
+            next block (as they are after its previous step) before its loss of the step:
+            ``p = refresh_momentum·p + (1 - refresh_momentum)·q``. ``None`` (default) never refreshes.
+        refresh_momentum: see ``refresh_heads_every``; 0 copies the next block's weights.
         log_path: a JSONL file that receives per-step and per-epoch records.
         log_every: steps between JSONL records.
         progress: show a tqdm progress bar.
@@ -65,6 +69,8 @@ class Trainer(TrainerBase):
         reselect: str = "batch",
         switch_mode_at: int | None = None,
         switch_to: str | None = None,
+        refresh_heads_every: int | None = None,
+        refresh_momentum: float = 0.0,
         log_path: str | Path | None = None,
         log_every: int = 20,
         progress: bool = True,
@@ -73,8 +79,8 @@ class Trainer(TrainerBase):
         super().__init__(
             net, owned=list(range(blocks)) or [0], optimizer=optimizer, scheduler=scheduler, amp=amp,
             grad_clip=grad_clip, head_warmup_steps=head_warmup_steps, reselect=reselect,
-            switch_mode_at=switch_mode_at, switch_to=switch_to, log_path=log_path, log_every=log_every,
-            progress=progress,
+            switch_mode_at=switch_mode_at, switch_to=switch_to, refresh_heads_every=refresh_heads_every,
+            refresh_momentum=refresh_momentum, log_path=log_path, log_every=log_every, progress=progress,
         )
         self._grads: list[Tensor | None] = [None] * net.num_blocks  # replay: gradients for the next step
 
@@ -85,6 +91,9 @@ class Trainer(TrainerBase):
         check_labels(y, self.net.config["num_classes"], where="Trainer.train_step")
         self.net.train()
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        for k, head in enumerate(self.net.heads):  # no block has run this step yet: block k+1 is after step - 1
+            if self._refresh_due(k, self.step):
+                head.refresh(self.net.blocks[k + 1], self.refresh_momentum)
         if self.schedule.mode_at(self.step) == "lfnn":
             record = self._global_step(x, y)
         else:

@@ -17,7 +17,7 @@ from lfnnify.data import SyntheticImages, make_loader  # noqa: E402
 SIZE, BATCH, DATA = 16, 16, 72  # 72 images: the last batch of each epoch has 8, not 16
 
 
-def build(blocks, mode="local", local_weight=0.0, plain=False):
+def build(blocks, mode="local", local_weight=0.0, plain=False, head="linear"):
     import timm
 
     torch.manual_seed(0)
@@ -30,9 +30,9 @@ def build(blocks, mode="local", local_weight=0.0, plain=False):
         return lfnnify.convert(model, blocks=blocks, mode=mode, num_classes=10, example_input=example)
     model = timm.create_model("resnet18", in_chans=1, num_classes=10)
     stash = mode == "replay-stash"  # replay with weight stashing
-    return lfnnify.convert(model, blocks=blocks, workers=2, leaders=0.5, mode="replay" if stash else mode,
-                           local_weight=local_weight, weight_stashing=stash,
-                           example_input=torch.zeros(1, 1, SIZE, SIZE))
+    workers = dict(workers=2, leaders=0.5) if head == "linear" else {}  # look-ahead heads: one worker
+    return lfnnify.convert(model, blocks=blocks, mode="replay" if stash else mode, local_weight=local_weight,
+                           weight_stashing=stash, head=head, example_input=torch.zeros(1, 1, SIZE, SIZE), **workers)
 
 
 def optimizer(params):
@@ -61,14 +61,19 @@ def main():
     parser.add_argument("--switch-at", type=int, default=None)
     parser.add_argument("--switch-to", default=None)
     parser.add_argument("--plain", action="store_true", help="a small CNN without BatchNorm, one worker per head")
+    parser.add_argument("--head", default="linear")
+    parser.add_argument("--refresh-every", type=int, default=None)
     args = parser.parse_args()
 
     if args.scenario == "torchvision":  # a model lfnnify rebuilds by class and weight shapes
         return torchvision_run(args)
-    net = lfnnify.load(args.resume) if args.resume else build(args.blocks, args.mode, args.local_weight, args.plain)
+    net = (lfnnify.load(args.resume) if args.resume
+           else build(args.blocks, args.mode, args.local_weight, args.plain, args.head))
     trainer = lfnnify.PipelineTrainer(net, optimizer=optimizer, scheduler=scheduler, threads=1, timeout_s=20,
                                       progress=False, max_in_flight=2, switch_mode_at=args.switch_at,
-                                      switch_to=args.switch_to, send_dtype=torch.bfloat16 if args.send_bf16 else None)
+                                      switch_to=args.switch_to, refresh_heads_every=args.refresh_every,
+                                      refresh_momentum=0.5 if args.refresh_every else 0.0,
+                                      send_dtype=torch.bfloat16 if args.send_bf16 else None)
     if args.resume:
         trainer.load_state_dict(lfnnify.read_trainer_state(args.resume, block=trainer.stage))
     if args.scenario == "fail" and trainer.rank == 1:

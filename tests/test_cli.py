@@ -53,6 +53,7 @@ def test_recipe_count_covers_the_paper():
         (["convert.leaders=1.5"], r"convert.leaders: 1.5 must be in \(0, 1\]"),
         (["train.optimizer.lr=fast"], r"train.optimizer.lr: expected a number, got 'fast'"),
         (["data.dataset=mnist"], r"data.dataset: 'mnist' is not one of"),
+        (["train.refresh_heads_every=100"], r"train.refresh_heads_every: 100 needs look-ahead heads .*'linear'"),
     ],
 )
 def test_bad_recipes_name_the_key(overrides, pattern):

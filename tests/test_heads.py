@@ -75,3 +75,36 @@ def test_custom_heads_are_costed_and_checked():
 
     with pytest.raises(lfnnify.ConfigError, match=r"returned \(2, 3\) for a batch of 2.*\(2, 10\)"):
         lfnnify.convert(timm.create_model("resnet18", num_classes=10), cuts=["layer1"], head=wrong, example_input=X32)
+
+
+def test_heads_refreshed_every_n_steps_take_the_next_block_as_it_is_after_the_previous_step():
+    net = lfnnify.convert(timm.create_model("resnet18", num_classes=10), cuts=["layer1", "layer2"], head="lookahead",
+                          example_input=X32)
+    trainer = lfnnify.Trainer(net, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0), refresh_heads_every=2,
+                              refresh_momentum=0.25, progress=False)
+    head, names = net.heads[0], net.heads[0].shared_names(net.blocks[1])
+    assert names and len(names) == len(list(head.stage.parameters()))
+    copy_of = {n: p.detach().clone() for n, p in head.stage.named_parameters()}  # lr 0: only a refresh moves it
+    x, y = batch(32, n=2), torch.tensor([0, 1])
+    trainer.train_step(x, y)  # step 0: no refresh
+    with torch.no_grad():
+        for p in net.blocks[1].parameters():
+            p.add_(1.0)
+    trainer.train_step(x, y)  # step 1: not a refresh step
+    assert all(torch.equal(p, copy_of[n]) for n, p in head.stage.named_parameters())
+    trainer.train_step(x, y)  # step 2: 0.25 of the copy, 0.75 of block 1 after step 1
+    theirs = dict(net.blocks[1].named_parameters())
+    for n, p in head.stage.named_parameters():
+        assert torch.allclose(p, 0.25 * copy_of[n] + 0.75 * theirs[n]), n
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    (dict(refresh_heads_every=0), r"refresh_heads_every=0 must be a step count >= 1"),
+    (dict(refresh_heads_every=5, refresh_momentum=1.0), r"refresh_momentum=1.0 must be a number in \[0, 1\)"),
+    (dict(refresh_heads_every=5, head="linear"), r"this model's heads are 'linear'; convert with head='lookahead'"),
+])
+def test_bad_refresh_settings(kwargs, pattern):
+    head = kwargs.pop("head", "lookahead-layer")
+    net = lfnnify.convert(timm.create_model("resnet18", num_classes=10), blocks=3, head=head, example_input=X32)
+    with pytest.raises(lfnnify.ConfigError, match=pattern):
+        lfnnify.Trainer(net, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1), **kwargs)

@@ -36,12 +36,14 @@ def _torchrun(nproc, *args, timeout=240):
     return proc, time.monotonic() - start
 
 
-def _reference(blocks, steps, mode="local", local_weight=0.0, switch_at=None, switch_to=None):
+def _reference(blocks, steps, mode="local", local_weight=0.0, switch_at=None, switch_to=None, head="linear",
+               refresh_every=None):
     """The same training on one device with the one-device trainer."""
     torch.set_num_threads(1)
-    net = worker.build(blocks, mode, local_weight)
+    net = worker.build(blocks, mode, local_weight, head=head)
     trainer = lfnnify.Trainer(net, optimizer=worker.optimizer, scheduler=worker.scheduler, progress=False,
-                              switch_mode_at=switch_at, switch_to=switch_to)
+                              switch_mode_at=switch_at, switch_to=switch_to, refresh_heads_every=refresh_every,
+                              refresh_momentum=0.5 if refresh_every else 0.0)
     train, test = worker.loaders()
     trainer.fit(train, epochs=10, max_steps=steps, val_loader=test)
     return net, trainer
@@ -89,6 +91,19 @@ def test_pipeline_equals_one_device_trainer(tmp_path, run):
     expected = trainer.evaluate(worker.loaders()[1])
     assert report["metrics"]["val_accuracy"] == pytest.approx(expected["accuracy"], abs=1e-6)
     assert report["metrics"]["val_block_accuracy"] == pytest.approx(expected["block_accuracy"], abs=1e-6)
+
+
+def test_look_ahead_heads_refreshed_in_the_pipeline_as_on_one_device(tmp_path):
+    # every 2 steps each head takes half of the next block's weights from the rank that trains it; replay, so
+    # that the weights travel upstream beside the delayed gradients; 7 steps cross an epoch boundary
+    extra = ["--mode", "replay", "--head", "lookahead-layer", "--refresh-every", 2]
+    proc, _ = _torchrun(3, "--scenario", "train", "--blocks", 3, "--steps", 7, "--out", tmp_path, *extra)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reference, _ = _reference(3, 7, "replay", head="lookahead-layer", refresh_every=2)
+    _assert_close(lfnnify.load(tmp_path / "ckpt"), reference)
+    unrefreshed, _ = _reference(3, 7, "replay", head="lookahead-layer")
+    with pytest.raises(AssertionError):  # the refresh changed the heads: the comparison above can fail
+        _assert_close(reference, unrefreshed)
 
 
 @pytest.mark.parametrize("mode", ["local", "replay"])
