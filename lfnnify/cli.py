@@ -131,7 +131,7 @@ def make_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     d.add_argument("--quick", action="store_true", help="a few seconds per method, a data subset (smoke tests)")
-    d.add_argument("--budget", type=float, default=None, help="training seconds per method (default 30)")
+    d.add_argument("--budget", type=float, default=None, help="training seconds per method (default 25)")
     d.add_argument("--out", default=None, help="folder for the demo's plot and log (default runs/demo-<time>)")
     d.set_defaults(func=_cmd_demo)
     return parser
