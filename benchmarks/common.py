@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from lfnnify._machine import cpu_name, status_bytes
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -36,15 +38,7 @@ def commit() -> str:
 def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu ({cpu})"
+    return f"cpu ({cpu_name()})"
 
 
 def environment(threads: int | None = None) -> dict:
@@ -64,13 +58,7 @@ def environment(threads: int | None = None) -> dict:
 
 def peak_rss_bytes() -> int:
     """This process's peak resident memory so far (VmHWM), in bytes; 0 where /proc is missing."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return status_bytes("VmHWM")
 
 
 def hardware_tag() -> str:

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from ._machine import cpu_name, status_bytes
+
 __all__ = ["run_demo", "METHODS"]
 
 BATCH, EVAL_EXAMPLES, WARMUP_STEPS = 128, 2000, 3
@@ -189,13 +191,6 @@ def run_pipeline(method: Method, args, synthetic: bool) -> dict:
 # ---------------------------------------------------------------- memory
 
 
-def _rss(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def _fresh_peak() -> int:
     """Release freed memory to the system and restart the peak-RSS counter; returns the resident size now."""
     try:
@@ -203,7 +198,7 @@ def _fresh_peak() -> int:
     except OSError:
         pass
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux)
-    return _rss("VmRSS:")
+    return status_bytes("VmRSS")
 
 
 def memory(quick: bool) -> dict | None:
@@ -234,24 +229,12 @@ def memory(quick: bool) -> dict | None:
             trainer = lfnnify.Trainer(net, optimizer=sgd, progress=False)
             base = _fresh_peak()
             trainer.train_step(x, y)
-        peaks[name] = _rss("VmHWM:") - base
+        peaks[name] = status_bytes("VmHWM") - base
         del model
     return {"model": f"timm resnet50, {size}px, batch {batch}", "peak_bytes": peaks}
 
 
 # ---------------------------------------------------------------- the demo
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def run_demo(*, quick: bool = False, out: str | None = None, budget: float | None = None) -> int:
@@ -267,7 +250,7 @@ def run_demo(*, quick: bool = False, out: str | None = None, budget: float | Non
     args.evals = 2 if quick else 5
     out_dir = Path(out) if out else Path("runs") / f"demo-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     started = time.perf_counter()
-    machine = f"{os.cpu_count()} cores, {_cpu()}"
+    machine = f"{os.cpu_count()} cores, {cpu_name()}"
 
     print("1. convert timm resnet18 (1 input channel, 10 classes) into 2 blocks, and check it")
     t = time.perf_counter()

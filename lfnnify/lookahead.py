@@ -116,26 +116,14 @@ class LookaheadHead(nn.Module):
     def refresh(self, next_block: nn.Module, momentum: float = 0.0) -> int:
         """Pull the next block's current weights into the copy: ``p = momentum·p + (1 - momentum)·q``
         (0 copies them). Returns how many tensors were refreshed."""
-        theirs = dict(next_block.named_parameters())
-        return self.refresh_from({name: theirs[name] for name in self.shared_names(next_block)}, momentum)
-
-    @torch.no_grad()
-    def refresh_from(self, weights: dict[str, torch.Tensor], momentum: float = 0.0) -> int:
-        """:meth:`refresh` from tensors by name (what a pipeline rank receives from the next block's rank)."""
-        mine = dict(self.stage.named_parameters())
-        for name, q in weights.items():
-            p = mine[name]
-            if q.shape != p.shape:
-                raise ValueError(f"look-ahead head copying {self.source!r}: {name} has shape {tuple(p.shape)}, the "
-                                 f"next block's has {tuple(q.shape)}")
-            p.mul_(momentum).add_(q.to(p.device, p.dtype), alpha=1 - momentum)
-        return len(weights)
+        return self.refresh_from_flat(self.flat_weights(next_block), next_block, momentum)
 
     def flat_weights(self, next_block: nn.Module) -> torch.Tensor:
         """The next block's weights that the copy takes, as one flat tensor (what a pipeline rank sends)."""
         theirs = dict(next_block.named_parameters())
         return torch.cat([theirs[name].detach().reshape(-1) for name in self.shared_names(next_block)])
 
+    @torch.no_grad()
     def refresh_from_flat(self, flat: torch.Tensor, next_block: nn.Module, momentum: float = 0.0) -> int:
         """:meth:`refresh` from :meth:`flat_weights` (``next_block`` only names the tensors: on a pipeline rank
         its weights live on another process)."""
@@ -144,7 +132,10 @@ class LookaheadHead(nn.Module):
         if flat.numel() != sum(sizes):
             raise ValueError(f"look-ahead head copying {self.source!r}: received {flat.numel()} weights, expected "
                              f"{sum(sizes)}")
-        return self.refresh_from({n: part.view_as(mine[n]) for n, part in zip(names, flat.split(sizes))}, momentum)
+        for name, q in zip(names, flat.split(sizes)):
+            p = mine[name]
+            p.mul_(momentum).add_(q.view_as(p).to(p.device, p.dtype), alpha=1 - momentum)
+        return len(names)
 
     def extra_repr(self) -> str:
         return f"copies={self.source!r}"

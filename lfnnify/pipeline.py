@@ -194,19 +194,20 @@ class PipelineTrainer(TrainerBase):
         if self._early_grad is not None:
             grad, self._early_grad = self._early_grad, None
             return grad
-        kind, _, grad, _ = self.link.recv(self.next_rank)
-        if kind != GRAD:
-            raise PipelineError(f"rank {self.rank} (block {self.stage}) expected a gradient, got message kind {kind}")
-        return grad
+        return self._recv_from_next(GRAD, "a gradient")
+
+    def _recv_from_next(self, expected: int, what: str) -> Tensor:
+        kind, _, tensor, _ = self.link.recv(self.next_rank)
+        if kind != expected:
+            raise PipelineError(f"{self._label(self.rank)} expected {what}, got message kind {kind}")
+        return tensor
 
     def _refresh_head(self, t: int) -> None:
         """Block k+1's weights as they are after its step t-1, which it sent when it started step t (after the
         gradient it sent at step t-1, which is kept for this step)."""
         if self.stages[self.stage].expects_grad(t) and self._early_grad is None:
             self._early_grad = self._take_grad()
-        kind, _, flat, _ = self.link.recv(self.next_rank)
-        if kind != WEIGHTS:
-            raise PipelineError(f"rank {self.rank} (block {self.stage}) expected weights, got message kind {kind}")
+        flat = self._recv_from_next(WEIGHTS, "weights")
         self.net.heads[self.stage].refresh_from_flat(flat, self.net.blocks[self.stage + 1], self.refresh_momentum)
 
     def _end_phase(self) -> None:

@@ -103,15 +103,14 @@ class Plan:
             f"heads add {self.total_head_params:,} parameters{share}; largest block / mean = {self.imbalance:.3f} "
             f"({self.balance})"
         )
+        kept = ", ".join(f"block {b.index}: {b.stored_inputs}" for b in self.blocks)
         if self.mode == "replay" and self.weight_stashing:
-            kept = ", ".join(f"block {b.index}: {b.stored_inputs}" for b in self.blocks)
             lines.append(
                 f"replay with weight stashing keeps the first pass's graph of each pending batch and the weights it "
                 f"used ({kept}): {_size(sum(b.stashed_weight_bytes for b in self.blocks))} of weight copies, plus "
                 f"those batches' activations"
             )
         elif self.mode == "replay":
-            kept = ", ".join(f"block {b.index}: {b.stored_inputs}" for b in self.blocks)
             lines.append(
                 f"replay keeps earlier batches' inputs for the delayed backward ({kept}); "
                 f"{_size(sum(b.stored_bytes for b in self.blocks))} per example of the batch in all"
@@ -259,13 +258,14 @@ def make_plan(
             cost = flops + h_flops
         kept = len(edges) - 2 - k if mode == "replay" else 0
         in_bytes = input_bytes if a < 0 else analysis.profile.bytes.get(nodes[a].name, 0)
+        params = node_params(gm, block_nodes)
         infos.append(
             BlockInfo(
                 index=k,
                 start="input" if a < 0 else candidates[position[a]].name,
                 end="output" if last else candidates[position[b]].name,
                 flops=int(flops),
-                params=node_params(gm, block_nodes),
+                params=params,
                 output_shape=tuple(out_shape),
                 head_params=int(h_params),
                 head_flops=int(h_flops),
@@ -274,7 +274,7 @@ def make_plan(
                 head=h_name,
                 stored_inputs=kept,
                 stored_bytes=kept * int(in_bytes),
-                stashed_weight_bytes=kept * node_params(gm, block_nodes) * element if result.weight_stashing else 0,
+                stashed_weight_bytes=kept * params * element if result.weight_stashing else 0,
             )
         )
     result.cuts = [c.name for c in chosen]
