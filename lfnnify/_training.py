@@ -91,6 +91,7 @@ class TrainerBase:
                 self.groups[k], optimizer=optimizer, scheduler=scheduler, scaler=scaler, owns_scaler=shared is None,
                 grad_clip=grad_clip, frozen_in_warmup=[p for p in self.groups[k] if id(p) not in keep], block=k,
             )
+            self.updates[k].track_updates = bool(net.config.get("weight_prediction", False))
             self.stages[k] = BlockStage(net, k, self.updates[k], schedule=self.schedule, autocast=self._autocast,
                                         check_finite=self._check_finite)
         self.step = 0  # optimizer steps taken (one per batch; every block steps once)
@@ -181,6 +182,7 @@ class TrainerBase:
             "optimizers": [u["optimizer"] for u in updates],
             "schedulers": [u["scheduler"] for u in updates],
             "scalers": [u["scaler"] for u in updates],
+            "last_updates": [u["last_update"] for u in updates],
             "shared_scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if _cuda_in_use() else [],
@@ -199,8 +201,10 @@ class TrainerBase:
             )
         self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
         scalers = state.get("scalers") or [None] * len(self.updates)
-        for update, opt, sched, scaler in zip(self.updates.values(), state["optimizers"], state["schedulers"], scalers):
-            update.load_state_dict({"optimizer": opt, "scheduler": sched, "scaler": scaler})
+        last = state.get("last_updates") or [None] * len(self.updates)
+        for update, opt, sched, scaler, moved in zip(self.updates.values(), state["optimizers"], state["schedulers"],
+                                                     scalers, last):
+            update.load_state_dict({"optimizer": opt, "scheduler": sched, "scaler": scaler, "last_update": moved})
         if self.scaler is not None and state.get("shared_scaler") is not None:
             self.scaler.load_state_dict(state["shared_scaler"])
         torch.set_rng_state(state["rng"])

@@ -181,6 +181,7 @@ def load(
         follower_weight=config["follower_weight"],
         local_weight=config.get("local_weight", 0.0),
         weight_stashing=config.get("weight_stashing", False),
+        weight_prediction=config.get("weight_prediction", False),
         head=head or saved_head,
         num_classes=config["num_classes"],
         example_input=torch.zeros(meta["input_shape"]),

@@ -34,6 +34,7 @@ def convert(
     follower_weight: float = 1.0,
     local_weight: float = 0.0,
     weight_stashing: bool = False,
+    weight_prediction: bool = False,
     head="linear",
     num_classes: int | None = None,
     balance: str = "flops",
@@ -77,6 +78,10 @@ def convert(
         weight_stashing: replay mode: keep each first pass's graph and the weights it used, and back-propagate
             the delayed gradient through them (PipeDream's weight stashing), instead of recomputing the pass
             with the current weights. No recompute, but K-1-k graphs and weight copies per block.
+        weight_prediction: replay mode: run block k's first pass of each batch with the weights it is predicted
+            to have when that batch's gradient is applied, K-1-k steps later: ``w + (K-1-k)·Δw``, Δw being the
+            block's last update (linear weight prediction, Kosson et al. 2021: for SGD with momentum
+            ``w - D·lr·v``). With ``weight_stashing`` the delayed gradient is taken at the predicted weights.
         head: ``"linear"`` (global average pooling + Linear, the paper's), ``"lookahead"`` (a copy of the
             next block's first stage, initialised from it, then pooling + Linear; block-wise only),
             ``"lookahead-layer"`` (the same with only the next block's first layer), or a callable
@@ -120,6 +125,9 @@ def convert(
         )
     _check_weight("follower_weight", follower_weight, "λ; the paper uses 1")
     _check_weight("local_weight", local_weight, "the head loss's weight in replay mode")
+    for name, value in (("weight_stashing", weight_stashing), ("weight_prediction", weight_prediction)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r} must be True or False")
 
     source = model if share_parameters else copy.deepcopy(model)
     analysis = analyse(source, example_input=example_input, leaf_modules=leaf_modules, concrete_args=concrete_args,
@@ -152,6 +160,7 @@ def convert(
         "follower_weight": float(follower_weight),
         "local_weight": float(local_weight),
         "weight_stashing": bool(weight_stashing),
+        "weight_prediction": bool(weight_prediction),
         "head": head if isinstance(head, str) else getattr(head, "__name__", "custom"),
         "num_classes": the_plan.num_classes,
         "balance": balance,

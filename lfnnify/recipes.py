@@ -34,6 +34,7 @@ class ConvertSection:
     follower_weight: float = 1.0
     local_weight: float = 0.0  # replay only: weight of each block's head loss
     weight_stashing: bool = False  # replay only: back-propagate through the first pass's weights (no recompute)
+    weight_prediction: bool = False  # replay only: first passes with the weights predicted for the delayed update
     balance: str = "flops"
 
 

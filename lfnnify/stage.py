@@ -10,6 +10,9 @@
   back-propagates the gradient block k+1 computed for that batch at step t-1, plus ``local_weight`` times
   its head loss. It hands the gradient of that batch's input to block k-1, for step t+1. The last block
   has no delay; with one block, replay is backprop.
+  *Filling*: in the first ``K-1-k`` steps of a replay period no delayed gradient exists yet, and block k
+  (trunk and head) does not update; it only passes its batches on. Every batch therefore counts exactly
+  once in every block, end-to-end gradient and local loss alike, at its delayed backward.
 
 The delays are fixed, so the one-device trainer and the pipeline compute the same numbers.
 """
@@ -105,6 +108,7 @@ class BlockStage:
         self.delay = net.num_blocks - 1 - k
         self.local_weight = float(net.config.get("local_weight", 0.0))
         self.stash = bool(net.config.get("weight_stashing", False))
+        self.predict = bool(net.config.get("weight_prediction", False)) and self.delay > 0
         self._autocast, self._check_finite = autocast, check_finite
         self._line: collections.deque[_Stored] = collections.deque()
         self._current: tuple | None = None  # (x, y, out) of this step's forward, when learn needs them
@@ -137,25 +141,32 @@ class BlockStage:
         rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state(x.device) if x.device.type == "cuda" else None
         self._line.append(_Stored(step, x.detach(), y, rng, cuda_rng))
-        filling = self.schedule.delayed_batch(step, self.delay) is None
+        weights = self._forward_weights()
         if self.stash:  # keep this pass's graph and the weights it used: no recompute, more memory
             stored = self._line[-1]
-            stored.weights = {n: p.detach().clone().requires_grad_(p.requires_grad)
-                              for n, p in self.block.named_parameters()}
+            stored.weights = {n: w.detach().clone().requires_grad_(w.requires_grad) for n, w in weights.items()}
             stored.x = x.detach().requires_grad_(self.k > 0)
             with self._autocast():
                 stored.out = self._stashed_forward(stored)
-            self._current = (stored.x, y, stored.out) if filling and self.local_weight > 0 else None
+            self._current = None
             return stored.out
-        with self._autocast():
-            if filling and self.local_weight > 0:  # no delayed gradient yet: learn locally meanwhile
-                out = self.block(x)
-                self._current = (x, y, out)
-            else:
-                with torch.no_grad():
-                    out = self.block(x)
-                self._current = None
+        with self._autocast(), torch.no_grad():  # the graph is rebuilt when this batch's gradient arrives
+            out = self.block(x) if not self.predict else torch.func.functional_call(self.block, weights, (x,))
+        self._current = None
         return out
+
+    def _forward_weights(self) -> dict[str, Tensor]:
+        """The weights of this step's first pass: the block's own, or with weight prediction the weights it will
+        have when this batch's gradient is applied, ``delay`` steps on: ``w + delay·Δw``, where Δw is the block's
+        last update (for SGD with momentum ``-lr·v``: linear weight prediction, Kosson et al. 2021)."""
+        params = dict(self.block.named_parameters())
+        if not self.predict:
+            return params
+        predicted = {}
+        for name, p in params.items():
+            moved = self.update.last_update(p)
+            predicted[name] = p if moved is None else (p.detach() + self.delay * moved).requires_grad_(p.requires_grad)
+        return predicted
 
     def expects_grad(self, step: int) -> bool:
         """Whether block k+1 handed this block a gradient at its step ``step - 1`` (for this step)."""
@@ -180,19 +191,9 @@ class BlockStage:
             self.update.step()
             return below, self._record(loss, logits, y, leaders)
         batch = self.schedule.delayed_batch(step, self.delay)
-        if batch is None:  # the first steps of replay: the delayed gradient is not there yet
-            if self._current is None:
-                self.update.skip()
-                return None, {}
-            x, y, out = self._take_current()
-            loss, logits, leaders = self._loss(out, y)
-            # with stashing this pass's graph is kept for its delayed backward: keep it, and move the
-            # gradients the stashed weights received to the block's own
-            self._backward(self.local_weight * loss, retain=self.stash)
-            if self.stash:
-                self._take_stashed_grads(self._line[-1])
-            self.update.step()
-            return None, self._record(loss, logits, y, leaders)
+        if batch is None:  # filling: no delayed gradient exists yet, so the block (and its head) waits
+            self.update.skip()
+            return None, {}
         if grad is None:
             raise RuntimeError(f"block {self.k} needs the delayed gradient of batch {batch} at step {step}, but got "
                                f"none")
@@ -268,11 +269,11 @@ class BlockStage:
             result = self.net.head_loss(self.k, out, y)
         return result.loss, result.best_logits, result.leaders
 
-    def _backward(self, loss: Tensor, *, retain: bool = False) -> None:
+    def _backward(self, loss: Tensor) -> None:
         self._check_finite(self.k, loss)
         self.update.zero_grad()
         if loss.requires_grad:
-            self.update.scaled(loss).backward(retain_graph=retain)
+            self.update.scaled(loss).backward()
 
     @staticmethod
     def _record(loss: Tensor, logits: Tensor, y: Tensor, leaders) -> dict:

@@ -83,6 +83,8 @@ class BlockUpdate:
         self.grad_clip = grad_clip
         self._frozen = {id(p) for p in frozen_in_warmup}
         self.reduce: Callable[[list[Tensor]], None] | None = None  # replicas: average gradients in place
+        self.track_updates = False  # keep the last step's change of every parameter (weight prediction)
+        self._last_update: dict[int, Tensor] = {}
 
     def scaled(self, loss: Tensor) -> Tensor:
         """The loss to call backward on (multiplied by the fp16 loss scale, if any)."""
@@ -101,6 +103,7 @@ class BlockUpdate:
             for p in self.params:
                 if id(p) in self._frozen:
                     p.grad = None
+        before = [p.detach().clone() for p in self.params] if self.track_updates else None
         if self.reduce is not None:
             self.reduce([p.grad for p in self.params if p.grad is not None])
         if self.grad_clip is not None:
@@ -113,7 +116,14 @@ class BlockUpdate:
                 self.scaler.update()
         else:
             self.optimizer.step()
+        if before is not None:
+            self._last_update = {id(p): p.detach() - b for p, b in zip(self.params, before)}
         self._advance()
+
+    def last_update(self, param: nn.Parameter) -> Tensor | None:
+        """How the last :meth:`step` changed ``param`` (with ``track_updates``); None before the first step.
+        For SGD with momentum this is ``-lr·v``, the step that linear weight prediction extrapolates."""
+        return self._last_update.get(id(param))
 
     def skip(self) -> None:
         """A step without gradients (replay's first steps, before a delayed gradient arrives): the
@@ -132,6 +142,7 @@ class BlockUpdate:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None and self.owns_scaler else None,
+            "last_update": [self._last_update.get(id(p)) for p in self.params] if self.track_updates else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -140,3 +151,6 @@ class BlockUpdate:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and self.owns_scaler and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
+        if state.get("last_update") is not None:
+            self._last_update = {id(p): u.to(p.device) for p, u in zip(self.params, state["last_update"])
+                                 if u is not None}
