@@ -9,6 +9,7 @@ import signal
 import socket
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -17,7 +18,7 @@ from torch import Tensor
 from .errors import PipelineError
 
 __all__ = ["Link", "PeerError", "TRAIN", "EVAL", "END", "GRAD", "WEIGHTS", "EPOCH_DONE", "EVALUATE", "init_distributed",
-           "stage_device", "fault", "name_the_rank"]
+           "choose_backend", "pair_channels", "stage_device", "fault", "name_the_rank"]
 
 # message kinds in the header
 TRAIN, EVAL, END, GRAD, WEIGHTS = 1, 2, 3, 4, 5  # WEIGHTS: a block's weights for the previous block's head
@@ -30,16 +31,37 @@ class PeerError(PipelineError):
     """A neighbour stopped answering: usually secondary to a failure elsewhere."""
 
 
+def pair_channels(stages: int, replicas: int) -> dict[tuple[int, int], object]:
+    """One process group per direction of every neighbouring pair: ``channels[(src, dst)]``.
+
+    Every rank must call this, in the same order (torch.distributed's rule for new groups). With one
+    communicator per direction, the activation a rank sends down never queues behind the gradient it waits for
+    from above: under NCCL, ungrouped point-to-point operations on one communicator run in order on one stream,
+    so rank k sending activation t+1 while rank k+1 sends gradient t would each wait for the other once a message
+    is larger than NCCL's buffers. Gloo gets the same groups, so CPU tests run the same code.
+    """
+    channels = {}
+    for k in range(stages - 1):
+        for r in range(replicas):
+            a, b = k * replicas + r, (k + 1) * replicas + r
+            channels[(a, b)] = dist.new_group([a, b])  # activations, labels, end-of-phase messages
+            channels[(b, a)] = dist.new_group([a, b])  # gradients and look-ahead weights
+    return channels
+
+
 class Link:
     """The messages one rank exchanges with its neighbours: activations down, gradients up.
 
     Sends are asynchronous; at most ``max_in_flight`` are pending before a send waits for the oldest.
-    Every wait is bounded by ``timeout``. ``timing`` collects the seconds spent waiting.
+    Every wait is bounded by ``timeout``. ``timing`` collects the seconds spent waiting, read with ``clock``
+    (which waits for the device first on a GPU). Each direction of each pair has its own process group
+    (``channels``, from :func:`pair_channels`), so no two messages can wait for each other.
     """
 
     def __init__(self, *, rank: int, prev_rank: int | None, next_rank: int | None, device: torch.device,
                  timeout: datetime.timedelta, max_in_flight: int, send_dtype: torch.dtype | None, timing: dict,
-                 label, on_hung=None):
+                 label, on_hung=None, channels: dict | None = None, clock=time.perf_counter):
+        self.channels, self.clock = channels or {}, clock
         self.rank, self.prev_rank, self.next_rank = rank, prev_rank, next_rank
         self.device, self.timeout = device, timeout
         self.max_in_flight, self.send_dtype = max_in_flight, send_dtype
@@ -70,7 +92,8 @@ class Link:
             payload = [tensor] + ([labels.to(torch.int64).contiguous()] if labels is not None else [])
         messages = [header.to(self.comm_device), *(t.to(self.comm_device) for t in payload)]
         try:
-            works = [dist.isend(m, dst=dst) for m in messages]
+            group = self.channels.get((self.rank, dst))
+            works = [dist.isend(m, dst=dst, group=group) for m in messages]
         except Exception as exc:  # a neighbour that is gone refuses at once
             raise self._peer_error(dst, exc) from None
         self._pending.append((works, messages, dst))
@@ -79,13 +102,13 @@ class Link:
 
     def recv(self, src: int, *, dtype: torch.dtype | None = None) -> tuple[int, int, Tensor | None, Tensor | None]:
         """(kind, flag, tensor, labels) of the next message from ``src``; the tensor cast to ``dtype``."""
-        start = time.perf_counter()
+        start = self.clock()
         header = torch.empty(_HEADER, dtype=torch.int64, device=self.comm_device)
         self._recv_into(header, src)
         header = header.cpu()
         kind, flag = int(header[0]), int(header[1])
         if kind == END:
-            self.timing["recv_wait_s"] += time.perf_counter() - start
+            self.timing["recv_wait_s"] += self.clock() - start
             return kind, flag, None, None
         shape = header[3 : 3 + int(header[2])].tolist()
         tensor = torch.empty(shape, dtype=_DTYPES[int(header[11])], device=self.comm_device)
@@ -94,7 +117,7 @@ class Link:
         if int(header[12]) >= 0:
             labels = torch.empty(int(header[12]), dtype=torch.int64, device=self.comm_device)
             self._recv_into(labels, src)
-        self.timing["recv_wait_s"] += time.perf_counter() - start
+        self.timing["recv_wait_s"] += self.clock() - start
         if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
             tensor = tensor.to(dtype)
         return kind, flag, tensor.to(self.device), labels.to(self.device) if labels is not None else None
@@ -105,17 +128,17 @@ class Link:
 
     def _wait_oldest(self) -> None:
         works, _, dst = self._pending.popleft()
-        start = time.perf_counter()
+        start = self.clock()
         try:
             for w in works:
                 w.wait(self.timeout)
         except Exception as exc:
             raise self._peer_error(dst, exc) from None
-        self.timing["send_wait_s"] += time.perf_counter() - start
+        self.timing["send_wait_s"] += self.clock() - start
 
     def _recv_into(self, tensor: Tensor, src: int) -> None:
         try:
-            work = dist.irecv(tensor, src=src)
+            work = dist.irecv(tensor, src=src, group=self.channels.get((src, self.rank)))
             work.wait(self.timeout)
         except Exception as exc:
             raise self._peer_error(src, exc) from None
@@ -133,25 +156,46 @@ class Link:
         return PeerError(f"{self.label(self.rank)} stops: {self.label(peer)} {what}")
 
 
-def init_distributed(timeout: datetime.timedelta) -> None:
-    """Join the process group torchrun describes (gloo on CPU, NCCL with GPUs), once."""
-    if dist.is_initialized():
-        return
+def choose_backend(requested: str | None, *, gpus: int, local_processes: int) -> tuple[str, str | None]:
+    """(backend, a note to print or None): NCCL only when every process on this machine has a GPU of its own;
+    otherwise gloo, and the note says why. ``requested`` ("nccl" or "gloo") overrides."""
+    if requested is not None:
+        if requested not in ("nccl", "gloo"):
+            raise PipelineError(f"backend={requested!r} must be 'nccl' or 'gloo' (or None to choose)")
+        return requested, None
+    if gpus and gpus >= local_processes and dist.is_nccl_available():
+        return "nccl", None
+    if gpus:
+        return "gloo", (f"lfnnify: {local_processes} processes on this machine share {gpus} GPU(s), so they talk "
+                        f"over gloo (through the CPU), not NCCL; start one process per GPU, or pass backend='nccl'")
+    return "gloo", None
+
+
+def init_distributed(timeout: datetime.timedelta, backend: str | None = None, *, use_gpus: bool = True) -> None:
+    """Join the process group torchrun describes (see :func:`choose_backend`), once, and always put this process
+    on its own GPU (``LOCAL_RANK``), also when the caller initialised the group itself."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        raise PipelineError(
-            "PipelineTrainer runs one process per block, started by torchrun: "
-            "torchrun --nproc-per-node K your_script.py (RANK and WORLD_SIZE are not set here)"
-        )
-    backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend=backend, timeout=timeout)
+        if not dist.is_initialized():
+            raise PipelineError(
+                "PipelineTrainer runs one process per block, started by torchrun: "
+                "torchrun --nproc-per-node K your_script.py (RANK and WORLD_SIZE are not set here)"
+            )
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() and use_gpus else 0
+    if not dist.is_initialized():
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        backend, note = choose_backend(backend, gpus=gpus, local_processes=local)
+        if note and int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            sys.stderr.write(note + "\n")
+        dist.init_process_group(backend=backend, timeout=timeout)
+    if gpus:
+        torch.cuda.set_device(stage_device())
 
 
 def stage_device() -> torch.device:
-    """This rank's device: its GPU under NCCL, else the CPU."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    """This rank's device: GPU ``LOCAL_RANK`` (modulo the GPUs there are) when there are GPUs, else the CPU."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % gpus)
     return torch.device("cpu")
 
 
@@ -180,11 +224,23 @@ def fault(rank: int, step: int) -> None:
     os.kill(os.getpid(), {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}[kind])
 
 
+def machine_identity() -> str:
+    """What says two processes can signal each other: this kernel's boot id and this PID namespace. Host names
+    collide (containers, cloned machines); a boot id does not, and a PID only means something inside its namespace."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return f"unknown-{socket.gethostname()}-{os.getpid()}"  # never equal to another process's: never signalled
+    return f"{boot}/{namespace}"
+
+
 def end_if_here(process: tuple[str, int]) -> bool:
-    """End a neighbour ``(host, pid)`` that stopped answering (SIGSTOP, a hang), when it runs on this machine: a
-    stopped process ignores torchrun's SIGTERM for 30 s. Returns whether it was ended."""
-    host, pid = process
-    if host != socket.gethostname() or pid == os.getpid():
+    """End a neighbour ``(machine_identity(), pid)`` that stopped answering (SIGSTOP, a hang), when it runs on this
+    machine and in this PID namespace: a stopped process ignores torchrun's SIGTERM for 30 s. A process elsewhere
+    is never signalled. Returns whether it was ended."""
+    machine, pid = process
+    if machine != machine_identity() or machine.startswith("unknown-") or pid == os.getpid():
         return False
     try:
         os.kill(pid, signal.SIGKILL)

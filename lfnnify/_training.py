@@ -21,6 +21,9 @@ from .update import BlockUpdate, OptimizerFactory, SchedulerFactory
 __all__ = ["TrainerBase", "block_parameters", "check_labels", "AMP_DTYPES"]
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# on a GPU the losses are checked on the device and the flag is read every this many steps (and at the end of every
+# fit), so that training does not wait for the GPU each step; on the CPU every loss is checked at once
+FINITE_CHECK_EVERY = 25
 SWITCHABLE = ("local", "replay")
 
 
@@ -97,7 +100,8 @@ class TrainerBase:
         self.step = 0  # optimizer steps taken (one per batch; every block steps once)
         self.epoch = 0  # epochs completed
         self.step_in_epoch = 0
-        self._epoch_counts = torch.zeros(len(net.heads), net.config["workers"], dtype=torch.long)
+        self._epoch_counts = torch.zeros(len(net.heads), net.config["workers"], dtype=torch.long, device=self.device)
+        self._first_bad_step = torch.full((net.num_blocks,), -1, dtype=torch.long, device=self.device)
         self.leadership: list[list[list[int]]] = []  # per epoch, per hidden block, times each worker led
         self.history: list[dict] = []
         self._stop = False
@@ -123,11 +127,34 @@ class TrainerBase:
         return torch.autocast(device_type=self.device.type, dtype=AMP_DTYPES[self.amp])
 
     def _check_finite(self, k: int, loss: Tensor) -> None:
-        if not torch.isfinite(loss.detach()).all():
-            raise NonFiniteLossError(
-                f"block {k}'s loss is {loss.detach().item()} at step {self.step}; training stopped. "
-                f"Lower the learning rate, set grad_clip=, or check the inputs of block {k}."
-            )
+        """A non-finite loss stops training with an error naming the block: at once on the CPU; on a GPU at the
+        next read of the on-device flag (:meth:`_raise_if_nonfinite`), which names the step it first happened."""
+        bad = ~torch.isfinite(loss.detach()).all()
+        if loss.device.type == "cpu":
+            if bad:
+                self._nonfinite(k, self.step, loss.detach().float().sum().item())
+            return
+        first = self._first_bad_step[k]
+        self._first_bad_step[k] = torch.where(bad & (first < 0), self.step, first)
+
+    def _raise_if_nonfinite(self) -> None:
+        """Read the device's flag (one synchronisation): every ``FINITE_CHECK_EVERY`` steps and at the end of a fit."""
+        steps = self._first_bad_step.tolist()
+        for k, step in enumerate(steps):
+            if step >= 0:
+                self._nonfinite(k, step)
+
+    def _after_step(self) -> None:
+        if self.step % FINITE_CHECK_EVERY == 0 and self.device.type != "cpu":
+            self._raise_if_nonfinite()
+
+    @staticmethod
+    def _nonfinite(k: int, step: int, value: float | None = None):
+        what = "not finite (inf or nan)" if value is None else f"{value}"
+        raise NonFiniteLossError(
+            f"block {k}'s loss is {what} at step {step}; training stopped. "
+            f"Lower the learning rate, set grad_clip=, or check the inputs of block {k}."
+        )
 
     def _refresh_due(self, k: int, step: int) -> bool:
         """Whether head ``k`` takes block k+1's weights at ``step`` (as they are after block k+1's step - 1)."""
@@ -137,7 +164,8 @@ class TrainerBase:
     def _count_leaders(self, k: int, leaders: Tensor | None) -> None:
         if leaders is None:
             return
-        self._epoch_counts[k].index_add_(0, leaders.cpu(), torch.ones(len(leaders), dtype=torch.long))
+        self._epoch_counts[k].index_add_(0, leaders.to(self._epoch_counts.device),
+                                         torch.ones(len(leaders), dtype=torch.long, device=self._epoch_counts.device))
         if self.reselect == "epoch" and self.net.fixed_leaders[k] is None:
             self.net.fixed_leaders[k] = leaders.detach().clone()
 
@@ -162,8 +190,13 @@ class TrainerBase:
 
     @staticmethod
     def _summary(records: list[dict], key: str) -> float:
+        """The mean of ``key`` over the records (floats, or tensors still on the device: one read for all)."""
         values = [r[key] for r in records if key in r]
-        return sum(values) / len(values) if values else float("nan")
+        if not values:
+            return float("nan")
+        if isinstance(values[0], Tensor):
+            return torch.stack([v.double() for v in values]).mean().item()
+        return sum(values) / len(values)
 
     def _log(self, record: dict) -> None:
         if self.log_path is not None:
@@ -186,7 +219,7 @@ class TrainerBase:
             "shared_scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if _cuda_in_use() else [],
-            "epoch_counts": self._epoch_counts.clone(),
+            "epoch_counts": self._epoch_counts.cpu(),
             "leadership": self.leadership,
             "fixed_leaders": [t.clone() if t is not None else None for t in self.net.fixed_leaders],
             "history": self.history,
@@ -211,7 +244,7 @@ class TrainerBase:
         cuda_states = state.get("cuda_rng") or []
         if cuda_states and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
-        self._epoch_counts = state["epoch_counts"].clone()
+        self._epoch_counts = state["epoch_counts"].clone().to(self.device)
         self.leadership = [list(map(list, epoch)) for epoch in state.get("leadership", [])]
         fixed = state.get("fixed_leaders") or [None] * len(self.net.heads)
         self.net.fixed_leaders = [t.clone() if t is not None else None for t in fixed]

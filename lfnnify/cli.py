@@ -112,6 +112,10 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     t.add_argument("--download", action="store_true", help="allow torchvision to download the dataset")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--device", help="auto (default: cuda when there is a GPU), cpu, cuda or cuda:N "
+                                    "(overrides train.device)")
+    t.add_argument("--backend", choices=["nccl", "gloo"], help="pipeline communication (default: nccl when every "
+                                                                 "process has its own GPU, else gloo)")
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser(
@@ -158,6 +162,13 @@ def _record_for_torchrun(exc: BaseException) -> bool:
     return True
 
 
+def _say(line: str) -> None:
+    """One line on stderr in one write: under torchrun other processes write to the same pipe, and print()'s
+    separate write of the newline let their output land inside the line."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line. lfnnify's own errors (bad input, missing data, damaged checkpoints, a pipeline
     neighbour that failed) print one line and exit with 2; anything else is a bug: its traceback is printed
@@ -168,20 +179,20 @@ def main(argv: list[str] | None = None) -> int:
         code = args.func(args)
     except LfnnifyError as exc:
         where = getattr(exc, "pipeline_rank", None)
-        print(f"lfnnify: error: {where + ': ' if where else ''}{exc}", file=sys.stderr)
+        _say(f"lfnnify: error: {where + ': ' if where else ''}{exc}")
         _record_for_torchrun(exc)
         code = 2
     except KeyboardInterrupt:
-        print("lfnnify: interrupted", file=sys.stderr)
+        _say("lfnnify: interrupted")
         code = 130
     except Exception as exc:
         if _record_for_torchrun(exc):  # torchrun's failure summary prints the traceback once
             where = getattr(exc, "pipeline_rank", None)
-            print(f"lfnnify: {where or 'this rank'} failed: {type(exc).__name__}: {exc} (its traceback is in "
-                  f"torchrun's summary below). {BUG_REPORT.removeprefix('lfnnify: ')}", file=sys.stderr)
+            _say(f"lfnnify: {where or 'this rank'} failed: {type(exc).__name__}: {exc} (its traceback is in "
+                 f"torchrun's summary below). {BUG_REPORT.removeprefix('lfnnify: ')}")
         else:
             traceback.print_exc()
-            print(BUG_REPORT, file=sys.stderr)
+            _say(BUG_REPORT)
         code = 1
     if code and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         sys.stdout.flush()

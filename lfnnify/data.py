@@ -16,7 +16,9 @@ __all__ = [
     "FashionMNIST",
     "SyntheticImages",
     "SeededSampler",
+    "SeededItems",
     "make_loader",
+    "default_workers",
     "find_fashion_mnist",
     "build_datasets",
     "FASHION_MNIST_DEBIAN",
@@ -76,8 +78,8 @@ def find_fashion_mnist(root: str | os.PathLike | None = None) -> Path:
 class FashionMNIST(Dataset):
     """Fashion-MNIST read straight from its IDX files; images normalised, shape (1, 28, 28).
 
-    ``augment=True`` applies the standard random crop (28, padding 2) and horizontal flip,
-    drawn from the global torch RNG (so a checkpoint's RNG state makes a resume exact).
+    ``augment=True`` applies the standard random crop (28, padding 2) and horizontal flip, drawn from torch's
+    random generator (which :func:`make_loader` seeds for every item).
     """
 
     classes = 10
@@ -127,11 +129,13 @@ class SyntheticImages(Dataset):
         return self.images[index], self.labels[index]
 
 
-class SeededSampler(Sampler[int]):
+class SeededSampler(Sampler[tuple[int, int]]):
     """A shuffling sampler whose order depends only on (seed, epoch), and that can skip ahead.
 
-    The trainer calls ``set_epoch`` at each epoch and ``skip`` when resuming mid-epoch, so a
-    resumed run sees exactly the batches an uninterrupted run would have seen.
+    It yields ``(index, item_seed)``: every example of every epoch also gets its own random seed, from which its
+    augmentation is drawn (see :func:`make_loader`), so the batches are the same whichever process loads them
+    and however many loader workers there are. The trainer calls ``set_epoch`` at each epoch and ``skip`` when
+    resuming mid-epoch, so a resumed run sees exactly the batches an uninterrupted run would have seen.
     """
 
     def __init__(self, length: int, *, seed: int = 0, shuffle: bool = True):
@@ -144,30 +148,63 @@ class SeededSampler(Sampler[int]):
     def skip(self, items: int) -> None:
         self.start = items
 
-    def __iter__(self) -> Iterator[int]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(self.length, generator=g).tolist()
-        else:
-            order = list(range(self.length))
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.length, generator=g).tolist() if self.shuffle else list(range(self.length))
+        seeds = torch.randint(0, 2**62, (self.length,), generator=g).tolist()
         start, self.start = self.start, 0
-        return iter(order[start:])
+        return iter(list(zip(order, seeds))[start:])
 
     def __len__(self) -> int:
         return self.length  # a whole epoch, also while resuming: trainers count an epoch's batches by it
 
 
+class SeededItems(Dataset):
+    """``dataset`` read at ``(index, item_seed)``: the item's random draws (augmentation) come from torch's
+    generator seeded with ``item_seed``, inside :func:`torch.random.fork_rng`, so the caller's random state is left
+    as it was and the same item looks the same in any process."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, item_seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(item_seed)  # the CPU generator only (torch.manual_seed: 100x slower)
+            return self.dataset[index]
+
+
+def default_workers(dataset: Dataset) -> int:
+    """Loader workers for ``dataset``: none for tensors already in memory (Fashion-MNIST, synthetic data: a worker
+    costs more than it saves), else one per core but one, at most 8 (decoding images off the training thread)."""
+    inner = dataset.dataset if isinstance(dataset, Subset) else dataset
+    if isinstance(inner, (FashionMNIST, SyntheticImages)):
+        return 0
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
 def make_loader(
-    dataset: Dataset, *, batch_size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = False
+    dataset: Dataset, *, batch_size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
+    workers: int | None = 0, pin_memory: bool = False,
 ) -> DataLoader:
-    """A DataLoader with a :class:`SeededSampler` and its own generator (it never draws from the
-    global RNG), in the main process: deterministic, resumable, no extra threads."""
+    """A DataLoader with a :class:`SeededSampler`: deterministic and resumable, its batches the same for any number
+    of ``workers`` (``None``: :func:`default_workers`), which persist across epochs. ``pin_memory`` for GPUs."""
+    workers = default_workers(dataset) if workers is None else workers
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
+        from .errors import ConfigError
+
+        raise ConfigError(f"workers={workers!r} must be an int >= 0 (loader processes; 0 loads in this process)")
     return DataLoader(
-        dataset,
+        SeededItems(dataset),
         batch_size=batch_size,
         sampler=SeededSampler(len(dataset), seed=seed, shuffle=shuffle),
         drop_last=drop_last,
-        num_workers=0,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(seed),
     )
 

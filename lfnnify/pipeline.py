@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import time
 
 import torch
@@ -15,7 +14,6 @@ from tqdm.auto import tqdm
 from ._comm import (
     END,
     EPOCH_DONE,
-    EVAL,
     EVALUATE,
     GRAD,
     TRAIN,
@@ -24,14 +22,17 @@ from ._comm import (
     end_if_here,
     fault,
     init_distributed,
+    machine_identity,
     name_the_rank,
+    pair_channels,
     stage_device,
 )
+from ._pipeline_eval import evaluate_stage
+from ._replicas import average_gradients, broadcast_from_first_replica
 from ._shards import Shard, keep_only_stage
 from ._training import TrainerBase, check_labels
 from .errors import ConfigError, PipelineError
-from .model import LFNNModel, main_output
-from .trainer import metrics_from_counts
+from .model import LFNNModel
 
 __all__ = ["PipelineTrainer", "StageTiming"]
 
@@ -69,6 +70,14 @@ class PipelineTrainer(TrainerBase):
         timeout_s: how long a rank waits for a neighbour before giving up; a failed rank's neighbours
             stop within this bound (torchrun also stops the others when one process exits with an error).
         threads: torch threads for this process (set it: oversubscribed cores are very slow).
+        backend: ``"nccl"`` or ``"gloo"`` when this call starts the process group; by default NCCL when every
+            process on the machine has a GPU of its own, else gloo (with a line saying why).
+        device: ``None``: this rank's GPU (``LOCAL_RANK``) when there are GPUs, else the CPU; ``"cpu"`` keeps the
+            block on the CPU (and talks over gloo).
+
+    On a GPU, the timestamps behind :meth:`stage_timings` wait for the device (``torch.cuda.synchronize``), and
+    a non-finite loss is detected on the device and read every ``FINITE_CHECK_EVERY`` (25) steps and at the end
+    of every ``fit`` phase; the error names the block and the step where it first happened.
     """
 
     def __init__(
@@ -81,6 +90,8 @@ class PipelineTrainer(TrainerBase):
         send_dtype: torch.dtype | None = None,
         timeout_s: float = 120.0,
         threads: int | None = None,
+        backend: str | None = None,
+        device: str | None = None,
         amp: str | None = None,
         grad_clip: float | None = None,
         head_warmup_steps: int = 0,
@@ -108,7 +119,11 @@ class PipelineTrainer(TrainerBase):
         if threads is not None:
             torch.set_num_threads(threads)
         self.timeout = datetime.timedelta(seconds=timeout_s)
-        init_distributed(self.timeout)
+        if device not in (None, "cpu"):
+            raise ConfigError(f"device={device!r}: the pipeline places each rank on its own GPU (LOCAL_RANK) by "
+                              f"itself; pass device=None, or 'cpu' to keep every block on the CPU")
+        on_cpu = device == "cpu"
+        init_distributed(self.timeout, "gloo" if on_cpu and backend is None else backend, use_gpus=not on_cpu)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         blocks = net.num_blocks
         if self.world % blocks:
@@ -132,8 +147,9 @@ class PipelineTrainer(TrainerBase):
         # every rank creates every group, in the same order (torch.distributed's rule)
         groups = [dist.new_group([k * self.replicas + r for r in range(self.replicas)]) for k in range(blocks)]
         self.group = groups[self.stage]
+        channels = pair_channels(blocks, self.replicas)
         shapes = {k: list(v.shape) for k, v in net._source.state_dict().items()}  # before other blocks are freed
-        keep_only_stage(net, self.stage, stage_device())
+        keep_only_stage(net, self.stage, torch.device("cpu") if on_cpu else stage_device())
         super().__init__(
             net, owned=[self.stage], optimizer=optimizer, scheduler=scheduler, amp=amp, grad_clip=grad_clip,
             head_warmup_steps=head_warmup_steps, reselect=reselect, switch_mode_at=switch_mode_at,
@@ -143,16 +159,17 @@ class PipelineTrainer(TrainerBase):
         )
         self.timing = StageTiming(busy_s=0.0, recv_wait_s=0.0, send_wait_s=0.0, steps=0)
         processes: list = [None] * self.world
-        dist.all_gather_object(processes, (socket.gethostname(), os.getpid()))
+        dist.all_gather_object(processes, (machine_identity(), os.getpid()))
         self._processes = processes
         self.link = Link(rank=self.rank, prev_rank=self.prev_rank, next_rank=self.next_rank, device=self.device,
                          timeout=self.timeout, max_in_flight=max_in_flight, send_dtype=send_dtype, timing=self.timing,
-                         label=self._label, on_hung=lambda rank: end_if_here(self._processes[rank]))
+                         label=self._label, on_hung=lambda rank: end_if_here(self._processes[rank]),
+                         channels={pair: g for pair, g in channels.items() if self.rank in pair}, clock=self._now)
         self._early_grad: Tensor | None = None  # replay: a gradient received at the end of a phase
         if self.replicas > 1:
-            self.updates[self.stage].reduce = self._average_gradients
-            for tensor in net.blocks[self.stage].state_dict().values():  # replicas start from the same weights
-                dist.broadcast(tensor, src=self.stage * self.replicas, group=self.group)
+            self.updates[self.stage].reduce = lambda grads: average_gradients(grads, self.group, self.replicas,
+                                                                              self.link.comm_device)
+            broadcast_from_first_replica(self.net, self.stage, self.replicas, self.group, self.link.comm_device)
         net._shard = Shard(stage=self.stage, replica=self.replica, replicas=self.replicas, rank=self.rank,
                            source_shapes=shapes)
 
@@ -161,7 +178,7 @@ class PipelineTrainer(TrainerBase):
     def _stage_step(self, x: Tensor, y: Tensor) -> dict:
         """This rank's block on batch ``x``: forward, pass the output on, then its update (and, in replay
         mode, the gradient of an earlier batch's input back to the previous rank)."""
-        start = time.perf_counter()
+        start = self._now()
         t, stage = self.step, self.stages[self.stage]
         fault(self.rank, t)
         self.net.train()
@@ -169,15 +186,15 @@ class PipelineTrainer(TrainerBase):
             self.link.send(self.prev_rank, WEIGHTS, self.net.heads[self.stage - 1].flat_weights(stage.block))
         out = stage.forward(x, y, t)
         if not self.last:
-            self.timing["busy_s"] += time.perf_counter() - start
+            self.timing["busy_s"] += self._now() - start
             self.link.send(self.next_rank, TRAIN, out.detach(), y)  # the next stage starts now
             if self._refresh_due(self.stage, t):
                 self._refresh_head(t)
-            start = time.perf_counter()
+            start = self._now()
         grad = None
         if stage.expects_grad(t):
             grad = self._take_grad()
-            start = time.perf_counter()
+            start = self._now()
         below, record = stage.learn(grad, t)
         del out
         if below is not None:
@@ -187,8 +204,16 @@ class PipelineTrainer(TrainerBase):
         self.step += 1
         self.step_in_epoch += 1
         self.timing["steps"] += 1
-        self.timing["busy_s"] += time.perf_counter() - start
+        self.timing["busy_s"] += self._now() - start
+        self._after_step()
         return record
+
+    def _now(self) -> float:
+        """A timestamp after the device has finished the work queued so far, so that busy and waiting times mean
+        what they say on a GPU (where kernels run asynchronously); on the CPU a plain clock."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def _take_grad(self) -> Tensor:
         if self._early_grad is not None:
@@ -220,17 +245,6 @@ class PipelineTrainer(TrainerBase):
     def train_step(self, x: Tensor, y: Tensor) -> dict:
         raise PipelineError("PipelineTrainer steps inside fit(); every rank calls fit() with the same arguments")
 
-    def _average_gradients(self, grads: list[Tensor]) -> None:
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=self.group)
-        flat /= self.replicas
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
-
     # ------------------------------------------------------------------ loops
 
     def _label(self, rank: int) -> str:
@@ -257,7 +271,7 @@ class PipelineTrainer(TrainerBase):
         if self.first and loader is None:
             raise ConfigError(f"rank {self.rank} runs block 0 and reads the data: pass the training loader to fit()")
         while self.epoch < epochs and (max_steps is None or self.step < max_steps):
-            start, records = time.perf_counter(), []
+            start, records = self._now(), []
             if self.first:
                 flags = self._feed(loader, max_steps, records, evaluate=val_loader is not None)
             else:
@@ -268,7 +282,7 @@ class PipelineTrainer(TrainerBase):
                 "step": self.step,
                 "train_loss": self._summary(records, "loss"),
                 "train_accuracy": self._summary(records, "accuracy"),
-                "seconds": time.perf_counter() - start,
+                "seconds": self._now() - start,
                 "rank": self.rank,
                 "block": self.stage,
             }
@@ -281,6 +295,7 @@ class PipelineTrainer(TrainerBase):
                 self._log({"kind": "epoch", **entry})
             if not finished:
                 break
+        self._raise_if_nonfinite()
         return self.history
 
     def _feed(self, loader, max_steps, records, *, evaluate: bool) -> int:
@@ -302,13 +317,13 @@ class PipelineTrainer(TrainerBase):
                 break
             x, y = chunk[self.replica]
             check_labels(y, self.net.config["num_classes"], where="PipelineTrainer.fit")
-            start = time.perf_counter()
+            start = self._now()
             x, y = x.to(self.device), y.to(self.device)
-            self.timing["busy_s"] += time.perf_counter() - start
+            self.timing["busy_s"] += self._now() - start
             records.append(self._stage_step(x, y))
             bar.update(1)
-            if records[-1]:
-                bar.set_postfix(loss=f"{records[-1]['loss']:.3f}")
+            if records[-1] and self.progress and self.step % self.log_every == 0:  # reading it waits for the device
+                bar.set_postfix(loss=f"{float(records[-1]['loss']):.3f}")
         bar.close()
         reached = max_steps is not None and self.step >= max_steps
         wanted = evaluate and (finished or reached) and not self._stop  # a stop request returns at once
@@ -336,58 +351,13 @@ class PipelineTrainer(TrainerBase):
     def _dtype(self) -> torch.dtype | None:
         return next((p.dtype for p in self.net.blocks[self.stage].parameters() if p.is_floating_point()), None)
 
-    @torch.no_grad()
     def evaluate(self, loader=None) -> dict:
         """Evaluate in pipeline mode (every rank calls it; the first stage reads ``loader``).
 
         Every rank returns the same metrics (as :meth:`Trainer.evaluate`): the counts of all stages
         are summed with one all-reduce, and the last stage computes the model's accuracy and loss.
         """
-        heads, workers = len(self.net.heads), self.net.config["workers"]
-        # [per head-worker correct..., final correct, final loss sum, samples]
-        totals = torch.zeros(heads * workers + 3, dtype=torch.float64)
-        block = self.net.blocks[self.stage]
-        was_training = block.training
-        self.net.eval()
-
-        def run(x, y):
-            with self._autocast():
-                out = block(x)
-            if not self.last:
-                self.link.send(self.next_rank, EVAL, out, y)
-                logits = self.net.heads[self.stage](out)
-                logits = logits.unsqueeze(0) if logits.dim() == 2 else logits
-                offset = self.stage * workers
-                totals[offset : offset + workers] += (logits.argmax(-1) == y).sum(-1).double().cpu()
-            else:
-                logits = main_output(out).float()
-                totals[-3] += (logits.argmax(-1) == y).sum().item()
-                totals[-2] += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
-                totals[-1] += len(y)
-
-        if self.first:
-            if loader is None:
-                raise ConfigError(f"rank {self.rank} runs block 0: pass the evaluation loader to evaluate()")
-            for i, (x, y) in enumerate(loader):
-                if i % self.replicas == self.replica:
-                    run(x.to(self.device), y.to(self.device))
-            if not self.last:
-                self.link.send(self.next_rank, END)
-        else:
-            while True:
-                kind, _, x, y = self.link.recv(self.prev_rank, dtype=self._dtype())
-                if kind == END:
-                    if not self.last:
-                        self.link.send(self.next_rank, END)
-                    break
-                run(x, y)
-        self.link.flush()
-        self.net.train(was_training)
-        totals = totals.to(self.link.comm_device)  # NCCL reduces CUDA tensors only
-        dist.all_reduce(totals)
-        totals = totals.cpu()
-        correct_workers = totals[: heads * workers].view(heads, workers)
-        return metrics_from_counts(correct_workers, totals[-3].item(), totals[-2].item(), totals[-1].item())
+        return evaluate_stage(self, loader)
 
     def stage_timings(self) -> list[StageTiming]:
         """Every rank's busy / waiting-to-receive / waiting-to-send seconds (a collective: all ranks call it)."""

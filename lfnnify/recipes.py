@@ -48,6 +48,7 @@ class DataSection:
     eval_batch_size: int = 512
     train_subset: int | None = None
     eval_subset: int | None = None
+    workers: int | None = None  # loader processes; null: none for in-memory data, else one per core but one (<= 8)
 
 
 @dataclass
@@ -77,6 +78,7 @@ class TrainSection:
     reselect: str = "batch"
     seed: int = 0
     threads: int | None = None
+    device: str = "auto"  # auto (cuda when there is a GPU, else cpu) | cpu | cuda | cuda:N
     checkpoint_every: int = 500
     eval_every: int | None = None  # iterations between evaluations (default: every epoch)
     switch_mode_at: int | None = None  # from this iteration on, train in mode switch_to
@@ -89,6 +91,7 @@ class TrainSection:
 class PipelineSection:
     max_in_flight: int = 2
     send_dtype: str | None = None  # null or bf16
+    backend: str | None = None  # null: nccl when every process has its own GPU, else gloo
     timeout_s: float = 300.0
 
 
@@ -115,6 +118,7 @@ _CHOICES = {
     "train.amp": (None, "bf16", "fp16"),
     "train.reselect": ("batch", "epoch"),
     "pipeline.send_dtype": (None, "bf16"),
+    "pipeline.backend": (None, "nccl", "gloo"),
 }
 
 
@@ -206,6 +210,10 @@ def _check(recipe: Recipe) -> None:
         ("train.checkpoint_every", t.checkpoint_every >= 1, "must be >= 1"),
         ("train.eval_every", t.eval_every is None or t.eval_every >= 1, "must be >= 1"),
         ("train.threads", t.threads is None or t.threads >= 1, "must be >= 1"),
+        ("train.device", t.device in ("auto", "cpu", "cuda") or (t.device.startswith("cuda:")
+                                                                 and t.device[5:].isdigit()),
+         "must be auto, cpu, cuda or cuda:N"),
+        ("data.workers", d.workers is None or d.workers >= 0, "must be >= 0 (0 loads in the training process)"),
         ("pipeline.max_in_flight", recipe.pipeline.max_in_flight >= 1, "must be >= 1"),
         ("pipeline.timeout_s", recipe.pipeline.timeout_s > 0, "must be > 0 (seconds a rank waits for a neighbour)"),
         ("train.switch_mode_at", t.switch_mode_at is None or t.switch_mode_at >= 0, "must be >= 0"),

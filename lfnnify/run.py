@@ -44,8 +44,11 @@ def train_from_recipe(
     resume: bool = False,
     download: bool = False,
     progress: bool = True,
+    device: str | None = None,
+    backend: str | None = None,
 ) -> int:
-    """Run one recipe into its run folder; returns the process exit code (128 + signal when interrupted)."""
+    """Run one recipe into its run folder; returns the process exit code (128 + signal when interrupted).
+    ``device`` (``--device``) overrides ``train.device``, ``backend`` (``--backend``) ``pipeline.backend``."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     leader = int(os.environ.get("RANK", "0")) == 0
     out = Path(out) if out else _default_out(recipe_path)
@@ -56,10 +59,18 @@ def train_from_recipe(
     torch.manual_seed(t.seed)
     train_set, test_set, chans, classes, size = build_datasets(recipe, root=data_root, download=download)
     net = _build_net(recipe, chans=chans, classes=classes, size=size, pretrained=pretrained, world=world)
-    train_loader = make_loader(train_set, batch_size=recipe.data.batch_size, seed=t.seed)
-    test_loader = make_loader(test_set, batch_size=recipe.data.eval_batch_size, shuffle=False)
+    place = resolve_device(device or t.device)
+    if world == 1:
+        net.to(place)  # the pipeline puts each rank's block on its own device
+    pin = place.type == "cuda"
+    workers = recipe.data.workers
+    train_loader = make_loader(train_set, batch_size=recipe.data.batch_size, seed=t.seed, workers=workers,
+                               pin_memory=pin)
+    test_loader = make_loader(test_set, batch_size=recipe.data.eval_batch_size, shuffle=False, workers=workers,
+                              pin_memory=pin)
     total = t.iterations if t.iterations is not None else t.epochs * len(train_loader)
-    trainer = _build_trainer(recipe, net, total=total, world=world, log_path=out / "log.jsonl", progress=progress)
+    trainer = _build_trainer(recipe, net, total=total, world=world, log_path=out / "log.jsonl", progress=progress,
+                             device=place, backend=backend or recipe.pipeline.backend)
     if resume:
         load_weights_into(net, out / "ckpt")
         trainer.load_state_dict(read_trainer_state(out / "ckpt", block=getattr(trainer, "stage", None)))
@@ -68,7 +79,9 @@ def train_from_recipe(
         (out / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
     if leader:
         print(net.plan if recipe.method == "lfnn" else f"{recipe.model.name}: backprop (method: bp)", flush=True)
+        where = f"device {trainer.device}" + (" (rank 0; each rank its own)" if world > 1 else "")
         print(f"training {total} iterations ({total / len(train_loader):.2f} epochs of {len(train_loader)} batches)"
+              f" on {where}, {train_loader.num_workers} loader workers"
               + (f", pipeline over {world} processes" if world > 1 else "")
               + (f", resuming at {trainer.step}" if resume else ""), flush=True)
     stopped = _install_stop_handlers(trainer)
@@ -114,7 +127,24 @@ def _build_net(recipe: Recipe, *, chans: int, classes: int, size: int, pretraine
     )
 
 
-def _build_trainer(recipe: Recipe, net, *, total: int, world: int, log_path: Path, progress: bool):
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is the GPU when there is one, else the CPU; a GPU asked for where there is none is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r}: torch sees no GPU here (torch.cuda.is_available() is False); use "
+                              f"--device cpu, or install a CUDA build of torch")
+        index = int(name[5:]) if name.startswith("cuda:") else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name!r}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
+    elif name != "cpu":
+        raise ConfigError(f"device {name!r} must be auto, cpu, cuda or cuda:N")
+    return torch.device(name)
+
+
+def _build_trainer(recipe: Recipe, net, *, total: int, world: int, log_path: Path, progress: bool,
+                   device: torch.device, backend: str | None):
     t, o = recipe.train, recipe.train.optimizer
 
     def optimizer(ps):
@@ -136,7 +166,7 @@ def _build_trainer(recipe: Recipe, net, *, total: int, world: int, log_path: Pat
         p = recipe.pipeline
         return PipelineTrainer(net, max_in_flight=p.max_in_flight, timeout_s=p.timeout_s,
                                send_dtype=torch.bfloat16 if p.send_dtype == "bf16" else None, threads=t.threads,
-                               **common)
+                               backend=backend, device="cpu" if device.type == "cpu" else None, **common)
     return Trainer(net, **common)
 
 
@@ -209,7 +239,8 @@ def _finish(out, recipe, net, trainer, evaluations, seconds) -> None:
         files.append("leadership.png")
     final = evaluations[-1] if evaluations else {}
     lines = [f"# {recipe.name}", "", f"method: {recipe.method}; model: {recipe.model.name}; "
-             f"{trainer.step} iterations in {seconds:.0f} s", "", "| block | cut after | test accuracy |",
+             f"{trainer.step} iterations in {seconds:.0f} s on {_device_name(trainer.device)}", "",
+             "| block | cut after | test accuracy |",
              "|---|---|---|"]
     cuts = net.plan.cuts + ["output"]
     for k, acc in enumerate(final.get("block_accuracy", [])):
@@ -221,6 +252,14 @@ def _finish(out, recipe, net, trainer, evaluations, seconds) -> None:
           f"({', '.join(files)})")
 
 
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    from ._machine import cpu_name
+
+    return f"cpu ({cpu_name()}, {torch.get_num_threads()} threads)"
+
+
 def main_train(args) -> int:
     from .recipes import load_recipe
 
@@ -228,4 +267,5 @@ def main_train(args) -> int:
     return train_from_recipe(
         recipe, recipe_path=Path(args.recipe), out=args.out, data_root=args.data, pretrained=args.pretrained,
         resume=args.resume, download=args.download, progress=not args.no_progress and sys.stderr.isatty(),
+        device=args.device, backend=args.backend,
     )

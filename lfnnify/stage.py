@@ -277,9 +277,10 @@ class BlockStage:
 
     @staticmethod
     def _record(loss: Tensor, logits: Tensor, y: Tensor, leaders) -> dict:
+        """Detached tensors, left on the device: reading them (``.item()``) would make a GPU wait each step."""
         return {
-            "loss": loss.detach().item(),
-            "accuracy": (logits.detach().argmax(-1) == y).float().mean().item(),
+            "loss": loss.detach(),
+            "accuracy": (logits.detach().argmax(-1) == y).float().mean(),
             "leaders": leaders,
         }
 

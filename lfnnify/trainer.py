@@ -100,6 +100,7 @@ class Trainer(TrainerBase):
             record = self._blockwise_step(x, y)
         self.step += 1
         self.step_in_epoch += 1
+        self._after_step()
         return record
 
     def _blockwise_step(self, x: Tensor, y: Tensor) -> dict:
@@ -120,6 +121,7 @@ class Trainer(TrainerBase):
             h = out.detach()
             del out  # free this block's graph before the next block runs
         self._grads = grads
+        losses, accs = (torch.stack([t.double() for t in v]).tolist() if v else [] for v in (losses, accs))  # one read
         return {"step": t, "loss": sum(losses), "block_losses": losses, "block_accuracy": accs}
 
     def _global_step(self, x: Tensor, y: Tensor) -> dict:
@@ -194,6 +196,7 @@ class Trainer(TrainerBase):
             self._log({"kind": "epoch", **entry})
             if not finished or self._stop:
                 break
+        self._raise_if_nonfinite()
         return self.history
 
     @torch.no_grad()

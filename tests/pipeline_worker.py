@@ -1,4 +1,9 @@
-"""Run by torchrun from tests/test_pipeline.py: every rank runs this same script (not a test module)."""
+"""Run by torchrun from the pipeline tests: every rank runs this same script (not a test module).
+
+One launch runs several scenarios one after another in the same processes (``--scenarios a b c``), each with
+its own model, trainer and output folder, because a launch costs more than a scenario here. ``SCENARIOS``
+says what each one trains; the tests rebuild the same runs on one device from it.
+"""
 
 import argparse
 import json
@@ -13,26 +18,79 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lfnnify  # noqa: E402
 from lfnnify.data import SyntheticImages, make_loader  # noqa: E402
 
-# shared with the single-process reference in the test
+# shared with the single-process references in the tests
 SIZE, BATCH, DATA = 16, 16, 72  # 72 images: the last batch of each epoch has 8, not 16
+LARGE = dict(size=128, channels=64, batch=16, data=32)  # 16 x 64 x 128 x 128 floats: 64 MiB per message
+
+# name -> what it trains: blocks, mode (local | replay | replay-stash), local_weight, switch_at/switch_to, head,
+# refresh_every, predict, bf16, steps, resume_at (save there, load, go on), model (resnet18 | plain | large |
+# torchvision); the world size is blocks x replicas
+SCENARIOS = {
+    "2-local": dict(blocks=2),
+    "2-replay": dict(blocks=2, mode="replay"),
+    "2-local-bf16": dict(blocks=2, bf16=True, steps=3),
+    "2-local-resume": dict(blocks=2, resume_at=3),
+    "2-replay-resume": dict(blocks=2, mode="replay", resume_at=3),
+    "2-torchvision": dict(blocks=2, model="torchvision", steps=2),
+    "3-local": dict(blocks=3),
+    "3-replay-w0.5": dict(blocks=3, mode="replay", local_weight=0.5),
+    "3-replay-stash": dict(blocks=3, mode="replay-stash"),
+    "3-replay-stash-predict": dict(blocks=3, mode="replay-stash", predict=True),
+    "3-local-to-replay-at-3": dict(blocks=3, switch_at=3, switch_to="replay"),
+    "3-replay-w0.5-to-local-at-3": dict(blocks=3, mode="replay", local_weight=0.5, switch_at=3, switch_to="local"),
+    "3-lookahead-refresh": dict(blocks=3, mode="replay", head="lookahead-layer", refresh_every=2),
+    "3-replay-64mib": dict(blocks=3, mode="replay", model="large", steps=3),
+    "4-replicas-seeded-apart": dict(blocks=2, replicas=2, mode="replay", model="plain", steps=2),
+}
+DEFAULTS = dict(mode="local", local_weight=0.0, switch_at=None, switch_to=None, head="linear", refresh_every=None,
+                predict=False, bf16=False, steps=7, resume_at=None, model="resnet18", replicas=1)
 
 
-def build(blocks, mode="local", local_weight=0.0, plain=False, head="linear"):
+def spec(name: str) -> dict:
+    return {**DEFAULTS, **SCENARIOS[name]}
+
+
+def world(name: str) -> int:
+    s = spec(name)
+    return s["blocks"] * s["replicas"]
+
+
+def _plain():
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(), torch.nn.Linear(16, 10))
+
+
+def _large():
+    c = LARGE["channels"]  # 1x1 convolutions: cheap to compute, 64 MiB activations (and gradients) between blocks
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, c, 1), torch.nn.ReLU(), torch.nn.Conv2d(c, c, 1), torch.nn.ReLU(), torch.nn.Conv2d(c, c, 1),
+        torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(c, 10))
+
+
+def build(name: str, seed: int = 0):
+    """The converted model of scenario ``name``, initialised from ``seed``."""
     import timm
+    import torchvision
 
-    torch.manual_seed(0)
-    if plain:  # no BatchNorm and one worker: replicas averaging gradients equal one process on the doubled batch
-        model = torch.nn.Sequential(
-            torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 3, stride=2, padding=1),
-            torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-            torch.nn.Flatten(), torch.nn.Linear(16, 10))
-        example = torch.zeros(1, 1, SIZE, SIZE)
-        return lfnnify.convert(model, blocks=blocks, mode=mode, num_classes=10, example_input=example)
+    s = spec(name)
+    torch.manual_seed(seed)
+    mode = "replay" if s["mode"] == "replay-stash" else s["mode"]
+    knobs = dict(blocks=s["blocks"], mode=mode, local_weight=s["local_weight"],
+                 weight_stashing=s["mode"] == "replay-stash", weight_prediction=s["predict"])
+    if s["model"] == "plain":  # no BatchNorm, one worker: replicas averaging gradients equal the doubled batch
+        return lfnnify.convert(_plain(), num_classes=10, example_input=torch.zeros(1, 1, SIZE, SIZE), **knobs)
+    if s["model"] == "large":
+        size = LARGE["size"]
+        return lfnnify.convert(_large(), cuts=["1", "3"], num_classes=10, example_input=torch.zeros(1, 1, size, size),
+                               **{k: v for k, v in knobs.items() if k != "blocks"})
+    if s["model"] == "torchvision":  # a model lfnnify rebuilds by class and weight shapes
+        return lfnnify.convert(torchvision.models.resnet18(num_classes=10), blocks=s["blocks"],
+                               example_input=torch.zeros(1, 3, SIZE, SIZE))
     model = timm.create_model("resnet18", in_chans=1, num_classes=10)
-    stash = mode == "replay-stash"  # replay with weight stashing
-    workers = dict(workers=2, leaders=0.5) if head == "linear" else {}  # look-ahead heads: one worker
-    return lfnnify.convert(model, blocks=blocks, mode="replay" if stash else mode, local_weight=local_weight,
-                           weight_stashing=stash, head=head, example_input=torch.zeros(1, 1, SIZE, SIZE), **workers)
+    workers = dict(workers=2, leaders=0.5) if s["head"] == "linear" else {}  # look-ahead heads: one worker
+    return lfnnify.convert(model, head=s["head"], example_input=torch.zeros(1, 1, SIZE, SIZE), **knobs, **workers)
 
 
 def optimizer(params):
@@ -43,40 +101,64 @@ def scheduler(opt):
     return torch.optim.lr_scheduler.CosineAnnealingLR(opt, 20)
 
 
-def loaders():
-    data = SyntheticImages(DATA, shape=(1, SIZE, SIZE), seed=1)
-    return make_loader(data, batch_size=BATCH, seed=2), make_loader(data, batch_size=32, shuffle=False)
+def trainer_knobs(name: str) -> dict:
+    """What the trainer takes from the scenario (the pipeline and the one-device trainer alike)."""
+    s = spec(name)
+    return dict(optimizer=optimizer, scheduler=scheduler, progress=False, switch_mode_at=s["switch_at"],
+                switch_to=s["switch_to"], refresh_heads_every=s["refresh_every"],
+                refresh_momentum=0.5 if s["refresh_every"] else 0.0)
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--scenario", required=True, choices=["train", "fail", "torchvision"])
-    parser.add_argument("--blocks", type=int, required=True)
-    parser.add_argument("--steps", type=int, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--resume", type=Path)
-    parser.add_argument("--send-bf16", action="store_true")
-    parser.add_argument("--mode", default="local", choices=["local", "replay", "replay-stash"])
-    parser.add_argument("--local-weight", type=float, default=0.0)
-    parser.add_argument("--switch-at", type=int, default=None)
-    parser.add_argument("--switch-to", default=None)
-    parser.add_argument("--plain", action="store_true", help="a small CNN without BatchNorm, one worker per head")
-    parser.add_argument("--head", default="linear")
-    parser.add_argument("--refresh-every", type=int, default=None)
-    args = parser.parse_args()
+def loaders(name: str, *, batch_scale: int = 1):
+    s = spec(name)
+    if s["model"] == "large":
+        data = SyntheticImages(LARGE["data"], shape=(1, LARGE["size"], LARGE["size"]), seed=1)
+        return make_loader(data, batch_size=LARGE["batch"] * batch_scale, seed=2), make_loader(data, batch_size=32,
+                                                                                               shuffle=False)
+    shape = (3, SIZE, SIZE) if s["model"] == "torchvision" else (1, SIZE, SIZE)
+    data = SyntheticImages(DATA if s["model"] != "torchvision" else 32, shape=shape, seed=1)
+    return make_loader(data, batch_size=BATCH * batch_scale, seed=2), make_loader(data, batch_size=32, shuffle=False)
 
-    if args.scenario == "torchvision":  # a model lfnnify rebuilds by class and weight shapes
-        return torchvision_run(args)
-    net = (lfnnify.load(args.resume) if args.resume
-           else build(args.blocks, args.mode, args.local_weight, args.plain, args.head))
-    trainer = lfnnify.PipelineTrainer(net, optimizer=optimizer, scheduler=scheduler, threads=1, timeout_s=20,
-                                      progress=False, max_in_flight=2, switch_mode_at=args.switch_at,
-                                      switch_to=args.switch_to, refresh_heads_every=args.refresh_every,
-                                      refresh_momentum=0.5 if args.refresh_every else 0.0,
-                                      send_dtype=torch.bfloat16 if args.send_bf16 else None)
-    if args.resume:
-        trainer.load_state_dict(lfnnify.read_trainer_state(args.resume, block=trainer.stage))
-    if args.scenario == "fail" and trainer.rank == 1:
+
+def _pipeline(net, name, **extra):
+    s = spec(name)
+    return lfnnify.PipelineTrainer(net, threads=1, timeout_s=30, max_in_flight=2,
+                                   send_dtype=torch.bfloat16 if s["bf16"] else None, **trainer_knobs(name), **extra)
+
+
+def run(name: str, out: Path) -> None:
+    s = spec(name)
+    rank = int(os.environ["RANK"])
+    replica = rank % s["replicas"]
+    seed = 0 if replica == 0 else 100 + rank  # the replicas of a block start apart unless the pipeline aligns them
+    train, test = loaders(name)
+    net = build(name, seed)
+    trainer = _pipeline(net, name)
+    first = trainer.first
+    if s["resume_at"] is not None:
+        trainer.fit(train if first else None, epochs=10, max_steps=s["resume_at"])
+        lfnnify.save(net, out / "a" / "ckpt", trainer=trainer)
+        net = lfnnify.load(out / "a" / "ckpt")
+        trainer = _pipeline(net, name)
+        trainer.load_state_dict(lfnnify.read_trainer_state(out / "a" / "ckpt", block=trainer.stage))
+    trainer.fit(train if first else None, epochs=10, max_steps=s["steps"],
+                val_loader=test if first else None)
+    lfnnify.save(net, out / "ckpt", trainer=trainer)
+    timings = trainer.stage_timings()
+    if trainer.rank == trainer.world - 1:
+        (out / "report.json").write_text(json.dumps({"timings": timings, "history": trainer.history,
+                                                     "metrics": trainer.history[-1]}))
+    if s["replicas"] > 1:  # every replica's whole state, heads included, to compare replicas with each other
+        part = {k: v for k, v in net.state_dict().items() if k.startswith((f"blocks.{trainer.stage}.",
+                                                                             f"heads.{trainer.stage}."))}
+        torch.save(part, out / f"state-rank{rank}.pt")
+
+
+def fail(out: Path) -> None:
+    """A user's own script whose rank 1 raises at step 2."""
+    net = build("3-local")
+    trainer = _pipeline(net, "3-local")
+    if trainer.rank == 1:
         original = trainer._stage_step
 
         def failing(x, y):
@@ -85,28 +167,23 @@ def main():
             return original(x, y)
 
         trainer._stage_step = failing
-    train, test = loaders()
-    rank0_data = trainer.first
-    trainer.fit(train if rank0_data else None, epochs=10, max_steps=args.steps, val_loader=test if rank0_data else None)
-    lfnnify.save(net, args.out / "ckpt", trainer=trainer)
-    timings = trainer.stage_timings()
-    metrics = trainer.history[-1]
-    if trainer.rank == trainer.world - 1:
-        (args.out / "report.json").write_text(json.dumps({"timings": timings, "history": trainer.history,
-                                                          "metrics": metrics}))
-    torch.distributed.destroy_process_group()
+    train, _ = loaders("3-local")
+    trainer.fit(train if trainer.first else None, epochs=10, max_steps=7)
 
 
-def torchvision_run(args):
-    import torchvision
-
-    torch.manual_seed(0)
-    net = lfnnify.convert(torchvision.models.resnet18(num_classes=10), blocks=args.blocks,
-                          example_input=torch.zeros(1, 3, SIZE, SIZE))
-    trainer = lfnnify.PipelineTrainer(net, optimizer=optimizer, threads=1, timeout_s=20, progress=False)
-    data = SyntheticImages(32, shape=(3, SIZE, SIZE), seed=1)
-    trainer.fit(make_loader(data, batch_size=BATCH, seed=2) if trainer.first else None, max_steps=args.steps)
-    lfnnify.save(net, args.out / "ckpt", trainer=trainer)
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--scenarios", nargs="+", required=True, choices=[*SCENARIOS, "fail"])
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    for name in args.scenarios:
+        folder = args.out / name
+        folder.mkdir(parents=True, exist_ok=True)
+        if name == "fail":
+            fail(folder)
+        else:
+            run(name, folder)
+        torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 

@@ -35,22 +35,22 @@ def test_lfnn_mode_with_fp16_is_not_divided_by_the_loss_scale():
     assert 0.8 < float(ratio) < 1.25, f"fp16 updates are {float(ratio):.2e} of full precision's"
 
 
-def test_a_pipeline_checkpoint_rebuilds_a_torchvision_model_and_checks_its_fingerprint(tmp_path):
+@pytest.mark.xdist_group("torchrun-2")
+def test_a_pipeline_checkpoint_rebuilds_a_torchvision_model_and_checks_its_fingerprint():
     # pipeline saves recorded zero shapes for other blocks' weights (rank-freed), and skipped the fingerprint
-    from tests.test_pipeline import _torchrun
+    from tests.launch import scenarios_run
 
-    proc, _ = _torchrun(2, "--scenario", "torchvision", "--blocks", 2, "--steps", 2, "--out", tmp_path)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    folder = tmp_path / "ckpt" / (tmp_path / "ckpt" / "CURRENT").read_text().split()[0]
+    run = scenarios_run(2) / "2-torchvision"
+    folder = run / "ckpt" / (run / "ckpt" / "CURRENT").read_text().split()[0]
     meta = json.loads((folder / "lfnnify.json").read_text())
     assert all(all(d > 0 for d in shape) for shape in meta["source_state_shapes"].values() if shape)
     assert len(meta["fingerprint"]) == 20  # 2 examples x 10 classes
-    net = lfnnify.load(tmp_path / "ckpt")  # rebuilt by class and weight shapes, fingerprint checked
+    net = lfnnify.load(run / "ckpt")  # rebuilt by class and weight shapes, fingerprint checked
     assert type(net._source).__name__ == "ResNet"
     import torchvision
 
     with pytest.raises(lfnnify.CheckpointError, match="computes something else"):
-        lfnnify.load(tmp_path / "ckpt", model=torchvision.models.resnet18(num_classes=10, zero_init_residual=True)
+        lfnnify.load(run / "ckpt", model=torchvision.models.resnet18(num_classes=10, zero_init_residual=True)
                      .apply(lambda m: setattr(m, "eps", 0.5) if isinstance(m, torch.nn.BatchNorm2d) else None))
 
 

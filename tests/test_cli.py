@@ -81,6 +81,8 @@ def test_train_writes_the_run_folder(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert lines[-1].startswith("done: test accuracy") and str(out) in lines[-1]
+    assert "on device cpu, 0 loader workers" in proc.stdout  # the device is named in the first lines...
+    assert "4 iterations in" in (out / "results.md").read_text() and "on cpu (" in (out / "results.md").read_text()
     for name in ("recipe.yaml", "log.jsonl", "results.md", "curves.png", "leadership.png", "ckpt/CURRENT"):
         assert (out / name).exists(), name
     assert (_current(out / "ckpt") / "lfnnify.json").exists()
@@ -102,6 +104,10 @@ def test_method_bp_trains_the_plain_model(tmp_path):
         (["--set", "convert.leaders=2"], "convert.leaders: 2.0 must be in (0, 1]"),
         (["--set", "data.dataset=cifar10", "--data", "/nonexistent/cifar"], "cifar10 not found in /nonexistent/cifar"),
         (["--set", "data.dataset=imagefolder", "--data", "/nonexistent/imgs"], "needs /nonexistent/imgs/train"),
+        (["--set", "train.device=tpu"], "train.device: 'tpu' must be auto, cpu, cuda or cuda:N"),
+        (["--set", "data.workers=-2"], "data.workers: -2 must be >= 0"),
+        pytest.param(["--device", "cuda"], "torch sees no GPU here", marks=pytest.mark.skipif(
+            __import__("torch").cuda.is_available(), reason="this machine has a GPU")),
     ],
 )
 def test_errors_are_one_line_with_exit_code_2(tmp_path, args, pattern):

@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lfnnify"
-DISTRIBUTED = {"pipeline", "_comm", "_shards", "_demo_stage"}  # the only modules that import torch.distributed
+# the only modules that import torch.distributed
+DISTRIBUTED = {"pipeline", "_comm", "_shards", "_demo_stage", "_replicas", "_pipeline_eval"}
 
 
 def _module_imports(path: Path) -> tuple[set[str], set[str]]:

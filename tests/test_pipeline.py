@@ -1,51 +1,29 @@
-"""The pipeline trainer, started the way users start it (torch.distributed.run), on CPU over gloo."""
+"""The pipeline trainer, started the way users start it (torch.distributed.run), on CPU over gloo.
+
+Every scenario of tests/pipeline_worker.py is compared with the same training on one device; the one-device
+trainer is itself checked against an independent reference (tests/test_replay_reference.py).
+"""
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import lfnnify
-from lfnnify.data import SyntheticImages, make_loader
 from tests import pipeline_worker as worker
-
-WORKER = Path(worker.__file__)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.launch import names, scenarios_run, torchrun
 
 
-def _torchrun(nproc, *args, timeout=240):
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
-        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "--max-restarts", "0",
-        "--monitor-interval", "0.5", str(WORKER), *map(str, args),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    start = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    return proc, time.monotonic() - start
-
-
-def _reference(blocks, steps, mode="local", local_weight=0.0, switch_at=None, switch_to=None, head="linear",
-               refresh_every=None):
-    """The same training on one device with the one-device trainer."""
+def _reference(name, *, steps=None):
+    """The scenario's training on one device with the one-device trainer."""
     torch.set_num_threads(1)
-    net = worker.build(blocks, mode, local_weight, head=head)
-    trainer = lfnnify.Trainer(net, optimizer=worker.optimizer, scheduler=worker.scheduler, progress=False,
-                              switch_mode_at=switch_at, switch_to=switch_to, refresh_heads_every=refresh_every,
-                              refresh_momentum=0.5 if refresh_every else 0.0)
-    train, test = worker.loaders()
-    trainer.fit(train, epochs=10, max_steps=steps, val_loader=test)
+    s = worker.spec(name)
+    net = worker.build(name)
+    trainer = lfnnify.Trainer(net, **worker.trainer_knobs(name))
+    train, test = worker.loaders(name)
+    trainer.fit(train, epochs=10, max_steps=steps or s["steps"], val_loader=test)
     return net, trainer
 
 
@@ -56,114 +34,96 @@ def _assert_close(a, b):
         assert torch.allclose(sa[key].float(), sb[key].float(), rtol=1e-4, atol=1e-5), key
 
 
-# (blocks, mode, local_weight, switch_at, switch_to): the paper's mode, delayed gradients with and without the
-# local loss, and a switch either way mid-run (at step 3, inside the first epoch)
-RUNS = [
-    (2, "local", 0.0, None, None),
-    (3, "local", 0.0, None, None),
-    (2, "replay", 0.0, None, None),
-    (3, "replay", 0.5, None, None),
-    (3, "replay-stash", 0.0, None, None),
-    (3, "local", 0.0, 3, "replay"),
-    (3, "replay", 0.5, 3, "local"),
-]
+EQUAL = [pytest.param(n, marks=pytest.mark.xdist_group(f"torchrun-{worker.world(n)}")) for n in worker.SCENARIOS
+         if worker.spec(n)["replicas"] == 1 and not worker.spec(n)["bf16"] and worker.spec(n)["model"] != "torchvision"]
 
 
-def _run_id(run):
-    blocks, mode, weight, at, to = run
-    return f"{blocks}-{mode}" + (f"-w{weight}" if weight else "") + (f"-to-{to}-at-{at}" if at is not None else "")
-
-
-@pytest.mark.parametrize("run", RUNS, ids=[_run_id(r) for r in RUNS])
-def test_pipeline_equals_one_device_trainer(tmp_path, run):
-    blocks, mode, weight, at, to = run
-    steps = 7  # 5 batches per epoch (the last one smaller), so this crosses an epoch boundary
-    extra = ["--mode", mode, "--local-weight", weight] + (["--switch-at", at, "--switch-to",
-                                                           to] if at is not None else [])
-    proc, _ = _torchrun(blocks, "--scenario", "train", "--blocks", blocks, "--steps", steps, "--out", tmp_path, *extra)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    piped = lfnnify.load(tmp_path / "ckpt")
-    reference, trainer = _reference(blocks, steps, mode, weight, at, to)
+@pytest.mark.parametrize("name", EQUAL)
+def test_pipeline_equals_one_device_trainer(name):
+    # the paper's mode; delayed gradients with and without the local loss, stashing and weight prediction; a
+    # switch either way mid-run (step 3, inside the first epoch); look-ahead heads refreshed from the next
+    # block's rank; a resume from a pipeline checkpoint (kept batches and the gradient in flight included); and
+    # 64 MiB messages both ways in replay. 7 steps of 5 batches per epoch cross an epoch boundary.
+    world = worker.world(name)
+    out = scenarios_run(world) / name
+    piped = lfnnify.load(out / "ckpt", model=worker.build(name)._source if worker.spec(name)["model"] != "resnet18"
+                         else None)
+    reference, trainer = _reference(name)
     _assert_close(piped, reference)
-    report = json.loads((tmp_path / "report.json").read_text())
-    assert len(report["timings"]) == blocks and all(t["steps"] == steps for t in report["timings"])
+    report = json.loads((out / "report.json").read_text())
+    steps = worker.spec(name)["steps"] - (worker.spec(name)["resume_at"] or 0)  # timings since the resume
+    assert len(report["timings"]) == world and all(t["steps"] == steps for t in report["timings"])
     assert all(t["busy_s"] > 0 for t in report["timings"])
-    expected = trainer.evaluate(worker.loaders()[1])
+    expected = trainer.evaluate(worker.loaders(name)[1])
     assert report["metrics"]["val_accuracy"] == pytest.approx(expected["accuracy"], abs=1e-6)
     assert report["metrics"]["val_block_accuracy"] == pytest.approx(expected["block_accuracy"], abs=1e-6)
 
 
-def test_look_ahead_heads_refreshed_in_the_pipeline_as_on_one_device(tmp_path):
-    # every 2 steps each head takes half of the next block's weights from the rank that trains it; replay, so
-    # that the weights travel upstream beside the delayed gradients; 7 steps cross an epoch boundary
-    extra = ["--mode", "replay", "--head", "lookahead-layer", "--refresh-every", 2]
-    proc, _ = _torchrun(3, "--scenario", "train", "--blocks", 3, "--steps", 7, "--out", tmp_path, *extra)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    reference, _ = _reference(3, 7, "replay", head="lookahead-layer", refresh_every=2)
-    _assert_close(lfnnify.load(tmp_path / "ckpt"), reference)
-    unrefreshed, _ = _reference(3, 7, "replay", head="lookahead-layer")
-    with pytest.raises(AssertionError):  # the refresh changed the heads: the comparison above can fail
-        _assert_close(reference, unrefreshed)
+def test_every_scenario_is_launched():
+    launched = sorted(n for w in (2, 3, 4) for n in names(w))
+    assert launched == sorted(worker.SCENARIOS)
 
 
-@pytest.mark.parametrize("mode", ["local", "replay"])
-def test_resume_from_a_pipeline_checkpoint(tmp_path, mode):
-    # replay: the checkpoint holds the kept batches and the gradient in flight, so the resume is exact
-    first, _ = _torchrun(2, "--scenario", "train", "--blocks", 2, "--steps", 3, "--out", tmp_path / "a", "--mode", mode)
-    assert first.returncode == 0, first.stderr[-3000:]
-    second, _ = _torchrun(2, "--scenario", "train", "--blocks", 2, "--steps", 7, "--out", tmp_path / "b",
-                          "--resume", tmp_path / "a" / "ckpt", "--mode", mode)
-    assert second.returncode == 0, second.stderr[-3000:]
-    reference, _ = _reference(2, 7, mode)
-    _assert_close(lfnnify.load(tmp_path / "b" / "ckpt"), reference)
+@pytest.mark.xdist_group("torchrun-3")
+def test_the_refresh_and_the_large_messages_were_real():
+    # the comparisons above can fail: without the refresh the heads differ, and the 64 MiB run sent 64 MiB
+    refreshed, _ = _reference("3-lookahead-refresh")
+    plain = worker.build("3-lookahead-refresh")
+    knobs = {**worker.trainer_knobs("3-lookahead-refresh"), "refresh_heads_every": None, "refresh_momentum": 0.0}
+    trainer = lfnnify.Trainer(plain, **knobs)
+    trainer.fit(worker.loaders("3-lookahead-refresh")[0], epochs=10, max_steps=7)
+    with pytest.raises(AssertionError):
+        _assert_close(refreshed, plain)
+    shape = worker.build("3-replay-64mib").plan.blocks[0].output_shape
+    assert worker.LARGE["batch"] * torch.Size(shape[1:]).numel() * 4 >= 64 * 2**20
+
+
+@pytest.mark.xdist_group("torchrun-2")
+def test_bf16_activations_stay_close_to_float32():
+    piped = lfnnify.load(scenarios_run(2) / "2-local-bf16" / "ckpt")
+    reference, _ = _reference("2-local-bf16")
+    sa, sb = piped.state_dict(), reference.state_dict()
+    assert any(not torch.equal(sa[k], sb[k]) for k in sa if k.startswith("blocks.1."))  # bf16 was really used
+    for key in sa:
+        assert torch.allclose(sa[key].float(), sb[key].float(), atol=5e-2), key
+
+
+@pytest.mark.xdist_group("torchrun-4")
+def test_replicas_start_equal_however_their_ranks_were_seeded():
+    # 2 blocks x 2 replicas, the second replica of each block built from another seed (other weights and heads):
+    # the pipeline aligns them, replica r takes batches r, r+2, ... and the two average their gradients, which is
+    # one process training on both batches at once (no BatchNorm, one worker per head, losses are batch means)
+    if (os.cpu_count() or 1) < 2:
+        pytest.fail("needs 2 cores")
+    name = "4-replicas-seeded-apart"
+    out = scenarios_run(4) / name
+    report = json.loads((out / "report.json").read_text())
+    assert [t["block"] for t in report["timings"]] == [0, 0, 1, 1]
+    assert all(t["steps"] == 2 for t in report["timings"])
+    states = [torch.load(out / f"state-rank{r}.pt") for r in range(4)]
+    assert any(k.startswith("heads.0.") for k in states[0])
+    for a, b in ((0, 1), (2, 3)):  # the replicas of each block hold the same block and the same head
+        assert states[a].keys() == states[b].keys()
+        assert all(torch.equal(states[a][k], states[b][k]) for k in states[a]), (a, b)
+    apart = worker.build(name, seed=101)
+    assert not torch.equal(apart.heads[0].weight, worker.build(name).heads[0].weight)  # they did start apart
+    torch.set_num_threads(1)
+    net = worker.build(name)
+    trainer = lfnnify.Trainer(net, optimizer=worker.optimizer, scheduler=worker.scheduler, progress=False)
+    trainer.fit(worker.loaders(name, batch_scale=2)[0], max_steps=2)
+    _assert_close(lfnnify.load(out / "ckpt", model=worker.build(name)._source), net)
 
 
 def test_a_failing_rank_stops_every_rank_quickly_and_is_reported_once(tmp_path):
     # a user's own script (not lfnnify train): the failing rank's traceback names its rank, once; its
     # neighbours stop with an error that names it (tests/test_faults.py checks the command line's one line)
-    proc, seconds = _torchrun(3, "--scenario", "fail", "--blocks", 3, "--steps", 7, "--out", tmp_path, timeout=120)
+    proc, seconds = torchrun(3, "--scenarios", "fail", "--out", tmp_path, timeout=120)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert seconds < 90, f"took {seconds:.0f} s to stop"
     assert output.count("RuntimeError: injected failure at step 2") == 1, output[-4000:]
     assert output.count("lfnnify: this happened on rank 1 (block 1)") == 1, output[-4000:]
     assert "stops: rank 1 (block 1) exited" in output or "stops: rank 1 (block 1) did not answer" in output
-
-
-@pytest.mark.parametrize("mode", ["replay"])
-def test_two_blocks_two_replicas(tmp_path, mode):
-    # 2 blocks x 2 replicas: replica r takes batches r, r+2, ... and the two average their gradients, which is
-    # one process training on both batches at once (a model without BatchNorm and with one worker per head,
-    # whose losses are means over the batch)
-    if (os.cpu_count() or 1) < 2:
-        pytest.fail("needs 2 cores")
-    proc, _ = _torchrun(4, "--scenario", "train", "--blocks", 2, "--steps", 2, "--out", tmp_path, "--plain",
-                        "--mode", mode)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads((tmp_path / "report.json").read_text())
-    assert [t["block"] for t in report["timings"]] == [0, 0, 1, 1]
-    assert all(t["steps"] == 2 for t in report["timings"])
-    torch.set_num_threads(1)
-    net = worker.build(2, mode, plain=True)
-    trainer = lfnnify.Trainer(net, optimizer=worker.optimizer, scheduler=worker.scheduler, progress=False)
-    data = SyntheticImages(worker.DATA, shape=(1, worker.SIZE, worker.SIZE), seed=1)
-    trainer.fit(make_loader(data, batch_size=2 * worker.BATCH, seed=2), max_steps=2)
-    _assert_close(lfnnify.load(tmp_path / "ckpt", model=_plain_model()), net)
-
-
-def _plain_model():
-    return worker.build(2, plain=True)._source
-
-
-def test_bf16_activations_stay_close_to_float32(tmp_path):
-    proc, _ = _torchrun(2, "--scenario", "train", "--blocks", 2, "--steps", 3, "--out", tmp_path, "--send-bf16")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    piped = lfnnify.load(tmp_path / "ckpt")
-    reference, _ = _reference(2, 3)
-    sa, sb = piped.state_dict(), reference.state_dict()
-    assert any(not torch.equal(sa[k], sb[k]) for k in sa if k.startswith("blocks.1."))  # bf16 was really used
-    for key in sa:
-        assert torch.allclose(sa[key].float(), sb[key].float(), atol=5e-2), key
 
 
 def test_pipeline_refuses_lfnn_mode_and_needs_torchrun():
@@ -176,3 +136,37 @@ def test_pipeline_refuses_lfnn_mode_and_needs_torchrun():
     if not torch.distributed.is_initialized() and "RANK" not in os.environ:
         with pytest.raises(RuntimeError, match="started by torchrun"):
             lfnnify.PipelineTrainer(net, optimizer=worker.optimizer)
+
+
+@pytest.mark.parametrize(
+    "requested,gpus,local,expected",
+    [
+        (None, 0, 2, ("gloo", False)),  # no GPU: gloo, nothing to say
+        (None, 4, 4, ("nccl", False)),  # one GPU per process
+        (None, 1, 2, ("gloo", True)),  # two processes would share a GPU: NCCL refuses that, so gloo, said once
+        ("nccl", 1, 2, ("nccl", False)),  # the user decides
+    ],
+)
+def test_nccl_only_when_every_process_has_its_own_gpu(requested, gpus, local, expected, monkeypatch):
+    from lfnnify import _comm
+
+    monkeypatch.setattr(_comm.dist, "is_nccl_available", lambda: True)
+    backend, note = _comm.choose_backend(requested, gpus=gpus, local_processes=local)
+    assert (backend, note is not None) == expected
+    if note:
+        assert f"{local} processes on this machine share {gpus} GPU(s)" in note
+    with pytest.raises(lfnnify.PipelineError, match="backend='mpi' must be 'nccl' or 'gloo'"):
+        _comm.choose_backend("mpi", gpus=0, local_processes=1)
+
+
+def test_same_machine_is_decided_by_boot_id_and_pid_namespace_not_host_name(monkeypatch):
+    from lfnnify import _comm
+
+    here = _comm.machine_identity()
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert here == f"{boot}/{os.readlink('/proc/self/ns/pid')}"
+    killed = []
+    monkeypatch.setattr(_comm.os, "kill", lambda pid, sig: killed.append(pid))
+    assert not _comm.end_if_here(("another-boot-id/pid:[1]", 12345))  # same host name, another machine
+    assert _comm.end_if_here((here, 12345)) and killed == [12345]
+    assert not _comm.end_if_here((here, os.getpid()))  # never itself

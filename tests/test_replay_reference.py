@@ -79,7 +79,7 @@ def reference(net, batches, *, stash, local_weight, predict=False):
     first_pass = {}  # (k, b): the weights block k's first pass of batch b used
     last_update = [None] * K
     from_above = {}  # (k, b): the gradient of block k's output for batch b, from block k+1
-    for t, (x, y) in enumerate(batches):
+    for t, (x, _) in enumerate(batches):
         h = x
         for k in range(K):
             kept[(k, t)] = h
