@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # The one prepared run for a session that has the one-GPU `device` machine (H100/H200, 16 CPU cores).
-# About 9 minutes at most (each step is bounded). Run it from the repository root there, with OUT set to a folder that comes back:
-#   bash benchmarks/gpu_check.sh            (device tool: run(command="bash benchmarks/gpu_check.sh", timeout_s=560))
-# It first checks, in seconds, that everything it needs imports (torch 2.11 / torchvision 0.26 there, no package index),
+# It ends within 8 min 30 s (every step is bounded, and a step that would not fit in what is left is skipped), so
+# one rerun fits a 15-minute lease. Run it from the repository root there, with OUT set to a folder that comes back:
+#   bash scripts/gpu_wheels.sh             (here, once: wheels for what the device may lack, into .whl/, git-ignored)
+#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540)       (device tool)
+# It first installs .whl/ offline if it is there (pip --no-index), and checks, in seconds, that everything it needs
+# imports (torch 2.11 / torchvision 0.26 there, no package index). Then:
+#   - lfnnify's GPU code paths, checked one by one (benchmarks/gpu_paths.py: the trainer on the GPU, the on-device
+#     non-finite check, `lfnnify train` on the GPU, a 2-process pipeline sharing the GPU over gloo);
 # then measures, on one GPU, ResNet-101 and ResNet-152 at 224 px, batch 256, K=4:
 #   - one-process BP, BP on a quarter of the batch (one DDP rank without its all-reduce), the one-device LFNN-ℓ
 #     trainer, per-block step times of BP, LFNN-ℓ and replay, per-block peak memory, and the projected 4-GPU step
@@ -21,17 +26,26 @@ RES=/tmp/gpu_check_results
 mkdir -p "$OUT" "$RES"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+BUDGET=${GPU_CHECK_BUDGET_S:-510}  # seconds for the whole script
 pack() { tar czf "$OUT/results.tgz" -C "$RES" . ; }
 step() {  # step NAME SECONDS command...: a bounded step; a failure is logged and the next step runs
   local name=$1 limit=$2; shift 2
+  if [ -n "${GPU_CHECK_ONLY:-}" ] && [[ " $GPU_CHECK_ONLY " != *" ${name%% *} "* ]]; then return; fi
+  if [ $((SECONDS + limit)) -gt "$BUDGET" ]; then
+    echo "--- $name skipped: ${limit}s would not fit in the $((BUDGET - SECONDS))s left"; return
+  fi
   echo "=== $name ($(date -u +%FT%TZ), limit ${limit}s)"
   timeout "$limit" "$@" || echo "!!! $name failed or timed out (exit $?)"
-  pack
+  pack  # every step's results leave as soon as it ends
 }
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # offline: the wheels scripts/gpu_wheels.sh fetched
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/lfnnify-site .whl/*.whl \
+    && export PYTHONPATH=/tmp/lfnnify-site:$PYTHONPATH || echo "!!! installing .whl/ failed"
+fi
 
 date -u; nvidia-smi -L 2>/dev/null || echo "(no nvidia-smi)"; nproc
 # preflight: everything this script needs, in seconds, with the reason when something is missing
-timeout 120 python3 - <<'PY' || { echo "!!! preflight failed: nothing was measured (see the line above)"; pack; exit 2; }
+timeout 45 python3 - <<'PY' || { echo "!!! preflight failed: nothing was measured (see the line above)"; pack; exit 2; }
 import importlib, sys
 missing = []
 for name in ("torch", "torchvision", "timm", "safetensors", "yaml", "tqdm", "matplotlib"):
@@ -50,17 +64,18 @@ print(f"preflight ok: python {sys.version.split()[0]}, torch {torch.__version__}
       + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""))
 PY
 [ "${GPU_CHECK_PREFLIGHT_ONLY:-0}" = 1 ] && { echo "preflight only: done"; pack; exit 0; }
+step "paths" 150 python3 benchmarks/gpu_paths.py --out "$RES/gpu_paths.jsonl" --checks ${GPU_CHECK_PATHS:-trainer nonfinite cli pipeline}
 for model in resnet101 resnet152; do
-  step "projection $model" 100 python3 benchmarks/speedup.py --projection-only --no-cifar --model "$model" \
+  step "projection $model" 90 python3 benchmarks/speedup.py --projection-only --no-cifar --model "$model" \
     --size "$S" --batch "$B" --classes 1000 --blocks 4 --threads 4 --warmup 3 --steps "$N" --balance flops \
     --out "$RES/speedup-$model-k4-gpu" --name "speedup-$model-k4-b$B-gpu"
 done
 for model in resnet101 resnet152; do
-  step "memory $model" 70 python3 benchmarks/memory.py --model "$model" --size "$S" --batch "$B" --blocks 4 --steps 2 \
+  step "memory $model" 50 python3 benchmarks/memory.py --model "$model" --size "$S" --batch "$B" --blocks 4 --steps 2 \
     --balance memory --out "$RES/memory-$model-k4-gpu"
 done
 # the 16 CPU cores, measured for real: K=4 processes x 4 threads, GPUs hidden
-step "cpu16 K=4x4" 180 env CUDA_VISIBLE_DEVICES= python3 benchmarks/speedup.py --model resnet18 --size 32 \
+step "cpu16 K=4x4" 120 env CUDA_VISIBLE_DEVICES= python3 benchmarks/speedup.py --model resnet18 --size 32 \
   --batch 64 --blocks 4 --threads "$T" --warmup 2 --steps "$((N + 2))" --balance flops \
   --out "$RES/speedup-resnet18-k4-cpu16" --name "speedup-resnet18-k4-cpu16"
 date -u

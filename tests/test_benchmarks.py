@@ -112,13 +112,20 @@ def test_speedup_projection_only_path_runs_on_one_device(tmp_path):
     assert "projected" in next(tmp_path.glob("*.md")).read_text()
 
 
-def test_gpu_check_script_preflight_passes_here(tmp_path):
-    # the prepared accelerator run starts by checking, in seconds, that everything it needs imports and converts
-    env = {**os.environ, "OUT": str(tmp_path), "GPU_CHECK_PREFLIGHT_ONLY": "1"}
+def test_gpu_check_script_dry_run_on_the_cpu(tmp_path):
+    # the prepared accelerator run: its preflight, then its first step (lfnnify's GPU code paths, here on the CPU,
+    # two of the four checks), each step's results packed as soon as it ends
+    env = {**os.environ, "OUT": str(tmp_path), "GPU_CHECK_ONLY": "paths", "GPU_CHECK_PATHS": "trainer nonfinite"}
     proc = subprocess.run(["bash", "benchmarks/gpu_check.sh"], capture_output=True, text=True, cwd=ROOT, timeout=300,
                           env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "preflight ok: python" in proc.stdout and (tmp_path / "results.tgz").exists()
+    assert "preflight ok: python" in proc.stdout and "=== paths" in proc.stdout
+    import tarfile
+
+    with tarfile.open(tmp_path / "results.tgz") as tar:
+        lines = tar.extractfile("./gpu_paths.jsonl").read().decode().splitlines()
+    checks = [json.loads(line) for line in lines]
+    assert [c["check"] for c in checks] == ["trainer", "nonfinite"] and all(c["ok"] for c in checks), checks
 
 
 def test_memory_script_reports_both_methods(tmp_path):
