@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime
 import os
 import signal
@@ -18,7 +19,8 @@ from torch import Tensor
 from .errors import PipelineError
 
 __all__ = ["Link", "PeerError", "TRAIN", "EVAL", "END", "GRAD", "WEIGHTS", "EPOCH_DONE", "EVALUATE", "init_distributed",
-           "choose_backend", "pair_channels", "stage_device", "fault", "name_the_rank"]
+           "choose_backend", "pair_channels", "peer_failures", "is_peer_failure", "host_name", "machine_identity",
+           "stage_device", "fault", "name_the_rank"]
 
 # message kinds in the header
 TRAIN, EVAL, END, GRAD, WEIGHTS = 1, 2, 3, 4, 5  # WEIGHTS: a block's weights for the previous block's head
@@ -29,6 +31,33 @@ _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.in
 
 class PeerError(PipelineError):
     """A neighbour stopped answering: usually secondary to a failure elsewhere."""
+
+
+_PEER_FAILURES = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe", "connection refused",
+                  "no route to host", "network is unreachable")
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` (from torch.distributed or gloo) says another process stopped answering or went away."""
+    text = str(exc).lower()
+    return isinstance(exc, (RuntimeError, OSError)) and any(words in text for words in _PEER_FAILURES)
+
+
+@contextlib.contextmanager
+def peer_failures(me: str, others: str, timeout: datetime.timedelta, what: str):
+    """Turn a collective that failed because another rank stopped answering (a timeout, a closed connection, a link
+    that went down) into one :class:`PeerError` line: "<me> stops: <others> did not answer ... while <what>"."""
+    try:
+        yield
+    except PeerError:
+        raise
+    except Exception as exc:
+        if not is_peer_failure(exc):
+            raise
+        hung = "time" in str(exc).lower()
+        how = (f"did not answer within {timeout.total_seconds():g} s (stopped, hung, or the link is down)" if hung
+               else "went away")
+        raise PeerError(f"{me} stops: {others} {how}, while {what}") from None
 
 
 def pair_channels(stages: int, replicas: int) -> dict[tuple[int, int], object]:
@@ -213,15 +242,22 @@ def name_the_rank(exc: BaseException, label: str) -> None:
 
 def fault(rank: int, step: int) -> None:
     """The fault suite's hook: ``LFNNIFY_FAULT=raise|kill|stop`` with ``LFNNIFY_FAULT_RANK`` and
-    ``LFNNIFY_FAULT_STEP`` makes that rank fail for real at that step. Unset, it does nothing."""
+    ``LFNNIFY_FAULT_STEP`` makes that rank fail for real at that step, in torchrun's first attempt only (or the
+    attempt ``LFNNIFY_FAULT_ATTEMPT`` names, counted as ``TORCHELASTIC_RESTART_COUNT``). Unset, it does nothing."""
     kind = os.environ.get("LFNNIFY_FAULT")
     at = (int(os.environ.get("LFNNIFY_FAULT_RANK", -1)), int(os.environ.get("LFNNIFY_FAULT_STEP", 0)))
-    if not kind or at != (rank, step):
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) == int(os.environ.get("LFNNIFY_FAULT_ATTEMPT", 0))
+    if not kind or at != (rank, step) or not attempt:
         return
     print(f"lfnnify-fault: {kind} on rank {rank} at step {step}, time {time.time():.3f}", file=sys.stderr, flush=True)
     if kind == "raise":
         raise RuntimeError(f"injected failure at step {step}")
     os.kill(os.getpid(), {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}[kind])
+
+
+def host_name() -> str:
+    """The name messages give this machine: ``LFNNIFY_HOST`` if set (the hosts testbed sets it), else its host name."""
+    return os.environ.get("LFNNIFY_HOST") or socket.gethostname()
 
 
 def machine_identity() -> str:

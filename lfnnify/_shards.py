@@ -31,6 +31,7 @@ class Shard:
     replicas: int
     rank: int
     source_shapes: dict = field(default_factory=dict)
+    talking: object = None  # the trainer's context that names a rank which stops answering (PipelineTrainer.talking)
 
     def own(self, weights: dict) -> dict:
         """The entries of a full state dict that belong to this rank's block and head."""
@@ -40,6 +41,12 @@ class Shard:
     def save(self, net: LFNNModel, path: Path, *, trainer=None) -> Path:
         """Called on every rank (a collective): replica 0 of each block writes its block, head and trainer
         state; rank 0 writes the description and publishes the version. All ranks share the filesystem."""
+        if self.talking is None:
+            return self._save(net, path, trainer=trainer)
+        with self.talking("saving a checkpoint"):
+            return self._save(net, path, trainer=trainer)
+
+    def _save(self, net: LFNNModel, path: Path, *, trainer=None) -> Path:
         store.check_target(path)
         meta = describe_checkpoint(net, self.source_shapes)
         meta["fingerprint"] = self._fingerprint(net, meta["input_shape"])

@@ -21,10 +21,12 @@ from ._comm import (
     Link,
     end_if_here,
     fault,
+    host_name,
     init_distributed,
     machine_identity,
     name_the_rank,
     pair_channels,
+    peer_failures,
     stage_device,
 )
 from ._pipeline_eval import evaluate_stage
@@ -159,8 +161,10 @@ class PipelineTrainer(TrainerBase):
         )
         self.timing = StageTiming(busy_s=0.0, recv_wait_s=0.0, send_wait_s=0.0, steps=0)
         processes: list = [None] * self.world
-        dist.all_gather_object(processes, (machine_identity(), os.getpid()))
-        self._processes = processes
+        dist.all_gather_object(processes, (machine_identity(), os.getpid(), host_name()))
+        self._processes = [(machine, pid) for machine, pid, _ in processes]
+        hosts = [host for _, _, host in processes]
+        self._hosts = hosts if len(set(hosts)) > 1 else None  # named in messages when the ranks span machines
         self.link = Link(rank=self.rank, prev_rank=self.prev_rank, next_rank=self.next_rank, device=self.device,
                          timeout=self.timeout, max_in_flight=max_in_flight, send_dtype=send_dtype, timing=self.timing,
                          label=self._label, on_hung=lambda rank: end_if_here(self._processes[rank]),
@@ -171,7 +175,7 @@ class PipelineTrainer(TrainerBase):
                                                                               self.link.comm_device)
             broadcast_from_first_replica(self.net, self.stage, self.replicas, self.group, self.link.comm_device)
         net._shard = Shard(stage=self.stage, replica=self.replica, replicas=self.replicas, rank=self.rank,
-                           source_shapes=shapes)
+                           source_shapes=shapes, talking=self.talking)
 
     # ------------------------------------------------------------------ the data path of one stage
 
@@ -247,8 +251,15 @@ class PipelineTrainer(TrainerBase):
 
     # ------------------------------------------------------------------ loops
 
+    def talking(self, what: str):
+        """A context in which another rank that stops answering ends this one with one line that names it."""
+        others = [r for r in range(self.world) if r != self.rank]
+        named = self._label(others[0]) if len(others) == 1 else f"another rank of {self.world}"
+        return peer_failures(self._label(self.rank), named, self.timeout, what)
+
     def _label(self, rank: int) -> str:
-        return f"rank {rank} (block {rank // self.replicas})"
+        host = f", on {self._hosts[rank]}" if getattr(self, "_hosts", None) else ""
+        return f"rank {rank} (block {rank // self.replicas}{host})"
 
     def fit(self, loader=None, *, epochs: int = 1, max_steps: int | None = None, val_loader=None) -> list[dict]:
         """Train in pipeline mode. Every rank calls ``fit`` with the same ``epochs``/``max_steps``;
@@ -262,7 +273,8 @@ class PipelineTrainer(TrainerBase):
                 names it). Any error raised on this rank carries ``pipeline_rank``, e.g. "rank 1 (block 1)".
         """
         try:
-            return self._fit(loader, epochs=epochs, max_steps=max_steps, val_loader=val_loader)
+            with self.talking("training"):
+                return self._fit(loader, epochs=epochs, max_steps=max_steps, val_loader=val_loader)
         except BaseException as exc:
             name_the_rank(exc, self._label(self.rank))
             raise
@@ -357,12 +369,14 @@ class PipelineTrainer(TrainerBase):
         Every rank returns the same metrics (as :meth:`Trainer.evaluate`): the counts of all stages
         are summed with one all-reduce, and the last stage computes the model's accuracy and loss.
         """
-        return evaluate_stage(self, loader)
+        with self.talking("evaluating"):
+            return evaluate_stage(self, loader)
 
     def stage_timings(self) -> list[StageTiming]:
         """Every rank's busy / waiting-to-receive / waiting-to-send seconds (a collective: all ranks call it)."""
         gathered: list = [None] * self.world
-        dist.all_gather_object(gathered, {**self.timing, "rank": self.rank, "block": self.stage})
+        with self.talking("gathering the stage timings"):
+            dist.all_gather_object(gathered, {**self.timing, "rank": self.rank, "block": self.stage})
         return [StageTiming(t) for t in gathered]
 
     # ------------------------------------------------------------------ state

@@ -52,6 +52,12 @@ def train_from_recipe(
     world = int(os.environ.get("WORLD_SIZE", "1"))
     leader = int(os.environ.get("RANK", "0")) == 0
     out = Path(out) if out else _default_out(recipe_path)
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restarts and not resume and checkpoint_exists(out / "ckpt"):  # torchrun restarted the workers after a failure
+        resume = True
+        if leader:
+            print(f"torchrun restarted the workers (restart {restarts}): resuming from the last checkpoint in "
+                  f"{out / 'ckpt'}", flush=True)
     _check_out(out, resume)
     t = recipe.train
     if t.threads:

@@ -54,3 +54,25 @@ def scenarios_run(world: int) -> Path:
         raise AssertionError(f"the {world}-process launch failed after {seconds:.0f} s:\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return out
+
+
+def on_hosts(hosts, script: list[str], *, port: int | None = None, timeout: float = 300, envs=None, during=None,
+             **torchrun):
+    """Run ``script`` under torchrun on every host of ``hosts`` (tests/../lfnnify/_testbed.py) and wait for all.
+
+    ``during(procs)`` runs while they do (to cut a link, kill a host). Returns (processes, outputs, seconds from the
+    end of ``during`` until the last process ended)."""
+    port = port or free_port()
+    procs = [hosts.popen(i, hosts.torchrun(i, script, port=port, **torchrun), env=(envs[i] if envs else hosts.env(i)),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(hosts.count)]
+    started = time.monotonic()
+    try:
+        if during is not None:
+            during(procs)
+            started = time.monotonic()
+        outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return procs, outputs, time.monotonic() - started

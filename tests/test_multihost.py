@@ -1,0 +1,124 @@
+"""Across hosts, for real: two network namespaces joined by a veth link (lfnnify/_testbed.py), each host on its own
+core, torchrun on each with ``--nnodes 2``. Skipped, with the reason, where the machine has no root or no iproute2.
+
+Every test removes what it created (the testbed is a context manager); each has a hard timeout.
+"""
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import lfnnify
+from lfnnify import _testbed
+from tests import pipeline_worker as worker
+from tests.launch import on_hosts
+from tests.test_pipeline import _assert_close, _reference
+
+ROOT = Path(__file__).resolve().parents[1]
+FMNIST = ROOT / "recipes" / "fashion_mnist_resnet18_k4.yaml"
+TIMEOUT_S, MARGIN_S = 6, 8  # pipeline.timeout_s in the fault runs; measured about 2 s beyond it here
+REASON = _testbed.missing()
+pytestmark = [pytest.mark.skipif(REASON is not None, reason=str(REASON)), pytest.mark.xdist_group("hosts")]
+
+
+def _train_args(out, *extra):
+    return ["-m", "lfnnify", "train", str(FMNIST), "--out", str(out), "--set", "convert.blocks=2",
+            "--set", "data.train_subset=512", "--set", "data.eval_subset=64", "--set", "data.batch_size=32",
+            "--set", "train.threads=1", "--no-progress", *extra]
+
+
+def _namespaces() -> str:
+    return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
+@pytest.fixture
+def hosts():
+    _testbed.Hosts.remove_stale()
+    with _testbed.Hosts(2) as testbed:
+        yield testbed
+    assert testbed.tag not in _namespaces()  # nothing left behind
+
+
+def test_a_two_host_pipeline_equals_the_one_device_trainer(hosts, tmp_path):
+    sent = [hosts.tx_bytes(i) for i in range(2)]
+    procs, outputs, _ = on_hosts(hosts, [str(ROOT / "tests" / "pipeline_worker.py"), "--scenarios", "2-local",
+                                         "2-replay", "--out", str(tmp_path)], timeout=400)
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    for name in ("2-local", "2-replay"):
+        reference, _ = _reference(name)
+        _assert_close(lfnnify.load(tmp_path / name / "ckpt"), reference)
+    # the activations really crossed the link: 14 training steps of batch 16 from host 0 (block 0), at the cut's shape
+    shape = worker.build("2-local").plan.blocks[0].output_shape
+    activations = 14 * worker.BATCH * torch.Size(shape[1:]).numel() * 4
+    assert hosts.tx_bytes(0) - sent[0] > activations
+
+
+def test_lfnnify_train_across_two_hosts_then_resume(hosts, tmp_path):
+    out = tmp_path / "run"
+    procs, outputs, _ = on_hosts(hosts, _train_args(out, "--set", "train.iterations=4"), timeout=300)
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:]
+    assert "pipeline over 2 processes" in outputs[0] + outputs[1]
+    procs, outputs, _ = on_hosts(hosts, _train_args(out, "--set", "train.iterations=8", "--resume"), timeout=300)
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:]
+    assert "resuming at 4" in outputs[0] + outputs[1]
+    assert lfnnify.read_trainer_state(out / "ckpt", block=1)["step"] == 8
+    assert "8 iterations" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize("fault", ["link-cut", "host-killed"])
+def test_a_cut_link_or_a_killed_host_ends_every_process_in_time_with_one_line(hosts, tmp_path, fault):
+    out = tmp_path / "run"
+    args = _train_args(out, "--set", "train.iterations=2000", "--set", "train.checkpoint_every=2",
+                       "--set", f"pipeline.timeout_s={TIMEOUT_S}")
+
+    def strike(procs):
+        deadline = time.monotonic() + 200
+        while not (out / "ckpt" / "CURRENT").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (out / "ckpt" / "CURRENT").exists(), "the run never saved a checkpoint"
+        hosts.cut(1) if fault == "link-cut" else hosts.kill(1)
+
+    procs, outputs, seconds = on_hosts(hosts, args, during=strike, timeout=120)
+    assert all(p.returncode != 0 for p in procs)
+    bound = TIMEOUT_S + MARGIN_S if fault == "link-cut" else MARGIN_S
+    assert seconds < bound, f"the last process ended {seconds:.1f} s after the {fault} (bound {bound} s)"
+    stops = [line for line in outputs[0].splitlines() if line.startswith("lfnnify: error:") and "stops:" in line]
+    assert len(stops) == 1, "\n".join(x for x in outputs[0].splitlines() if "lfnnify" in x or "Error" in x)[-3000:]
+    assert re.search(r"rank 0 \(block 0, on host0\) stops: rank 1 \(block 1, on host1\) (did not answer|went away|"
+                     r"exited)", stops[0]), stops
+    assert "ended it" not in stops[0]  # each host has its own PID namespace: no host signals another's processes
+    if fault == "link-cut":  # the other side sees the same from its end
+        assert "rank 1 (block 1, on host1) stops: rank 0 (block 0, on host0) did not answer" in outputs[1]
+
+
+def test_torchrun_restarts_both_hosts_and_the_run_resumes_exactly(hosts, tmp_path):
+    # --max-restarts 1 and the dynamic c10d rendezvous: host 1's worker is killed at step 5, both hosts' workers
+    # restart, lfnnify train resumes from the checkpoint of step 4 by itself and ends where an uninterrupted
+    # one-process run ends
+    common = ["--set", "train.iterations=8", "--set", "train.checkpoint_every=2", "--set", "pipeline.timeout_s=10"]
+    envs = [dict(hosts.env(i), LFNNIFY_FAULT="kill", LFNNIFY_FAULT_RANK="1", LFNNIFY_FAULT_STEP="5") for i in range(2)]
+    procs, outputs, _ = on_hosts(hosts, _train_args(tmp_path / "run", *common), envs=envs, timeout=400,
+                                 max_restarts=1, rendezvous="c10d")
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "lfnnify-fault: kill on rank 1 at step 5" in outputs[1]
+    assert "torchrun restarted the workers (restart 1): resuming" in outputs[0] + outputs[1]
+    alone = subprocess.run([sys.executable, *_train_args(tmp_path / "alone", *common)], capture_output=True,
+                           text=True, timeout=300, cwd=ROOT, env={**hosts.env(0), "OMP_NUM_THREADS": "1"})
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    restarted, uninterrupted = (lfnnify.load(tmp_path / name / "ckpt").state_dict() for name in ("run", "alone"))
+    for key, value in uninterrupted.items():
+        assert torch.equal(restarted[key], value), key
+
+
+def test_the_testbed_refuses_in_one_line_without_root(monkeypatch):
+    monkeypatch.setattr(_testbed.os, "geteuid", lambda: 1000)
+    with pytest.raises(_testbed.TestbedError, match="needs root"):
+        _testbed.Hosts(2)
+    with pytest.raises(lfnnify.ConfigError, match="link rate '1 gigabit'"):
+        _testbed.parse_rate("1 gigabit")
+    assert _testbed.parse_rate("100mbit") == 10**8 and _testbed.parse_rate(None) is None
