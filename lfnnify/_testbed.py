@@ -68,7 +68,7 @@ class Hosts:
     """
 
     def __init__(self, count: int = 2, *, rate: str | None = None, cores: list[list[int]] | None = None,
-                 latency_ms: float | None = None):
+                 latency_ms: float | None = None, tag: str | None = None):
         reason = missing()
         if reason:
             raise TestbedError(reason)
@@ -79,7 +79,9 @@ class Hosts:
         if len(self.cores) != count:
             raise ConfigError(f"cores={cores!r}: give one list of cores per host ({count} hosts)")
         self.count, self.rate, self.latency_ms = count, rate, latency_ms
-        self.tag = f"{PREFIX}{os.getpid()}"
+        self.tag = tag or f"{PREFIX}{os.getpid()}"  # a named testbed (the CLI's) outlives the process that made it
+        if not re.fullmatch(r"[a-z][a-z0-9]{0,8}", self.tag):
+            raise ConfigError(f"tag={self.tag!r}: 1 to 9 lower-case letters and digits, starting with a letter")
         self.names = [f"{self.tag}h{i}" for i in range(count)]
         self.switch = f"{self.tag}sw" if count > 2 else None
         self.notes: list[str] = []
@@ -119,6 +121,14 @@ class Hosts:
         except BaseException:
             self.down()
             raise
+        return self
+
+    def attach(self) -> Hosts:
+        """Use a testbed an earlier process created with the same ``tag`` and ``count`` (the CLI's ``run``)."""
+        listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        if not all(re.search(rf"^{name}\b", listing, re.M) for name in self.names):
+            raise TestbedError(f"no testbed {self.tag!r} with {self.count} hosts here; create it first (hosts.py up)")
+        self._up = True
         return self
 
     def down(self) -> None:

@@ -36,7 +36,8 @@ def _cmd_plan(args) -> int:
     if args.input_size is not None:
         example = torch.randn(1, input_channels(model), args.input_size, args.input_size)
     result = plan(model, blocks=args.blocks, cuts=args.cuts, workers=args.workers, balance=args.balance,
-                  head=args.head, mode=args.mode, example_input=example)
+                  head=args.head, mode=args.mode, example_input=example, batch_size=args.batch_size, link=args.link,
+                  send_dtype=torch.bfloat16 if args.send_dtype == "bf16" else None)
     print(result)
     return 0
 
@@ -78,7 +79,8 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "plan",
         help="show where a model can be cut and what each block costs",
-        epilog="example:\n  lfnnify plan resnet101 --blocks 4\n  lfnnify plan resnet18 --cuts layer1 layer2",
+        epilog="example:\n  lfnnify plan resnet101 --blocks 4\n  lfnnify plan resnet18 --cuts layer1 layer2\n"
+               "  lfnnify plan resnet50 --blocks 4 --batch-size 256 --link 1gbit --send-dtype bf16",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", help="timm model name, or torchvision/<name>")
@@ -93,6 +95,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="training mode; replay shows the inputs each block keeps")
     p.add_argument("--num-classes", type=int, help="classes the heads predict (default: the model's)")
     p.add_argument("--input-size", type=int, help="square input size (default: the model's pretrained_cfg)")
+    p.add_argument("--batch-size", type=int, help="training batch: report what each cut and DDP send per step")
+    p.add_argument("--link", help="a link rate (1gbit, 100mbit, 10gbit): also report how long each transfer takes")
+    p.add_argument("--send-dtype", choices=["fp32", "bf16"], default="fp32", help="activations sent as (default fp32)")
     p.set_defaults(func=_cmd_plan)
 
     t = sub.add_parser(

@@ -61,6 +61,7 @@ class Plan:
     mode: str = "local"
     model_params: int = 0
     weight_stashing: bool = False
+    traffic: object = None  # a lfnnify.traffic.Traffic when plan() was given batch_size= or link=
 
     @property
     def imbalance(self) -> float:
@@ -115,6 +116,8 @@ class Plan:
                 f"replay keeps earlier batches' inputs for the delayed backward ({kept}); "
                 f"{_size(sum(b.stored_bytes for b in self.blocks))} per example of the batch in all"
             )
+        if self.traffic is not None:
+            lines += self.traffic.lines()
         return "\n".join(lines)
 
 
@@ -361,6 +364,9 @@ def plan(
     leaf_modules: Sequence[type] = (),
     concrete_args: dict | None = None,
     fallback: bool | str = True,
+    batch_size: int | None = None,
+    send_dtype: torch.dtype | None = None,
+    link: str | None = None,
 ) -> Plan:
     """List where ``model`` can be cut and, with ``blocks=`` or ``cuts=``, where it will be.
 
@@ -389,6 +395,10 @@ def plan(
         concrete_args: values for optional forward arguments (all default ones are fixed anyway).
         fallback: as for :func:`lfnnify.convert` (module boundaries where torch.fx fails; ``"children"``
             also accepts a ``forward()`` that branches on its input's values).
+        batch_size, send_dtype, link: with a split, also say what each cut sends per step at this training batch
+            (in ``send_dtype``, float32 by default; twice in replay mode, the gradient coming back), what
+            data-parallel backprop on as many devices sends, and, at ``link`` (``"1gbit"``), how long each takes
+            (``plan.traffic``; :mod:`lfnnify.traffic`). ``link`` alone assumes ``example_input``'s batch size.
 
     Returns:
         A :class:`Plan`; ``str(plan)`` is a table.
@@ -403,8 +413,14 @@ def plan(
     validate_knobs(blocks=blocks, cuts=cuts, workers=workers, leaders=1.0, balance=balance, head=head)
     analysis = analyse(model, example_input=example_input, leaf_modules=leaf_modules, concrete_args=concrete_args,
                        fallback=fallback)
-    return make_plan(model, analysis, blocks=blocks, cuts=cuts, workers=workers, num_classes=num_classes, head=head,
-                     balance=balance, mode=mode)
+    result = make_plan(model, analysis, blocks=blocks, cuts=cuts, workers=workers, num_classes=num_classes,
+                       head=head, balance=balance, mode=mode)
+    if (batch_size is not None or link is not None) and result.blocks:
+        from .traffic import traffic
+
+        batch = batch_size if batch_size is not None else int(analysis.example_input.shape[0])
+        result.traffic = traffic(result, batch_size=batch, send_dtype=send_dtype, link=link)
+    return result
 
 
 def _size(n: int) -> str:

@@ -122,3 +122,21 @@ def test_the_testbed_refuses_in_one_line_without_root(monkeypatch):
     with pytest.raises(lfnnify.ConfigError, match="link rate '1 gigabit'"):
         _testbed.parse_rate("1 gigabit")
     assert _testbed.parse_rate("100mbit") == 10**8 and _testbed.parse_rate(None) is None
+
+
+def test_the_hosts_command_line_makes_runs_in_and_removes_hosts():
+    def cli(*args):
+        return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hosts.py"), *args], capture_output=True,
+                              text=True, timeout=60)
+
+    try:
+        up = cli("up", "--rate", "100mbit")
+        assert up.returncode == 0 and "host1: lfhclih1, 10.213.0.2" in up.stdout and "links: 100mbit" in up.stdout
+        inside = cli("run", "1", "--", "sh", "-c", "cat /sys/class/net/lfhclie1/address; echo pid $$")
+        assert inside.returncode == 0 and "pid 1" in inside.stdout  # its own network and its own PID namespace
+        status = cli("status")
+        assert "host0: 10.213.0.1, sent" in status.stdout
+    finally:
+        down = cli("down")
+    assert down.returncode == 0 and "lfhcli" not in _namespaces()
+    assert cli("status").returncode == 2  # gone: one line says so
