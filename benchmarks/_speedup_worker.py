@@ -25,11 +25,22 @@ from lfnnify.models import create_model  # noqa: E402
 DEVICE = torch.device("cpu")  # cuda:LOCAL_RANK when GPUs are present: one GPU per rank
 
 
+IFACE = None  # --iface: the network interface whose sent bytes every step stamp also reads (multi-host runs)
+TX: list[int] = []  # bytes sent on IFACE so far, read with each step's stamp
+
+
 def _now() -> float:
     """A timestamp after the device has finished its queued work."""
     if DEVICE.type == "cuda":
         torch.cuda.synchronize(DEVICE)
     return time.perf_counter()
+
+
+def _stamp() -> float:
+    """The end of a training step: its timestamp, and (with --iface) the bytes this host has sent by then."""
+    if IFACE:
+        TX.append(int(Path(f"/sys/class/net/{IFACE}/statistics/tx_bytes").read_text()))
+    return _now()
 
 
 def _setup(args):
@@ -63,7 +74,7 @@ def bp_single(args, model, x, y):
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
         opt.step()
-        stamps.append(_now())
+        stamps.append(_stamp())
     return {"stamps": stamps}
 
 
@@ -73,20 +84,22 @@ def lfnn_single(args, model, x, y):
     stamps = []
     for _ in range(args.warmup + args.steps):
         trainer.train_step(x, y)
-        stamps.append(_now())
+        stamps.append(_stamp())
     return {"stamps": stamps}
 
 
 def lfnn_pipeline(args, model, x, y):
-    net = _convert(model, args, workers=args.workers, leaders=args.leaders, mode=args.mode)
+    net = _convert(model, args, workers=args.workers, leaders=args.leaders, mode=args.mode,
+                   weight_stashing=args.stash)
     trainer = lfnnify.PipelineTrainer(net, optimizer=_sgd, threads=args.threads, progress=False,
-                                      max_in_flight=args.in_flight, timeout_s=300)
+                                      max_in_flight=args.in_flight, timeout_s=300,
+                                      send_dtype=torch.bfloat16 if args.send_bf16 else None)
     stamps = []
     step = trainer._stage_step
 
     def timed(xb, yb):
         out = step(xb, yb)
-        stamps.append(_now())
+        stamps.append(_stamp())
         return out
 
     trainer._stage_step = timed
@@ -158,7 +171,7 @@ def bp_pipelined(args, model, x, y):
             schedule.step()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        stamps.append(_now())
+        stamps.append(_stamp())
     return {"stamps": stamps}
 
 
@@ -237,7 +250,7 @@ def ddp(args, model, x, y):
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(wrapped(xs), ys).backward()  # DDP all-reduces the gradients during the backward
         opt.step()
-        stamps.append(_now())
+        stamps.append(_stamp())
     return {"stamps": stamps, "gradient_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
 
 
@@ -295,9 +308,13 @@ def main():
     parser.add_argument("--microbatches", type=int, default=4)
     parser.add_argument("--schedule", default="gpipe", choices=["gpipe", "1f1b"])
     parser.add_argument("--in-flight", type=int, default=2)
+    parser.add_argument("--stash", action="store_true", help="replay with weight stashing")
+    parser.add_argument("--send-bf16", action="store_true", help="pipelines send activations in bfloat16")
+    parser.add_argument("--iface", default=None, help="count the bytes this host sends on this interface")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    global DEVICE
+    global DEVICE, IFACE
+    IFACE = args.iface
     distributed = "RANK" in os.environ
     if torch.cuda.is_available():
         DEVICE = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -308,6 +325,9 @@ def main():
     result = METHODS[args.method](args, model, x, y)
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
+    if IFACE and distributed:  # each host's bytes over the timed steps (from the stamp before the first timed one)
+        sent = (TX[-1] - TX[args.warmup - 1]) / (len(TX) - args.warmup) if len(TX) > args.warmup else None
+        result["tx_bytes_per_step"] = _gather({"rank": rank, "iface": IFACE, "bytes_per_step": sent})
     if rank == world - 1:
         stamps = result.pop("stamps", None)
         if stamps is not None:

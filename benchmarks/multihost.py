@@ -1,0 +1,271 @@
+"""Two hosts joined by a shaped link (benchmarks/hosts.py): DDP, backprop pipelines and lfnnify's pipelines.
+
+Two hosts of one core each (network and PID namespaces on this machine, lfnnify/_testbed.py), a real
+``torchrun --nnodes 2`` on each, at each link rate (unshaped, 10 Gbit/s, 1 Gbit/s, 100 Mbit/s; tc's token bucket):
+
+- ``ddp``: data-parallel backprop (DistributedDataParallel), one replica per host, half the global batch each;
+- ``bp_gpipe``, ``bp_1f1b``: backprop pipelined with torch.distributed.pipelining, one block per host;
+- ``lfnn_pipeline``: LFNN-ℓ with lfnnify.PipelineTrainer, one block per host;
+- ``replay_pipeline``: delayed end-to-end gradients with weight stashing, one block per host.
+
+The same model (timm resnet18, CIFAR variant, 32 px), global batch (64), synthetic batch, and cut for every method:
+the K=2 split balanced by *measured time* on this machine (``lfnnify.plan(balance="time")`` at the training batch,
+one thread), since FLOPs misjudge what a block costs here. Samples/s from the median of the timed steps after
+warm-up; the bytes each host really sent on its link over those steps (the interface's counter) next to what each
+method should send. A 4-host run would need 4 cores of their own; this machine has 2, so K=4 is projected from
+per-block times and bytes measured in one process (``--projection-k4``).
+
+Reproduce:  python benchmarks/multihost.py --out benchmarks/results
+Quick look: python benchmarks/multihost.py --rates 1gbit --methods ddp lfnn_pipeline --steps 4 --warmup 2 --out /tmp/mh
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import RESULTS, environment, hardware_tag, write_json  # noqa: E402
+
+from lfnnify._testbed import Hosts, missing, parse_rate  # noqa: E402
+
+WORKER = Path(__file__).resolve().parent / "_speedup_worker.py"
+RATES = ["unshaped", "10gbit", "1gbit", "100mbit"]
+METHODS = {  # name -> worker arguments
+    "ddp": ["--method", "ddp"],
+    "bp_gpipe": ["--method", "bp_pipelined", "--schedule", "gpipe", "--microbatches", "4"],
+    "bp_1f1b": ["--method", "bp_pipelined", "--schedule", "1f1b", "--microbatches", "4"],
+    "lfnn_pipeline": ["--method", "lfnn_pipeline"],
+    "replay_pipeline": ["--method", "lfnn_pipeline", "--mode", "replay", "--stash"],
+}
+TARGETS = {  # (method, against, rate) -> the ratio of samples/s issue 19 asks for
+    ("lfnn_pipeline", "ddp", "100mbit"): 5.0, ("replay_pipeline", "ddp", "100mbit"): 4.0,
+    ("lfnn_pipeline", "ddp", "1gbit"): 1.8, ("replay_pipeline", "ddp", "1gbit"): 1.3,
+    ("lfnn_pipeline", "ddp", "unshaped"): 1.2,
+    **{("lfnn_pipeline", "bp_1f1b", r): 1.5 for r in RATES},
+}
+
+
+def measured_time_cuts(args) -> tuple[list[str], str]:
+    import torch
+
+    import lfnnify
+    from lfnnify.models import create_model
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = create_model(args.model, num_classes=10, cifar=True)
+    plan = lfnnify.plan(model, blocks=2, balance="time", example_input=torch.randn(args.batch, 3, args.size, args.size),
+                        batch_size=args.batch, link="1gbit")
+    return plan.cuts, str(plan)
+
+
+def run_method(hosts: Hosts, name: str, args, port: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        results = []
+        for attempt in range(2):  # a port taken by another run is the one failure worth a second try
+            procs = []
+            for i in range(2):
+                script = [str(WORKER), *METHODS[name], "--model", args.model, "--cifar", "--size", str(args.size),
+                          "--batch", str(args.batch), "--blocks", "2", "--cuts", *args.cuts, "--threads", "1",
+                          "--warmup", str(args.warmup), "--steps", str(args.steps), "--iface", hosts.device(i),
+                          "--out", str(out)] + (["--send-bf16"] if args.send_bf16 and "pipeline" in name else [])
+                log = open(Path(tmp) / f"host{i}.log", "w")  # noqa: SIM115 - closed below
+                procs.append((hosts.popen(i, hosts.torchrun(i, script, port=port + attempt), stdout=log,
+                                          stderr=log), log))
+            deadline = time.monotonic() + args.timeout
+            for p, log in procs:
+                try:
+                    p.wait(timeout=max(1.0, deadline - time.monotonic()))
+                except Exception:  # noqa: BLE001 - a stuck run is killed and reported, the next one runs
+                    p.kill()
+                log.close()
+            codes = [p.returncode for p, _ in procs]
+            if codes == [0, 0] and out.exists():
+                results.append(json.loads(out.read_text()))
+                break
+            tail = (Path(tmp) / "host0.log").read_text()[-1500:] + (Path(tmp) / "host1.log").read_text()[-1500:]
+            print(f"  {name}: failed (exit {codes}), attempt {attempt + 1}\n{tail}", flush=True)
+        if not results:
+            return {"failed": True}
+    r = results[0]
+    med = statistics.median(r["step_s"])
+    r.update(step_s_median=med, samples_per_s=args.batch / med)
+    sent = [h["bytes_per_step"] for h in r.get("tx_bytes_per_step", [])]
+    r["measured_bytes_per_step"] = sum(s for s in sent if s is not None)
+    return r
+
+
+def expected_bytes(name: str, activation: int, labels: int, gradients: int) -> int:
+    """What the two hosts together should send per step (payload only; TCP/IP adds its headers)."""
+    if name == "ddp":
+        return 2 * gradients  # a ring all-reduce of two: each host sends the whole gradient once
+    if name == "lfnn_pipeline":
+        return activation + labels
+    return 2 * activation + (labels if name == "replay_pipeline" else 0)  # the gradient comes back
+
+
+def project_k4(args) -> dict:
+    """K=4 on 4 hosts, projected: per-block step times measured in one process, transfers at each rate."""
+    import subprocess
+
+    import torch
+
+    import lfnnify
+    from lfnnify.models import create_model
+
+    torch.set_num_threads(1)
+    model = create_model(args.model, num_classes=10, cifar=True)
+    plan = lfnnify.plan(model, blocks=4, balance="time", example_input=torch.randn(args.batch, 3, args.size, args.size))
+    with tempfile.TemporaryDirectory() as tmp:
+        common = ["--model", args.model, "--cifar", "--size", str(args.size), "--batch", str(args.batch),
+                  "--blocks", "4", "--cuts", *plan.cuts, "--threads", "1", "--warmup", "2", "--steps", "5"]
+        raw = {}
+        for method in ("projection", "bp_shard"):
+            out = Path(tmp) / f"{method}.json"
+            subprocess.run([sys.executable, str(WORKER), "--method", method, *common, "--out", str(out)], check=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+            raw[method] = json.loads(out.read_text())
+    p, shard = raw["projection"], statistics.median(raw["bp_shard"]["step_s"])
+    acts = list(p["activation_bytes"]) + [0]
+    rows = {}
+    for rate in RATES:
+        bits = parse_rate(None if rate == "unshaped" else rate) or args.unshaped_gbit * 1e9
+        per_byte = 8 / bits
+        rows[rate] = {
+            "lfnn_pipeline": args.batch / max(t + a * per_byte for t, a in zip(p["block_lfnn_step_s"], acts)),
+            "replay_pipeline": args.batch / max(t + a * per_byte for t, a in zip(p["block_replay_step_s"], acts)),
+            "ddp": args.batch / (shard + 2 * 3 / 4 * p["gradient_bytes"] * per_byte),
+        }
+    return {"cuts": plan.cuts, "samples_per_s": rows, "raw": p, "bp_shard_step_s": shard,
+            "note": f"pipelines at their slowest block (its whole step plus sending its output, no overlap); DDP one "
+                    f"quarter of the batch plus a ring all-reduce (no overlap); unshaped taken as "
+                    f"{args.unshaped_gbit} Gbit/s"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rates", nargs="+", default=RATES, choices=RATES)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--send-bf16", action="store_true", help="lfnnify's pipelines send bfloat16 activations")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds one method may take")
+    parser.add_argument("--unshaped-gbit", type=float, default=10.0, help="the unshaped link's rate in projections")
+    parser.add_argument("--no-projection", action="store_true", help="skip the K=4 projection")
+    parser.add_argument("--name", default=None)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    reason = missing()
+    if reason:
+        raise SystemExit(f"multihost.py: {reason}")
+    Hosts.remove_stale()
+    env_before = environment(1)
+    args.cuts, plan_text = measured_time_cuts(args)
+    print(plan_text, flush=True)
+    from lfnnify.models import create_model
+
+    model = create_model(args.model, num_classes=10, cifar=True)
+    import torch
+
+    import lfnnify
+
+    plan = lfnnify.plan(model, cuts=args.cuts, example_input=torch.zeros(1, 3, args.size, args.size),
+                        batch_size=args.batch)
+    activation = plan.traffic.cut_bytes[0] - args.batch * 8
+    labels = args.batch * 8
+    if args.send_bf16:
+        activation //= 2
+    gradients = plan.traffic.gradient_bytes
+    results: dict[str, dict] = {}
+    port = 29600
+    with Hosts(2) as hosts:
+        for rate in args.rates:
+            hosts.shape(None if rate == "unshaped" else rate)
+            results[rate] = {}
+            for name in args.methods:
+                port += 3
+                r = run_method(hosts, name, args, port)
+                if not r.get("failed"):
+                    r["expected_bytes_per_step"] = expected_bytes(name, activation, labels, gradients)
+                    r["bytes_measured_over_expected"] = r["measured_bytes_per_step"] / r["expected_bytes_per_step"]
+                    print(f"  {rate:>8} {name:<16} {r['samples_per_s']:7.1f} samples/s  sent "
+                          f"{r['measured_bytes_per_step'] / 1e6:7.2f} MB/step (expected "
+                          f"{r['expected_bytes_per_step'] / 1e6:7.2f})", flush=True)
+                results[rate][name] = r
+        notes = hosts.notes
+    ratios, verdicts = {}, []
+    for (method, against, rate), target in TARGETS.items():
+        row = results.get(rate, {})
+        if method in row and against in row and "samples_per_s" in row[method] and "samples_per_s" in row[against]:
+            value = row[method]["samples_per_s"] / row[against]["samples_per_s"]
+            ratios[f"{method}/{against}@{rate}"] = value
+            verdicts.append(f"{method} / {against} at {rate}: {value:.2f}x (target {target}x: "
+                            f"{'met' if value >= target else 'MISSED'})")
+    projection = None if args.no_projection else project_k4(args)
+    payload = {"experiment": "multihost", "settings": {k: str(v) if isinstance(v, Path) else v
+                                                       for k, v in vars(args).items()},
+               "cuts": args.cuts, "cut_choice": "balance='time' at the training batch, one thread, on this machine",
+               "bytes": {"activation": activation, "labels": labels, "gradients": gradients},
+               "results": results, "ratios": ratios, "verdicts": verdicts, "projection_k4": projection,
+               "testbed_notes": notes, "env_before": env_before, "env": environment(1),
+               "command": " ".join(["python", "benchmarks/multihost.py", *sys.argv[1:]])}
+    stem = args.name or f"multihost-resnet18-k2-{hardware_tag()}-{env_before['date'][:10]}"
+    path = write_json(args.out / f"{stem}.json", payload)
+    chart(payload, args.out / f"{stem}.png")
+    (args.out / f"{stem}.md").write_text(markdown(payload) + "\n")
+    print("\n".join(verdicts) + f"\nwrote {path}")
+
+
+def markdown(payload: dict) -> str:
+    rates = list(payload["results"])
+    methods = sorted({m for row in payload["results"].values() for m in row}, key=list(METHODS).index)
+    lines = [f"2 hosts x 1 core ({payload['env']['device']}), timm resnet18 (CIFAR variant, 32 px), batch "
+             f"{payload['settings']['batch']}, cut {payload['cuts']} (measured time); samples/s, and MB sent per step "
+             f"measured / expected", "", "| method | " + " | ".join(rates) + " |", "|---|" + "---|" * len(rates)]
+    for m in methods:
+        cells = []
+        for rate in rates:
+            r = payload["results"][rate].get(m, {})
+            if not r or r.get("failed"):
+                cells.append("failed" if r else "–")
+                continue
+            sent, expected = r["measured_bytes_per_step"] / 1e6, r["expected_bytes_per_step"] / 1e6
+            cells.append(f"{r['samples_per_s']:.1f} ({sent:.1f} / {expected:.1f})")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + [""] + [f"- {v}" for v in payload["verdicts"]])
+
+
+def chart(payload: dict, path: Path) -> None:
+    from lfnnify.plots import _pyplot, _save
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    rates = [r for r in reversed(RATES) if r in payload["results"]]
+    for m in METHODS:
+        ys = [payload["results"][r].get(m, {}).get("samples_per_s") for r in rates]
+        if any(y is not None for y in ys):
+            ax.plot(range(len(rates)), [y if y is not None else float("nan") for y in ys], marker="o", label=m)
+    ax.set_xticks(range(len(rates)), rates)
+    ax.set_xlabel("link between the two hosts")
+    ax.set_ylabel("samples/s (global batch)")
+    ax.set_yscale("log")
+    ax.set_title(f"2 hosts x 1 core, timm resnet18 32 px, K=2 ({payload['env']['device'][:40]})", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+if __name__ == "__main__":
+    main()
