@@ -22,7 +22,7 @@ set -u
 # sizes can be shrunk for a dry run on a laptop: GPU_CHECK_BATCH=8 GPU_CHECK_SIZE=64 GPU_CHECK_STEPS=2 bash ...
 B=${GPU_CHECK_BATCH:-256} S=${GPU_CHECK_SIZE:-224} N=${GPU_CHECK_STEPS:-8} T=${GPU_CHECK_CPU_THREADS:-4}
 OUT=${OUT:-/tmp/gpu_check_out}
-RES=/tmp/gpu_check_results
+RES=$(mktemp -d /tmp/gpu_check_results.XXXXXX)  # fresh: results of an earlier run never mix in
 mkdir -p "$OUT" "$RES"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1

@@ -6,7 +6,9 @@ Two hosts of one core each (network and PID namespaces on this machine, lfnnify/
 - ``ddp``: data-parallel backprop (DistributedDataParallel), one replica per host, half the global batch each;
 - ``bp_gpipe``, ``bp_1f1b``: backprop pipelined with torch.distributed.pipelining, one block per host;
 - ``lfnn_pipeline``: LFNN-ℓ with lfnnify.PipelineTrainer, one block per host;
-- ``replay_pipeline``: delayed end-to-end gradients with weight stashing, one block per host.
+- ``replay_pipeline``: delayed end-to-end gradients with weight stashing, one block per host;
+- ``*_bf16``: the same two, sending activations (and replay's gradients) in bfloat16 (``send_dtype``).
+Every pipeline overlaps its sends with compute (asynchronous, at most ``max_in_flight=2`` pending).
 
 The same model (timm resnet18, CIFAR variant, 32 px), global batch (64), synthetic batch, and cut for every method:
 the K=2 split balanced by *measured time* on this machine (``lfnnify.plan(balance="time")`` at the training batch,
@@ -44,6 +46,8 @@ METHODS = {  # name -> worker arguments
     "bp_1f1b": ["--method", "bp_pipelined", "--schedule", "1f1b", "--microbatches", "4"],
     "lfnn_pipeline": ["--method", "lfnn_pipeline"],
     "replay_pipeline": ["--method", "lfnn_pipeline", "--mode", "replay", "--stash"],
+    "lfnn_pipeline_bf16": ["--method", "lfnn_pipeline", "--send-bf16"],  # the same, activations sent in bfloat16
+    "replay_pipeline_bf16": ["--method", "lfnn_pipeline", "--mode", "replay", "--stash", "--send-bf16"],
 }
 TARGETS = {  # (method, against, rate) -> the ratio of samples/s issue 19 asks for
     ("lfnn_pipeline", "ddp", "100mbit"): 5.0, ("replay_pipeline", "ddp", "100mbit"): 4.0,
@@ -77,7 +81,7 @@ def run_method(hosts: Hosts, name: str, args, port: int) -> dict:
                 script = [str(WORKER), *METHODS[name], "--model", args.model, "--cifar", "--size", str(args.size),
                           "--batch", str(args.batch), "--blocks", "2", "--cuts", *args.cuts, "--threads", "1",
                           "--warmup", str(args.warmup), "--steps", str(args.steps), "--iface", hosts.device(i),
-                          "--out", str(out)] + (["--send-bf16"] if args.send_bf16 and "pipeline" in name else [])
+                          "--out", str(out)]
                 log = open(Path(tmp) / f"host{i}.log", "w")  # noqa: SIM115 - closed below
                 procs.append((hosts.popen(i, hosts.torchrun(i, script, port=port + attempt), stdout=log,
                                           stderr=log), log))
@@ -106,6 +110,9 @@ def run_method(hosts: Hosts, name: str, args, port: int) -> dict:
 
 def expected_bytes(name: str, activation: int, labels: int, gradients: int) -> int:
     """What the two hosts together should send per step (payload only; TCP/IP adds its headers)."""
+    if name.endswith("_bf16"):
+        activation //= 2
+        name = name.removesuffix("_bf16")
     if name == "ddp":
         return 2 * gradients  # a ring all-reduce of two: each host sends the whole gradient once
     if name == "lfnn_pipeline":
@@ -160,7 +167,6 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--send-bf16", action="store_true", help="lfnnify's pipelines send bfloat16 activations")
     parser.add_argument("--timeout", type=float, default=600, help="seconds one method may take")
     parser.add_argument("--unshaped-gbit", type=float, default=10.0, help="the unshaped link's rate in projections")
     parser.add_argument("--no-projection", action="store_true", help="skip the K=4 projection")
@@ -185,8 +191,6 @@ def main() -> None:
                         batch_size=args.batch)
     activation = plan.traffic.cut_bytes[0] - args.batch * 8
     labels = args.batch * 8
-    if args.send_bf16:
-        activation //= 2
     gradients = plan.traffic.gradient_bytes
     results: dict[str, dict] = {}
     port = 29600

@@ -168,7 +168,8 @@ class Hosts:
 
     def shape(self, rate: str | None) -> None:
         """Shape every host's egress to ``rate`` (None: unshaped). A token bucket: rate, and a burst of 4 ms at that
-        rate (at least 64 KiB) so that the bucket holds what the kernel sends between two timer ticks."""
+        rate (at least 64 KiB) so that the bucket holds what the kernel sends between two timer ticks, and a queue of
+        up to 500 ms at that rate (a switch's buffer: a shallower one drops a burst of a few MB and TCP backs off)."""
         bits = parse_rate(rate)
         self.rate = rate
         for i, name in enumerate(self.names):
@@ -181,7 +182,7 @@ class Hosts:
             if bits is not None:
                 burst = max(64 * 1024, bits // 8 // 250)
                 _run("ip", "netns", "exec", name, "tc", "qdisc", "add", "dev", self.device(i), "root", "tbf",
-                     "rate", f"{bits}bit", "burst", str(burst), "latency", "100ms")
+                     "rate", f"{bits}bit", "burst", str(burst), "latency", "500ms")
 
     def _netem(self, name: str, i: int, bits: int | None) -> bool:
         cmd = ["ip", "netns", "exec", name, "tc", "qdisc", "add", "dev", self.device(i), "root", "netem", "delay",

@@ -10,18 +10,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
+from ._knobs import validate_knobs
 from .analysis import Analysis, analyse, measured_piece_times, node_params
 from .cuts import CutPoint, GraphProfile
 from .errors import ConfigError, CutError
 from .facts import resolve_num_classes
 from .headplan import build_site_head, head_cost, head_site
-from .heads import HEADS
 from .partition import balanced_partition
 
 __all__ = ["Plan", "BlockInfo", "plan", "make_plan", "validate_knobs", "staged_cut_points"]
-
-BALANCES = ("flops", "time", "params", "memory")
-
 
 @dataclass
 class BlockInfo:
@@ -119,35 +116,6 @@ class Plan:
         if self.traffic is not None:
             lines += self.traffic.lines()
         return "\n".join(lines)
-
-
-def validate_knobs(*, blocks, cuts, workers, leaders, balance, head="linear") -> None:
-    """Check the knobs convert() and plan() share; each error names the value, the rule and the fix."""
-    if blocks is not None and cuts is not None:
-        raise ConfigError(f"give blocks= or cuts=, not both (got blocks={blocks!r}, cuts={list(cuts)!r})")
-    if blocks is not None and (not isinstance(blocks, int) or isinstance(blocks, bool) or blocks < 1):
-        raise ConfigError(f"blocks={blocks!r} must be an int >= 1 (the paper uses 4)")
-    if cuts is not None and (isinstance(cuts, str) or not all(isinstance(c, str) for c in cuts)):
-        raise ConfigError(f"cuts={cuts!r} must be a list of cut names, e.g. cuts=['layer1', 'layer2']")
-    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-        raise ConfigError(f"workers={workers!r} must be an int >= 1 (1 = block-wise workers)")
-    if isinstance(leaders, bool) or not isinstance(leaders, (int, float)) or not 0 < leaders <= 1:
-        raise ConfigError(
-            f"leaders={leaders!r} must be a fraction in (0, 1]: the share of workers that lead "
-            f"(the paper's default is 0.7; 1.0 makes every worker a leader)"
-        )
-    if balance not in BALANCES:
-        raise ConfigError(f"balance={balance!r} must be one of {BALANCES}")
-    if not (head in HEADS or callable(head)):
-        raise ConfigError(
-            f"head={head!r} must be one of {HEADS} or a callable head(channels, num_classes, workers) -> nn.Module"
-        )
-    if head in ("lookahead", "lookahead-layer") and workers != 1:
-        raise ConfigError(
-            f"head={head!r} with workers={workers}: a look-ahead head copies the next block's first stage, "
-            f"which mixes all channels, so it is block-wise only. Use workers=1, or head='linear' for filter-wise "
-            f"workers."
-        )
 
 
 def _resolve_cut_names(names: Sequence[str], cut_points: list[CutPoint], model_name: str) -> list[CutPoint]:

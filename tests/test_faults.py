@@ -42,6 +42,7 @@ def _pipeline_with_fault(tmp_path, kind, rank, step=2):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(_port()), "--monitor-interval", "0.2", "-m", "lfnnify", "train", str(FMNIST),
            "--out", str(tmp_path / "run"), "--set", "train.iterations=8", "--set", "convert.blocks=2",
+           "--set", "model.name=test_resnet",
            "--set", "data.train_subset=256", "--set", "data.eval_subset=64", "--set", "data.batch_size=64",
            "--set", "train.threads=1", "--set", f"pipeline.timeout_s={TIMEOUT_S}", "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
@@ -92,7 +93,8 @@ def test_a_pipeline_fault_ends_every_rank_in_time_with_one_line(tmp_path, kind, 
 
 def test_sigterm_during_train_saves_and_resume_continues(tmp_path):
     out = tmp_path / "run"
-    args = ["train", FMNIST, "--out", out, "--set", "train.iterations=40", "--set", "train.checkpoint_every=3",
+    args = ["train", FMNIST, "--out", out, "--set", "train.iterations=200", "--set", "train.checkpoint_every=3",
+            "--set", "model.name=test_resnet",
             "--set", "data.batch_size=32", "--set", "data.train_subset=256", "--set", "data.eval_subset=256",
             "--set", "train.threads=1", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -106,13 +108,13 @@ def test_sigterm_during_train_saves_and_resume_continues(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     assert "interrupted at iteration" in stdout and "--resume" in stdout
     stopped_at = lfnnify.read_trainer_state(out / "ckpt")["step"]
-    assert 0 < stopped_at < 40
+    assert 0 < stopped_at < 200
 
     again = subprocess.run([sys.executable, "-m", "lfnnify", "train", str(FMNIST), "--out", str(out), "--resume",
                             *map(str, args[4:])], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming at {stopped_at}" in again.stdout
-    assert "40 iterations" in (out / "results.md").read_text()
+    assert "200 iterations" in (out / "results.md").read_text()
 
 
 # ---------------------------------------------------------------- killed saves

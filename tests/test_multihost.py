@@ -28,6 +28,7 @@ pytestmark = [pytest.mark.skipif(REASON is not None, reason=str(REASON)), pytest
 
 def _train_args(out, *extra):
     return ["-m", "lfnnify", "train", str(FMNIST), "--out", str(out), "--set", "convert.blocks=2",
+            "--set", "model.name=test_resnet",
             "--set", "data.train_subset=512", "--set", "data.eval_subset=64", "--set", "data.batch_size=32",
             "--set", "train.threads=1", "--no-progress", *extra]
 
@@ -58,18 +59,6 @@ def test_a_two_host_pipeline_equals_the_one_device_trainer(hosts, tmp_path):
     assert hosts.tx_bytes(0) - sent[0] > activations
 
 
-def test_lfnnify_train_across_two_hosts_then_resume(hosts, tmp_path):
-    out = tmp_path / "run"
-    procs, outputs, _ = on_hosts(hosts, _train_args(out, "--set", "train.iterations=4"), timeout=300)
-    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:]
-    assert "pipeline over 2 processes" in outputs[0] + outputs[1]
-    procs, outputs, _ = on_hosts(hosts, _train_args(out, "--set", "train.iterations=8", "--resume"), timeout=300)
-    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:]
-    assert "resuming at 4" in outputs[0] + outputs[1]
-    assert lfnnify.read_trainer_state(out / "ckpt", block=1)["step"] == 8
-    assert "8 iterations" in (out / "results.md").read_text()
-
-
 @pytest.mark.parametrize("fault", ["link-cut", "host-killed"])
 def test_a_cut_link_or_a_killed_host_ends_every_process_in_time_with_one_line(hosts, tmp_path, fault):
     out = tmp_path / "run"
@@ -96,17 +85,28 @@ def test_a_cut_link_or_a_killed_host_ends_every_process_in_time_with_one_line(ho
         assert "rank 1 (block 1, on host1) stops: rank 0 (block 0, on host0) did not answer" in outputs[1]
 
 
-def test_torchrun_restarts_both_hosts_and_the_run_resumes_exactly(hosts, tmp_path):
-    # --max-restarts 1 and the dynamic c10d rendezvous: host 1's worker is killed at step 5, both hosts' workers
-    # restart, lfnnify train resumes from the checkpoint of step 4 by itself and ends where an uninterrupted
-    # one-process run ends
+def test_lfnnify_train_across_hosts_resumes_and_torchrun_restarts_it_exactly(hosts, tmp_path):
+    # 1. lfnnify train across the two hosts; host 1's worker is killed at step 3: both stop, the checkpoint of step 2
+    #    stays. 2. --resume continues it, under --max-restarts 1 and the dynamic c10d rendezvous; host 1's worker is
+    #    killed again at step 5: torchrun restarts the workers on both hosts, and lfnnify train resumes from the
+    #    checkpoint of step 4 by itself. The run ends with the weights of an uninterrupted one-process run.
+    out = tmp_path / "run"
     common = ["--set", "train.iterations=8", "--set", "train.checkpoint_every=2", "--set", "pipeline.timeout_s=10"]
-    envs = [dict(hosts.env(i), LFNNIFY_FAULT="kill", LFNNIFY_FAULT_RANK="1", LFNNIFY_FAULT_STEP="5") for i in range(2)]
-    procs, outputs, _ = on_hosts(hosts, _train_args(tmp_path / "run", *common), envs=envs, timeout=400,
+
+    def killing_at(step):
+        return [dict(hosts.env(i), LFNNIFY_FAULT="kill", LFNNIFY_FAULT_RANK="1", LFNNIFY_FAULT_STEP=str(step))
+                for i in range(2)]
+
+    procs, outputs, _ = on_hosts(hosts, _train_args(out, *common), envs=killing_at(3), timeout=300)
+    assert all(p.returncode != 0 for p in procs) and "pipeline over 2 processes" in outputs[0], outputs[0][-2000:]
+    assert lfnnify.read_trainer_state(out / "ckpt", block=0)["step"] == 2
+    procs, outputs, _ = on_hosts(hosts, _train_args(out, *common, "--resume"), envs=killing_at(5), timeout=400,
                                  max_restarts=1, rendezvous="c10d")
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
-    assert "lfnnify-fault: kill on rank 1 at step 5" in outputs[1]
-    assert "torchrun restarted the workers (restart 1): resuming" in outputs[0] + outputs[1]
+    both = outputs[0] + outputs[1]
+    assert "resuming at 2" in both and "lfnnify-fault: kill on rank 1 at step 5" in both
+    assert "torchrun restarted the workers (restart 1): resuming" in both
+    assert "8 iterations" in (out / "results.md").read_text()
     alone = subprocess.run([sys.executable, *_train_args(tmp_path / "alone", *common)], capture_output=True,
                            text=True, timeout=300, cwd=ROOT, env={**hosts.env(0), "OMP_NUM_THREADS": "1"})
     assert alone.returncode == 0, alone.stderr[-2000:]

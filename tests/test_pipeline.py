@@ -46,7 +46,7 @@ def test_pipeline_equals_one_device_trainer(name):
     # 64 MiB messages both ways in replay. 7 steps of 5 batches per epoch cross an epoch boundary.
     world = worker.world(name)
     out = scenarios_run(world) / name
-    piped = lfnnify.load(out / "ckpt", model=worker.build(name)._source if worker.spec(name)["model"] != "resnet18"
+    piped = lfnnify.load(out / "ckpt", model=worker.build(name)._source if worker.spec(name)["model"] != "timm"
                          else None)
     reference, trainer = _reference(name)
     _assert_close(piped, reference)
