@@ -67,8 +67,9 @@ def _sent() -> int:
 
 
 def across_hosts(args) -> None:
-    """Each method: ``args.steps`` timed steps after warm-up, and this host's bytes over them; the last rank writes
-    every method's result."""
+    """Each method: ``args.steps`` steps after warm-up. The bytes every host sent are counted between two barriers
+    (every message of those steps delivered); the rate is the last rank's between its timed steps (the steady rate,
+    without the pipeline's fill and drain). The last rank writes the results."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     results = {method: _across_hosts(method, args.steps, args.model) for method in args.hosts_methods}
@@ -87,12 +88,7 @@ def _across_hosts(method: str, steps: int, model_name: str) -> dict:
     model = create_model(model_name, num_classes=10, cifar=True)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(HOSTS_BATCH, 3, 32, 32, generator=g), torch.randint(0, 10, (HOSTS_BATCH,), generator=g)
-    stamps, sent = [], []
-
-    def stamp():
-        stamps.append(time.perf_counter())
-        sent.append(_sent())
-
+    stamps: list[float] = []  # the end of every step: the rate is the steady one, between timed steps
     if method == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -100,29 +96,40 @@ def _across_hosts(method: str, steps: int, model_name: str) -> dict:
         xs, ys = x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share]
         wrapped = DistributedDataParallel(model)
         opt = torch.optim.SGD(wrapped.parameters(), lr=0.01, momentum=0.9)
-        for _ in range(HOSTS_WARMUP + steps):
-            opt.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(wrapped(xs), ys).backward()
-            opt.step()
-            stamp()
+
+        def train(n):
+            for _ in range(n):
+                opt.zero_grad(set_to_none=True)
+                torch.nn.functional.cross_entropy(wrapped(xs), ys).backward()
+                opt.step()
+                stamps.append(time.perf_counter())
     else:
         net = lfnnify.convert(model, blocks=world, example_input=torch.zeros(1, 3, 32, 32))
         trainer = lfnnify.PipelineTrainer(net, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9),
                                           threads=1, progress=False, timeout_s=120)
+        batches = [(x, y)] * (HOSTS_WARMUP + steps)
         step = trainer._stage_step
 
         def timed(xb, yb):
             out = step(xb, yb)
-            stamp()
+            stamps.append(time.perf_counter())
             return out
 
         trainer._stage_step = timed
-        batches = [(x, y)] * (HOSTS_WARMUP + steps)
-        trainer.fit(batches if trainer.first else None, max_steps=len(batches))
-    seconds = stamps[-1] - stamps[HOSTS_WARMUP - 1]
+
+        def train(n):  # a fit ends with every message delivered, so the bytes counted below are all of them
+            trainer.fit(batches if trainer.first else None, max_steps=trainer.step + n)
+
+    train(HOSTS_WARMUP)
+    dist.barrier()
+    start, before = time.perf_counter(), _sent()
+    train(steps)
+    dist.barrier()
+    seconds, mine = time.perf_counter() - start, _sent() - before
+    rate = HOSTS_BATCH * (steps - 1) / (stamps[-1] - stamps[HOSTS_WARMUP])  # this rank's steady rate
     everyone: list = [None] * world
-    dist.all_gather_object(everyone, {"seconds": seconds, "bytes": sent[-1] - sent[HOSTS_WARMUP - 1]})
-    return {"samples_per_s": HOSTS_BATCH * steps / seconds, "batch": HOSTS_BATCH, "steps": steps,
+    dist.all_gather_object(everyone, {"seconds": seconds, "bytes": mine, "samples_per_s": rate})
+    return {"samples_per_s": everyone[-1]["samples_per_s"], "batch": HOSTS_BATCH, "steps": steps,
             "bytes_per_step": sum(e["bytes"] for e in everyone) / steps, "per_host": everyone}
 
 
