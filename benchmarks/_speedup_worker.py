@@ -25,8 +25,9 @@ from lfnnify.models import create_model  # noqa: E402
 DEVICE = torch.device("cpu")  # cuda:LOCAL_RANK when GPUs are present: one GPU per rank
 
 
-IFACE = None  # --iface: the network interface whose sent bytes every step stamp also reads (multi-host runs)
+IFACE = None  # --iface: the network interface whose byte counters every step stamp also reads (multi-host runs)
 TX: list[int] = []  # bytes sent on IFACE so far, read with each step's stamp
+RX: list[int] = []  # bytes received on IFACE so far, read with each step's stamp
 
 
 def _now() -> float:
@@ -37,9 +38,15 @@ def _now() -> float:
 
 
 def _stamp() -> float:
-    """The end of a training step: its timestamp, and (with --iface) the bytes this host has sent by then."""
+    """The end of a training step: its timestamp, and (with --iface) the bytes this host has sent and received by then.
+
+    A host has received everything its step needed when the step ends, while what it sent may still sit in its
+    socket: the first stage of a pipeline runs up to ``max_in_flight`` messages ahead. So the bytes that crossed the
+    link during the timed steps are counted where they arrive, each host at its own step ends."""
     if IFACE:
-        TX.append(int(Path(f"/sys/class/net/{IFACE}/statistics/tx_bytes").read_text()))
+        stats = Path(f"/sys/class/net/{IFACE}/statistics")
+        TX.append(int((stats / "tx_bytes").read_text()))
+        RX.append(int((stats / "rx_bytes").read_text()))
     return _now()
 
 
@@ -326,8 +333,10 @@ def main():
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
     if IFACE and distributed:  # each host's bytes over the timed steps (from the stamp before the first timed one)
-        sent = (TX[-1] - TX[args.warmup - 1]) / (len(TX) - args.warmup) if len(TX) > args.warmup else None
-        result["tx_bytes_per_step"] = _gather({"rank": rank, "iface": IFACE, "bytes_per_step": sent})
+        steps = len(TX) - args.warmup
+        sent = (TX[-1] - TX[args.warmup - 1]) / steps if steps > 0 else None
+        received = (RX[-1] - RX[args.warmup - 1]) / steps if steps > 0 else None
+        result["link_bytes_per_step"] = _gather({"rank": rank, "iface": IFACE, "sent": sent, "received": received})
     if rank == world - 1:
         stamps = result.pop("stamps", None)
         if stamps is not None:

@@ -13,8 +13,9 @@ Every pipeline overlaps its sends with compute (asynchronous, at most ``max_in_f
 The same model (timm resnet18, CIFAR variant, 32 px), global batch (64), synthetic batch, and cut for every method:
 the K=2 split balanced by *measured time* on this machine (``lfnnify.plan(balance="time")`` at the training batch,
 one thread), since FLOPs misjudge what a block costs here. Samples/s from the median of the timed steps after
-warm-up; the bytes each host really sent on its link over those steps (the interface's counter) next to what each
-method should send. A 4-host run would need 4 cores of their own; this machine has 2, so K=4 is projected from
+warm-up; the bytes that really crossed the link during those steps (the interfaces' counters: each host's received
+bytes over its own steps, where they are complete; what each host sent is kept too) next to what each method
+should send. A 4-host run would need 4 cores of their own; this machine has 2, so K=4 is projected from
 per-block times and bytes measured in one process (``--projection-k4``).
 
 Reproduce:  python benchmarks/multihost.py --out benchmarks/results
@@ -103,8 +104,9 @@ def run_method(hosts: Hosts, name: str, args, port: int) -> dict:
     r = results[0]
     med = statistics.median(r["step_s"])
     r.update(step_s_median=med, samples_per_s=args.batch / med)
-    sent = [h["bytes_per_step"] for h in r.get("tx_bytes_per_step", [])]
-    r["measured_bytes_per_step"] = sum(s for s in sent if s is not None)
+    # what crossed the link: each host's received bytes over its own timed steps (see _speedup_worker._stamp)
+    received = [h["received"] for h in r.get("link_bytes_per_step", [])]
+    r["measured_bytes_per_step"] = sum(b for b in received if b is not None)
     return r
 
 

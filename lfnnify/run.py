@@ -53,7 +53,7 @@ def train_from_recipe(
     leader = int(os.environ.get("RANK", "0")) == 0
     out = Path(out) if out else _default_out(recipe_path)
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    if restarts and not resume and checkpoint_exists(out / "ckpt"):  # torchrun restarted the workers after a failure
+    if restarts and checkpoint_exists(out / "ckpt"):  # torchrun restarted the workers after a failure
         resume = True
         if leader:
             print(f"torchrun restarted the workers (restart {restarts}): resuming from the last checkpoint in "

@@ -25,6 +25,19 @@ def _current(ckpt):
     return ckpt / (ckpt / "CURRENT").read_text().split()[0]
 
 
+def in_process(capsys, *args) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of ``lfnnify args`` run in this process: the same main() without the seconds a
+    new process spends importing torch (the tests that need a real process, its exit code included, use _cli)."""
+    from lfnnify.cli import main
+
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exc:  # argparse: --help and usage errors
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 def _cli(*args, timeout=300, **kwargs):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "lfnnify", *map(str, args)], capture_output=True, text=True,
@@ -112,12 +125,12 @@ def test_method_bp_trains_the_plain_model(tmp_path):
             __import__("torch").cuda.is_available(), reason="this machine has a GPU")),
     ],
 )
-def test_errors_are_one_line_with_exit_code_2(tmp_path, args, pattern):
-    proc = _cli("train", FMNIST, "--out", tmp_path / "x", *args, "--no-progress")
-    assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr
-    error_lines = [line for line in proc.stderr.splitlines() if line.startswith("lfnnify: error:")]
-    assert len(error_lines) == 1 and pattern in error_lines[0], proc.stderr
+def test_errors_are_one_line_with_exit_code_2(tmp_path, args, pattern, capsys):
+    code, _, err = in_process(capsys, "train", FMNIST, "--out", tmp_path / "x", *args, "--no-progress")
+    assert code == 2
+    assert "Traceback" not in err
+    error_lines = [line for line in err.splitlines() if line.startswith("lfnnify: error:")]
+    assert len(error_lines) == 1 and pattern in error_lines[0], err
 
 
 def test_missing_dataset_mentions_download(tmp_path):
@@ -146,22 +159,23 @@ def test_train_under_torchrun_uses_the_pipeline(tmp_path):
     assert (out / "results.md").exists()
 
 
-def test_resume_needs_a_run_and_a_fresh_run_needs_a_fresh_folder(tmp_path):
-    proc = _cli("train", FMNIST, "--out", tmp_path / "nothing", "--resume", "--no-progress")
-    assert proc.returncode == 2 and "no checkpoint" in proc.stderr
+def test_resume_needs_a_run_and_a_fresh_run_needs_a_fresh_folder(tmp_path, capsys):
+    code, _, err = in_process(capsys, "train", FMNIST, "--out", tmp_path / "nothing", "--resume", "--no-progress")
+    assert code == 2 and "no checkpoint" in err
 
 
-def test_help_gives_examples():
+def test_help_gives_examples(capsys):
     for args in (["--help"], ["train", "--help"], ["plan", "--help"], ["demo", "--help"], ["export", "--help"]):
-        proc = _cli(*args)
-        assert proc.returncode == 0 and "example" in proc.stdout
+        code, out, _ = in_process(capsys, *args)
+        assert code == 0 and "example" in out
 
 
-def test_plan_command_and_unknown_model():
-    proc = _cli("plan", "resnet18", "--blocks", "2", "--input-size", "32")
-    assert proc.returncode == 0 and "largest block / mean" in proc.stdout
-    proc = _cli("plan", "resnet_nope")
-    assert proc.returncode == 2 and "unknown model 'resnet_nope'" in proc.stderr
+def test_plan_command_and_unknown_model(capsys):
+    code, out, _ = in_process(capsys, "plan", "resnet18", "--blocks", "2", "--input-size", "32", "--batch-size", "64",
+                              "--link", "1gbit")
+    assert code == 0 and "largest block / mean" in out and "DDP on 2 devices" in out
+    code, _, err = in_process(capsys, "plan", "resnet_nope")
+    assert code == 2 and "unknown model 'resnet_nope'" in err
 
 
 def test_export_command(tmp_path):

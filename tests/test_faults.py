@@ -305,18 +305,18 @@ def test_bad_input_gets_a_clear_error(what, call, error, words):
     ],
     ids=["--data missing", "data.root missing", "timeout_s", "input-size"],
 )
-def test_the_command_line_refuses_bad_input_in_one_line(tmp_path, args, words):
-    proc = subprocess.run([sys.executable, "-m", "lfnnify", *args, *(["--out",
-                                                                      str(tmp_path / "r")] if args[0] == "train"
-                                                                        else [])],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120, env={**os.environ,
-                                                                                      "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    line = proc.stderr.strip().splitlines()[-1]
+def test_the_command_line_refuses_bad_input_in_one_line(tmp_path, args, words, capsys):
+    from tests.test_cli import in_process
+
+    code, _, err = in_process(capsys, *args, *(["--out", tmp_path / "r"] if args[0] == "train" else []))
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    line = err.strip().splitlines()[-1]
     assert line.startswith("lfnnify: error:") and all(w in line for w in words), line
 
 
-def test_plan_accepts_the_documented_memory_balance():
-    proc = subprocess.run([sys.executable, "-m", "lfnnify", "plan", "resnet18", "--blocks", "2", "--input-size", "32",
-                           "--balance", "memory"], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert proc.returncode == 0 and "balanced by memory" in proc.stdout, proc.stderr[-2000:]
+def test_plan_accepts_the_documented_memory_balance(capsys):
+    from tests.test_cli import in_process
+
+    code, out, err = in_process(capsys, "plan", "resnet18", "--blocks", "2", "--input-size", "32", "--balance",
+                                "memory")
+    assert code == 0 and "balanced by memory" in out, err[-2000:]

@@ -140,3 +140,23 @@ def test_the_hosts_command_line_makes_runs_in_and_removes_hosts():
         down = cli("down")
     assert down.returncode == 0 and "lfhcli" not in _namespaces()
     assert cli("status").returncode == 2  # gone: one line says so
+
+
+def test_the_multihost_benchmark_runs_end_to_end(tmp_path):
+    # benchmarks/multihost.py at a tiny size: its own testbed, two methods, one rate, the JSON, table and picture
+    cmd = [sys.executable, "benchmarks/multihost.py", "--rates", "100mbit", "--methods", "ddp", "lfnn_pipeline",
+           "--model", "test_resnet", "--steps", "3", "--warmup", "2", "--no-projection", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    import json
+
+    result = json.loads(next(tmp_path.glob("multihost-*.json")).read_text())
+    row = result["results"]["100mbit"]
+    assert set(row) == {"ddp", "lfnn_pipeline"} and all(len(r["step_s"]) == 3 for r in row.values())
+    # the bytes the link counted are the bytes each method sends, TCP/IP headers and all (within 15%)
+    for name, r in row.items():
+        assert 0.85 < r["bytes_measured_over_expected"] < 1.15, (name, r["measured_bytes_per_step"],
+                                                                  r["expected_bytes_per_step"])
+    assert "lfnn_pipeline/ddp@100mbit" not in result["ratios"] or result["ratios"]["lfnn_pipeline/ddp@100mbit"] > 0
+    assert next(tmp_path.glob("multihost-*.png")).read_bytes()[:4] == b"\x89PNG"
+    assert "| ddp |" in next(tmp_path.glob("multihost-*.md")).read_text()
