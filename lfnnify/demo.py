@@ -285,7 +285,9 @@ def run_demo(*, quick: bool = False, out: str | None = None, budget: float | Non
 
     bp = results["backprop"]
     plot = plot_demo({n: r["curve"] for n, r in results.items()}, mem, out_dir / "demo.png",
-                     title=f"timm {MODEL}, {source.split(' (')[0]}, {args.budget:g} s each ({machine})")
+                     title=f"timm {MODEL}, {source.split(' (')[0]}, {args.budget:g} s each ({machine})",
+                     hosts=None if isinstance(hosts, str) else hosts,
+                     hosts_title=f"two hosts, one core each, {RATE} link, timm {HOSTS_MODEL}")
     (out_dir / "demo.json").write_text(json.dumps({
         "results": results, "memory": mem, "hosts": hosts, "machine": machine, "model": MODEL,
         "budget_s": args.budget, "source": source, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(

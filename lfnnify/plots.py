@@ -72,12 +72,16 @@ def plot_curves(series: dict[str, Sequence[float]], path: str | Path, *, xlabel=
     return _save(fig, path)
 
 
-def plot_demo(curves: dict[str, Sequence[dict]], memory: dict | None, path: str | Path, *, title: str = "") -> Path:
-    """Test accuracy against training seconds, one curve per method; beside it, peak memory as bars."""
+def plot_demo(curves: dict[str, Sequence[dict]], memory: dict | None, path: str | Path, *, title: str = "",
+              hosts: dict | None = None, hosts_title: str = "") -> Path:
+    """Test accuracy against training seconds, one curve per method; beside it, peak memory as bars, and where two
+    hosts were measured, their samples/s as bars labelled with the bytes each method sent per step."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2 if memory else 1, figsize=(11 if memory else 6.5, 4.2), squeeze=False,
-                             gridspec_kw={"width_ratios": [2.2, 1]} if memory else None)
-    ax = axes[0][0]
+    panels = [("curves", 2.2)] + ([("memory", 1)] if memory else []) + ([("hosts", 1.2)] if hosts else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 + 4.5 * (len(panels) - 1), 4.2), squeeze=False,
+                             gridspec_kw={"width_ratios": [w for _, w in panels]})
+    axes = dict(zip((n for n, _ in panels), axes[0]))
+    ax = axes["curves"]
     for name, curve in curves.items():
         ax.plot([p["seconds"] for p in curve], [p["accuracy"] for p in curve], marker="o",
                 markersize=4, label=name, linewidth=2.2 if name == "backprop" else 1.6)
@@ -89,10 +93,21 @@ def plot_demo(curves: dict[str, Sequence[dict]], memory: dict | None, path: str 
     ax.set_title(title, fontsize=9)
     if memory:
         names = list(memory["peak_bytes"])
-        bars = axes[0][1]
+        bars = axes["memory"]
         bars.bar(range(len(names)), [memory["peak_bytes"][n] / 2**30 for n in names],
                  color=["tab:green" if n != "backprop" else "tab:blue" for n in names])
         bars.set_xticks(range(len(names)), [n.replace(", ", ",\n") for n in names], fontsize=8)
         bars.set_ylabel("peak memory of a training step (GiB)")
         bars.set_title(memory["model"], fontsize=9)
+    if hosts:
+        names = list(hosts)
+        bars = axes["hosts"]
+        heights = [hosts[n]["samples_per_s"] for n in names]
+        bars.bar(range(len(names)), heights, color=["tab:blue" if "DDP" in n else "tab:green" for n in names])
+        for i, n in enumerate(names):
+            bars.annotate(f"{hosts[n]['bytes_per_step'] / 1e6:.1f} MB/step", (i, heights[i]), ha="center",
+                          va="bottom", fontsize=8)
+        bars.set_xticks(range(len(names)), [n.replace(" (", "\n(").replace(", ", ",\n") for n in names], fontsize=8)
+        bars.set_ylabel("samples/s across the link")
+        bars.set_title(hosts_title, fontsize=9)
     return _save(fig, path)

@@ -1,0 +1,184 @@
+"""Every figure README.md and benchmarks/README.md quote from a results file is remade here from that file.
+
+Each entry below names a document, the results file its figures come from, and how to write those figures from
+the file, exactly as the document writes them. The test fails when a document no longer says what its source
+says (a figure edited by hand, a file re-measured without the text following), and when the document stops
+naming the file next to its figures. Whitespace and bold markers are ignored when matching; nothing else is.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+README, BENCH = "README.md", "benchmarks/README.md"
+GIB = 2**30
+
+
+def _flat(text: str) -> str:
+    return re.sub(r"\s+", " ", text.replace("**", ""))
+
+
+def _x(value: float, digits: int = 2) -> str:
+    return f"{value:.{digits}f}×"
+
+
+# ---------------------------------------------------------------- one function per results file
+
+
+def convert_time(d: dict) -> dict[str, list[str]]:
+    s = d["convert_s"]
+    return {BENCH: [f"{d['convert_s_median']:.2f} s median ({len(s)} runs, {min(s):.2f}–{max(s):.2f} s)",
+                    f"largest block / mean FLOPs = {d['imbalance']:.3f}"],
+            README: [f"{d['convert_s_median']:.2f} s; largest block {d['imbalance']:.3f}× the mean"]}
+
+
+def memory(batch: int, allocator: str):
+    def figures(d: dict) -> dict[str, list[str]]:
+        bp, lf = d["peak_bytes"]["bp"] / GIB, d["peak_bytes"]["lfnn"] / GIB
+        out = [f"| {batch} | {allocator} | {bp:.2f} GiB | {lf:.2f} GiB | {100 * d['lfnn_over_bp']:.1f}%"]
+        if batch == 16:  # what training adds on top of what the process held before it
+            bp_add, lf_add = ((d["methods"][m]["peak_rss_bytes"] - d["methods"][m]["rss_before_training_bytes"]) / GIB
+                              for m in ("bp", "lfnn"))
+            share = round(100 * lf_add / bp_add)
+            out.append(f"{share}% of what BP needs at batch 16 ({lf_add:.2f} vs {bp_add:.2f} GiB, glibc default"
+                       if allocator == "glibc default" else
+                       f"{share}%, {lf_add:.2f} vs {bp_add:.2f} GiB, with the mmap threshold")
+        return {BENCH: out}
+    return figures
+
+
+def speedup(d: dict) -> dict[str, list[str]]:
+    m, s, p, b = d["methods"], d["speedup"], d["projection"], d["bytes_per_step"]
+    rows = {"bp_single": "BP, one process, 2 threads", "ddp": "DDP, 2 processes × 1 thread, 32 examples each",
+            "bp_model_parallel": "BP model-parallel, 2 processes (the paper's baseline)",
+            "lfnn_pipeline": "LFNN-ℓ pipeline", "lfnn_pipeline_fw": "LFNN-ℓ pipeline, 4 filter-wise workers",
+            "replay_pipeline": "replay pipeline (recompute)", "lfnn_single": "LFNN-ℓ one-device trainer, 2 threads"}
+    fewer = sorted(round(b["ddp"] / b[k]) for k in ("replay_pipeline", "lfnn_pipeline"))
+    return {
+        BENCH: [f"| {label} | {m[k]['samples_per_s']:.1f} |" for k, label in rows.items()]
+        + [f"| BP GPipe / 1F1B, M=4 | {m['bp_gpipe']['samples_per_s']:.1f} / {m['bp_1f1b']['samples_per_s']:.1f} |",
+           f"| LFNN-ℓ pipeline / BP model-parallel | {_x(s['vs_bp_model_parallel'])} (projected "
+           f"{_x(p['predicted_speedup_vs_bp_model_parallel'])}) |",
+           f"| LFNN-ℓ pipeline / BP 1F1B | {_x(s['vs_bp_pipelined'])} |",
+           f"| LFNN-ℓ pipeline / DDP | {_x(s['vs_ddp'])} (replay: {_x(s['replay_vs_ddp'])}) |",
+           f"| LFNN-ℓ pipeline / one-process BP | {_x(s['vs_bp_single'])} (replay: {_x(s['replay_vs_bp_single'])}) |",
+           f"{b['ddp'] / 1e6:.1f} MB, {fewer[0]}–{fewer[1]}× less for these small inputs"],
+        README: [f"{_x(s['vs_bp_model_parallel'])} / {_x(s['vs_bp_pipelined'])} (projected "
+                 f"{_x(p['predicted_speedup_vs_bp_model_parallel'])})",
+                 f"{_x(s['vs_bp_single'])} ({_x(s['replay_vs_bp_single'])}) / {_x(s['vs_ddp'])} "
+                 f"({_x(s['replay_vs_ddp'])})"],
+    }
+
+
+MULTIHOST_ROWS = {
+    "ddp": "DDP (`DistributedDataParallel`, one replica per host)",
+    "bp_gpipe": "backprop, GPipe (`torch.distributed.pipelining`, 4 micro-batches)",
+    "bp_1f1b": "backprop, 1F1B (the same, 4 micro-batches)",
+    "lfnn_pipeline": "LFNN-ℓ pipeline",
+    "replay_pipeline": "replay pipeline (weight stashing)",
+    "lfnn_pipeline_bf16": "LFNN-ℓ pipeline, bfloat16 sends",
+    "replay_pipeline_bf16": "replay pipeline, bfloat16 sends",
+}
+
+
+def multihost(d: dict) -> dict[str, list[str]]:
+    r, rates = d["results"], d["settings"]["rates"]
+    rows = []
+    for k, label in MULTIHOST_ROWS.items():
+        cells = [f"{r[rate][k]['samples_per_s']:.1f} ({r[rate][k]['measured_bytes_per_step'] / 1e6:.1f} / "
+                 f"{r[rate][k]['expected_bytes_per_step'] / 1e6:.1f})" for rate in rates]
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    ratio = d["ratios"]
+    rows += [f"| LFNN-ℓ pipeline / DDP, 100 Mbit/s, ≥ 5× | {_x(ratio['lfnn_pipeline/ddp@100mbit'])} |",
+             f"| replay pipeline / DDP, 100 Mbit/s, ≥ 4× | {_x(ratio['replay_pipeline/ddp@100mbit'])} |",
+             f"| LFNN-ℓ pipeline / DDP, 1 Gbit/s, ≥ 1.8× | {_x(ratio['lfnn_pipeline/ddp@1gbit'])} |",
+             f"| replay pipeline / DDP, 1 Gbit/s, ≥ 1.3× | {_x(ratio['replay_pipeline/ddp@1gbit'])} |",
+             f"| LFNN-ℓ pipeline / DDP, unshaped, ≥ 1.2× | {_x(ratio['lfnn_pipeline/ddp@unshaped'])} |",
+             "| LFNN-ℓ pipeline / backprop 1F1B, every rate, ≥ 1.5× | "
+             + " / ".join(_x(ratio[f"lfnn_pipeline/bp_1f1b@{rate}"]) for rate in rates) + " |"]
+    p = d["projection_k4"]["samples_per_s"]
+    k4 = {m: [p[rate][m] / p[rate]["ddp"] for rate in ("unshaped", "1gbit", "100mbit")]
+          for m in ("lfnn_pipeline", "replay_pipeline")}
+    rows.append("LFNN-ℓ / DDP {} unshaped, {} at 1 Gbit/s and {} at 100 Mbit/s; replay {}, {} and {}".format(
+        *(_x(v) for v in k4["lfnn_pipeline"][:2]), _x(k4["lfnn_pipeline"][2]),
+        *(_x(v) for v in k4["replay_pipeline"][:2]), _x(k4["replay_pipeline"][2], 1)))
+    expected = {k: r["1gbit"][k]["expected_bytes_per_step"] for k in ("ddp", "lfnn_pipeline", "replay_pipeline")}
+    rows.append(f"{expected['ddp'] / expected['lfnn_pipeline']:.0f}× less for LFNN-ℓ, "
+                f"{expected['ddp'] / expected['replay_pipeline']:.0f}× less for replay")
+    lf, ddp = r["1gbit"]["lfnn_pipeline"]["samples_per_s"], r["1gbit"]["ddp"]["samples_per_s"]
+    return {BENCH: rows,
+            README: [f"{_x(ratio['lfnn_pipeline/ddp@1gbit'])} DDP's samples/s at 1 Gbit/s ({lf:.0f} against "
+                     f"{ddp:.0f})"]}
+
+
+def time_to_accuracy(d: dict) -> dict[str, list[str]]:
+    def row(evals):
+        return " | ".join(f"{e['accuracy']:.3f}"[1:] for e in evals)
+    bp, pipe = d["bp"]["evaluations"], d["lfnn_pipeline"]["evaluations"]
+    return {BENCH: [f"| backprop, test accuracy | {row(bp)} |", f"| replay K=2 pipeline, test accuracy | {row(pipe)} |",
+                    f"reaches backprop's final accuracy ({d['target_accuracy']:.4f})"],
+            README: [f"not reached in 2 epochs ({d['final_accuracy']['lfnn_pipeline']:.3f} vs "
+                     f"{d['final_accuracy']['bp']:.3f})"]}
+
+
+def finetune(d: dict) -> dict[str, list[str]]:
+    m = d["methods"]
+    bp = m["bp"]["test_accuracy"]
+    rows = [f"| backprop | {bp:.4f} | – | {m['bp']['seconds']:.0f} |"]
+    labels = {"replay": "replay (recompute)", "replay_stash": "replay, weight stashing",
+              "local_lookahead_layer": "LFNN-ℓ, look-ahead heads (next layer)",
+              "local": "LFNN-ℓ, GAP+linear heads (the paper)"}
+    for k, label in labels.items():
+        rows.append(f"| {label} | {m[k]['test_accuracy']:.4f} | −{100 * (bp - m[k]['test_accuracy']):.2f} | "
+                    f"{m[k]['seconds']:.0f} |")
+    return {BENCH: rows, README: [f"replay {m['replay']['test_accuracy']:.4f} vs BP {bp:.4f} "
+                                  f"(−{100 * (bp - m['replay']['test_accuracy']):.2f})"]}
+
+
+def demo_output(text: str) -> dict[str, list[str]]:
+    # what the demo printed, line by line, but the picture's and run folder's temporary paths
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("picture:")]
+    lines = [ln.split(" (set-up excluded)")[0] if ln.startswith("demo time") else ln for ln in lines]
+    return {README: lines}
+
+
+SOURCES = {  # results file -> how to write its figures, per document that quotes them
+    "convert_time-resnet101-k4-cpu2-2026-11-26.json": convert_time,
+    "memory-resnet101-k4-b64-memory-cpu2-2026-11-27.json": memory(64, "glibc default"),
+    "memory-resnet101-k4-b64-memory-mmap-cpu2-2026-11-27.json": memory(64, "`--mmap-threshold 131072`"),
+    "memory-resnet101-k4-b16-memory-cpu2-2026-11-27.json": memory(16, "glibc default"),
+    "memory-resnet101-k4-b16-memory-mmap-cpu2-2026-11-27.json": memory(16, "`--mmap-threshold 131072`"),
+    "speedup-resnet18-k2-cpu2-2026-11-29.json": speedup,
+    "multihost-resnet18-k2-cpu2-2026-12-02.json": multihost,
+    "time_to_accuracy-fashion_mnist-resnet18-k2-replay-stash-cpu2-2026-11-29.json": time_to_accuracy,
+    "finetune-fashion_mnist-resnet18-k4-cpu2-2026-11-29.json": finetune,
+    "demo-intel-xeon-2026-12-02.txt": demo_output,
+}
+
+
+@pytest.mark.parametrize("name", sorted(SOURCES))
+def test_every_quoted_figure_matches_its_results_file(name):
+    path = RESULTS / name
+    source = path.read_text()
+    figures = SOURCES[name](json.loads(source) if name.endswith(".json") else source)
+    problems = []
+    for doc, expected in figures.items():
+        text = (ROOT / doc).read_text()
+        flat = _flat(text)
+        problems += [f"{doc} no longer says what {name} says: {f}" for f in expected if _flat(f) not in flat]
+        if path.stem not in text:
+            problems.append(f"{doc} quotes {name} without naming it")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_check_fails_on_a_changed_figure():
+    d = json.loads((RESULTS / "multihost-resnet18-k2-cpu2-2026-12-02.json").read_text())
+    d["results"]["1gbit"]["ddp"]["samples_per_s"] *= 1.01  # a figure edited by 1%
+    flat = _flat((ROOT / BENCH).read_text())
+    assert any(_flat(f) not in flat for f in multihost(d)[BENCH])
