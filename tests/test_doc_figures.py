@@ -114,7 +114,14 @@ def multihost(d: dict) -> dict[str, list[str]]:
     lf, ddp = r["1gbit"]["lfnn_pipeline"]["samples_per_s"], r["1gbit"]["ddp"]["samples_per_s"]
     return {BENCH: rows,
             README: [f"{_x(ratio['lfnn_pipeline/ddp@1gbit'])} DDP's samples/s at 1 Gbit/s ({lf:.0f} against "
-                     f"{ddp:.0f})"]}
+                     f"{ddp:.0f})",
+                     f"| {_x(ratio['lfnn_pipeline/ddp@1gbit'])} and {_x(ratio['lfnn_pipeline/ddp@100mbit'])} |",
+                     f"| {_x(ratio['replay_pipeline/ddp@1gbit'])} and {_x(ratio['replay_pipeline/ddp@100mbit'])} |",
+                     "| {} to {} |".format(*(_x(f(ratio[f"lfnn_pipeline/bp_1f1b@{rate}"] for rate in rates))
+                                              for f in (min, max))),
+                     "DDP's samples/s on an unshaped link, {}× at 1 Gbit/s and {}× at 100 Mbit/s".format(
+                         *(f"{ratio[f'lfnn_pipeline/ddp@{rate}']:.1f}" for rate in ("1gbit", "100mbit"))),
+                     f"trained {ratio['lfnn_pipeline/ddp@unshaped']:.1f}× DDP's samples/s on an unshaped link"]}
 
 
 def time_to_accuracy(d: dict) -> dict[str, list[str]]:
