@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,7 @@ from ._comm import (
     peer_failures,
     stage_device,
 )
+from ._balance import CHECK_AFTER_STEPS, balance_report
 from ._pipeline_eval import evaluate_stage
 from ._replicas import average_gradients, broadcast_from_first_replica
 from ._shards import Shard, keep_only_stage
@@ -160,6 +162,7 @@ class PipelineTrainer(TrainerBase):
             progress=progress and self.rank == 0,
         )
         self.timing = StageTiming(busy_s=0.0, recv_wait_s=0.0, send_wait_s=0.0, steps=0)
+        self.balance: dict | None = None  # the blocks' busy time per step, once gathered (see _balance.py)
         processes: list = [None] * self.world
         dist.all_gather_object(processes, (machine_identity(), os.getpid(), host_name()))
         self._processes = [(machine, pid) for machine, pid, _ in processes]
@@ -308,7 +311,20 @@ class PipelineTrainer(TrainerBase):
             if not finished:
                 break
         self._raise_if_nonfinite()
+        if self.balance is None and self.world > 1 and self.timing["steps"] >= CHECK_AFTER_STEPS:
+            self._check_balance()
         return self.history
+
+    def _check_balance(self) -> None:
+        """Once, after the first steps (every rank has taken the same number): gather every rank's busy time, keep
+        the report in ``self.balance``, and warn on rank 0 when one block is much slower than the others."""
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, {**self.timing, "rank": self.rank})
+        self.balance = balance_report(gathered, self.replicas, self.net.config.get("balance"))
+        if self.balance["warning"] and self.rank == 0:
+            warnings.warn(self.balance["warning"], UserWarning, stacklevel=3)
+        if self.last:
+            self._log({"kind": "balance", **self.balance})
 
     def _feed(self, loader, max_steps, records, *, evaluate: bool) -> int:
         """First stage: read this replica's batches, run block 0, and pass them down the pipe."""

@@ -16,7 +16,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lfnnify  # noqa: E402
+import lfnnify.pipeline  # noqa: E402
 from lfnnify.data import SyntheticImages, make_loader  # noqa: E402
+
+lfnnify.pipeline.CHECK_AFTER_STEPS = 5  # the balance report after 5 steps (not 10), so that 7-step scenarios make one
 
 # shared with the single-process references in the tests; the pipeline's properties need BatchNorm, residuals and
 # several cuts, not size: timm's test_resnet (0.37M parameters) has them and trains 10x faster than resnet18 here
@@ -149,7 +152,7 @@ def run(name: str, out: Path) -> None:
     timings = trainer.stage_timings()
     if trainer.rank == trainer.world - 1:
         (out / "report.json").write_text(json.dumps({"timings": timings, "history": trainer.history,
-                                                     "metrics": trainer.history[-1]}))
+                                                     "metrics": trainer.history[-1], "balance": trainer.balance}))
     if s["replicas"] > 1:  # every replica's whole state, heads included, to compare replicas with each other
         part = {k: v for k, v in net.state_dict().items() if k.startswith((f"blocks.{trainer.stage}.",
                                                                              f"heads.{trainer.stage}."))}

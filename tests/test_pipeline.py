@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import lfnnify
+from lfnnify._balance import TOLERANCE, balance_report
 from tests import pipeline_worker as worker
 from tests.launch import names, scenarios_run, torchrun
 
@@ -54,6 +55,11 @@ def test_pipeline_equals_one_device_trainer(name):
     steps = worker.spec(name)["steps"] - (worker.spec(name)["resume_at"] or 0)  # timings since the resume
     assert len(report["timings"]) == world and all(t["steps"] == steps for t in report["timings"])
     assert all(t["busy_s"] > 0 for t in report["timings"])
+    if steps >= 5:  # the balance report the trainer made after its first 5 steps (all of them here)
+        assert report["balance"] == balance_report(report["timings"], worker.spec(name)["replicas"],
+                                                   piped.config["balance"])
+    else:
+        assert report["balance"] is None
     expected = trainer.evaluate(worker.loaders(name)[1])
     assert report["metrics"]["val_accuracy"] == pytest.approx(expected["accuracy"], abs=1e-6)
     assert report["metrics"]["val_block_accuracy"] == pytest.approx(expected["block_accuracy"], abs=1e-6)
@@ -170,3 +176,23 @@ def test_same_machine_is_decided_by_boot_id_and_pid_namespace_not_host_name(monk
     assert not _comm.end_if_here(("another-boot-id/pid:[1]", 12345))  # same host name, another machine
     assert _comm.end_if_here((here, 12345)) and killed == [12345]
     assert not _comm.end_if_here((here, os.getpid()))  # never itself
+
+
+def test_the_balance_report_names_the_slow_block_and_the_fix():
+    def timing(rank, ms):
+        return {"rank": rank, "busy_s": ms * 20 / 1e3, "recv_wait_s": 0.0, "send_wait_s": 0.0, "steps": 20}
+
+    slow = balance_report([timing(0, 130), timing(1, 70)], replicas=1, balance="flops")
+    assert slow["busy_ms_per_step"] == pytest.approx([130, 70]) and slow["slowest"] == 0
+    assert slow["ratio_to_mean"] == pytest.approx(1.3)
+    assert "block 0 was busy 130 ms per step, 1.30x the mean of the 2 blocks" in slow["warning"]
+    assert 'balance="time"' in slow["warning"]
+    # already cut by measured time: another fix
+    assert "cuts=[...]" in balance_report([timing(0, 130), timing(1, 70)], replicas=1, balance="time")["warning"]
+    # within the tolerance: no warning; replicas of a block are averaged
+    under = 200 / (TOLERANCE - 0.01) - 100  # block 1 this fast: block 0 is 0.01 under TOLERANCE x the mean
+    assert balance_report([timing(0, 100), timing(1, under)], replicas=1, balance="flops")["warning"] is None
+    assert balance_report([timing(0, 100), timing(1, under - 2)], replicas=1, balance="flops")["warning"]
+    both = balance_report([timing(0, 100), timing(1, 140), timing(2, 100), timing(3, 100)], replicas=2,
+                          balance="flops")
+    assert both["busy_ms_per_step"] == pytest.approx([120, 100]) and both["warning"] is None
