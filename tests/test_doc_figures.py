@@ -111,6 +111,8 @@ def multihost(d: dict) -> dict[str, list[str]]:
     expected = {k: r["1gbit"][k]["expected_bytes_per_step"] for k in ("ddp", "lfnn_pipeline", "replay_pipeline")}
     rows.append(f"{expected['ddp'] / expected['lfnn_pipeline']:.0f}× less for LFNN-ℓ, "
                 f"{expected['ddp'] / expected['replay_pipeline']:.0f}× less for replay")
+    apart = max(abs(x["bytes_measured_over_expected"] - 1) for by_method in r.values() for x in by_method.values())
+    rows.append(f"at most {100 * apart:.1f}% apart")
     lf, ddp = r["1gbit"]["lfnn_pipeline"]["samples_per_s"], r["1gbit"]["ddp"]["samples_per_s"]
     return {BENCH: rows,
             README: [f"{_x(ratio['lfnn_pipeline/ddp@1gbit'])} DDP's samples/s at 1 Gbit/s ({lf:.0f} against "
@@ -148,6 +150,11 @@ def finetune(d: dict) -> dict[str, list[str]]:
                                   f"(−{100 * (bp - m['replay']['test_accuracy']):.2f})"]}
 
 
+def leaderboard_one_seed(d: dict) -> dict[str, list[str]]:
+    # the 2026-11-29 table, one seed per row: every row's three test errors, in order
+    return {BENCH: ["| " + " | ".join(f"{e:.2f}" for e in m["test_error"]) + " |" for m in d["methods"].values()]}
+
+
 def demo_output(text: str) -> dict[str, list[str]]:
     # what the demo printed, line by line, but the picture's and run folder's temporary paths
     lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("picture:")]
@@ -166,6 +173,7 @@ SOURCES = {  # results file -> how to write its figures, per document that quote
     "time_to_accuracy-fashion_mnist-resnet18-k2-replay-stash-cpu2-2026-11-29.json": time_to_accuracy,
     "finetune-fashion_mnist-resnet18-k4-cpu2-2026-11-29.json": finetune,
     "demo-intel-xeon-2026-12-02.txt": demo_output,
+    "accuracy_fashion_mnist-resnet18-k4-cpu2-2026-11-29.json": leaderboard_one_seed,
 }
 
 
