@@ -4,7 +4,8 @@
    as a safetensors file timm loads (``pretrained_cfg_overlay=dict(file=...)``).
 2. Fine-tune it on classes 5-9 (as 5 new classes: the classifier is re-initialised by
    ``lfnnify.load_pretrained``) with backprop and with each pipeline-capable mode, for the same steps, the
-   same data order and optimizer; lfnnify's modes first warm their random heads up (``head_warmup_steps``).
+   same data order and optimizer; lfnnify's modes first warm their random heads up (``head_warmup_steps``)
+   for ``--head-warmup`` extra steps with the trunk frozen, so that every method trains the trunk ``--steps`` steps.
 3. Report the test accuracy on classes 5-9 and the training time of each method.
 
 Reproduce:  python benchmarks/finetune.py
@@ -128,9 +129,9 @@ def main() -> None:
                 net = lfnnify.convert(model, example_input=torch.zeros(1, 1, 28, 28), **knobs)
                 trainer = lfnnify.Trainer(
                     net, optimizer=lambda ps: _sgd(ps, args.lr), head_warmup_steps=args.head_warmup, progress=False,
-                    scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps))
-                start = time.perf_counter()
-                trainer.fit(loader, epochs=10**6, max_steps=args.steps)
+                    scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps + args.head_warmup))
+                start = time.perf_counter()  # the warm-up steps train only the heads: the trunk gets args.steps
+                trainer.fit(loader, epochs=10**6, max_steps=args.steps + args.head_warmup)
                 seconds = time.perf_counter() - start
                 accuracy = trainer.evaluate(test_loader)["accuracy"]
             results[name] = {"label": label, "test_accuracy": accuracy, "seconds": seconds}
