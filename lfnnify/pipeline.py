@@ -318,9 +318,7 @@ class PipelineTrainer(TrainerBase):
     def _check_balance(self) -> None:
         """Once, after the first steps (every rank has taken the same number): gather every rank's busy time, keep
         the report in ``self.balance``, and warn on rank 0 when one block is much slower than the others."""
-        gathered: list = [None] * self.world
-        dist.all_gather_object(gathered, {**self.timing, "rank": self.rank})
-        self.balance = balance_report(gathered, self.replicas, self.net.config.get("balance"))
+        self.balance = balance_report(self.stage_timings(), self.replicas, self.net.config.get("balance"))
         if self.balance["warning"] and self.rank == 0:
             warnings.warn(self.balance["warning"], UserWarning, stacklevel=3)
         if self.last:
