@@ -129,7 +129,8 @@ def main() -> None:
                 net = lfnnify.convert(model, example_input=torch.zeros(1, 1, 28, 28), **knobs)
                 trainer = lfnnify.Trainer(
                     net, optimizer=lambda ps: _sgd(ps, args.lr), head_warmup_steps=args.head_warmup, progress=False,
-                    scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps + args.head_warmup))
+                    scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(
+                        opt, args.steps + args.head_warmup))
                 start = time.perf_counter()  # the warm-up steps train only the heads: the trunk gets args.steps
                 trainer.fit(loader, epochs=10**6, max_steps=args.steps + args.head_warmup)
                 seconds = time.perf_counter() - start

@@ -62,7 +62,7 @@ def measured_time_cuts(args) -> tuple[list[str], str]:
     import torch
 
     import lfnnify
-    from lfnnify.models import create_model
+    from lfnnify.zoo import create_model
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -129,7 +129,7 @@ def project_k4(args) -> dict:
     import torch
 
     import lfnnify
-    from lfnnify.models import create_model
+    from lfnnify.zoo import create_model
 
     torch.set_num_threads(1)
     model = create_model(args.model, num_classes=10, cifar=True)
@@ -182,7 +182,7 @@ def main() -> None:
     env_before = environment(1)
     args.cuts, plan_text = measured_time_cuts(args)
     print(plan_text, flush=True)
-    from lfnnify.models import create_model
+    from lfnnify.zoo import create_model
 
     model = create_model(args.model, num_classes=10, cifar=True)
     import torch

@@ -125,7 +125,7 @@ def project_k4(args, bp, hit_bp, hit_lf) -> dict | None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "projection.json"
         import lfnnify
-        from lfnnify.models import create_model
+        from lfnnify.zoo import create_model
 
         cuts = lfnnify.plan(create_model("resnet18", num_classes=10), blocks=4,
                             example_input=torch.zeros(1, 3, 28, 28)).cuts

@@ -7,6 +7,7 @@ The public names below load on first use, so ``import lfnnify`` (and ``lfnnify -
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 from . import errors as _errors
 from ._version import __version__
@@ -31,6 +32,14 @@ _LAZY = {
 
 __all__ = ["__version__", *_LAZY, *_errors.__all__]
 
+if TYPE_CHECKING:  # what type checkers and editors see; at run time each name loads on first use (below)
+    from .checkpoint import export, load, load_pretrained, read_trainer_state, save  # noqa: F401
+    from .conversion import convert  # noqa: F401
+    from .model import LFNNModel, LocalLosses  # noqa: F401
+    from .pipeline import PipelineTrainer  # noqa: F401
+    from .planning import BlockInfo, Plan, plan  # noqa: F401
+    from .plots import plot_leadership  # noqa: F401
+    from .trainer import Trainer  # noqa: F401
 
 def __getattr__(name: str):
     module = _LAZY.get(name)

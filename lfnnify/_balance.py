@@ -31,6 +31,7 @@ def balance_report(timings: list[dict], replicas: int, balance: str | None) -> d
         advice = ("convert with balance=\"time\" (recipe: convert.balance: time) to cut where the blocks' measured "
                   "times, not their FLOPs, are even" if balance != "time" else
                   "the cuts were already chosen by measured time: pass cuts=[...] by hand, or another number of blocks")
-        warning = (f"the pipeline runs at its slowest block's pace, and block {slowest} was busy {per_block[slowest]:.0f} "
-                   f"ms per step, {ratio:.2f}x the mean of the {blocks} blocks (ms per step: {each}); {advice}")
+        warning = (f"the pipeline runs at its slowest block's pace, and block {slowest} was busy "
+                   f"{per_block[slowest]:.0f} ms per step, {ratio:.2f}x the mean of the {blocks} blocks (ms per step: "
+                   f"{each}); {advice}")
     return {"busy_ms_per_step": per_block, "slowest": slowest, "ratio_to_mean": ratio, "warning": warning}

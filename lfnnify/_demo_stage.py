@@ -81,7 +81,7 @@ def across_hosts(args) -> None:
 
 def _across_hosts(method: str, steps: int, model_name: str) -> dict:
     import lfnnify
-    from lfnnify.models import create_model
+    from lfnnify.zoo import create_model
 
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)

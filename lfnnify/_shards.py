@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
+import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,8 +11,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from . import _files as fileio
 from . import _store as store
-from .checkpoint import describe_checkpoint, fingerprint_input, trainer_files
+from .checkpoint import describe_checkpoint, fingerprint_input, refuse_nonfinite, trainer_files
 from .model import LFNNModel, main_output
 
 __all__ = ["Shard", "keep_only_stage"]
@@ -48,18 +49,20 @@ class Shard:
 
     def _save(self, net: LFNNModel, path: Path, *, trainer=None) -> Path:
         store.check_target(path)
+        own = self.own(net.state_dict())
+        bad: list = [None] * dist.get_world_size()  # every rank refuses together if any block holds inf or nan
+        dist.all_gather_object(bad, [k for k, v in own.items() if v.is_floating_point() and not v.isfinite().all()])
+        refuse_nonfinite({k: torch.full((1,), float("nan")) for names in bad for k in names}, path)
         meta = describe_checkpoint(net, self.source_shapes)
         meta["fingerprint"] = self._fingerprint(net, meta["input_shape"])
-        holder = [None]
-        if self.rank == 0:
-            holder = [str(store.new_version(path))]
-        dist.broadcast_object_list(holder, src=0)
-        tmp = Path(holder[0])
-        files: list[str] = []
-        try:
+        with contextlib.ExitStack() as stack:
+            holder = [str(stack.enter_context(store.writing(path))) if self.rank == 0 else None]
+            dist.broadcast_object_list(holder, src=0)
+            tmp = Path(holder[0])
+            files: list[str] = []
             if self.replica == 0:
                 k = self.stage
-                store.write_tensors(tmp / f"block{k}.safetensors", self.own(net.state_dict()))
+                fileio.write_tensors(tmp / f"block{k}.safetensors", self.own(net.state_dict()))
                 files.append(f"block{k}.safetensors")
                 if trainer is not None:
                     files += trainer_files(trainer, tmp, f"trainer-block{k}.json", f"trainer-block{k}.safetensors")
@@ -67,13 +70,9 @@ class Shard:
             dist.all_gather_object(written, files)
             if self.rank == 0:
                 meta["pipeline"] = {"blocks": net.num_blocks, "replicas": self.replicas}
-                meta["files"] = {name: store.sha256(tmp / name) for names in written for name in names}
-                store.write_json(tmp / store.META, meta)
-                store.publish(tmp)
-        except BaseException:
-            if self.rank == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise
+                meta["files"] = {name: fileio.sha256(tmp / name) for names in written for name in names}
+                fileio.write_json(tmp / store.META, meta)
+        # rank 0 has published the version (or removed it, if this rank or the gather failed)
         dist.barrier()
         return path
 

@@ -3,28 +3,26 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from ._inputs import batch_rules
 from ._jsonl import append_jsonl
+from ._options import AMP_DTYPES, TrainerOptions
 from .errors import ConfigError, NonFiniteLossError
 from .facts import find_classifier
-from .leadership import check_labels
 from .lookahead import LookaheadHead
 from .model import LFNNModel
 from .stage import BlockStage, ModeSchedule
-from .update import BlockUpdate, OptimizerFactory, SchedulerFactory
+from .update import BlockUpdate
 
-__all__ = ["TrainerBase", "block_parameters", "check_labels", "AMP_DTYPES"]
+__all__ = ["TrainerBase", "block_parameters", "AMP_DTYPES"]
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # on a GPU the losses are checked on the device and the flag is read every this many steps (and at the end of every
 # fit), so that training does not wait for the GPU each step; on the CPU every loss is checked at once
 FINITE_CHECK_EVERY = 25
-SWITCHABLE = ("local", "replay")
 
 
 def block_parameters(net: LFNNModel) -> list[list[nn.Parameter]]:
@@ -50,36 +48,21 @@ class TrainerBase:
     ``owned`` lists the blocks this process trains: all of them on one device, one in a pipeline rank.
     """
 
-    def __init__(
-        self,
-        net: LFNNModel,
-        *,
-        owned: list[int],
-        optimizer: OptimizerFactory,
-        scheduler: SchedulerFactory | None,
-        amp: str | None,
-        grad_clip: float | None,
-        head_warmup_steps: int,
-        reselect: str,
-        switch_mode_at: int | None,
-        switch_to: str | None,
-        refresh_heads_every: int | None,
-        refresh_momentum: float,
-        log_path: str | Path | None,
-        log_every: int,
-        progress: bool,
-    ):
-        _validate(net, amp=amp, reselect=reselect, grad_clip=grad_clip, head_warmup_steps=head_warmup_steps,
-                  switch_mode_at=switch_mode_at, switch_to=switch_to, log_every=log_every)
-        self.refresh_heads_every, self.refresh_momentum = _refreshing(net, refresh_heads_every, refresh_momentum)
+    def __init__(self, net: LFNNModel, *, owned: list[int], options: TrainerOptions):
+        options.check_for(net)
+        self.options = options
+        optimizer, scheduler, amp, grad_clip = options.optimizer, options.scheduler, options.amp, options.grad_clip
+        head_warmup_steps = options.head_warmup_steps
+        self.refresh_heads_every, self.refresh_momentum = options.refresh_heads_every, float(options.refresh_momentum)
         self.net = net
-        self.amp, self.grad_clip, self.reselect = amp, grad_clip, reselect
+        self.amp, self.grad_clip, self.reselect = amp, grad_clip, options.reselect
         self.head_warmup_steps = head_warmup_steps
-        self.schedule = ModeSchedule(net.mode, switch_mode_at, switch_to, head_warmup_steps)
-        self.log_path = Path(log_path) if log_path is not None else None
-        self.log_every, self.progress = log_every, progress
+        self.schedule = ModeSchedule(net.mode, options.switch_mode_at, options.switch_to, head_warmup_steps)
+        self.log_path = Path(options.log_path) if options.log_path is not None else None
+        self.log_every, self.progress = options.log_every, options.progress
         self.device = next((p.device for p in net.blocks[owned[0]].parameters()), torch.device("cpu"))
         self.groups = block_parameters(net)
+        self.batch_rules = batch_rules(net)  # what every training and evaluation batch must satisfy
         classifier = find_classifier(net._source)
         keep = {id(p) for p in classifier.parameters()} if classifier is not None else set()
         keep |= {id(p) for head in net.heads for p in head.parameters()}
@@ -105,6 +88,7 @@ class TrainerBase:
         self.leadership: list[list[list[int]]] = []  # per epoch, per hidden block, times each worker led
         self.history: list[dict] = []
         self._stop = False
+        self._broken: str | None = None  # why this trainer can no longer train (a non-finite loss)
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:
@@ -148,13 +132,23 @@ class TrainerBase:
         if self.step % FINITE_CHECK_EVERY == 0 and self.device.type != "cpu":
             self._raise_if_nonfinite()
 
-    @staticmethod
-    def _nonfinite(k: int, step: int, value: float | None = None):
+    def _nonfinite(self, k: int, step: int, value: float | None = None):
         what = "not finite (inf or nan)" if value is None else f"{value}"
+        self._broken = (
+            f"this trainer stopped at step {step} on a non-finite loss in block {k}; the model's weights or BatchNorm "
+            f"statistics may now hold inf or nan, so it cannot go on training or evaluating. Load the last "
+            f"checkpoint (lfnnify.load and Trainer.load_state_dict) and train again with a lower learning rate or "
+            f"grad_clip="
+        )
         raise NonFiniteLossError(
             f"block {k}'s loss is {what} at step {step}; training stopped. "
             f"Lower the learning rate, set grad_clip=, or check the inputs of block {k}."
         )
+
+    def _check_usable(self) -> None:
+        """Refuse to train or evaluate after a non-finite loss left the model in an unknown state."""
+        if self._broken is not None:
+            raise NonFiniteLossError(self._broken)
 
     def _refresh_due(self, k: int, step: int) -> bool:
         """Whether head ``k`` takes block k+1's weights at ``step`` (as they are after block k+1's step - 1)."""
@@ -224,13 +218,30 @@ class TrainerBase:
             "fixed_leaders": [t.clone() if t is not None else None for t in self.net.fixed_leaders],
             "history": self.history,
             "stages": [s.state_dict() for s in self.stages.values()],
+            "conversion": self._conversion(),
         }
+
+    def _conversion(self) -> dict:
+        """The conversion settings a trainer state depends on: a resume into another conversion is refused."""
+        return {"mode": self.net.mode, "weight_stashing": bool(self.net.config.get("weight_stashing", False))}
 
     def load_state_dict(self, state: dict) -> None:
         if len(state["optimizers"]) != len(self.updates):
             raise ConfigError(
                 f"the checkpoint has {len(state['optimizers'])} block optimizers but this trainer has "
                 f"{len(self.updates)}; resume with the model the checkpoint was saved from"
+            )
+        saved = state.get("conversion")
+        if saved is None:  # states written before the conversion was recorded: what their kept batches show
+            stashed = any(e.get("weights") is not None for st in state.get("stages", []) for e in st.get("kept", []))
+            saved = {"mode": "replay", "weight_stashing": True} if stashed else None
+        if saved is not None and saved != self._conversion():
+            raise ConfigError(
+                f"this trainer state was saved from a model converted with mode={saved['mode']!r}, "
+                f"weight_stashing={saved['weight_stashing']}, but this model has mode={self.net.mode!r}, "
+                f"weight_stashing={self._conversion()['weight_stashing']}: its kept batches and optimizer states "
+                f"would be used for another method. Convert the model the same way to resume (lfnnify.load(path) "
+                f"rebuilds it), or start a new trainer"
             )
         self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
         scalers = state.get("scalers") or [None] * len(self.updates)
@@ -255,53 +266,3 @@ class TrainerBase:
 
 def _cuda_in_use() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_initialized()
-
-
-def _validate(net, *, amp, reselect, grad_clip, head_warmup_steps, switch_mode_at, switch_to, log_every) -> None:
-    if not isinstance(net, LFNNModel):
-        raise ConfigError(f"a trainer needs a model from lfnnify.convert, got {type(net).__name__}")
-    if amp not in (None, *AMP_DTYPES):
-        raise ConfigError(f"amp={amp!r} must be None, 'bf16' or 'fp16'")
-    if reselect not in ("batch", "epoch"):
-        raise ConfigError(f"reselect={reselect!r} must be 'batch' or 'epoch'")
-    if grad_clip is not None and (isinstance(grad_clip, bool) or not isinstance(grad_clip, (int, float))
-                                  or not grad_clip > 0 or not math.isfinite(grad_clip)):
-        raise ConfigError(f"grad_clip={grad_clip!r} must be a positive number or None")
-    if not isinstance(head_warmup_steps, int) or isinstance(head_warmup_steps, bool) or head_warmup_steps < 0:
-        raise ConfigError(f"head_warmup_steps={head_warmup_steps!r} must be an int >= 0")
-    if not isinstance(log_every, int) or isinstance(log_every, bool) or log_every < 1:
-        raise ConfigError(f"log_every={log_every!r} must be an int >= 1")
-    if (switch_mode_at is None) != (switch_to is None):
-        raise ConfigError(
-            f"switch_mode_at={switch_mode_at!r}, switch_to={switch_to!r}: give both (e.g. switch_mode_at=1000, "
-            f"switch_to='replay') or neither"
-        )
-    if switch_mode_at is not None:
-        if not isinstance(switch_mode_at, int) or isinstance(switch_mode_at, bool) or switch_mode_at < 0:
-            raise ConfigError(f"switch_mode_at={switch_mode_at!r} must be a step count >= 0")
-        if switch_to not in SWITCHABLE or net.mode not in SWITCHABLE or switch_to == net.mode:
-            raise ConfigError(
-                f"switch_to={switch_to!r} with a model converted with mode={net.mode!r}: training can switch between "
-                f"'local' and 'replay' (either way round); convert with one and switch to the other"
-            )
-    uses_replay = net.mode == "replay" or switch_to == "replay"
-    if uses_replay and amp == "fp16":
-        raise ConfigError(
-            "amp='fp16' with mode='replay': delayed gradients travel between blocks that scale their losses "
-            "differently, so replay supports amp='bf16' (no loss scaling) or full precision"
-        )
-
-
-def _refreshing(net, every, momentum) -> tuple[int | None, float]:
-    if every is None:
-        return None, 0.0
-    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-        raise ConfigError(f"refresh_heads_every={every!r} must be a step count >= 1 or None")
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
-        raise ConfigError(f"refresh_momentum={momentum!r} must be a number in [0, 1) (0 copies the weights)")
-    if not any(isinstance(h, LookaheadHead) for h in net.heads):
-        raise ConfigError(
-            f"refresh_heads_every={every}: only look-ahead heads copy the next block, and this model's heads are "
-            f"{net.config.get('head')!r}; convert with head='lookahead' or head='lookahead-layer'"
-        )
-    return every, float(momentum)

@@ -6,7 +6,6 @@ import copy
 import statistics
 import time
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,10 +15,10 @@ from .cuts import CutPoint, GraphProfile, find_cut_points, profile_graph
 from .errors import ConfigError, TraceError
 from .facts import example_input_for
 from .fallback import sequential_children
-from .partition import attr_at, split_graph
+from .partition import split_graph
 from .trace import Traced, trace
 
-__all__ = ["Analysis", "analyse", "node_params", "measured_piece_times", "FALLBACKS"]
+__all__ = ["Analysis", "analyse", "measured_piece_times", "FALLBACKS"]
 
 FALLBACKS = (True, False, "children")
 
@@ -80,25 +79,6 @@ def analyse(
         in_eval = {c.name for c in find_cut_points(traced.eval_graph_module, traced.eval_qualnames, eval_profile)}
         cut_points = [c for c in cut_points if c.name in in_eval]
     return Analysis(traced, profile, cut_points, x, batch)
-
-
-def node_params(gm: fx.GraphModule, nodes: Sequence[fx.Node]) -> int:
-    """Parameters used by ``nodes`` (each counted once)."""
-    seen: set[int] = set()
-    total = 0
-    for n in nodes:
-        if n.op == "call_module":
-            tensors = list(gm.get_submodule(n.target).parameters())
-        elif n.op == "get_attr":
-            value = attr_at(gm, n.target)
-            tensors = [value] if isinstance(value, nn.Parameter) else []
-        else:
-            continue
-        for t in tensors:
-            if id(t) not in seen:
-                seen.add(id(t))
-                total += t.numel()
-    return total
 
 
 def _time_fwd_bwd(fn, x: torch.Tensor, repeats: int = 3) -> float:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from . import _files as fileio
 from . import _store as store
 from ._version import __version__
 from .conversion import convert
@@ -35,7 +35,7 @@ exists = store.exists
 def describe_checkpoint(net: LFNNModel, source_shapes: dict | None = None) -> dict:
     """The description ``lfnnify.json`` holds: how the model was converted and how to rebuild it."""
     return {
-        "format": store.FORMAT,
+        "format": fileio.FORMAT,
         "format_version": 2,
         "lfnnify_version": __version__,
         "config": net.config,
@@ -49,8 +49,8 @@ def describe_checkpoint(net: LFNNModel, source_shapes: dict | None = None) -> di
 def trainer_files(trainer, folder: Path, json_name: str, tensors_name: str) -> list[str]:
     """Write a trainer's state as JSON plus a safetensors file of its tensors; return the file names."""
     tensors: dict = {}
-    store.write_json(folder / json_name, {"state": store.flatten(trainer.state_dict(), tensors, "trainer")})
-    store.write_tensors(folder / tensors_name, tensors)
+    fileio.write_json(folder / json_name, {"state": fileio.flatten(trainer.state_dict(), tensors, "trainer")})
+    fileio.write_tensors(folder / tensors_name, tensors)
     return [json_name, tensors_name]
 
 
@@ -76,23 +76,31 @@ def save(net: LFNNModel, path: str | os.PathLike, *, trainer=None) -> Path:
     if shard is not None:  # a pipeline rank: the pipeline side writes per-block files
         return shard.save(net, path, trainer=trainer)
     store.check_target(path)
+    refuse_nonfinite(net.state_dict(), path)
     meta = describe_checkpoint(net)
     meta["fingerprint"] = fingerprint(net, meta["input_shape"])
     store.fault_point("before-write")
-    tmp = store.new_version(path)
-    try:
-        store.write_tensors(tmp / WEIGHTS, net.state_dict())
+    with store.writing(path) as tmp:
+        fileio.write_tensors(tmp / WEIGHTS, net.state_dict())
         store.fault_point("mid-write")
         files = [WEIGHTS]
         if trainer is not None:
             files += trainer_files(trainer, tmp, TRAINER_META, TRAINER_TENSORS)
-        meta["files"] = {name: store.sha256(tmp / name) for name in files}
-        store.write_json(tmp / store.META, meta)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    store.publish(tmp)
+        meta["files"] = {name: fileio.sha256(tmp / name) for name in files}
+        fileio.write_json(tmp / store.META, meta)
     return path
+
+
+def refuse_nonfinite(state: dict, path: Path) -> None:
+    """Refuse to save weights or statistics that hold inf or nan: the save would replace the last good checkpoint
+    with a model that cannot predict."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and v.numel() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(
+            f"the model holds inf or nan in {len(bad)} tensor{'s' if len(bad) > 1 else ''} ({', '.join(bad[:3])}), "
+            f"so it was not saved to {path}: the last good checkpoint there stays current. This follows a "
+            f"non-finite loss; resume from that checkpoint with a lower learning rate or grad_clip="
+        )
 
 
 def fingerprint(net: LFNNModel, input_shape) -> list[float]:
@@ -117,21 +125,21 @@ def fingerprint_input(input_shape) -> torch.Tensor:
 # ---------------------------------------------------------------- load
 
 
-def read_meta(path: Path) -> tuple[Path, dict]:
-    """(the folder of the current version, its validated description)."""
-    folder, digest = store.current_folder(path)
-    meta = store.read_json(folder / store.META, _META_KEYS, expected_sha256=digest)
-    if meta.get("format") != store.FORMAT:
+def read_meta(folder: Path, digest: str | None) -> dict:
+    """The validated description of the checkpoint version in ``folder`` (from :func:`_store.reading`)."""
+    store.check_description(folder, digest)
+    meta = fileio.read_json(folder / store.META, _META_KEYS, expected_sha256=digest)
+    if meta.get("format") != fileio.FORMAT:
         raise CheckpointError(f"{folder / store.META} is not an lfnnify checkpoint description "
                               f"(format={meta.get('format')!r})")
     missing = [k for k in _CONFIG_KEYS if k not in meta["config"]]
     if missing:
         raise CheckpointError(f"{folder / store.META} is damaged: its 'config' lacks {', '.join(map(repr, missing))}")
-    return folder, meta
+    return meta
 
 
 def _tensors(folder: Path, meta: dict, name: str) -> dict:
-    return store.load_tensors(folder / name, meta.get("files", {}).get(name))
+    return fileio.load_tensors(folder / name, meta.get("files", {}).get(name))
 
 
 def read_weights(folder: Path, meta: dict) -> dict:
@@ -161,8 +169,9 @@ def load(
             an architecture that does not fit the weights or computes something else.
     """
     path = Path(path)
-    folder, meta = read_meta(path)
-    weights = read_weights(folder, meta)
+    with store.reading(path) as (folder, digest):
+        meta = read_meta(folder, digest)
+        weights = read_weights(folder, meta)
     shapes = {k: tuple(v) for k, v in meta.get("source_state_shapes", {}).items()}
     source = model if model is not None else rebuild_model(meta["model"], shapes)
     config = meta["config"]
@@ -209,11 +218,12 @@ def load(
 def load_weights_into(net: LFNNModel, path: str | os.PathLike) -> LFNNModel:
     """Copy a checkpoint's weights into ``net``, a model converted the same way (used to resume runs)."""
     path = Path(path)
-    folder, meta = read_meta(path)
-    if meta["cuts"] != net.plan.cuts:
-        raise CheckpointError(f"{path} was cut at {meta['cuts']}, this model at {net.plan.cuts}; convert it the "
-                              f"same way")
-    weights = read_weights(folder, meta)
+    with store.reading(path) as (folder, digest):
+        meta = read_meta(folder, digest)
+        if meta["cuts"] != net.plan.cuts:
+            raise CheckpointError(f"{path} was cut at {meta['cuts']}, this model at {net.plan.cuts}; convert it the "
+                                  f"same way")
+        weights = read_weights(folder, meta)
     shard = getattr(net, "_shard", None)
     if shard is not None:  # a pipeline rank holds only its own block and head
         weights = shard.own(weights)
@@ -230,18 +240,23 @@ def read_trainer_state(path: str | os.PathLike, *, block: int | None = None) -> 
     (``PipelineTrainer.stage``).
     """
     path = Path(path)
-    folder, meta = read_meta(path)
-    names = (TRAINER_META, TRAINER_TENSORS)
-    if "pipeline" in meta:
-        if block is None:
-            raise CheckpointError(f"{path} was written by a pipeline run: pass block=trainer.stage")
-        names = (f"trainer-block{block}.json", f"trainer-block{block}.safetensors")
-    if not (folder / names[0]).exists():
-        raise CheckpointError(f"{path} holds no trainer state; it was saved without trainer=, so it cannot resume")
-    sums = meta.get("files", {})
-    tensors = store.load_tensors(folder / names[1], sums.get(names[1]))
-    stored = store.read_json(folder / names[0], ("state",), expected_sha256=sums.get(names[0]))
-    state = store.unflatten(stored["state"], tensors)
+    with store.reading(path) as (folder, digest):
+        meta = read_meta(folder, digest)
+        names = (TRAINER_META, TRAINER_TENSORS)
+        if "pipeline" in meta:
+            if block is None:
+                raise CheckpointError(f"{path} was written by a pipeline run: pass block=trainer.stage")
+            names = (f"trainer-block{block}.json", f"trainer-block{block}.safetensors")
+        sums = meta.get("files", {})
+        if not (folder / names[0]).exists():
+            if names[0] in sums:
+                raise CheckpointError(f"{folder / names[0]} is missing (the checkpoint was saved with its trainer "
+                                      f"state, which is gone); the checkpoint is incomplete, so it cannot resume")
+            raise CheckpointError(f"{path} holds no trainer state; it was saved without trainer=, so it cannot "
+                                  f"resume")
+        tensors = fileio.load_tensors(folder / names[1], sums.get(names[1]))
+        stored = fileio.read_json(folder / names[0], ("state",), expected_sha256=sums.get(names[0]))
+    state = fileio.unflatten(stored["state"], tensors)
     missing = [k for k in _TRAINER_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"{folder / names[0]} is damaged: the trainer state lacks "
@@ -280,7 +295,7 @@ def export(net: LFNNModel, path: str | os.PathLike | None = None) -> nn.Module:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
         try:
-            save_file(store.unshare(model.state_dict()), str(tmp))
+            save_file(fileio.unshare(model.state_dict()), str(tmp))
             tmp.replace(path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -294,7 +309,7 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise DataNotFoundError(f"no weights file at {path}; pass the path of a .safetensors or .pth file")
     if path.suffix == ".safetensors":
-        return store.load_tensors(path)
+        return fileio.load_tensors(path)
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, truncation: one clear message

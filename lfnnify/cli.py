@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import traceback
@@ -25,8 +26,8 @@ def _cmd_plan(args) -> int:
     import torch
 
     from .facts import input_channels
-    from .models import create_model
     from .planning import plan
+    from .zoo import create_model
 
     if args.input_size is not None and args.input_size < 1:
         raise ConfigError(f"--input-size {args.input_size}: give a positive square size in pixels, e.g. "
@@ -61,8 +62,9 @@ def _cmd_export(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
-    if args.budget is not None and not args.budget > 0:
-        raise ConfigError(f"--budget {args.budget}: give the seconds each method trains, e.g. --budget 30")
+    if args.budget is not None and not 0 < args.budget <= MAX_BUDGET_S:
+        raise ConfigError(f"--budget {args.budget}: give the seconds each method trains, more than 0 and at most "
+                          f"{MAX_BUDGET_S} (an hour), e.g. --budget 30")
     return run_demo(quick=args.quick, out=args.out, budget=args.budget)
 
 
@@ -146,6 +148,10 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MAX_BUDGET_S = 3600
+# errors of the machine, not of lfnnify: a read-only or full disk, a missing permission
+ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EISDIR, errno.ENOTDIR}
+
 BUG_REPORT = ("lfnnify: this is a bug in lfnnify, not in your input. Please report it with the traceback above "
               "and the command you ran.")
 
@@ -167,6 +173,16 @@ def _record_for_torchrun(exc: BaseException) -> bool:
     return True
 
 
+def _one_line(exc: BaseException) -> str:
+    """Our error's own message; one raised in a DataLoader worker arrives wrapped in that worker's traceback
+    ("Caught DataError in DataLoader worker process 0. Original Traceback ..."), whose last line is the message."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if last.startswith("lfnnify.errors.") and ": " in last else last
+    return text
+
+
 def _say(line: str) -> None:
     """One line on stderr in one write: under torchrun other processes write to the same pipe, and print()'s
     separate write of the newline let their output land inside the line."""
@@ -184,21 +200,27 @@ def main(argv: list[str] | None = None) -> int:
         code = args.func(args)
     except LfnnifyError as exc:
         where = getattr(exc, "pipeline_rank", None)
-        _say(f"lfnnify: error: {where + ': ' if where else ''}{exc}")
+        _say(f"lfnnify: error: {where + ': ' if where else ''}{_one_line(exc)}")
         _record_for_torchrun(exc)
         code = 2
     except KeyboardInterrupt:
         _say("lfnnify: interrupted")
         code = 130
     except Exception as exc:
-        if _record_for_torchrun(exc):  # torchrun's failure summary prints the traceback once
+        if isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS:
+            where = f" {exc.filename}" if exc.filename else ""
+            _say(f"lfnnify: error: cannot use{where}: {exc.strerror}. This is the machine's file system, not "
+                 f"lfnnify: choose a folder you can write (--out), or free some space")
+            code = 2
+        elif _record_for_torchrun(exc):  # torchrun's failure summary prints the traceback once
             where = getattr(exc, "pipeline_rank", None)
             _say(f"lfnnify: {where or 'this rank'} failed: {type(exc).__name__}: {exc} (its traceback is in "
                  f"torchrun's summary below). {BUG_REPORT.removeprefix('lfnnify: ')}")
+            code = 1
         else:
             traceback.print_exc()
             _say(BUG_REPORT)
-        code = 1
+            code = 1
     if code and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         sys.stdout.flush()
         sys.stderr.flush()

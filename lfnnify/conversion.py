@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from ._checks import is_flag, is_number
+from ._knobs import validate_knobs
 from .analysis import analyse
 from .cuts import CutPoint
 from .errors import ConfigError
 from .facts import describe_model
-from .headplan import build_site_head, head_site
+from .headplan import build_site_head
 from .model import LFNNModel
 from .partition import dual_block, split_graph
-from .planning import make_plan, staged_cut_points, validate_knobs
+from .planning import make_plan
 
 __all__ = ["convert", "MODES"]
 
@@ -126,7 +127,7 @@ def convert(
     _check_weight("follower_weight", follower_weight, "λ; the paper uses 1")
     _check_weight("local_weight", local_weight, "the head loss's weight in replay mode")
     for name, value in (("weight_stashing", weight_stashing), ("weight_prediction", weight_prediction)):
-        if not isinstance(value, bool):
+        if not is_flag(value):
             raise ConfigError(f"{name}={value!r} must be True or False")
 
     source = model if share_parameters else copy.deepcopy(model)
@@ -135,17 +136,9 @@ def convert(
     the_plan = make_plan(source, analysis, blocks=blocks, cuts=cuts, workers=workers, num_classes=num_classes,
                          head=head, balance=balance, mode=mode,
                          weight_stashing=weight_stashing)
-    by_name: dict[str, CutPoint] = {c.name: c for c in analysis.cut_points}
-    chosen = [by_name[name] for name in the_plan.cuts]
+    chosen = the_plan._split.chosen  # the plan's own decisions: the cut points and each head's site
     block_modules = _build_blocks(analysis, chosen)
-
-    staged = staged_cut_points(analysis)
-    ends = [c.index for c in chosen[1:]] + [len(analysis.traced.graph_module.graph.nodes) - 1]
-    heads = [
-        build_site_head(head, head_site(source, cut, staged, end, analysis=analysis, head=head), analysis,
-                        the_plan.num_classes, workers)
-        for cut, end in zip(chosen, ends)
-    ]
+    heads = [build_site_head(head, site, analysis, the_plan.num_classes, workers) for site in the_plan._split.sites]
     param = next(source.parameters(), None)
     if param is not None:
         for h in heads:
@@ -172,7 +165,7 @@ def convert(
 
 
 def _check_weight(name: str, value, rule: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    if not is_number(value) or value < 0:
         raise ConfigError(f"{name}={value!r} must be a finite number >= 0 ({rule})")
 
 

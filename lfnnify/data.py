@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from ._checks import is_count
 from .errors import DataError, DataNotFoundError
 
 __all__ = [
@@ -193,7 +194,7 @@ def make_loader(
     """A DataLoader with a :class:`SeededSampler`: deterministic and resumable, its batches the same for any number
     of ``workers`` (``None``: :func:`default_workers`), which persist across epochs. ``pin_memory`` for GPUs."""
     workers = default_workers(dataset) if workers is None else workers
-    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
+    if not is_count(workers, 0):
         from .errors import ConfigError
 
         raise ConfigError(f"workers={workers!r} must be an int >= 0 (loader processes; 0 loads in this process)")
@@ -275,7 +276,21 @@ def _image_folders(root: str | None, size: int, *, augment: bool):
         if not f.is_dir():
             raise DataNotFoundError(f"image folder {f} not found: an imagefolder dataset needs {root}/train and "
                                     f"{root}/val")
-    train = torchvision.datasets.ImageFolder(folders[0], T.Compose([*aug, T.ToTensor(), T.Normalize(mean, std)]))
+    train = torchvision.datasets.ImageFolder(folders[0], T.Compose([*aug, T.ToTensor(), T.Normalize(mean, std)]),
+                                             loader=_read_image)
     test = torchvision.datasets.ImageFolder(
-        folders[1], T.Compose([T.Resize(int(size * 1.14)), T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)]))
+        folders[1], T.Compose([T.Resize(int(size * 1.14)), T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)]),
+        loader=_read_image)
     return train, test
+
+
+def _read_image(path: str):
+    """An image file as RGB (as torchvision's default loader reads it); a file that is not one is named."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+        raise DataError(f"{path} is not a readable image ({type(exc).__name__}: {exc}); remove or replace the "
+                        f"file, and train again") from None

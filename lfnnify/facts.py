@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ._checks import is_count
 from .errors import CheckpointError, ConfigError
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "channels_of",
     "describe_model",
     "rebuild_model",
+    "cifar_variant",
 ]
 
 
@@ -58,7 +60,7 @@ def classifier_parameter_names(model: nn.Module) -> set[str]:
 def resolve_num_classes(model: nn.Module, num_classes: int | None) -> int:
     """The number of classes the heads predict: ``num_classes=`` or the model's classifier."""
     if num_classes is not None:
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        if not is_count(num_classes, 1):
             raise ConfigError(f"num_classes={num_classes!r} must be a positive int")
         return num_classes
     found = getattr(model, "num_classes", None)
@@ -144,7 +146,7 @@ def describe_model(model: nn.Module) -> dict:
     cls = type(model)
     spec: dict = {"class": f"{cls.__module__}.{cls.__qualname__}"}
     if isinstance(getattr(model, "maxpool", None), nn.Identity):
-        spec["cifar_variant"] = True  # lfnnify.models.cifar_variant: no weights show it, so record it
+        spec["cifar_variant"] = True  # cifar_variant below: no weights show it, so record it
     cfg = getattr(model, "pretrained_cfg", None)
     if cls.__module__.startswith("timm.") and isinstance(cfg, dict) and cfg.get("architecture"):
         kwargs = {"num_classes": getattr(model, "num_classes", None)}
@@ -173,8 +175,6 @@ def rebuild_model(spec: dict, state_shapes: dict[str, tuple]) -> nn.Module:
     """
     model = _rebuild_by_name(spec, state_shapes)
     if spec.get("cifar_variant"):
-        from .models import cifar_variant
-
         cifar_variant(model)
     return model
 
@@ -213,3 +213,12 @@ def _rebuild_by_name(spec: dict, state_shapes: dict[str, tuple]) -> nn.Module:
 def _returns(builder) -> str:
     annotation = getattr(builder, "__annotations__", {}).get("return")
     return getattr(annotation, "__name__", str(annotation))
+
+
+def cifar_variant(model: nn.Module) -> nn.Module:
+    """Adapt an ImageNet ResNet for 32×32 inputs the way SEDONA and the paper do: remove the
+    max-pool after the first convolution (timm and torchvision ResNets keep every other layer).
+    Models without such a max-pool are returned unchanged. Modifies and returns ``model``."""
+    if isinstance(getattr(model, "maxpool", None), nn.MaxPool2d):
+        model.maxpool = nn.Identity()
+    return model

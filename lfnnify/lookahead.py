@@ -24,7 +24,7 @@ from torch import fx, nn
 
 from .cuts import CutPoint, GraphProfile, input_dependent_nodes
 from .heads import LinearHeads, Pool
-from .partition import subgraph
+from .partition import node_params, subgraph
 
 __all__ = ["LOOKAHEADS", "LookaheadHead", "Stage", "next_stage", "build_lookahead_head"]
 
@@ -85,8 +85,6 @@ def _first_layer(nodes, dependent, profile: GraphProfile, cut: CutPoint, limit: 
 
 def stage_params_and_flops(gm: fx.GraphModule, profile: GraphProfile, stage: Stage) -> tuple[int, int]:
     """Parameters and forward FLOPs per example of a stage (parameters counted once)."""
-    from .analysis import node_params
-
     names = set(stage.members)
     members = [n for n in gm.graph.nodes if n.name in names]
     attrs = {a for n in members for a in n.all_input_nodes if a.op == "get_attr"}  # weights read functionally

@@ -8,7 +8,8 @@ from torch import fx, nn
 
 from .cuts import NONE_VALUE, input_dependent_nodes
 
-__all__ = ["balanced_partition", "split_graph", "subgraph", "DualGraphModule", "dual_block", "attr_at"]
+__all__ = ["node_params", "balanced_partition", "split_graph", "subgraph", "DualGraphModule", "dual_block",
+           "attr_at"]
 
 _MISSING = object()
 
@@ -23,6 +24,25 @@ def attr_at(module: nn.Module, path: str, default=_MISSING):
                 raise AttributeError(f"{type(module).__name__} has no attribute {path!r}")
             return default
     return value
+
+
+def node_params(gm: fx.GraphModule, nodes: Sequence[fx.Node]) -> int:
+    """Parameters used by ``nodes`` (each counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for n in nodes:
+        if n.op == "call_module":
+            tensors = list(gm.get_submodule(n.target).parameters())
+        elif n.op == "get_attr":
+            value = attr_at(gm, n.target)
+            tensors = [value] if isinstance(value, nn.Parameter) else []
+        else:
+            continue
+        for t in tensors:
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel()
+    return total
 
 
 def balanced_partition(atom_costs: Sequence[float], cut_costs: Sequence[float], blocks: int) -> list[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import time
@@ -12,6 +13,7 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ._balance import CHECK_AFTER_STEPS, balance_report
 from ._comm import (
     END,
     EPOCH_DONE,
@@ -30,12 +32,13 @@ from ._comm import (
     peer_failures,
     stage_device,
 )
-from ._balance import CHECK_AFTER_STEPS, balance_report
+from ._inputs import check_batch, check_fit, pair
+from ._options import PipelineOptions, TrainerOptions, signature_with_options
 from ._pipeline_eval import evaluate_stage
 from ._replicas import average_gradients, broadcast_from_first_replica
 from ._shards import Shard, keep_only_stage
-from ._training import TrainerBase, check_labels
-from .errors import ConfigError, PipelineError
+from ._training import TrainerBase
+from .errors import ConfigError, DataError, PipelineError
 from .model import LFNNModel
 
 __all__ = ["PipelineTrainer", "StageTiming"]
@@ -88,44 +91,22 @@ class PipelineTrainer(TrainerBase):
         self,
         net: LFNNModel,
         *,
-        optimizer,
-        scheduler=None,
         max_in_flight: int = 2,
         send_dtype: torch.dtype | None = None,
         timeout_s: float = 120.0,
         threads: int | None = None,
         backend: str | None = None,
         device: str | None = None,
-        amp: str | None = None,
-        grad_clip: float | None = None,
-        head_warmup_steps: int = 0,
-        reselect: str = "batch",
-        switch_mode_at: int | None = None,
-        switch_to: str | None = None,
-        refresh_heads_every: int | None = None,
-        refresh_momentum: float = 0.0,
-        log_path=None,
-        log_every: int = 20,
-        progress: bool = True,
+        **settings,
     ):
+        options = TrainerOptions.from_settings("PipelineTrainer", settings)
+        own = PipelineOptions(max_in_flight, send_dtype, timeout_s, threads, backend, device)
         if not isinstance(net, LFNNModel):
             raise ConfigError(f"PipelineTrainer needs a model from lfnnify.convert, got {type(net).__name__}")
-        if net.mode == "lfnn":
-            raise ConfigError(
-                f"mode={net.mode!r}: Eq. 1's global loss needs backward through every block in one pass, which is "
-                f"backward locking. The pipeline trains mode='local' (LFNN-ℓ) and mode='replay' (delayed global "
-                f"gradients); use lfnnify.Trainer for mode='lfnn'."
-            )
-        if not isinstance(max_in_flight, int) or isinstance(max_in_flight, bool) or max_in_flight < 1:
-            raise ConfigError(f"max_in_flight={max_in_flight!r} must be an int >= 1")
-        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
-            raise ConfigError(f"timeout_s={timeout_s!r} must be a positive number of seconds")
+        own.check_for(net)
         if threads is not None:
             torch.set_num_threads(threads)
         self.timeout = datetime.timedelta(seconds=timeout_s)
-        if device not in (None, "cpu"):
-            raise ConfigError(f"device={device!r}: the pipeline places each rank on its own GPU (LOCAL_RANK) by "
-                              f"itself; pass device=None, or 'cpu' to keep every block on the CPU")
         on_cpu = device == "cpu"
         init_distributed(self.timeout, "gloo" if on_cpu and backend is None else backend, use_gpus=not on_cpu)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -154,13 +135,8 @@ class PipelineTrainer(TrainerBase):
         channels = pair_channels(blocks, self.replicas)
         shapes = {k: list(v.shape) for k, v in net._source.state_dict().items()}  # before other blocks are freed
         keep_only_stage(net, self.stage, torch.device("cpu") if on_cpu else stage_device())
-        super().__init__(
-            net, owned=[self.stage], optimizer=optimizer, scheduler=scheduler, amp=amp, grad_clip=grad_clip,
-            head_warmup_steps=head_warmup_steps, reselect=reselect, switch_mode_at=switch_mode_at,
-            switch_to=switch_to, refresh_heads_every=refresh_heads_every, refresh_momentum=refresh_momentum,
-            log_path=log_path if self.last else None, log_every=log_every,
-            progress=progress and self.rank == 0,
-        )
+        super().__init__(net, owned=[self.stage], options=dataclasses.replace(
+            options, log_path=options.log_path if self.last else None, progress=options.progress and self.rank == 0))
         self.timing = StageTiming(busy_s=0.0, recv_wait_s=0.0, send_wait_s=0.0, steps=0)
         self.balance: dict | None = None  # the blocks' busy time per step, once gathered (see _balance.py)
         processes: list = [None] * self.world
@@ -285,6 +261,8 @@ class PipelineTrainer(TrainerBase):
     def _fit(self, loader, *, epochs, max_steps, val_loader):
         if self.first and loader is None:
             raise ConfigError(f"rank {self.rank} runs block 0 and reads the data: pass the training loader to fit()")
+        check_fit(loader if self.first else None, epochs=epochs, max_steps=max_steps, where="PipelineTrainer.fit")
+        self._check_usable()
         while self.epoch < epochs and (max_steps is None or self.step < max_steps):
             start, records = self._now(), []
             if self.first:
@@ -328,6 +306,9 @@ class PipelineTrainer(TrainerBase):
         """First stage: read this replica's batches, run block 0, and pass them down the pipe."""
         self._start_epoch(loader, replicas=self.replicas)
         rounds = len(loader) // self.replicas  # every replica takes the same number of steps
+        if rounds == 0:
+            raise DataError(f"the training loader has {len(loader)} batches, fewer than block 0's {self.replicas} "
+                            f"replicas, so no replica gets a batch; use a smaller batch_size or fewer replicas")
         batches = iter(loader)
         bar = tqdm(total=rounds, initial=self.step_in_epoch, disable=not self.progress, leave=False,
                    desc=f"epoch {self.epoch + 1} (pipeline, {self.world} ranks)", unit="batch", dynamic_ncols=True)
@@ -341,8 +322,8 @@ class PipelineTrainer(TrainerBase):
             except StopIteration:
                 finished = True
                 break
-            x, y = chunk[self.replica]
-            check_labels(y, self.net.config["num_classes"], where="PipelineTrainer.fit")
+            x, y = check_batch(*pair(chunk[self.replica], where="PipelineTrainer.fit"), self.batch_rules,
+                               where="PipelineTrainer.fit")
             start = self._now()
             x, y = x.to(self.device), y.to(self.device)
             self.timing["busy_s"] += self._now() - start
@@ -383,6 +364,7 @@ class PipelineTrainer(TrainerBase):
         Every rank returns the same metrics (as :meth:`Trainer.evaluate`): the counts of all stages
         are summed with one all-reduce, and the last stage computes the model's accuracy and loss.
         """
+        self._check_usable()
         with self.talking("evaluating"):
             return evaluate_stage(self, loader)
 
@@ -407,3 +389,6 @@ class PipelineTrainer(TrainerBase):
         super().load_state_dict(state)
         early = state.get("early_grad")
         self._early_grad = early.to(self.device) if early is not None else None
+
+
+PipelineTrainer.__init__.__signature__ = signature_with_options(PipelineTrainer.__init__)

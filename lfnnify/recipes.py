@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from ._checks import is_flag, is_int, is_number
 from .errors import DataNotFoundError, RecipeError
 
 __all__ = ["Recipe", "RecipeError", "load_recipe", "apply_overrides", "recipe_to_dict"]
@@ -156,15 +158,20 @@ def _coerce(hint, value, where: str):
             raise RecipeError(f"{where}: expected a list, got {value!r}")
         return [_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
     if hint is bool:
-        if not isinstance(value, bool):
+        if not is_flag(value):
             raise RecipeError(f"{where}: expected true or false, got {value!r}")
         return value
     if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_int(value):
             raise RecipeError(f"{where}: expected an integer, got {value!r}")
         return value
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string: take it as the number it spells
+            try:
+                value = float(value) if math.isfinite(float(value)) else value
+            except ValueError:
+                pass
+        if not is_number(value, finite=False):
             raise RecipeError(f"{where}: expected a number, got {value!r}")
         return float(value)
     if hint is str:
@@ -221,6 +228,13 @@ def _check(recipe: Recipe) -> None:
         ("train.refresh_heads_every", t.refresh_heads_every is None or c.head.startswith("lookahead"),
          f"needs look-ahead heads (convert.head: lookahead or lookahead-layer; it is {c.head!r})"),
         ("train.refresh_momentum", 0 <= t.refresh_momentum < 1, "must be in [0, 1) (0 copies the weights)"),
+        ("train.refresh_momentum", t.refresh_momentum == 0 or t.refresh_heads_every is not None,
+         "is used only with train.refresh_heads_every (set it, or drop refresh_momentum)"),
+        ("train.switch_mode_at", t.switch_mode_at is None or recipe.method == "lfnn",
+         "switches lfnnify's training mode, but method is 'bp' (end-to-end backprop has no modes); drop "
+         "train.switch_mode_at and train.switch_to, or use method: lfnn"),
+        ("train.refresh_heads_every", t.refresh_heads_every is None or recipe.method == "lfnn",
+         "refreshes lfnnify's look-ahead heads, but method is 'bp' (no heads); drop it, or use method: lfnn"),
         ("train.switch_to", (t.switch_to is None) == (t.switch_mode_at is None),
          "and train.switch_mode_at go together: give both or neither"),
         ("train.switch_to", t.switch_to in (None, *({"local", "replay"} - {c.mode})),
@@ -270,10 +284,19 @@ def load_recipe(path: str | Path | None = None, *, overrides: list[str] = (), da
         path = Path(path)
         if not path.exists():
             raise DataNotFoundError(f"no recipe at {path}; the recipes/ folder lists the built-in ones")
+        if path.is_dir():
+            raise RecipeError(f"{path} is a folder; give a recipe file (a .yaml), e.g. "
+                              f"recipes/fashion_mnist_resnet18_k4.yaml")
         try:
             data = yaml.safe_load(path.read_text()) or {}
+        except UnicodeDecodeError:
+            raise RecipeError(f"{path} is not a text file, so not a recipe; give a recipe YAML (see recipes/)") \
+                from None
         except yaml.YAMLError as exc:
             raise RecipeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise RecipeError(f"{path} holds a YAML {type(data).__name__}, not a recipe (a mapping of sections "
+                              f"such as model:, convert:, train:); see recipes/")
     data = apply_overrides(data, list(overrides))
     recipe = _build(Recipe, data, "")
     _check(recipe)

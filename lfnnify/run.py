@@ -18,10 +18,10 @@ from .checkpoint import load_pretrained, load_weights_into, read_trainer_state, 
 from .conversion import convert
 from .data import build_datasets, make_loader
 from .errors import ConfigError, DataNotFoundError
-from .models import create_model
 from .plots import plot_curves, plot_leadership
 from .recipes import Recipe, recipe_to_dict
 from .trainer import Trainer
+from .zoo import create_model
 
 __all__ = ["train_from_recipe", "main_train"]
 
@@ -90,10 +90,14 @@ def train_from_recipe(
               f" on {where}, {train_loader.num_workers} loader workers"
               + (f", pipeline over {world} processes" if world > 1 else "")
               + (f", resuming at {trainer.step}" if resume else ""), flush=True)
-    stopped = _install_stop_handlers(trainer)
+    stopped, previous = _install_stop_handlers(trainer)
     start = time.perf_counter()
-    evaluations = _train(recipe, net, trainer, train_loader, test_loader, total=total, out=out, stopped=stopped,
-                         resume=resume, leader=leader)
+    try:
+        evaluations = _train(recipe, net, trainer, train_loader, test_loader, total=total, out=out, stopped=stopped,
+                             resume=resume, leader=leader)
+    finally:  # a Python caller gets its own handlers back
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if stopped:
         save(net, out / "ckpt", trainer=trainer)
         if leader:
@@ -217,8 +221,11 @@ class _Stop:
         return self.signal != 0
 
 
-def _install_stop_handlers(trainer) -> _Stop:
+def _install_stop_handlers(trainer) -> tuple[_Stop, dict]:
+    """SIGTERM and Ctrl-C ask the trainer to stop after its step (a second one stops at once); returns the flag
+    and the handlers they replaced."""
     stop = _Stop()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def handler(signum, frame):
         if stop:  # a second signal: stop now
@@ -226,9 +233,9 @@ def _install_stop_handlers(trainer) -> _Stop:
         stop.signal = signum
         trainer.request_stop()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in previous:
         signal.signal(sig, handler)
-    return stop
+    return stop, previous
 
 
 def _finish(out, recipe, net, trainer, evaluations, seconds) -> None:

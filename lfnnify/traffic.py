@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ._checks import is_count, is_number
 from .errors import ConfigError
 
 __all__ = ["Traffic", "traffic", "parse_link"]
@@ -24,7 +25,7 @@ def parse_link(link: str | float | None) -> float | None:
     """Bits per second of ``"1gbit"``, ``"100mbit"``, ``"10gbit"`` (or a number of bits per second)."""
     if link is None:
         return None
-    if isinstance(link, (int, float)) and not isinstance(link, bool) and link > 0:
+    if is_number(link) and link > 0:
         return float(link)
     import re
 
@@ -87,7 +88,7 @@ class Traffic:
 def traffic(plan, *, batch_size: int, send_dtype: torch.dtype | None = None, link=None,
             mode: str | None = None) -> Traffic:
     """The :class:`Traffic` of ``plan`` (a :class:`~lfnnify.Plan` with blocks) at ``batch_size``."""
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+    if not is_count(batch_size, 1):
         raise ConfigError(f"batch_size={batch_size!r} must be an int >= 1 (the training batch)")
     if not plan.blocks:
         raise ConfigError("traffic needs a split: plan(model, blocks=K) or cuts=[...]")

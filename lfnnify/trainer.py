@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ._training import TrainerBase, block_parameters, check_labels
-from .errors import ConfigError
+from ._evaluation import EvalCounts
+from ._inputs import check_batch, check_fit, pair
+from ._options import TrainerOptions, signature_with_options
+from ._training import TrainerBase, block_parameters
 from .model import LFNNModel, main_output
-from .update import OptimizerFactory, SchedulerFactory
 
 __all__ = ["Trainer", "block_parameters"]
 
@@ -57,38 +57,18 @@ class Trainer(TrainerBase):
         lfnnify.ConfigError: a bad knob, or an optimizer instance instead of a factory.
     """
 
-    def __init__(
-        self,
-        net: LFNNModel,
-        *,
-        optimizer: OptimizerFactory,
-        scheduler: SchedulerFactory | None = None,
-        amp: str | None = None,
-        grad_clip: float | None = None,
-        head_warmup_steps: int = 0,
-        reselect: str = "batch",
-        switch_mode_at: int | None = None,
-        switch_to: str | None = None,
-        refresh_heads_every: int | None = None,
-        refresh_momentum: float = 0.0,
-        log_path: str | Path | None = None,
-        log_every: int = 20,
-        progress: bool = True,
-    ):
+    def __init__(self, net: LFNNModel, **settings):
         blocks = net.num_blocks if isinstance(net, LFNNModel) else 0
-        super().__init__(
-            net, owned=list(range(blocks)) or [0], optimizer=optimizer, scheduler=scheduler, amp=amp,
-            grad_clip=grad_clip, head_warmup_steps=head_warmup_steps, reselect=reselect,
-            switch_mode_at=switch_mode_at, switch_to=switch_to, refresh_heads_every=refresh_heads_every,
-            refresh_momentum=refresh_momentum, log_path=log_path, log_every=log_every, progress=progress,
-        )
+        options = TrainerOptions.from_settings("Trainer", settings)
+        super().__init__(net, owned=list(range(blocks)) or [0], options=options)
         self._grads: list[Tensor | None] = [None] * net.num_blocks  # replay: gradients for the next step
 
     # ------------------------------------------------------------------ the data path
 
     def train_step(self, x: Tensor, y: Tensor) -> dict:
         """One optimizer step of every block on batch ``(x, y)``; returns per-block losses/accuracies."""
-        check_labels(y, self.net.config["num_classes"], where="Trainer.train_step")
+        self._check_usable()
+        x, y = check_batch(x, y, self.batch_rules, where="Trainer.train_step")
         self.net.train()
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         for k, head in enumerate(self.net.heads):  # no block has run this step yet: block k+1 is after step - 1
@@ -153,8 +133,8 @@ class Trainer(TrainerBase):
 
         Returns the per-epoch history (train loss, step, wall time, and validation metrics).
         """
-        if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 0):
-            raise ConfigError(f"max_steps={max_steps!r} must be an int >= 0")
+        check_fit(loader, epochs=epochs, max_steps=max_steps, where="Trainer.fit")
+        self._check_usable()
         while self.epoch < epochs and (max_steps is None or self.step < max_steps):
             self._start_epoch(loader)
             total = len(loader)
@@ -167,7 +147,7 @@ class Trainer(TrainerBase):
             # check the budget before fetching: a fetched batch draws augmentation randomness
             while (max_steps is None or self.step < max_steps) and not self._stop:
                 try:
-                    x, y = next(batches)
+                    x, y = pair(next(batches), where="Trainer.fit")
                 except StopIteration:
                     break
                 record = self.train_step(x, y)
@@ -209,29 +189,25 @@ class Trainer(TrainerBase):
         Raises:
             lfnnify.ConfigError: the loader yields no examples.
         """
+        self._check_usable()
         was_training = self.net.training
         self.net.eval()
         heads = len(self.net.heads)
-        correct_workers = torch.zeros(heads, self.net.config["workers"])
-        correct, total, loss_sum = 0, 0, 0.0
+        counts = EvalCounts(heads, self.net.config["workers"], self.device)
         try:
-            for x, y in loader:
-                x, y = x.to(self.device), y.to(self.device)
-                h = x
+            for batch in loader:
+                x, y = check_batch(*pair(batch, where="Trainer.evaluate"), self.batch_rules, where="Trainer.evaluate",
+                                   training=False)
+                h, y = x.to(self.device), y.to(self.device)
                 with self._autocast():
                     for k, block in enumerate(self.net.blocks):
                         h = block(h)
                         if k < heads:
-                            logits = self.net.heads[k](h)
-                            logits = logits.unsqueeze(0) if logits.dim() == 2 else logits
-                            correct_workers[k] += (logits.argmax(-1) == y).sum(-1).float().cpu()
-                    logits = main_output(h)
-                    loss_sum += torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
-                correct += (logits.argmax(-1) == y).sum().item()
-                total += len(y)
+                            counts.head(k, self.net.heads[k](h), y)
+                    counts.output(main_output(h), y)
         finally:
             self.net.train(was_training)
-        return metrics_from_counts(correct_workers, correct, loss_sum, total)
+        return counts.metrics()
 
     # ------------------------------------------------------------------ state
 
@@ -246,17 +222,4 @@ class Trainer(TrainerBase):
         self._grads = [g.to(self.device) if g is not None else None for g in grads]
 
 
-def metrics_from_counts(correct_workers: Tensor, correct: float, loss_sum: float, total: float) -> dict:
-    """The evaluation record both trainers return, from summed counts."""
-    if total <= 0:
-        raise ConfigError(
-            "evaluate() got a loader with no examples, so there is no accuracy to report; pass a non-empty loader"
-        )
-    worker_acc = (correct_workers / total).tolist()
-    accuracy = correct / total
-    return {
-        "accuracy": accuracy,
-        "loss": loss_sum / total,
-        "block_accuracy": [max(w) for w in worker_acc] + [accuracy],
-        "worker_accuracy": worker_acc,
-    }
+Trainer.__init__.__signature__ = signature_with_options(Trainer.__init__)

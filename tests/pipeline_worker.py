@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -160,20 +161,23 @@ def run(name: str, out: Path) -> None:
 
 
 def fail(out: Path) -> None:
-    """A user's own script whose rank 1 raises at step 2."""
+    """A user's own script whose data loader raises on rank 0 (block 0) at its third batch."""
     net = build("3-local")
     trainer = _pipeline(net, "3-local")
-    if trainer.rank == 1:
-        original = trainer._stage_step
-
-        def failing(x, y):
-            if trainer.step == 2:
-                raise RuntimeError("injected failure at step 2")
-            return original(x, y)
-
-        trainer._stage_step = failing
     train, _ = loaders("3-local")
-    trainer.fit(train if trainer.first else None, epochs=10, max_steps=7)
+
+    class Failing:
+        def __len__(self):
+            return len(train)
+
+        def __iter__(self):
+            for i, batch in enumerate(train):
+                if i == 2:
+                    print(f"lfnnify-fault: the loader raises at time {time.time():.3f}", flush=True)
+                    raise OSError("injected: the data loader could not read batch 2")
+                yield batch
+
+    trainer.fit(Failing() if trainer.first else None, epochs=10, max_steps=7)
 
 
 def main():

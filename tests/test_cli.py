@@ -28,12 +28,17 @@ def _current(ckpt):
 def in_process(capsys, *args) -> tuple[int, str, str]:
     """(exit code, stdout, stderr) of ``lfnnify args`` run in this process: the same main() without the seconds a
     new process spends importing torch (the tests that need a real process, its exit code included, use _cli)."""
+    import torch
+
     from lfnnify.cli import main
 
+    threads = torch.get_num_threads()  # a recipe's train.threads must not outlive the call
     try:
         code = main([str(a) for a in args])
     except SystemExit as exc:  # argparse: --help and usage errors
         code = exc.code
+    finally:
+        torch.set_num_threads(threads)
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -89,14 +94,15 @@ def test_set_replaces_the_run_length():
     assert recipe.convert.workers == 2 and recipe.convert.leaders == 0.5
 
 
-def test_train_writes_the_run_folder(tmp_path):
+def test_train_writes_the_run_folder_and_export_gives_timm_the_trained_weights(tmp_path, capsys):
     out = tmp_path / "run"
-    proc = _cli("train", FMNIST, "--out", out, "--set", "train.iterations=4", "--set", "data.batch_size=64",
-                "--set", "convert.workers=2", "--set", "convert.leaders=0.5", *SHORT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.strip().splitlines()
+    code, stdout, err = in_process(capsys, "train", FMNIST, "--out", out, "--set", "train.iterations=4", "--set",
+                                   "data.batch_size=64", "--set", "convert.workers=2", "--set", "convert.leaders=0.5",
+                                   *SHORT)
+    assert code == 0, err[-3000:]
+    lines = stdout.strip().splitlines()
     assert lines[-1].startswith("done: test accuracy") and str(out) in lines[-1]
-    assert "on device cpu, 0 loader workers" in proc.stdout  # the device is named in the first lines...
+    assert "on device cpu, 0 loader workers" in stdout  # the device is named in the first lines...
     assert "4 iterations in" in (out / "results.md").read_text() and "on cpu (" in (out / "results.md").read_text()
     for name in ("recipe.yaml", "log.jsonl", "results.md", "curves.png", "leadership.png", "ckpt/CURRENT"):
         assert (out / name).exists(), name
@@ -105,10 +111,26 @@ def test_train_writes_the_run_folder(tmp_path):
     evals = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"eval"' in line]
     assert evals and len(evals[-1]["block_accuracy"]) == 4
 
+    code, _, err = in_process(capsys, "export", out / "ckpt", tmp_path / "small.safetensors")
+    assert code == 0, err
+    import timm
+    import torch
 
-def test_method_bp_trains_the_plain_model(tmp_path):
-    proc = _cli("train", FMNIST, "--out", tmp_path / "bp", "--set", "method=bp", "--set", "train.iterations=2", *SHORT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    import lfnnify
+
+    model = timm.create_model("test_resnet", pretrained=True, in_chans=1, num_classes=10,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / "small.safetensors"), num_classes=10))
+    trained = lfnnify.load(out / "ckpt").eval()
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), trained(x))  # timm loads exactly what was trained
+    assert not any((tmp_path).glob(".*tmp*"))  # no temporary file left behind
+
+
+def test_method_bp_trains_the_plain_model(tmp_path, capsys):
+    code, _, err = in_process(capsys, "train", FMNIST, "--out", tmp_path / "bp", "--set", "method=bp", "--set",
+                              "train.iterations=2", *SHORT)
+    assert code == 0, err[-3000:]
     meta = json.loads((_current(tmp_path / "bp" / "ckpt") / "lfnnify.json").read_text())
     assert meta["cuts"] == [] and meta["config"]["blocks"] == 1
 
@@ -133,9 +155,10 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, args, pattern, capsys):
     assert len(error_lines) == 1 and pattern in error_lines[0], err
 
 
-def test_missing_dataset_mentions_download(tmp_path):
-    proc = _cli("train", FMNIST, "--set", "data.dataset=cifar10", "--data", tmp_path / "none", "--no-progress")
-    assert proc.returncode == 2 and "--download" in proc.stderr and "Traceback" not in proc.stderr
+def test_missing_dataset_mentions_download(tmp_path, capsys):
+    code, _, err = in_process(capsys, "train", FMNIST, "--set", "data.dataset=cifar10", "--data", tmp_path / "none",
+                              "--no-progress")
+    assert code == 2 and "--download" in err and "Traceback" not in err
 
 
 def test_train_under_torchrun_uses_the_pipeline(tmp_path):
@@ -176,25 +199,6 @@ def test_plan_command_and_unknown_model(capsys):
     assert code == 0 and "largest block / mean" in out and "DDP on 2 devices" in out
     code, _, err = in_process(capsys, "plan", "resnet_nope")
     assert code == 2 and "unknown model 'resnet_nope'" in err
-
-
-def test_export_command(tmp_path):
-    out = tmp_path / "run"
-    assert _cli("train", FMNIST, "--out", out, "--set", "train.iterations=1", *SHORT).returncode == 0
-    proc = _cli("export", out / "ckpt", tmp_path / "small.safetensors")
-    assert proc.returncode == 0, proc.stderr
-    import timm
-    import torch
-
-    import lfnnify
-
-    model = timm.create_model("test_resnet", pretrained=True, in_chans=1, num_classes=10,
-                              pretrained_cfg_overlay=dict(file=str(tmp_path / "small.safetensors"), num_classes=10))
-    trained = lfnnify.load(out / "ckpt").eval()
-    x = torch.randn(3, 1, 28, 28)
-    with torch.no_grad():
-        assert torch.equal(model.eval()(x), trained(x))  # timm loads exactly what was trained
-    assert not any((tmp_path).glob(".*tmp*"))  # no temporary file left behind
 
 
 def test_demo_quick(tmp_path):

@@ -16,12 +16,12 @@ def _states_equal(a, b):
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-@pytest.mark.parametrize("name,build,size", EQUIVALENCE_MODELS, ids=[m[0] for m in EQUIVALENCE_MODELS])
-def test_converted_output_equals_original(name, build, size):
+@pytest.mark.parametrize("name,build,size,blocks", EQUIVALENCE_MODELS, ids=[m[0] for m in EQUIVALENCE_MODELS])
+def test_converted_output_equals_original(name, build, size, blocks):
     model = build()
     before = copy.deepcopy(model)
     x = batch(size)
-    for k in (2, 4):
+    for k in (blocks,):
         if name in FUNCTIONAL_DROPOUT:  # F.dropout(training=self.training): two graphs, one warning
             with pytest.warns(UserWarning, match="different graphs in train and eval mode"):
                 net = lfnnify.convert(model, blocks=k, example_input=x[:1])

@@ -10,12 +10,30 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lfnnify"
 DISTRIBUTED = {"pipeline", "_comm", "_shards", "_demo_stage", "_replicas", "_pipeline_eval"}
 
 
+def _modules() -> dict[str, Path]:
+    """Every module of the package, sub-folders included, by dotted name relative to it (``pipeline``,
+    ``training.options``); a package's ``__init__`` by the package's name."""
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1] or ["__init__"]
+        modules[".".join(parts)] = path
+    return modules
+
+
 def _module_imports(path: Path) -> tuple[set[str], set[str]]:
-    """(lfnnify modules, other modules) imported at module level by ``path``."""
+    """(lfnnify modules, other modules) imported at module level by ``path``; lfnnify modules by dotted name
+    relative to the package, however deep ``path`` is and however many dots the import has."""
+    here = list(path.relative_to(PACKAGE).parent.parts)
     ours, others = set(), set()
     for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            ours |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+        if isinstance(node, ast.ImportFrom) and node.level >= 1:
+            base = here[: len(here) - (node.level - 1)]
+            if node.module:
+                ours.add(".".join([*base, node.module]))
+            else:
+                ours |= {".".join([*base, a.name]) for a in node.names}
         elif isinstance(node, ast.ImportFrom):
             others.add(node.module or "")
         elif isinstance(node, ast.Import):
@@ -24,8 +42,14 @@ def _module_imports(path: Path) -> tuple[set[str], set[str]]:
 
 
 def test_no_import_cycles():
-    modules = {p.stem: p for p in PACKAGE.glob("*.py")}
-    graph = {name: _module_imports(path)[0] & set(modules) for name, path in modules.items()}
+    modules = _modules()
+
+    def known(name):  # "pkg.mod.Name" -> the longest prefix that is a module
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name
+
+    graph = {name: {known(m) for m in _module_imports(path)[0]} - {""} for name, path in modules.items()}
     state: dict[str, int] = {}
 
     def visit(name, chain):
@@ -41,15 +65,36 @@ def test_no_import_cycles():
         visit(name, [])
 
 
+def test_the_layout_checks_see_every_module():
+    # a module in a sub-folder is held to the same rules: the cycle check finds it, and its imports resolve
+    assert set(_modules()) == {str(p.relative_to(PACKAGE).with_suffix("")).replace("/", ".").removesuffix(
+        ".__init__") for p in PACKAGE.rglob("*.py")}
+    assert _module_imports(PACKAGE / "trainer.py")[0] >= {"_training", "model"}
+
+
+MAX_LINES = 400
+
+
 def test_modules_stay_small():
-    sizes = {p.name: len(p.read_text().splitlines()) for p in PACKAGE.glob("*.py")}
-    assert max(sizes.values()) <= 420, sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
+    sizes = {name: len(p.read_text().splitlines()) for name, p in _modules().items()}
+    assert max(sizes.values()) <= MAX_LINES, sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
+
+
+def test_type_checkers_see_every_lazily_loaded_name():
+    # __init__ loads its public names on first use; its TYPE_CHECKING block imports the same names from the same
+    # modules, so editors and type checkers see them
+    tree = ast.parse((PACKAGE / "__init__.py").read_text())
+    lazy = next(ast.literal_eval(n.value) for n in tree.body
+                if isinstance(n, ast.AnnAssign | ast.Assign) and "_LAZY" in ast.unparse(n).split("=")[0])
+    block = next(n for n in tree.body if isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING")
+    seen = {a.name: node.module for node in block.body if isinstance(node, ast.ImportFrom) for a in node.names}
+    assert seen == lazy
 
 
 def test_only_the_pipeline_imports_torch_distributed():
-    for path in PACKAGE.glob("*.py"):
+    for name, path in _modules().items():
         _, others = _module_imports(path)
-        if path.stem not in DISTRIBUTED:
+        if name not in DISTRIBUTED:
             assert not any(m.startswith("torch.distributed") for m in others), path.name
             source = path.read_text()
             assert "torch.distributed" not in source.replace("torch.distributed.run", "").replace(
@@ -65,3 +110,11 @@ def test_convert_and_save_never_load_the_pipeline():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True).stdout
     loaded = set(eval(out))  # noqa: S307 - our own printed list
     assert not loaded & {f"lfnnify.{m}" for m in DISTRIBUTED}, loaded
+
+
+def test_the_readme_layout_names_every_module():
+    readme = (PACKAGE.parent / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):]
+    layout = layout[: layout.index("```", layout.index("```") + 3)]
+    missing = [name for name in _modules() if name not in ("__init__", "__main__") and name not in layout]
+    assert not missing, f"README's Layout does not name {missing}"

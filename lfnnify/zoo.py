@@ -1,21 +1,13 @@
-"""Building models by name, and the CIFAR variants of ImageNet architectures (documented options, not copies)."""
+"""Building models by name for the command line, the recipes and the benchmarks: timm names and torchvision/<name>."""
 
 from __future__ import annotations
 
 from torch import nn
 
 from .errors import ConfigError
+from .facts import cifar_variant
 
-__all__ = ["create_model", "cifar_variant"]
-
-
-def cifar_variant(model: nn.Module) -> nn.Module:
-    """Adapt an ImageNet ResNet for 32×32 inputs the way SEDONA and the paper do: remove the
-    max-pool after the first convolution (timm and torchvision ResNets keep every other layer).
-    Models without such a max-pool are returned unchanged. Modifies and returns ``model``."""
-    if isinstance(getattr(model, "maxpool", None), nn.MaxPool2d):
-        model.maxpool = nn.Identity()
-    return model
+__all__ = ["create_model"]
 
 
 def create_model(name: str, *, num_classes: int | None = None, in_chans: int | None = None,
