@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from . import _files as fileio
 from . import _store as store
-from .checkpoint import describe_checkpoint, fingerprint_input, refuse_nonfinite, trainer_files
+from .checkpoint import describe_checkpoint, fingerprint_input, nonfinite, refuse_nonfinite, trainer_files
 from .model import LFNNModel, main_output
 
 __all__ = ["Shard", "keep_only_stage"]
@@ -49,10 +49,9 @@ class Shard:
 
     def _save(self, net: LFNNModel, path: Path, *, trainer=None) -> Path:
         store.check_target(path)
-        own = self.own(net.state_dict())
         bad: list = [None] * dist.get_world_size()  # every rank refuses together if any block holds inf or nan
-        dist.all_gather_object(bad, [k for k, v in own.items() if v.is_floating_point() and not v.isfinite().all()])
-        refuse_nonfinite({k: torch.full((1,), float("nan")) for names in bad for k in names}, path)
+        dist.all_gather_object(bad, nonfinite(self.own(net.state_dict())))
+        refuse_nonfinite([k for names in bad for k in names], path)
         meta = describe_checkpoint(net, self.source_shapes)
         meta["fingerprint"] = self._fingerprint(net, meta["input_shape"])
         with contextlib.ExitStack() as stack:

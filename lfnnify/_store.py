@@ -76,7 +76,8 @@ def check_target(path: Path) -> None:
             f"itself (that writes a new version) or to a path outside it."
         )
     if path.is_dir():
-        foreign = sorted(c.name for c in path.iterdir() if not _ours(c, flat=_is_flat_checkpoint(path)))
+        flat = _is_flat_checkpoint(path)
+        foreign = sorted(c.name for c in path.iterdir() if not _ours(c, flat=flat))
         if foreign:
             shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
             raise CheckpointError(

@@ -75,8 +75,7 @@ def save(net: LFNNModel, path: str | os.PathLike, *, trainer=None) -> Path:
     shard = getattr(net, "_shard", None)
     if shard is not None:  # a pipeline rank: the pipeline side writes per-block files
         return shard.save(net, path, trainer=trainer)
-    store.check_target(path)
-    refuse_nonfinite(net.state_dict(), path)
+    refuse_nonfinite(nonfinite(net.state_dict()), path)
     meta = describe_checkpoint(net)
     meta["fingerprint"] = fingerprint(net, meta["input_shape"])
     store.fault_point("before-write")
@@ -91,10 +90,14 @@ def save(net: LFNNModel, path: str | os.PathLike, *, trainer=None) -> Path:
     return path
 
 
-def refuse_nonfinite(state: dict, path: Path) -> None:
-    """Refuse to save weights or statistics that hold inf or nan: the save would replace the last good checkpoint
-    with a model that cannot predict."""
-    bad = [k for k, v in state.items() if v.is_floating_point() and v.numel() and not bool(torch.isfinite(v).all())]
+def nonfinite(state: dict) -> list[str]:
+    """The names of the tensors in ``state`` that hold inf or nan."""
+    return [k for k, v in state.items() if v.is_floating_point() and v.numel() and not bool(torch.isfinite(v).all())]
+
+
+def refuse_nonfinite(bad: list[str], path: Path) -> None:
+    """Refuse to save weights or statistics that hold inf or nan (``bad`` names them): the save would replace the
+    last good checkpoint with a model that cannot predict."""
     if bad:
         raise CheckpointError(
             f"the model holds inf or nan in {len(bad)} tensor{'s' if len(bad) > 1 else ''} ({', '.join(bad[:3])}), "

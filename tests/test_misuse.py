@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lfnnify
 from lfnnify.data import SyntheticImages, make_loader
+from tests.test_cli import in_process
 from tests.test_faults import _Small, small_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -279,15 +280,9 @@ def test_checkpoint_damage_is_named_where_it_is(tmp_path):
 
 
 def _main(capsys, *args):
-    """The command line in this process (the same code path as ``python -m lfnnify``): (exit code, stderr)."""
-    from lfnnify.cli import main
-
-    threads = torch.get_num_threads()
-    try:
-        code = main([str(a) for a in args])
-    finally:
-        torch.set_num_threads(threads)
-    return code, capsys.readouterr().err
+    """The command line in this process (tests/test_cli.py's helper): (exit code, stderr)."""
+    code, _, err = in_process(capsys, *args)
+    return code, err
 
 
 def test_the_command_line_names_environment_problems_in_one_line(tmp_path, capsys):
