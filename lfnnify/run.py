@@ -17,7 +17,7 @@ from .checkpoint import exists as checkpoint_exists
 from .checkpoint import load_pretrained, load_weights_into, read_trainer_state, save
 from .conversion import convert
 from .data import build_datasets, make_loader
-from .errors import ConfigError, DataNotFoundError
+from .errors import ConfigError, DataError, DataNotFoundError
 from .plots import plot_curves, plot_leadership
 from .recipes import Recipe, recipe_to_dict
 from .trainer import Trainer
@@ -74,7 +74,8 @@ def train_from_recipe(
                                pin_memory=pin)
     test_loader = make_loader(test_set, batch_size=recipe.data.eval_batch_size, shuffle=False, workers=workers,
                               pin_memory=pin)
-    total = t.iterations if t.iterations is not None else t.epochs * len(train_loader)
+    steps_per_epoch = _steps_per_epoch(len(train_loader), blocks=len(net.blocks), world=world)
+    total = t.iterations if t.iterations is not None else t.epochs * steps_per_epoch
     trainer = _build_trainer(recipe, net, total=total, world=world, log_path=out / "log.jsonl", progress=progress,
                              device=place, backend=backend or recipe.pipeline.backend)
     if resume:
@@ -86,15 +87,17 @@ def train_from_recipe(
     if leader:
         print(net.plan if recipe.method == "lfnn" else f"{recipe.model.name}: backprop (method: bp)", flush=True)
         where = f"device {trainer.device}" + (" (rank 0; each rank its own)" if world > 1 else "")
-        print(f"training {total} iterations ({total / len(train_loader):.2f} epochs of {len(train_loader)} batches)"
+        replicas = world // len(net.blocks)
+        print(f"training {total} iterations ({total / steps_per_epoch:.2f} epochs of {steps_per_epoch} steps)"
               f" on {where}, {train_loader.num_workers} loader workers"
               + (f", pipeline over {world} processes" if world > 1 else "")
+              + (f" ({replicas} replicas per block, each step {replicas} batches)" if replicas > 1 else "")
               + (f", resuming at {trainer.step}" if resume else ""), flush=True)
     stopped, previous = _install_stop_handlers(trainer)
     start = time.perf_counter()
     try:
-        evaluations = _train(recipe, net, trainer, train_loader, test_loader, total=total, out=out, stopped=stopped,
-                             resume=resume, leader=leader)
+        evaluations = _train(recipe, net, trainer, train_loader, test_loader, total=total,
+                             steps_per_epoch=steps_per_epoch, out=out, stopped=stopped, resume=resume, leader=leader)
     finally:  # a Python caller gets its own handlers back
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -180,11 +183,21 @@ def _build_trainer(recipe: Recipe, net, *, total: int, world: int, log_path: Pat
     return Trainer(net, **common)
 
 
-def _train(recipe, net, trainer, train_loader, test_loader, *, total, out, stopped, resume, leader) -> list[dict]:
+def _steps_per_epoch(batches: int, *, blocks: int, world: int) -> int:
+    """Optimizer steps in one pass over the data: with R replicas per block (world = blocks x R) every step takes R
+    batches, one per replica."""
+    replicas = max(1, world // blocks)
+    if batches < replicas:
+        raise DataError(f"the training data gives {batches} batches, fewer than the {replicas} replicas of each block "
+                        f"(world size {world}, {blocks} blocks); use a smaller data.batch_size or fewer processes")
+    return batches // replicas
+
+
+def _train(recipe, net, trainer, train_loader, test_loader, *, total, steps_per_epoch, out, stopped, resume,
+           leader) -> list[dict]:
     """Train in chunks up to the next evaluation or checkpoint; returns every evaluation record."""
     t = recipe.train
     evaluations = read_jsonl(out / "log.jsonl", kind="eval") if resume else []
-    steps_per_epoch = len(train_loader)
     eval_every = t.eval_every or steps_per_epoch
     start, trained_s = time.perf_counter(), 0.0  # training time only: evaluations and checkpoints are not counted
     while trainer.step < total and not stopped:

@@ -142,7 +142,9 @@ def run(name: str, out: Path) -> None:
     trainer = _pipeline(net, name)
     first = trainer.first
     if s["resume_at"] is not None:
-        trainer.fit(train if first else None, epochs=10, max_steps=s["resume_at"])
+        ends = _stamp_steps(trainer)
+        trainer.fit(train if first else None, epochs=10, max_steps=s["resume_at"])  # no evaluation to wait on
+        (out / f"fit-rank{rank}.json").write_text(json.dumps({"returned": time.time(), "last_step_ended": ends[-1]}))
         lfnnify.save(net, out / "a" / "ckpt", trainer=trainer)
         net = lfnnify.load(out / "a" / "ckpt")
         trainer = _pipeline(net, name)
@@ -158,6 +160,19 @@ def run(name: str, out: Path) -> None:
         part = {k: v for k, v in net.state_dict().items() if k.startswith((f"blocks.{trainer.stage}.",
                                                                              f"heads.{trainer.stage}."))}
         torch.save(part, out / f"state-rank{rank}.pt")
+
+
+def _stamp_steps(trainer) -> list[float]:
+    """The wall-clock time at which each of this rank's steps ends, from now on."""
+    ends, step = [], trainer._stage_step
+
+    def stamped(x, y):
+        record = step(x, y)
+        ends.append(time.time())
+        return record
+
+    trainer._stage_step = stamped
+    return ends
 
 
 def fail(out: Path) -> None:

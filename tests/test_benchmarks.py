@@ -135,3 +135,25 @@ def test_memory_script_reports_both_methods(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "memory.json").read_text())
     assert set(result["peak_bytes"]) == {"bp", "lfnn"} and all(v > 0 for v in result["peak_bytes"].values())
+
+
+def test_time_to_accuracy_across_hosts_is_measured_against_ddp_of_the_same_seed(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import multihost_tta as tta
+
+    def run(*points):
+        return {"evaluations": [{"step": 10 * (i + 1), "train_seconds": s, "accuracy": a}
+                                for i, (s, a) in enumerate(points)]}
+
+    runs = {"ddp-seed0": run((10, 0.70), (20, 0.80)), "replay_pipeline-seed0": run((8, 0.75), (16, 0.81)),
+            "lfnn_pipeline-seed0": run((5, 0.60), (10, 0.79)),
+            "ddp-seed1": run((10, 0.82), (20, 0.80)), "replay_pipeline-seed1": run((12, 0.81), (24, 0.83)),
+            "lfnn_pipeline-seed1": run((5, 0.90), (10, 0.91))}
+    summary = tta.summarise(runs, [0, 1])
+    # seed 0: DDP reaches its final 0.80 at 20 s; replay at 16 s (0.8x); LFNN-ℓ never
+    assert summary["per_seed"][0]["replay_pipeline"]["ratio_to_ddp"] == 16 / 20
+    assert summary["per_seed"][0]["lfnn_pipeline"]["seconds"] is None
+    # seed 1: DDP first reached its final accuracy (0.80) at 10 s, before it ended
+    assert summary["per_seed"][1]["ddp_seconds"] == 10 and summary["per_seed"][1]["replay_pipeline"]["seconds"] == 12
+    assert summary["ratio_to_ddp"]["lfnn_pipeline"]["reached"] == "1 of 2 seeds"
+    assert summary["final_accuracy"]["ddp"]["mean"] == 0.80

@@ -11,6 +11,7 @@ import pytest
 
 from lfnnify.demo import WARMUP_STEPS
 from lfnnify.recipes import RecipeError, load_recipe
+from tests.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -162,11 +163,7 @@ def test_missing_dataset_mentions_download(tmp_path, capsys):
 
 
 def test_train_under_torchrun_uses_the_pipeline(tmp_path):
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(port), "-m", "lfnnify", "train", str(FMNIST), "--out", str(out),
@@ -180,6 +177,23 @@ def test_train_under_torchrun_uses_the_pipeline(tmp_path):
     assert meta["pipeline"] == {"blocks": 2, "replicas": 1}
     assert (folder / "block0.safetensors").exists() and (folder / "block1.safetensors").exists()
     assert (out / "results.md").exists()
+
+
+def test_an_epoch_of_data_parallel_backprop_under_torchrun_is_one_pass_over_the_data(tmp_path):
+    # method: bp under torchrun: one block, two replicas; each step takes two batches (one per replica), so one
+    # epoch of 256 images in batches of 32 is 4 steps, not 8 (it used to train two epochs and call them one)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "-m", "lfnnify", "train", str(FMNIST), "--out", str(out),
+           "--set", "method=bp", "--set", "train.epochs=1", "--set", "data.batch_size=32", *SHORT]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "training 4 iterations (1.00 epochs of 4 steps)" in proc.stdout and "2 replicas per block" in proc.stdout
+    evals = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert [(e["step"], e["epoch"]) for e in evals] == [(4, 1.0)]
+    assert json.loads((_current(out / "ckpt") / "lfnnify.json").read_text())["pipeline"] == {"blocks": 1,
+                                                                                              "replicas": 2}
 
 
 def test_resume_needs_a_run_and_a_fresh_run_needs_a_fresh_folder(tmp_path, capsys):

@@ -160,3 +160,22 @@ def test_the_multihost_benchmark_runs_end_to_end(tmp_path):
     assert "lfnn_pipeline/ddp@100mbit" not in result["ratios"] or result["ratios"]["lfnn_pipeline/ddp@100mbit"] > 0
     assert next(tmp_path.glob("multihost-*.png")).read_bytes()[:4] == b"\x89PNG"
     assert "| ddp |" in next(tmp_path.glob("multihost-*.md")).read_text()
+
+
+def test_the_time_to_accuracy_benchmark_runs_end_to_end_and_compares_the_same_batches(tmp_path):
+    # benchmarks/multihost_tta.py at a tiny size: DDP (plain PyTorch) and the LFNN-ℓ pipeline across its own two
+    # hosts, each run kept in its own file; a second call reuses them instead of training again
+    cmd = [sys.executable, "benchmarks/multihost_tta.py", "--model", "test_resnet", "--train-subset", "256",
+           "--eval-subset", "128", "--eval-every", "2", "--batch", "64", "--seeds", "0", "--methods", "ddp",
+           "lfnn_pipeline", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    import json
+
+    result = json.loads(next(tmp_path.glob("multihost_tta-*.json")).read_text())
+    for name in ("ddp", "lfnn_pipeline"):
+        run = result["runs"][f"{name}-seed0"]
+        assert [e["step"] for e in run["evaluations"]] == [2, 4]  # one epoch of 256 images in batches of 64
+        assert run["evaluations"][-1]["train_seconds"] > 0 and min(run["bytes_sent"]) > 0
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=400)
+    assert again.returncode == 0 and again.stdout.count("reused") == 2, again.stdout[-2000:]

@@ -67,6 +67,15 @@ def test_pipeline_equals_one_device_trainer(name):
     assert report["metrics"]["val_block_accuracy"] == pytest.approx(expected["block_accuracy"], abs=1e-6)
 
 
+@pytest.mark.xdist_group("torchrun-2")
+def test_fit_returns_on_every_rank_only_after_every_rank_finished_its_steps():
+    # LFNN-ℓ: block 0 waits for no gradient; its fit() still returns only once block 1 has taken the end-of-phase
+    # message, after its last step, so a run timed on rank 0 (lfnnify train's train_seconds) counts every rank's work
+    out = scenarios_run(2) / "2-local-resume"
+    ranks = [json.loads((out / f"fit-rank{r}.json").read_text()) for r in range(2)]
+    assert min(r["returned"] for r in ranks) >= max(r["last_step_ended"] for r in ranks), ranks
+
+
 def test_every_scenario_is_launched():
     launched = sorted(n for w in (2, 3, 4) for n in names(w))
     assert launched == sorted(worker.SCENARIOS)

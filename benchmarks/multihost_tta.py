@@ -1,0 +1,266 @@
+"""Time to accuracy across a shaped link: data-parallel backprop (DDP) against lfnnify's pipelines on two hosts.
+
+Two hosts of one core each (network and PID namespaces on this machine, lfnnify/_testbed.py) joined by a link of
+``--rate`` (1 Gbit/s by default, tc's token bucket), a real ``torchrun --nnodes 2`` on each. Every method trains the
+default recipe's model (timm resnet18, in_chans=1, 28 px) on Fashion-MNIST for one epoch of the first
+``--train-subset`` training images, with the recipe's batch (128), SGD and cosine schedule, from the same seed and on
+the same batches in the same order:
+
+- ``ddp``: torch's DistributedDataParallel, one replica per host, each taking half of every batch
+  (benchmarks/_ddp_fashion_mnist.py, plain PyTorch);
+- ``replay_pipeline``: ``lfnnify train``, delayed end-to-end gradients with weight stashing, one block per host;
+- ``lfnn_pipeline``: ``lfnnify train``, LFNN-ℓ (local losses, the paper's heads), one block per host.
+
+Both pipelines cut where a K=2 split balanced by measured time puts the cut on this machine (``plan(balance="time")``
+at the training batch, one thread). Test accuracy on the first ``--eval-subset`` test images every ``--eval-every``
+steps; training time excludes the evaluations (and checkpoints). For each seed the target is DDP's final accuracy;
+the result is the training time at which each method first reaches it, against DDP's own. One file per run in
+``--runs`` (reused when its settings and commit match), so an interrupted sweep goes on where it stopped.
+
+Reproduce:  python benchmarks/multihost_tta.py --seeds 0 1 2 --out benchmarks/results
+Quick look: python benchmarks/multihost_tta.py --model test_resnet --train-subset 512 --eval-subset 256 \\
+                --eval-every 2 --seeds 0 --out /tmp/tta
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import RESULTS, environment, hardware_tag, write_json  # noqa: E402
+
+from lfnnify._testbed import Hosts, missing  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "fashion_mnist_resnet18_k4.yaml"
+DDP = Path(__file__).resolve().parent / "_ddp_fashion_mnist.py"
+METHODS = {  # name -> recipe overrides of the pipeline (ddp: none, it is plain PyTorch)
+    "ddp": [],
+    "replay_pipeline": ["convert.mode=replay", "convert.weight_stashing=true"],
+    "lfnn_pipeline": ["convert.mode=local"],
+}
+TARGET = ("replay_pipeline", 0.7)  # issue 19: replay reaches DDP's final accuracy in <= 0.7x DDP's training time
+
+
+def measured_time_cut(args) -> list[str]:
+    import torch
+
+    import lfnnify
+    from lfnnify.zoo import create_model
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = create_model(args.model, num_classes=10, in_chans=1)
+    plan = lfnnify.plan(model, blocks=2, balance="time", example_input=torch.randn(args.batch, 1, 28, 28),
+                        batch_size=args.batch, link=args.rate)
+    print(plan, flush=True)
+    return plan.cuts
+
+
+def overrides(args, seed: int) -> list[str]:
+    return [f"model.name={args.model}", f"data.train_subset={args.train_subset}",
+            f"data.eval_subset={args.eval_subset}", f"data.batch_size={args.batch}", "train.epochs=1",
+            f"train.seed={seed}", "train.threads=1", f"train.eval_every={args.eval_every}",
+            "train.checkpoint_every=1000000", "convert.blocks=null", f"convert.cuts={json.dumps(args.cuts)}"]
+
+
+def command(name: str, args, seed: int, out: Path) -> list[str]:
+    sets = [*overrides(args, seed), *METHODS[name]]
+    flags = [x for s in sets for x in ("--set", s)]
+    if name == "ddp":
+        return [str(DDP), str(RECIPE), *flags, "--eval-every", str(args.eval_every), "--out", str(out)]
+    return ["-m", "lfnnify", "train", str(RECIPE), "--out", str(out), "--no-progress", *flags]
+
+
+def run(hosts: Hosts, name: str, args, seed: int, port: int) -> dict:
+    """One method, one seed, across the two hosts: its evaluations (step, training seconds, test accuracy)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        logs = [open(Path(tmp) / f"host{i}.log", "w") for i in range(2)]  # noqa: SIM115 - closed below
+        sent = [hosts.tx_bytes(i) for i in range(2)]
+        start = time.monotonic()
+        procs = [hosts.popen(i, hosts.torchrun(i, command(name, args, seed, out), port=port), stdout=logs[i],
+                             stderr=logs[i]) for i in range(2)]
+        for p in procs:
+            try:
+                p.wait(timeout=max(1.0, start + args.timeout - time.monotonic()))
+            except Exception:  # noqa: BLE001 - a stuck run is killed and reported
+                p.kill()
+                p.wait()
+        for log in logs:
+            log.close()
+        wall = time.monotonic() - start
+        tails = "".join((Path(tmp) / f"host{i}.log").read_text()[-2000:] for i in range(2))
+        if [p.returncode for p in procs] != [0, 0] or not (out / "log.jsonl").exists():
+            raise SystemExit(f"{name}, seed {seed}: failed (exit {[p.returncode for p in procs]}):\n{tails}")
+        evals = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r.get("kind") == "eval"]
+    return {"evaluations": [{k: r[k] for k in ("step", "train_seconds", "accuracy")} for r in evals],
+            "wall_seconds": wall, "bytes_sent": [hosts.tx_bytes(i) - sent[i] for i in range(2)]}
+
+
+def first_reaching(evals: list[dict], target: float) -> dict | None:
+    return next((r for r in evals if r["accuracy"] >= target), None)
+
+
+def summarise(runs: dict, seeds: list[int]) -> dict:
+    """Per seed: DDP's final accuracy as the target, and when each method first reached it; then over seeds."""
+    per_seed, ratios = {}, {m: [] for m in METHODS if m != "ddp"}
+    for seed in seeds:
+        ddp = runs[f"ddp-seed{seed}"]["evaluations"]
+        target = ddp[-1]["accuracy"]
+        ddp_time = first_reaching(ddp, target)["train_seconds"]
+        row = {"target": target, "ddp_seconds": ddp_time}
+        for m in ratios:
+            evals = runs[f"{m}-seed{seed}"]["evaluations"]
+            hit = first_reaching(evals, target)
+            row[m] = {"seconds": hit["train_seconds"] if hit else None, "step": hit["step"] if hit else None,
+                      "ratio_to_ddp": hit["train_seconds"] / ddp_time if hit else None,
+                      "final_accuracy": evals[-1]["accuracy"], "best_accuracy": max(r["accuracy"] for r in evals),
+                      "seconds_per_step": evals[-1]["train_seconds"] / evals[-1]["step"]}
+            ratios[m].append(row[m]["ratio_to_ddp"])
+        row["ddp_seconds_per_step"] = ddp[-1]["train_seconds"] / ddp[-1]["step"]
+        per_seed[seed] = row
+    over = {}
+    for m, values in ratios.items():
+        reached = [v for v in values if v is not None]
+        over[m] = {"reached": f"{len(reached)} of {len(values)} seeds",
+                   "ratio_mean": statistics.mean(reached) if reached else None,
+                   "ratio_sd": statistics.stdev(reached) if len(reached) > 1 else None}
+    finals = {m: [runs[f"{m}-seed{s}"]["evaluations"][-1]["accuracy"] for s in seeds] for m in METHODS}
+    speeds = {m: [runs[f"{m}-seed{s}"]["evaluations"][-1]["train_seconds"] / runs[f"{m}-seed{s}"]["evaluations"][-1]
+                  ["step"] for s in seeds] for m in METHODS}
+    return {"per_seed": per_seed, "ratio_to_ddp": over,
+            "final_accuracy": {m: _mean_sd(v) for m, v in finals.items()},
+            "seconds_per_step": {m: _mean_sd(v) for m, v in speeds.items()}}
+
+
+def _mean_sd(values: list[float]) -> dict:
+    return {"mean": statistics.mean(values), "sd": statistics.stdev(values) if len(values) > 1 else None,
+            "values": values}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rate", default="1gbit", help="the link's rate, as tc writes it (default 1gbit)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--train-subset", type=int, default=19200, help="training images in the one epoch")
+    parser.add_argument("--eval-subset", type=int, default=2000, help="test images each evaluation reads")
+    parser.add_argument("--eval-every", type=int, default=15, help="steps between evaluations")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds one run may take")
+    parser.add_argument("--runs", type=Path, default=None, help="folder of per-run files (default: OUT/NAME-runs)")
+    parser.add_argument("--name", default=None)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    reason = missing()
+    if reason:
+        raise SystemExit(f"multihost_tta.py: {reason}")
+    if "ddp" not in args.methods:
+        raise SystemExit("multihost_tta.py: --methods must include ddp, whose final accuracy is the target")
+    Hosts.remove_stale()
+    env_before = environment(1)
+    args.cuts = measured_time_cut(args)
+    stem = args.name or (f"multihost_tta-fashion_mnist-{args.model}-k2-{args.rate}-{hardware_tag()}-"
+                         f"{env_before['date'][:10]}")
+    folder = args.runs or args.out / f"{stem}-runs"
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                if k not in ("runs", "name", "out", "seeds", "methods", "timeout")}
+    runs, port = {}, 29700
+    with Hosts(2, rate=args.rate) as hosts:
+        for seed in args.seeds:
+            for name in args.methods:
+                key, port = f"{name}-seed{seed}", port + 1
+                path = folder / f"{key}.json"
+                if path.exists():
+                    kept = json.loads(path.read_text())
+                    if kept["settings"] == settings and kept["commit"] == env_before["commit"]:
+                        runs[key] = kept
+                        print(f"{key}: reused {path}", flush=True)
+                        continue
+                print(f"{key}: training across {hosts.rate}", flush=True)
+                result = run(hosts, name, args, seed, port)
+                runs[key] = {"settings": settings, "commit": env_before["commit"], "method": name, "seed": seed,
+                             **result}
+                write_json(path, runs[key])
+                last = result["evaluations"][-1]
+                print(f"  {last['step']} steps in {last['train_seconds']:.0f} s of training "
+                      f"({result['wall_seconds']:.0f} s in all): test accuracy {last['accuracy']:.4f}", flush=True)
+        notes = hosts.notes
+    summary = summarise(runs, args.seeds) if set(args.methods) == set(METHODS) else None
+    verdict = None
+    if summary:
+        m, bound = TARGET
+        ratios = [summary["per_seed"][s][m]["ratio_to_ddp"] for s in args.seeds]
+        verdict = (f"{m} reaches DDP's final accuracy in {_ratios(ratios)} DDP's training time (target <= {bound}x: "
+                   f"{'met' if all(r is not None and r <= bound for r in ratios) else 'MISSED'})")
+    payload = {"experiment": "multihost_time_to_accuracy", "settings": settings, "seeds": args.seeds,
+               "cuts": args.cuts, "cut_choice": "balance='time' at the training batch, one thread, on this machine",
+               "runs": runs, "summary": summary, "verdict": verdict, "testbed_notes": notes,
+               "env_before": env_before, "env": environment(1),
+               "command": " ".join(["python", "benchmarks/multihost_tta.py", *sys.argv[1:]])}
+    path = write_json(args.out / f"{stem}.json", payload)
+    chart(payload, args.out / f"{stem}.png")
+    (args.out / f"{stem}.md").write_text(markdown(payload) + "\n")
+    print(markdown(payload) + f"\nwrote {path}")
+
+
+def _ratios(values: list) -> str:
+    return ", ".join("never" if v is None else f"{v:.2f}x" for v in values)
+
+
+def markdown(payload: dict) -> str:
+    s, summary = payload["settings"], payload["summary"]
+    head = (f"2 hosts x 1 core ({payload['env']['device']}) joined by a {s['rate']} link; Fashion-MNIST, timm "
+            f"{s['model']}, one epoch of {s['train_subset']} training images, batch {s['batch']}, K=2 cut after "
+            f"{payload['cuts']} (measured time); test accuracy on {s['eval_subset']} test images every "
+            f"{s['eval_every']} steps; seeds {payload['seeds']}; commit {payload['env_before']['commit']}")
+    if not summary:
+        return head
+    lines = [head, "", "| method | final test accuracy | s per step (training) | time to DDP's final accuracy, "
+             "/ DDP's |", "|---|---|---|---|"]
+    for m in METHODS:
+        acc, speed = summary["final_accuracy"][m], summary["seconds_per_step"][m]
+        ratio = "1 (the target is its own final accuracy)" if m == "ddp" else (
+            _ratios([summary["per_seed"][seed][m]["ratio_to_ddp"] for seed in payload["seeds"]]) + " (per seed)")
+        lines.append(f"| {m} | {_pm(acc)} | {_pm(speed, 2)} | {ratio} |")
+    return "\n".join(lines + ["", f"- {payload['verdict']}"])
+
+
+def _pm(stat: dict, digits: int = 4) -> str:
+    return f"{stat['mean']:.{digits}f}" + (f" ± {stat['sd']:.{digits}f}" if stat["sd"] is not None else "")
+
+
+def chart(payload: dict, path: Path) -> None:
+    from lfnnify.plots import _pyplot, _save
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    colors = dict(zip(METHODS, ("tab:gray", "tab:blue", "tab:orange")))
+    for key, r in payload["runs"].items():
+        m = r["method"]
+        xs = [0.0] + [e["train_seconds"] for e in r["evaluations"]]
+        ys = [float("nan")] + [e["accuracy"] for e in r["evaluations"]]
+        ax.plot(xs, ys, color=colors[m], alpha=0.8, lw=1.2, label=m if key.endswith(f"seed{payload['seeds'][0]}")
+                else None)
+    ax.set_xlabel("training time (s; evaluations excluded)")
+    ax.set_ylabel("test accuracy")
+    s = payload["settings"]
+    ax.set_title(f"2 hosts x 1 core, {s['rate']} link, {s['model']} K=2, {s['train_subset']} images, one line per "
+                 f"seed\n{payload['env']['device'][:60]}", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+if __name__ == "__main__":
+    main()
