@@ -57,6 +57,11 @@ METHODS = {
     "replay_stash": ("replay, weight stashing", dict(REPLAY, weight_stashing=True), {}),
     "replay_stash_predict": ("replay, weight stashing + weight prediction",
                              dict(REPLAY, weight_stashing=True, weight_prediction=True), {}),
+    "replay_stash_delay_lr": ("replay, weight stashing, delay-aware step sizes over epoch 1 (PipeMare)",
+                              dict(REPLAY, weight_stashing=True), {"delay_lr_epochs": 1}),
+    "replay_stash_predict_delay_lr": ("replay, weight stashing + weight prediction, delay-aware step sizes over "
+                                      "epoch 1", dict(REPLAY, weight_stashing=True, weight_prediction=True),
+                                      {"delay_lr_epochs": 1}),
     "local_then_replay": ("local for epoch 1, then replay", dict(blocks=4), {"switch_to": "replay",
                                                                              "switch_epochs": 1}),
 }
@@ -117,10 +122,12 @@ def _build(name, args, steps_per_epoch):
     if "switch_to" in trainer_knobs:
         switch = {"switch_to": trainer_knobs["switch_to"],
                   "switch_mode_at": trainer_knobs["switch_epochs"] * steps_per_epoch}
-    refresh = {k: v for k, v in trainer_knobs.items() if k.startswith("refresh_")}
+    extra = {k: v for k, v in trainer_knobs.items() if k.startswith("refresh_")}
+    if "delay_lr_epochs" in trainer_knobs:
+        extra["delay_lr_warmup"] = trainer_knobs["delay_lr_epochs"] * steps_per_epoch
     trainer = lfnnify.Trainer(net, optimizer=lambda ps: _optimizer(ps, args.lr),
                               scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, total_steps),
-                              progress=False, **switch, **refresh)
+                              progress=False, **switch, **extra)
     facts.update(cuts=net.plan.cuts, head_params=net.plan.total_head_params)
     return trainer.train_step, trainer.evaluate, facts
 

@@ -41,6 +41,7 @@ class TrainerOptions:
     switch_to: str | None = None
     refresh_heads_every: int | None = None
     refresh_momentum: float = 0.0
+    delay_lr_warmup: int | None = None
     log_path: str | Path | None = None
     log_every: int = 20
     progress: bool = True
@@ -83,6 +84,8 @@ class TrainerOptions:
             raise ConfigError(f"refresh_heads_every={every!r} must be a step count >= 1 or None")
         if not is_number(momentum) or not 0 <= momentum < 1:
             raise ConfigError(f"refresh_momentum={momentum!r} must be a number in [0, 1) (0 copies the weights)")
+        if self.delay_lr_warmup is not None and not is_count(self.delay_lr_warmup, 1):
+            raise ConfigError(f"delay_lr_warmup={self.delay_lr_warmup!r} must be a step count >= 1 or None")
 
     def check_for(self, net) -> None:
         """The checks that need the model: what it can switch to, replay's precision, heads to refresh."""
@@ -98,6 +101,12 @@ class TrainerOptions:
             raise ConfigError(
                 "amp='fp16' with mode='replay': delayed gradients travel between blocks that scale their losses "
                 "differently, so replay supports amp='bf16' (no loss scaling) or full precision"
+            )
+        if self.delay_lr_warmup is not None and "replay" not in (net.mode, self.switch_to):
+            raise ConfigError(
+                f"delay_lr_warmup={self.delay_lr_warmup}: delay-aware step sizes apply to replay's delayed "
+                f"gradients, and this model trains in mode={net.mode!r} throughout; convert with mode='replay' (or "
+                f"switch_to='replay'), or drop delay_lr_warmup"
             )
         every = self.refresh_heads_every
         if every is not None and not any(isinstance(h, LookaheadHead) for h in net.heads):

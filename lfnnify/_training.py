@@ -57,7 +57,8 @@ class TrainerBase:
         self.net = net
         self.amp, self.grad_clip, self.reselect = amp, grad_clip, options.reselect
         self.head_warmup_steps = head_warmup_steps
-        self.schedule = ModeSchedule(net.mode, options.switch_mode_at, options.switch_to, head_warmup_steps)
+        self.schedule = ModeSchedule(net.mode, options.switch_mode_at, options.switch_to, head_warmup_steps,
+                                     options.delay_lr_warmup)
         self.log_path = Path(options.log_path) if options.log_path is not None else None
         self.log_every, self.progress = options.log_every, options.progress
         self.device = next((p.device for p in net.blocks[owned[0]].parameters()), torch.device("cpu"))

@@ -70,7 +70,8 @@ class PipelineTrainer(TrainerBase):
     Args:
         net: the converted model (every rank converts the same model; each keeps only its block).
         optimizer, scheduler, amp, grad_clip, head_warmup_steps, reselect, switch_mode_at, switch_to,
-            refresh_heads_every, refresh_momentum, log_path, log_every, progress: as for :class:`~lfnnify.Trainer`
+            refresh_heads_every, refresh_momentum, delay_lr_warmup, log_path, log_every, progress: as for
+            :class:`~lfnnify.Trainer`
             (block k+1's rank sends its weights to block k's head when it starts a refresh step).
         max_in_flight: outgoing messages allowed in flight before a stage waits (memory bound).
         send_dtype: send activations and gradients in this dtype (``torch.bfloat16`` halves traffic).

@@ -87,6 +87,7 @@ class TrainSection:
     switch_to: str | None = None  # local | replay
     refresh_heads_every: int | None = None  # look-ahead heads: take the next block's weights every N iterations
     refresh_momentum: float = 0.0  # 0 copies them; m keeps m of the head's own
+    delay_lr_warmup: int | None = None  # replay: block k starts at lr/(K-1-k), full lr after this many iterations
 
 
 @dataclass
@@ -235,6 +236,12 @@ def _check(recipe: Recipe) -> None:
          "train.switch_mode_at and train.switch_to, or use method: lfnn"),
         ("train.refresh_heads_every", t.refresh_heads_every is None or recipe.method == "lfnn",
          "refreshes lfnnify's look-ahead heads, but method is 'bp' (no heads); drop it, or use method: lfnn"),
+        ("train.delay_lr_warmup", t.delay_lr_warmup is None or t.delay_lr_warmup >= 1, "must be >= 1"),
+        ("train.delay_lr_warmup", t.delay_lr_warmup is None or recipe.method == "lfnn",
+         "scales replay's delayed steps, but method is 'bp' (no delays); drop it, or use method: lfnn"),
+        ("train.delay_lr_warmup", t.delay_lr_warmup is None or "replay" in (c.mode, t.switch_to),
+         f"applies to replay's delayed gradients, but convert.mode is {c.mode!r} with no switch to replay; set "
+         f"convert.mode: replay, or drop it"),
         ("train.switch_to", (t.switch_to is None) == (t.switch_mode_at is None),
          "and train.switch_mode_at go together: give both or neither"),
         ("train.switch_to", t.switch_to in (None, *({"local", "replay"} - {c.mode})),

@@ -169,7 +169,8 @@ def _build_trainer(recipe: Recipe, net, *, total: int, world: int, log_path: Pat
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=t.schedule.final_lr)
 
     lfnn_knobs = dict(switch_mode_at=t.switch_mode_at, switch_to=t.switch_to, refresh_heads_every=t.refresh_heads_every,
-                      refresh_momentum=t.refresh_momentum) if recipe.method == "lfnn" else {}
+                      refresh_momentum=t.refresh_momentum, delay_lr_warmup=t.delay_lr_warmup
+                      ) if recipe.method == "lfnn" else {}
     common = dict(optimizer=optimizer, scheduler=cosine if t.schedule.name == "cosine" else None, amp=t.amp,
                   grad_clip=t.grad_clip, head_warmup_steps=t.head_warmup_steps, reselect=t.reselect,
                   log_path=log_path, progress=progress, **lfnn_knobs)

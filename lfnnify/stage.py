@@ -37,12 +37,14 @@ class ModeSchedule:
     """Which mode runs at which step: ``mode`` from the start, ``switch_to`` from step ``switch_at`` on.
 
     Steps before ``warmup`` are head warm-up (local, trunks frozen); replay starts after them.
+    ``delay_lr_warmup``: see :meth:`lr_scale`.
     """
 
     mode: str
     switch_at: int | None = None
     switch_to: str | None = None
     warmup: int = 0
+    delay_lr_warmup: int | None = None
 
     def mode_at(self, step: int) -> str:
         if step < self.warmup:
@@ -56,6 +58,15 @@ class ModeSchedule:
         if self.switch_at is not None and step >= self.switch_at:
             return max(self.switch_at, self.warmup)
         return self.warmup
+
+    def lr_scale(self, step: int, delay: int) -> float:
+        """Delay-aware step size (PipeMare's learning-rate rescheduling, Yang et al. 2021): in the first
+        ``delay_lr_warmup`` steps s of a replay period a block with ``delay`` steps with ``delay^-(1 - s/N)`` times
+        its learning rate, from ``1/delay`` up to the full rate; 1 afterwards, without delay, or when off."""
+        if self.delay_lr_warmup is None or delay == 0:
+            return 1.0
+        done = min((step - self.replay_start(step)) / self.delay_lr_warmup, 1.0)
+        return float(delay) ** (done - 1.0)
 
     def delayed_batch(self, step: int, delay: int) -> int | None:
         """The batch a block with ``delay`` back-propagates at ``step`` in replay mode, or None (local mode, or
@@ -201,11 +212,11 @@ class BlockStage:
         if stored.step != batch:
             raise RuntimeError(f"block {self.k} kept batch {stored.step}, but step {step} back-propagates batch "
                                f"{batch}")
-        return self._replay(stored, grad)
+        return self._replay(stored, grad, step)
 
     # ------------------------------------------------------------------ pieces
 
-    def _replay(self, stored: _Stored, grad: Tensor) -> tuple[Tensor | None, dict]:
+    def _replay(self, stored: _Stored, grad: Tensor, step: int) -> tuple[Tensor | None, dict]:
         x = stored.x.requires_grad_(self.k > 0)
         devices = [x.device] if stored.cuda_rng is not None else []
         with self._buffers_kept(), torch.random.fork_rng(devices=devices):
@@ -225,7 +236,7 @@ class BlockStage:
         if stored.weights is not None:  # gradients at the stashed weights, applied to the current ones
             self._take_stashed_grads(stored)
         below = x.grad.detach() if self.k > 0 else None
-        self.update.step()
+        self.update.step(lr_scale=self.schedule.lr_scale(step, self.delay))
         return below, self._record(loss, logits, stored.y, leaders)
 
     def _take_stashed_grads(self, stored: _Stored) -> None:

@@ -49,6 +49,10 @@ class Trainer(TrainerBase):
             next block (as they are after its previous step) before its loss of the step:
             ``p = refresh_momentum·p + (1 - refresh_momentum)·q``. ``None`` (default) never refreshes.
         refresh_momentum: see ``refresh_heads_every``; 0 copies the next block's weights.
+        delay_lr_warmup: replay only: delay-aware step sizes (PipeMare, Yang et al. 2021). Block k, whose
+            gradients are ``D = K-1-k`` steps late, starts a replay period at ``lr / D`` and reaches ``lr``
+            geometrically over this many steps (``lr·D^-(1 - s/N)`` at step s); the block's head steps with it.
+            ``None`` (default): every block at ``lr`` from the start.
         log_path: a JSONL file that receives per-step and per-epoch records.
         log_every: steps between JSONL records.
         progress: show a tqdm progress bar.

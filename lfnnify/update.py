@@ -97,8 +97,9 @@ class BlockUpdate:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    def step(self, *, warmup: bool = False) -> None:
-        """Apply the gradients the block's backward left in ``.grad``."""
+    def step(self, *, warmup: bool = False, lr_scale: float = 1.0) -> None:
+        """Apply the gradients the block's backward left in ``.grad``; ``lr_scale`` multiplies every learning rate
+        for this step only (the scheduler's values are left as they were)."""
         if warmup:  # head warm-up: only the heads and the model's own classifier learn
             for p in self.params:
                 if id(p) in self._frozen:
@@ -110,12 +111,17 @@ class BlockUpdate:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], self.grad_clip)
+        rates = [group["lr"] for group in self.optimizer.param_groups]
+        for group, lr in zip(self.optimizer.param_groups, rates):
+            group["lr"] = lr * lr_scale
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             if self.owns_scaler:
                 self.scaler.update()
         else:
             self.optimizer.step()
+        for group, lr in zip(self.optimizer.param_groups, rates):
+            group["lr"] = lr
         if before is not None:
             self._last_update = {id(p): p.detach() - b for p, b in zip(self.params, before)}
         self._advance()

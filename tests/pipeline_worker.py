@@ -29,8 +29,8 @@ SIZE, BATCH, DATA = 16, 16, 72  # 72 images: the last batch of each epoch has 8,
 LARGE = dict(size=128, channels=64, batch=16, data=32)  # 16 x 64 x 128 x 128 floats: 64 MiB per message
 
 # name -> what it trains: blocks, mode (local | replay | replay-stash), local_weight, switch_at/switch_to, head,
-# refresh_every, predict, bf16, steps, resume_at (save there, load, go on), model (timm: MODEL | plain | large |
-# torchvision); the world size is blocks x replicas
+# refresh_every, predict, delay_lr (delay-aware step sizes over that many steps), bf16, steps, resume_at (save there,
+# load, go on), model (timm: MODEL | plain | large | torchvision); the world size is blocks x replicas
 SCENARIOS = {
     "2-local": dict(blocks=2),
     "2-replay": dict(blocks=2, mode="replay"),
@@ -42,6 +42,7 @@ SCENARIOS = {
     "3-replay-w0.5": dict(blocks=3, mode="replay", local_weight=0.5),
     "3-replay-stash": dict(blocks=3, mode="replay-stash"),
     "3-replay-stash-predict": dict(blocks=3, mode="replay-stash", predict=True),
+    "3-replay-stash-delay-lr": dict(blocks=3, mode="replay-stash", delay_lr=4),
     "3-local-to-replay-at-3": dict(blocks=3, switch_at=3, switch_to="replay"),
     "3-replay-w0.5-to-local-at-3": dict(blocks=3, mode="replay", local_weight=0.5, switch_at=3, switch_to="local"),
     "3-lookahead-refresh": dict(blocks=3, mode="replay", head="lookahead-layer", refresh_every=2),
@@ -49,7 +50,7 @@ SCENARIOS = {
     "4-replicas-seeded-apart": dict(blocks=2, replicas=2, mode="replay", model="plain", steps=2),
 }
 DEFAULTS = dict(mode="local", local_weight=0.0, switch_at=None, switch_to=None, head="linear", refresh_every=None,
-                predict=False, bf16=False, steps=7, resume_at=None, model="timm", replicas=1)
+                predict=False, delay_lr=None, bf16=False, steps=7, resume_at=None, model="timm", replicas=1)
 
 
 def spec(name: str) -> dict:
@@ -112,7 +113,7 @@ def trainer_knobs(name: str) -> dict:
     s = spec(name)
     return dict(optimizer=optimizer, scheduler=scheduler, progress=False, switch_mode_at=s["switch_at"],
                 switch_to=s["switch_to"], refresh_heads_every=s["refresh_every"],
-                refresh_momentum=0.5 if s["refresh_every"] else 0.0)
+                refresh_momentum=0.5 if s["refresh_every"] else 0.0, delay_lr_warmup=s["delay_lr"])
 
 
 def loaders(name: str, *, batch_scale: int = 1):

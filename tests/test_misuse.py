@@ -239,9 +239,14 @@ def test_recipes_take_1e_minus_3_and_refuse_settings_that_would_be_ignored(tmp_p
     from lfnnify.recipes import load_recipe
 
     assert load_recipe(FMNIST, overrides=["convert.local_weight=1e-3"]).convert.local_weight == 0.001
+    replay = load_recipe(FMNIST, overrides=["convert.mode=replay", "train.delay_lr_warmup=100"])
+    assert replay.train.delay_lr_warmup == 100
     for override, pattern in [
         (["method=bp", "train.switch_mode_at=10", "train.switch_to=replay"], r"method is 'bp'"),
         (["train.refresh_momentum=0.5"], r"used only with train.refresh_heads_every"),
+        (["train.delay_lr_warmup=100"], r"train.delay_lr_warmup: 100 applies to replay's delayed gradients, but "
+                                        r"convert.mode is 'local'"),
+        (["method=bp", "train.delay_lr_warmup=100"], r"method is 'bp' \(no delays\)"),
     ]:
         with pytest.raises(lfnnify.RecipeError, match=pattern):
             load_recipe(FMNIST, overrides=override)

@@ -27,11 +27,13 @@ def _sgd(lr=0.1, momentum=0.0):
     return lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum)
 
 
-def test_one_block_replay_is_backprop_exactly():
+@pytest.mark.parametrize("delay_lr_warmup", [None, 2], ids=["", "delay-lr"])
+def test_one_block_replay_is_backprop_exactly(delay_lr_warmup):
+    # one block has no delay: delay-aware step sizes leave it at the full rate
     model = _resnet()
     reference = copy.deepcopy(model).train()
     net = lfnnify.convert(model, blocks=1, mode="replay", example_input=X16)
-    trainer = lfnnify.Trainer(net, optimizer=_sgd(0.1, 0.9), progress=False)
+    trainer = lfnnify.Trainer(net, optimizer=_sgd(0.1, 0.9), progress=False, delay_lr_warmup=delay_lr_warmup)
     opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
     for x, y in _batches(4):
         trainer.train_step(x, y)
@@ -195,6 +197,33 @@ def test_replay_needs_a_trainer_and_refuses_fp16():
 )
 def test_bad_mode_switches(kwargs, pattern):
     net = lfnnify.convert(_resnet(), blocks=2, example_input=X16)
+    with pytest.raises(lfnnify.ConfigError, match=pattern):
+        lfnnify.Trainer(net, optimizer=_sgd(), **kwargs)
+
+
+def test_delay_aware_step_sizes_ramp_from_one_over_the_delay_to_the_full_rate_in_each_replay_period():
+    from lfnnify.stage import ModeSchedule
+
+    schedule = ModeSchedule("local", switch_at=10, switch_to="replay", delay_lr_warmup=4)
+    assert [schedule.lr_scale(10 + s, 3) for s in (0, 2, 4, 9)] == pytest.approx([1 / 3, 3**-0.5, 1, 1])
+    assert schedule.lr_scale(12, 0) == 1.0  # the last block has no delay
+    assert ModeSchedule("replay").lr_scale(0, 3) == 1.0  # off by default
+    # the scheduler's rates are left as they were: the scaling is for the step only
+    net = lfnnify.convert(_resnet(), blocks=3, mode="replay", example_input=X16)
+    trainer = lfnnify.Trainer(net, optimizer=_sgd(0.1), progress=False, delay_lr_warmup=4)
+    for x, y in _batches(3):
+        trainer.train_step(x, y)
+    assert all(g["lr"] == 0.1 for opt in trainer.optimizers for g in opt.param_groups)
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    (dict(mode="local", delay_lr_warmup=10), r"delay_lr_warmup=10: delay-aware step sizes apply to replay"),
+    (dict(mode="replay", delay_lr_warmup=0), r"delay_lr_warmup=0 must be a step count >= 1"),
+    (dict(mode="replay", delay_lr_warmup=True), r"delay_lr_warmup=True must be a step count"),
+])
+def test_delay_aware_step_sizes_need_replay_and_a_step_count(kwargs, pattern):
+    mode = kwargs.pop("mode")
+    net = lfnnify.convert(_resnet(), blocks=2, mode=mode, example_input=X16)
     with pytest.raises(lfnnify.ConfigError, match=pattern):
         lfnnify.Trainer(net, optimizer=_sgd(), **kwargs)
 

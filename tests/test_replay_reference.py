@@ -12,7 +12,9 @@ hand-written SGD, and follows ``../shared/METHOD.md`` ("Delayed end-to-end gradi
 - while ``b < 0`` (filling) the block and its head do not change;
 - with weight prediction the first pass of batch t uses the weights predicted for the step its gradient is
   applied at, ``W[k][t] + D·(the block's last update)`` (linear weight prediction), and with stashing the
-  delayed gradient is taken at those predicted weights.
+  delayed gradient is taken at those predicted weights;
+- with delay-aware step sizes over N steps (PipeMare's learning-rate rescheduling), block k and its head step at
+  step t with ``lr · D^-(1 - min(t/N, 1))`` (the last block, D = 0, at ``lr``).
 
 The head learns from its loss on the block's output in every case; ``local_weight`` only says how much of that
 loss reaches the trunk. Everything runs in float64, so that 1e-6 is far above rounding and far below any
@@ -52,13 +54,13 @@ def _batches():
             for _ in range(STEPS)]
 
 
-def _sgd(weights, grads, buffers):
+def _sgd(weights, grads, buffers, lr=LR):
     """torch.optim.SGD's rule with momentum and weight decay, by hand: the reference owns its optimizer too."""
     new = {}
     for name, w in weights.items():
         g = grads[name] + DECAY * w
         buffers[name] = g.clone() if name not in buffers else MOMENTUM * buffers[name] + g
-        new[name] = w - LR * buffers[name]
+        new[name] = w - lr * buffers[name]
     return new
 
 
@@ -67,7 +69,7 @@ def _logits(head, weights, features):
     return logits[0] if logits.dim() == 3 else logits  # one worker: (1, B, classes)
 
 
-def reference(net, batches, *, stash, local_weight, predict=False):
+def reference(net, batches, *, stash, local_weight, predict=False, lr_warmup=None):
     """The weights of every block and head after ``len(batches)`` steps of delayed end-to-end gradients."""
     blocks, heads = copy.deepcopy(net.blocks), copy.deepcopy(net.heads)  # used as functions only
     K = len(blocks)
@@ -94,6 +96,8 @@ def reference(net, batches, *, stash, local_weight, predict=False):
             if b < 0:
                 W[k].append(W[k][t])
                 continue
+            delay = K - 1 - k
+            lr = LR if lr_warmup is None or delay == 0 else LR * delay ** -(1 - min(t / lr_warmup, 1))
             x_in = kept.pop((k, b)).clone().requires_grad_(k > 0)
             w = {n: v.clone().requires_grad_() for n, v in (first_pass.pop((k, b)) if stash else W[k][t]).items()}
             out = functional_call(blocks[k], w, (x_in,))
@@ -104,7 +108,7 @@ def reference(net, batches, *, stash, local_weight, predict=False):
                 hw = {n: v.clone().requires_grad_() for n, v in H[k].items()}
                 head_loss = F.cross_entropy(_logits(heads[k], hw, out.detach()), y_b)
                 head_grads = dict(zip(hw, torch.autograd.grad(head_loss, list(hw.values()))))
-                H[k] = _sgd(H[k], head_grads, head_moments[k])
+                H[k] = _sgd(H[k], head_grads, head_moments[k], lr)
                 trunk = (out * from_above.pop((k, b))).sum()
                 if local_weight:  # the head as it was before this step's update, held fixed
                     old_head = {n: v.detach() for n, v in hw.items()}
@@ -113,24 +117,29 @@ def reference(net, batches, *, stash, local_weight, predict=False):
             grads = torch.autograd.grad(trunk, wrt)
             if k > 0:
                 handed[(k - 1, b)] = grads[-1]
-            W[k].append(_sgd(W[k][t], dict(zip(w, grads[: len(w)])), moments[k]))
+            W[k].append(_sgd(W[k][t], dict(zip(w, grads[: len(w)])), moments[k], lr))
             last_update[k] = {n: W[k][-1][n] - W[k][t][n] for n in w}
         from_above.update(handed)
     return [W[k][-1] for k in range(K)], H
 
 
-def _trainer(net):
+def _trainer(net, **settings):
     opt = lambda ps: torch.optim.SGD(ps, lr=LR, momentum=MOMENTUM, weight_decay=DECAY)  # noqa: E731
-    return lfnnify.Trainer(net, optimizer=opt, progress=False)
+    return lfnnify.Trainer(net, optimizer=opt, progress=False, **settings)
 
 
+WARMUP = 4  # delay-aware step sizes reach the full rate at step 4 of 7: the ramp and the plateau are both checked
+
+
+@pytest.mark.parametrize("lr_warmup", [None, WARMUP], ids=["", "delay-lr"])
 @pytest.mark.parametrize("predict", [False, True], ids=["", "predicted"])
 @pytest.mark.parametrize("local_weight", [0.0, 0.5], ids=["no-local-loss", "local-0.5"])
 @pytest.mark.parametrize("stash", [False, True], ids=["recompute", "stash"])
-def test_the_trainer_computes_the_reference_delayed_gradients(stash, local_weight, predict):
+def test_the_trainer_computes_the_reference_delayed_gradients(stash, local_weight, predict, lr_warmup):
     net = _net(stash, local_weight, predict)
-    blocks, heads = reference(net, _batches(), stash=stash, local_weight=local_weight, predict=predict)
-    trainer = _trainer(net)
+    blocks, heads = reference(net, _batches(), stash=stash, local_weight=local_weight, predict=predict,
+                              lr_warmup=lr_warmup)
+    trainer = _trainer(net, delay_lr_warmup=lr_warmup)
     for x, y in _batches():
         trainer.train_step(x, y)
     for k, expected in enumerate(blocks):
@@ -141,7 +150,8 @@ def test_the_trainer_computes_the_reference_delayed_gradients(stash, local_weigh
             assert torch.allclose(p, expected[name], rtol=0, atol=1e-6), ("head", k, name)
 
 
-@pytest.mark.parametrize("other", [dict(stash=True), dict(predict=True)], ids=["stash", "predicted"])
+@pytest.mark.parametrize("other", [dict(stash=True), dict(predict=True), dict(lr_warmup=WARMUP)],
+                         ids=["stash", "predicted", "delay-lr"])
 def test_the_reference_tells_the_variants_apart(other):
     # the comparison above can fail: each variant's weights differ from plain recompute's 10x beyond its 1e-6
     net = _net(False, 0.5)
