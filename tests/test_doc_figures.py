@@ -130,6 +130,36 @@ def multihost(d: dict) -> dict[str, list[str]]:
                          for rate in rates) for f in (min, max)))]}
 
 
+def multihost_tta(d: dict) -> dict[str, list[str]]:
+    s, seeds = d["summary"], d["seeds"]
+    per = [s["per_seed"][str(seed)] for seed in seeds]
+    labels = {"ddp": "DDP (plain `DistributedDataParallel`)", "replay_pipeline": "replay pipeline (weight stashing)",
+              "lfnn_pipeline": "LFNN-ℓ pipeline (the paper's heads)"}
+
+    def pm(stat, digits):
+        return f"{stat['mean']:.{digits}f} ± {stat['sd']:.{digits}f}"
+
+    def reached(m):
+        return ", ".join("never" if r[m]["ratio_to_ddp"] is None else _x(r[m]["ratio_to_ddp"]) for r in per)
+
+    def speed(m):
+        return ", ".join(_x(r[m]["seconds_per_step"] / r["ddp_seconds_per_step"]) for r in per)
+
+    rows = [f"| {label} | {pm(s['final_accuracy'][m], 4)} | {pm(s['seconds_per_step'][m], 2)} | "
+            + ("1 (own final accuracies " + ", ".join(f"{r['target']:.3f}" for r in per) + ")" if m == "ddp"
+               else reached(m)) + " |" for m, label in labels.items()]
+    final = {m: s["final_accuracy"][m]["mean"] for m in labels}
+    return {BENCH: rows + [f"on the AMD EPYC (next section): {reached('replay_pipeline')} | missed",
+                           f"Its final accuracy is {100 * (final['ddp'] - final['replay_pipeline']):.2f} points below",
+                           f"replay's seconds per step were {speed('replay_pipeline')} DDP's on the same seed, "
+                           f"LFNN-ℓ's {speed('lfnn_pipeline')}",
+                           f"ends {100 * (final['ddp'] - final['lfnn_pipeline']):.2f} points below DDP",
+                           "(DDP " + " → ".join(f"{r['ddp_seconds_per_step']:.2f}" for r in per) + " s)"],
+            README: [f"replay reached DDP's final accuracy on {s['ratio_to_ddp']['replay_pipeline']['reached']} "
+                     f"({reached('replay_pipeline')}), ending at {pm(s['final_accuracy']['replay_pipeline'], 4)} "
+                     f"against DDP's {pm(s['final_accuracy']['ddp'], 4)}"]}
+
+
 def time_to_accuracy(d: dict) -> dict[str, list[str]]:
     def row(evals):
         return " | ".join(f"{e['accuracy']:.3f}"[1:] for e in evals)
@@ -190,6 +220,7 @@ SOURCES = {  # results file -> how to write its figures, per document that quote
     "memory-resnet101-k4-b16-memory-mmap-cpu2-2026-11-27.json": memory(16, "`--mmap-threshold 131072`"),
     "speedup-resnet18-k2-cpu2-2026-11-29.json": speedup,
     "multihost-resnet18-k2-cpu2-2026-12-02.json": multihost,
+    "multihost_tta-fashion_mnist-resnet18-k2-1gbit-cpu2-2026-12-05.json": multihost_tta,
     "time_to_accuracy-fashion_mnist-resnet18-k2-replay-stash-cpu2-2026-11-29.json": time_to_accuracy,
     "finetune-fashion_mnist-resnet18-k4-cpu2-2026-11-29.json": finetune,
     "demo-intel-xeon-2026-12-02.txt": demo_output,
