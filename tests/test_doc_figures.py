@@ -205,6 +205,18 @@ def leaderboard_seeds(d: dict) -> dict[str, list[str]]:
     return {BENCH: rows + [versus], README: readme}
 
 
+def delay_lr_pilot(d: dict) -> dict[str, list[str]]:
+    # the two-row pilot of delay-aware step sizes: every row's mean ± sd per epoch, validation then test
+    def cells(runs, key):
+        return " | ".join(f"{statistics.mean(r[key][e] for r in runs):.2f} ± "
+                          f"{statistics.stdev(r[key][e] for r in runs):.2f}" for e in range(d["settings"]["epochs"]))
+    rows = [f"| {d['labels'][name]} | {cells(runs, key)} |" for key in ("val_error", "test_error")
+            for name, runs in d["runs"].items()]
+    pairs = zip(*(d["runs"][m] for m in ("replay_stash", "replay_stash_delay_lr")))
+    seeds = ", ".join(f"{b['val_error'][-1]:.2f} against {a['val_error'][-1]:.2f}" for a, b in pairs)
+    return {BENCH: rows + [f"per seed, validation error after epoch 2: {seeds}"]}
+
+
 def demo_output(text: str) -> dict[str, list[str]]:
     # what the demo printed, line by line, but the picture's and run folder's temporary paths
     lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("picture:")]
@@ -227,6 +239,7 @@ SOURCES = {  # results file -> how to write its figures, per document that quote
     "demo-amd-epyc-2026-12-02.txt": demo_output,
     "accuracy_fashion_mnist-resnet18-k4-cpu2-2026-11-29.json": leaderboard_one_seed,
     "accuracy_fashion_mnist-resnet18-k4-seeds-cpu2-2026-12-02.json": leaderboard_seeds,
+    "accuracy_fashion_mnist-resnet18-k4-delay-lr-pilot-cpu2-2026-12-05.json": delay_lr_pilot,
 }
 
 
