@@ -296,9 +296,22 @@ METHODS = {
 }
 
 
+ONE_PROCESS = {"bp_single", "lfnn_single", "projection", "bp_shard"}
+
+
+def _with_step_times(result: dict, warmup: int) -> dict:
+    """The seconds of each timed step, from the stamps after the warm-up."""
+    stamps = result.pop("stamps", None)
+    if stamps is not None:
+        result["step_s"] = [b - a for a, b in zip(stamps[warmup - 1 : -1], stamps[warmup:])]
+    return result
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--method", required=True, choices=list(METHODS))
+    parser.add_argument("--method", required=True, nargs="+", choices=list(METHODS),
+                        help="one method; or several one-process methods, one after another in this process, each "
+                             "on a freshly built model (--out then maps each method to its result)")
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--cifar", action="store_true")
     parser.add_argument("--classes", type=int, default=10)
@@ -326,10 +339,21 @@ def main():
     if torch.cuda.is_available():
         DEVICE = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(DEVICE)
+    if len(args.method) > 1:  # a process start (imports, CUDA) costs more than these methods' warm-up
+        if distributed or IFACE or set(args.method) - ONE_PROCESS:
+            raise SystemExit(f"--method {' '.join(args.method)}: several methods run only one after another in one "
+                             f"process, so each must be one of {sorted(ONE_PROCESS)}, without torchrun or --iface")
+        results = {}
+        for method in args.method:
+            model, x, y = _setup(args)
+            results[method] = _with_step_times(METHODS[method](args, model, x, y), args.warmup)
+        args.out.write_text(json.dumps({"methods": results}))
+        return
+    (method,) = args.method
     if distributed:
         dist.init_process_group("nccl" if DEVICE.type == "cuda" else "gloo")
     model, x, y = _setup(args)
-    result = METHODS[args.method](args, model, x, y)
+    result = METHODS[method](args, model, x, y)
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
     if IFACE and distributed:  # each host's bytes over the timed steps (from the stamp before the first timed one)
@@ -338,10 +362,7 @@ def main():
         received = (RX[-1] - RX[args.warmup - 1]) / steps if steps > 0 else None
         result["link_bytes_per_step"] = _gather({"rank": rank, "iface": IFACE, "sent": sent, "received": received})
     if rank == world - 1:
-        stamps = result.pop("stamps", None)
-        if stamps is not None:
-            result["step_s"] = [b - a for a, b in zip(stamps[args.warmup - 1 : -1], stamps[args.warmup :])]
-        args.out.write_text(json.dumps(result))
+        args.out.write_text(json.dumps(_with_step_times(result, args.warmup)))
     if distributed:
         dist.barrier()
         dist.destroy_process_group()

@@ -1,4 +1,5 @@
-"""Shared by the benchmarks: the environment block every result file carries, and JSON output."""
+"""Shared by the benchmarks: the environment block every result file carries, JSON output, and what the two
+multi-host benchmarks share (their testbed's preflight and the measured-time split)."""
 
 from __future__ import annotations
 
@@ -73,3 +74,27 @@ def write_json(path: Path, payload: dict) -> Path:
     tmp.write_text(json.dumps(payload, indent=2, default=str))
     tmp.replace(path)
     return path
+
+
+def hosts_ready(script: str) -> dict:
+    """Before a run across hosts: stop with one line where this machine cannot build them, remove hosts an earlier
+    run left behind, and return the environment as it was at the start."""
+    from lfnnify._testbed import Hosts, missing
+
+    reason = missing()
+    if reason:
+        raise SystemExit(f"{script}: {reason}")
+    Hosts.remove_stale()
+    return environment(1)
+
+
+def time_balanced_plan(model_name: str, *, batch: int, example_shape: tuple[int, ...], link: str, **model_kwargs):
+    """The two-block plan balanced by measured time at the training batch, on one thread (as a host runs it)."""
+    import lfnnify
+    from lfnnify.zoo import create_model
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = create_model(model_name, num_classes=10, **model_kwargs)
+    return lfnnify.plan(model, blocks=2, balance="time", example_input=torch.randn(batch, *example_shape),
+                        batch_size=batch, link=link)

@@ -35,9 +35,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import RESULTS, environment, hardware_tag, write_json  # noqa: E402
+from common import RESULTS, environment, hardware_tag, hosts_ready, time_balanced_plan, write_json  # noqa: E402
 
-from lfnnify._testbed import Hosts, missing, parse_rate  # noqa: E402
+from lfnnify._testbed import Hosts, parse_rate  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "_speedup_worker.py"
 RATES = ["unshaped", "10gbit", "1gbit", "100mbit"]
@@ -59,16 +59,8 @@ TARGETS = {  # (method, against, rate) -> the ratio of samples/s issue 19 asks f
 
 
 def measured_time_cuts(args) -> tuple[list[str], str]:
-    import torch
-
-    import lfnnify
-    from lfnnify.zoo import create_model
-
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = create_model(args.model, num_classes=10, cifar=True)
-    plan = lfnnify.plan(model, blocks=2, balance="time", example_input=torch.randn(args.batch, 3, args.size, args.size),
-                        batch_size=args.batch, link="1gbit")
+    plan = time_balanced_plan(args.model, batch=args.batch, example_shape=(3, args.size, args.size), link="1gbit",
+                              cifar=True)
     return plan.cuts, str(plan)
 
 
@@ -175,11 +167,7 @@ def main() -> None:
     parser.add_argument("--name", default=None)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    reason = missing()
-    if reason:
-        raise SystemExit(f"multihost.py: {reason}")
-    Hosts.remove_stale()
-    env_before = environment(1)
+    env_before = hosts_ready("multihost.py")
     args.cuts, plan_text = measured_time_cuts(args)
     print(plan_text, flush=True)
     from lfnnify.zoo import create_model

@@ -34,9 +34,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import RESULTS, environment, hardware_tag, write_json  # noqa: E402
+from common import RESULTS, environment, hardware_tag, hosts_ready, time_balanced_plan, write_json  # noqa: E402
 
-from lfnnify._testbed import Hosts, missing  # noqa: E402
+from lfnnify._testbed import Hosts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "fashion_mnist_resnet18_k4.yaml"
@@ -49,18 +49,19 @@ METHODS = {  # name -> recipe overrides of the pipeline (ddp: none, it is plain 
 TARGET = ("replay_pipeline", 0.7)  # issue 19: replay reaches DDP's final accuracy in <= 0.7x DDP's training time
 
 
-def measured_time_cut(args) -> list[str]:
-    import torch
-
-    import lfnnify
-    from lfnnify.zoo import create_model
-
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = create_model(args.model, num_classes=10, in_chans=1)
-    plan = lfnnify.plan(model, blocks=2, balance="time", example_input=torch.randn(args.batch, 1, 28, 28),
-                        batch_size=args.batch, link=args.rate)
+def sweep_cuts(args, folder: Path) -> list[str]:
+    """The split every run of a sweep uses: measured once (balance='time' at the training batch, one thread) and
+    kept in the runs folder with what it was measured for, so a resumed sweep trains on the same split. A time
+    balance can tip either way between two measurements, and runs on different splits are not the same runs."""
+    path, measured_for = folder / "cuts.json", {"model": args.model, "batch": args.batch, "rate": args.rate}
+    if path.exists():
+        kept = json.loads(path.read_text())
+        if kept["measured_for"] == measured_for:
+            print(f"the split of this sweep, measured before: {kept['cuts']} (from {path})", flush=True)
+            return kept["cuts"]
+    plan = time_balanced_plan(args.model, batch=args.batch, example_shape=(1, 28, 28), link=args.rate, in_chans=1)
     print(plan, flush=True)
+    write_json(path, {"cuts": plan.cuts, "measured_for": measured_for, "plan": str(plan)})
     return plan.cuts
 
 
@@ -161,18 +162,14 @@ def main() -> None:
     parser.add_argument("--name", default=None)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    reason = missing()
-    if reason:
-        raise SystemExit(f"multihost_tta.py: {reason}")
     if "ddp" not in args.methods:
         raise SystemExit("multihost_tta.py: --methods must include ddp, whose final accuracy is the target")
-    Hosts.remove_stale()
-    env_before = environment(1)
-    args.cuts = measured_time_cut(args)
+    env_before = hosts_ready("multihost_tta.py")
     stem = args.name or (f"multihost_tta-fashion_mnist-{args.model}-k2-{args.rate}-{hardware_tag()}-"
                          f"{env_before['date'][:10]}")
     folder = args.runs or args.out / f"{stem}-runs"
     folder.mkdir(parents=True, exist_ok=True)
+    args.cuts = sweep_cuts(args, folder)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
                 if k not in ("runs", "name", "out", "seeds", "methods", "timeout")}
     runs, port = {}, 29700

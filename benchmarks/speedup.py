@@ -1,6 +1,7 @@
 """Wall-clock training throughput of LFNN-ℓ against backprop, side by side, on K processes (one per "device").
 
-Methods (same model, split, global batch and synthetic data for all; each in a fresh process, fixed threads):
+Methods (same model, split, global batch and synthetic data for all; each in a fresh process, fixed threads;
+with --projection-only the one-process methods run one after another in one process, each on a fresh model):
   1. bp_single           plain backprop, one process using all K×T threads
   2. ddp                 data-parallel backprop (DistributedDataParallel): K processes × T threads, each on
                          1/K of the global batch, gradients all-reduced: what a practitioner picks when the
@@ -45,11 +46,23 @@ def _free_port() -> int:
 
 
 def _run(method: str, args, *, nproc: int, threads: int, extra=(), name=None) -> dict:
-    name = name or method
+    """One method in its own process (torchrun's processes when ``nproc`` > 1)."""
+    result, launch = _launch([method], args, nproc=nproc, threads=threads, extra=extra)
+    return _finish(name or method, method, result, launch, args)
+
+
+def _run_in_one_process(methods: list[str], args, *, threads: int) -> dict:
+    """Several one-process methods one after another in a single process, each on a freshly built model: what a
+    one-device session runs, where every process start (imports, CUDA) costs seconds of the device's time."""
+    together, launch = _launch(methods, args, nproc=1, threads=threads)
+    return {m: _finish(m, m, together["methods"][m], {**launch, "shared_with": methods}, args) for m in methods}
+
+
+def _launch(methods: list[str], args, *, nproc: int, threads: int, extra=()) -> tuple[dict, dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         common = [
-            "--method", method, "--model", args.model, "--size", str(args.size), "--batch", str(args.batch),
+            "--method", *methods, "--model", args.model, "--size", str(args.size), "--batch", str(args.batch),
             "--blocks", str(args.blocks), "--threads", str(threads), "--warmup", str(args.warmup),
             "--steps", str(args.steps), "--classes", str(args.classes), "--out", str(out), "--cuts", *args.cuts, *extra,
         ]
@@ -67,10 +80,16 @@ def _run(method: str, args, *, nproc: int, threads: int, extra=(), name=None) ->
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
         wall = time.perf_counter() - start
         if proc.returncode != 0:
-            raise RuntimeError(f"{name} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+            raise RuntimeError(f"{' '.join(methods)} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n"
+                               f"{proc.stderr[-4000:]}")
         result = json.loads(out.read_text())
-    result.update(processes=nproc, threads_per_process=threads, load_before=load_before,
-                  load_after=os.getloadavg(), process_wall_s=wall, command=" ".join(cmd[1:]))
+    return result, dict(processes=nproc, threads_per_process=threads, load_before=load_before,
+                        load_after=os.getloadavg(), process_wall_s=wall, command=" ".join(cmd[1:]))
+
+
+def _finish(name: str, method: str, result: dict, launch: dict, args) -> dict:
+    """A method's result with how it was launched, its median step and samples/s; printed in one line."""
+    result.update(launch)
     if "step_s" in result:
         med = statistics.median(result["step_s"])
         batch = args.batch // args.blocks if method == "bp_shard" else args.batch  # one DDP rank's share
@@ -105,10 +124,8 @@ def measure(args) -> dict:
     if args.projection_only:
         print(f"projection only: {args.model} (cifar={args.cifar}), {args.size}px, batch {args.batch}, K={k}, "
               f"one process", flush=True)
-        methods["bp_single"] = _run("bp_single", args, nproc=1, threads=k * t)
-        methods["bp_shard"] = _run("bp_shard", args, nproc=1, threads=k * t)
-        methods["lfnn_single"] = _run("lfnn_single", args, nproc=1, threads=k * t)
-        return {"methods": methods, "projection_raw": _run("projection", args, nproc=1, threads=k * t)}
+        methods = _run_in_one_process(["bp_single", "bp_shard", "lfnn_single", "projection"], args, threads=k * t)
+        return {"methods": methods, "projection_raw": methods.pop("projection")}
     print(f"measuring {args.model} (cifar={args.cifar}), {args.size}px, batch {args.batch}, K={k}, "
           f"{t} thread(s) per process, {args.steps} timed steps after {args.warmup} warm-up", flush=True)
     runs = {  # name -> how to run it; every one by default, a few with --methods
@@ -355,7 +372,8 @@ def main() -> None:
                         help="link bandwidth for the projection, GB/s per direction (default: NVLink 4, 450)")
     parser.add_argument("--projection-only", action="store_true",
                         help="one device only (e.g. one GPU): measure one-process BP, the one-device LFNN-ℓ trainer "
-                             "and per-block times, and project the K-device speed-up; nothing runs on K processes")
+                             "and per-block times, and project the K-device speed-up; nothing runs on K processes, "
+                             "and these methods share one process (one start, one CUDA initialisation)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default=None, help="file name stem (default: speedup-<model>-k<K>-<hw>-<date>)")
     args = parser.parse_args()

@@ -23,7 +23,7 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def cross_host(*, steps: int, model: str, timeout: float = 240) -> dict | str:
+def cross_host(*, steps: int, model: str, batch: int, timeout: float = 240) -> dict | str:
     """Samples/s and bytes per step of each method across two hosts, or one line saying why it was skipped."""
     from ._testbed import Hosts, TestbedError, missing
 
@@ -34,7 +34,7 @@ def cross_host(*, steps: int, model: str, timeout: float = 240) -> dict | str:
         with Hosts(2, rate=RATE) as hosts, tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "hosts.json"
             script = ["-m", "lfnnify._demo_stage", "--hosts-methods", *METHODS.values(), "--steps", str(steps),
-                      "--model", model, "--out", str(out)]
+                      "--model", model, "--batch", str(batch), "--out", str(out)]
             port = _port()
             procs = [hosts.popen(i, hosts.torchrun(i, script, port=port), stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True) for i in range(2)]
@@ -56,4 +56,4 @@ def cross_host(*, steps: int, model: str, timeout: float = 240) -> dict | str:
 
 
 if __name__ == "__main__":  # a quick look: python -m lfnnify._demo_hosts
-    print(json.dumps(cross_host(steps=4, model=sys.argv[1] if len(sys.argv) > 1 else "resnet18"), indent=1))
+    print(json.dumps(cross_host(steps=4, batch=64, model=sys.argv[1] if len(sys.argv) > 1 else "resnet18"), indent=1))

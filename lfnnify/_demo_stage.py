@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-HOSTS_BATCH, HOSTS_WARMUP = 64, 2
+HOSTS_WARMUP = 2
 
 
 def main() -> None:
@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--hosts-methods", nargs="+", choices=["pipeline", "ddp"])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--batch", type=int, default=64, help="the global batch of the runs across hosts")
     args = parser.parse_args()
     if args.hosts_methods:
         return across_hosts(args)
@@ -72,14 +73,14 @@ def across_hosts(args) -> None:
     without the pipeline's fill and drain). The last rank writes the results."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    results = {method: _across_hosts(method, args.steps, args.model) for method in args.hosts_methods}
+    results = {method: _across_hosts(method, args.steps, args.model, args.batch) for method in args.hosts_methods}
     if dist.get_rank() == dist.get_world_size() - 1:  # the last stage (or any DDP rank) finishes every step
         args.out.write_text(json.dumps(results))
     dist.barrier()
     dist.destroy_process_group()
 
 
-def _across_hosts(method: str, steps: int, model_name: str) -> dict:
+def _across_hosts(method: str, steps: int, model_name: str, batch: int) -> dict:
     import lfnnify
     from lfnnify.zoo import create_model
 
@@ -87,12 +88,12 @@ def _across_hosts(method: str, steps: int, model_name: str) -> dict:
     torch.manual_seed(0)
     model = create_model(model_name, num_classes=10, cifar=True)
     g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(HOSTS_BATCH, 3, 32, 32, generator=g), torch.randint(0, 10, (HOSTS_BATCH,), generator=g)
+    x, y = torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)
     stamps: list[float] = []  # the end of every step: the rate is the steady one, between timed steps
     if method == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        share = HOSTS_BATCH // world
+        share = batch // world
         xs, ys = x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share]
         wrapped = DistributedDataParallel(model)
         opt = torch.optim.SGD(wrapped.parameters(), lr=0.01, momentum=0.9)
@@ -126,10 +127,10 @@ def _across_hosts(method: str, steps: int, model_name: str) -> dict:
     train(steps)
     dist.barrier()
     seconds, mine = time.perf_counter() - start, _sent() - before
-    rate = HOSTS_BATCH * (steps - 1) / (stamps[-1] - stamps[HOSTS_WARMUP])  # this rank's steady rate
+    rate = batch * (steps - 1) / (stamps[-1] - stamps[HOSTS_WARMUP])  # this rank's steady rate
     everyone: list = [None] * world
     dist.all_gather_object(everyone, {"seconds": seconds, "bytes": mine, "samples_per_s": rate})
-    return {"samples_per_s": everyone[-1]["samples_per_s"], "batch": HOSTS_BATCH, "steps": steps,
+    return {"samples_per_s": everyone[-1]["samples_per_s"], "batch": batch, "steps": steps,
             "bytes_per_step": sum(e["bytes"] for e in everyone) / steps, "per_host": everyone}
 
 

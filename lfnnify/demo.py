@@ -41,7 +41,7 @@ __all__ = ["run_demo", "METHODS"]
 BATCH, EVAL_EXAMPLES, WARMUP_STEPS = 128, 2000, 3
 BUDGET_S = 30.0  # training seconds per method: backprop reaches about 0.8 in it on the slower CPU (AMD EPYC, 2 cores)
 MODEL = "test_resnet"  # timm's small ResNet; HOSTS_MODEL is the larger one whose gradients make DDP's traffic
-HOSTS_MODEL, HOSTS_STEPS = "resnet18", 5
+HOSTS_MODEL, HOSTS_STEPS, HOSTS_BATCH = "resnet18", 5, 64  # --quick: 2 steps of batch 16
 
 
 @dataclass(frozen=True)
@@ -272,7 +272,7 @@ def run_demo(*, quick: bool = False, out: str | None = None, budget: float | Non
               f"{lf} {lf_peak / 2**30:.2f} GiB   [{time.perf_counter() - t:.1f} s]")
 
     t = time.perf_counter()
-    hosts = cross_host(steps=2 if quick else HOSTS_STEPS, model=HOSTS_MODEL)
+    hosts = cross_host(steps=2 if quick else HOSTS_STEPS, batch=16 if quick else HOSTS_BATCH, model=HOSTS_MODEL)
     if isinstance(hosts, str):
         print(f"\n4. two hosts joined by a {RATE} link: skipped ({hosts})")
     else:

@@ -13,18 +13,21 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests import here
+
 ROOT = Path(__file__).resolve().parents[1]
+SPEEDUP = ROOT / "benchmarks" / "speedup.py"
 
 
-def test_speedup_quick_path_writes_the_documented_json(tmp_path):
+def test_speedup_quick_path_writes_the_documented_json(tmp_path, capsys):
     # DDP and the LFNN-ℓ pipeline, and their ratio (one-process backprop and bp_shard run in the projection-only test
     # below; the replay pipeline's code path in the pipeline tests); timm's test_resnet, a small ResNet, since the
     # launches, not the model, are what this checks
     chosen = ("ddp", "lfnn_pipeline")
-    cmd = [sys.executable, "benchmarks/speedup.py", "--quick", "--model", "test_resnet", "--batch", "8", "--size",
-           "32", "--steps", "2", "--warmup", "1", "--balance", "flops", "--out", str(tmp_path), "--methods", *chosen]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    code, out, err = here.script(capsys, SPEEDUP, "--quick", "--model", "test_resnet", "--batch", "8", "--size", "32",
+                                 "--steps", "2", "--warmup", "1", "--balance", "flops", "--out", tmp_path,
+                                 "--methods", *chosen)
+    assert code == 0, out[-2000:] + err[-3000:]
     result = json.loads((tmp_path / "speedup.json").read_text())
     methods = result["methods"]
     assert set(methods) == set(chosen)
@@ -94,13 +97,12 @@ def test_the_projection_times_a_blocks_whole_step(monkeypatch):
     assert 0.5 < result["block_lfnn_step_s"][0] / direct < 2.0
 
 
-def test_speedup_projection_only_path_runs_on_one_device(tmp_path):
+def test_speedup_projection_only_path_runs_on_one_device(tmp_path, capsys):
     # what a one-GPU session runs (benchmarks/gpu_check.sh), here on the CPU at tiny sizes
-    cmd = [sys.executable, "benchmarks/speedup.py", "--projection-only", "--no-cifar", "--model", "test_resnet",
-           "--blocks", "4", "--batch", "8", "--size", "32", "--steps", "2", "--warmup", "1", "--balance", "flops",
-           "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    code, out, err = here.script(capsys, SPEEDUP, "--projection-only", "--no-cifar", "--model", "test_resnet",
+                                 "--blocks", "4", "--batch", "8", "--size", "32", "--steps", "2", "--warmup", "1",
+                                 "--balance", "flops", "--out", tmp_path)
+    assert code == 0, out[-2000:] + err[-3000:]
     result = json.loads((tmp_path / "speedup.json").read_text())
     assert set(result["methods"]) == {"bp_single", "bp_shard", "lfnn_single"}
     p = result["projection"]
@@ -110,6 +112,24 @@ def test_speedup_projection_only_path_runs_on_one_device(tmp_path):
     assert p["predicted_step_s"]["ddp"] == pytest.approx(expected)
     assert result["settings"]["cifar"] is False
     assert "projected" in next(tmp_path.glob("*.md")).read_text()
+    # one process start for all of them (each on a fresh model): on a lent GPU a start costs seconds of its time
+    assert {r["command"] for r in result["methods"].values()} == {result["methods"]["bp_single"]["command"]}
+    assert result["methods"]["lfnn_single"]["shared_with"] == ["bp_single", "bp_shard", "lfnn_single", "projection"]
+
+
+def test_the_speedup_worker_runs_several_methods_in_one_process_only_where_each_is_a_one_process_method(
+        tmp_path, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("speedup_worker", ROOT / "benchmarks" / "_speedup_worker.py")
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    monkeypatch.setattr(sys, "argv", ["_speedup_worker.py", "--method", "bp_single", "ddp", "--cuts", "layer1",
+                                      "--out", str(tmp_path / "r.json")])
+    with pytest.raises(SystemExit, match=r"--method bp_single ddp: several methods .* each must be one of "
+                                         r"\['bp_shard', 'bp_single', 'lfnn_single', 'projection'\]"):
+        worker.main()
+    assert not (tmp_path / "r.json").exists()
 
 
 def test_gpu_check_script_dry_run_on_the_cpu(tmp_path):
@@ -128,11 +148,11 @@ def test_gpu_check_script_dry_run_on_the_cpu(tmp_path):
     assert [c["check"] for c in checks] == ["trainer", "nonfinite"] and all(c["ok"] for c in checks), checks
 
 
-def test_memory_script_reports_both_methods(tmp_path):
-    cmd = [sys.executable, "benchmarks/memory.py", "--model", "resnet18", "--size", "32", "--batch", "2",
-           "--classes", "10", "--steps", "1", "--threads", "1", "--mmap-threshold", "131072", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_memory_script_reports_both_methods(tmp_path, capsys):
+    code, _, err = here.script(capsys, ROOT / "benchmarks" / "memory.py", "--model", "resnet18", "--size", "32",
+                               "--batch", "2", "--classes", "10", "--steps", "1", "--threads", "1",
+                               "--mmap-threshold", "131072", "--out", tmp_path)
+    assert code == 0, err[-3000:]
     result = json.loads((tmp_path / "memory.json").read_text())
     assert set(result["peak_bytes"]) == {"bp", "lfnn"} and all(v > 0 for v in result["peak_bytes"].values())
 

@@ -11,6 +11,7 @@ import pytest
 
 from lfnnify.demo import WARMUP_STEPS
 from lfnnify.recipes import RecipeError, load_recipe
+from tests import here
 from tests.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,21 +28,9 @@ def _current(ckpt):
 
 
 def in_process(capsys, *args) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of ``lfnnify args`` run in this process: the same main() without the seconds a
-    new process spends importing torch (the tests that need a real process, its exit code included, use _cli)."""
-    import torch
-
-    from lfnnify.cli import main
-
-    threads = torch.get_num_threads()  # a recipe's train.threads must not outlive the call
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as exc:  # argparse: --help and usage errors
-        code = exc.code
-    finally:
-        torch.set_num_threads(threads)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    """(exit code, stdout, stderr) of ``lfnnify args`` run in this process (the tests that need a real process, its
+    exit code included, use _cli)."""
+    return here.cli(capsys, *args)
 
 
 def _cli(*args, timeout=300, **kwargs):
@@ -215,12 +204,11 @@ def test_plan_command_and_unknown_model(capsys):
     assert code == 2 and "unknown model 'resnet_nope'" in err
 
 
-def test_demo_quick(tmp_path):
+def test_demo_quick(tmp_path, capsys):
     # every method, the two-process pipelines included, for a few seconds each, on the same batches; memory; the two
     # hosts where the machine allows them; the picture and the summary
-    proc = _cli("demo", "--quick", "--out", tmp_path / "demo", timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = proc.stdout
+    code, out, err = in_process(capsys, "demo", "--quick", "--out", tmp_path / "demo")
+    assert code == 0, out[-3000:] + err[-3000:]
     assert "bit for bit): True" in out
     for name in ("backprop", "replay pipeline, K=2", "LFNN-ℓ pipeline, K=2"):
         assert re.search(rf"{re.escape(name)} +test accuracy 0\.\d+ after +\d+ steps", out), name

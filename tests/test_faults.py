@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -20,6 +19,8 @@ import pytest
 import torch
 
 import lfnnify
+from tests.forked import Forked
+from tests.test_cli import in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 FMNIST = ROOT / "recipes" / "fashion_mnist_resnet18_k4.yaml"
@@ -91,9 +92,9 @@ def test_a_pipeline_fault_ends_every_rank_in_time_with_one_line(tmp_path, kind, 
         assert "Connection reset" not in output and "Connection closed" not in output
 
 
-def test_sigterm_during_train_saves_and_resume_continues(tmp_path):
+def test_sigterm_during_train_saves_and_resume_continues(tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["train", FMNIST, "--out", out, "--set", "train.iterations=200", "--set", "train.checkpoint_every=3",
+    args = ["train", FMNIST, "--out", out, "--set", "train.iterations=60", "--set", "train.checkpoint_every=3",
             "--set", "model.name=test_resnet",
             "--set", "data.batch_size=32", "--set", "data.train_subset=256", "--set", "data.eval_subset=256",
             "--set", "train.threads=1", "--no-progress"]
@@ -108,28 +109,16 @@ def test_sigterm_during_train_saves_and_resume_continues(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     assert "interrupted at iteration" in stdout and "--resume" in stdout
     stopped_at = lfnnify.read_trainer_state(out / "ckpt")["step"]
-    assert 0 < stopped_at < 200
+    assert 0 < stopped_at < 60
 
-    again = subprocess.run([sys.executable, "-m", "lfnnify", "train", str(FMNIST), "--out", str(out), "--resume",
-                            *map(str, args[4:])], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert f"resuming at {stopped_at}" in again.stdout
-    assert "200 iterations" in (out / "results.md").read_text()
+    # the resume needs no process of its own (the interrupted run did: a signal, an exit code)
+    code, stdout, err = in_process(capsys, "train", FMNIST, "--out", out, "--resume", *args[4:])
+    assert code == 0, err[-3000:]
+    assert f"resuming at {stopped_at}" in stdout
+    assert "60 iterations" in (out / "results.md").read_text()
 
 
 # ---------------------------------------------------------------- killed saves
-
-SAVER = textwrap.dedent('''
-    import sys, torch
-    torch.set_num_threads({threads})  # the test's own: a different count rounds differently
-    sys.path.insert(0, {root!r})
-    import lfnnify
-    from tests.test_faults import small_run
-    net, trainer = small_run(steps=4, start={ckpt!r})
-    lfnnify.save(net, {ckpt!r}, trainer=trainer)  # LFNNIFY_KILL_AT kills this process inside the save
-    print("saved")
-''')
-
 
 class _Small(torch.nn.Module):
     def __init__(self):
@@ -164,11 +153,10 @@ def test_a_save_killed_at_any_point_leaves_a_checkpoint_that_resumes_exactly(tmp
     ckpt = tmp_path / "ckpt"
     net, trainer = small_run(steps=2)
     lfnnify.save(net, ckpt, trainer=trainer)  # the last good checkpoint, at step 2
-    env = {**os.environ, "LFNNIFY_KILL_AT": point}
-    proc = subprocess.run([sys.executable, "-c", SAVER.format(root=str(ROOT), ckpt=str(ckpt),
-                                                              threads=torch.get_num_threads())], capture_output=True,
-                          text=True, timeout=120, cwd=ROOT, env=env)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    net, trainer = small_run(steps=4, start=ckpt)
+    saver = Forked(lambda: lfnnify.save(net, ckpt, trainer=trainer), env={"LFNNIFY_KILL_AT": point},
+                   errors=tmp_path / "saver.err")
+    assert saver.wait() == -signal.SIGKILL, saver.error()  # killed inside the save, for real
     step = lfnnify.read_trainer_state(ckpt)["step"]
     assert step == (4 if point == "after-pointer" else 2)  # the old checkpoint, or the new one once it is current
     resumed, _ = small_run(steps=6, start=ckpt)

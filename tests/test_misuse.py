@@ -4,8 +4,6 @@ that names the value, the rule and the fix. Real files, real processes and real 
 import os
 import shutil
 import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lfnnify
 from lfnnify.data import SyntheticImages, make_loader
+from tests.forked import Forked
 from tests.test_cli import in_process
 from tests.test_faults import _Small, small_run
 
@@ -68,49 +67,28 @@ def test_a_flat_checkpoint_of_lfnnify_0_1_is_upgraded_and_only_its_own_files_go(
 
 # ---------------------------------------------------------------- saves and loads side by side, in real processes
 
-SAVER = textwrap.dedent('''
-    import sys, torch
-    torch.set_num_threads(1)
-    sys.path.insert(0, {root!r})
-    import lfnnify
-    from tests.test_faults import small_run
-    net, trainer = small_run(steps={steps})
-    for _ in range({rounds}):
-        lfnnify.save(net, {ckpt!r}, trainer=trainer)
-    print("saved")
-''')
-
-READER = textwrap.dedent('''
-    import sys, torch
-    torch.set_num_threads(1)
-    sys.path.insert(0, {root!r})
-    import lfnnify
-    from tests.test_faults import _Small
-    ok = 0
-    for _ in range({rounds}):
-        net = lfnnify.load({ckpt!r}, model=_Small())
-        assert lfnnify.read_trainer_state({ckpt!r})["step"] in (1, 2)
-        ok += 1
-    print("loaded", ok)
-''')
-
-
 def test_two_savers_and_a_reader_side_by_side_all_succeed_and_leave_one_good_checkpoint(tmp_path):
     ckpt = tmp_path / "ckpt"
-    net, trainer = small_run(steps=1)
-    lfnnify.save(net, ckpt, trainer=trainer)
-    scripts = [SAVER.format(root=str(ROOT), steps=s, rounds=6, ckpt=str(ckpt)) for s in (1, 2)]
-    scripts.append(READER.format(root=str(ROOT), rounds=15, ckpt=str(ckpt)))
-    # each saver pauses between publishing its version and replacing the pointer, the reader between reading the
-    # pointer and the files: without the locks the saves collide and the reader finds its version removed
-    pauses = ["before-pointer", "before-pointer", "mid-read"]
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              cwd=ROOT, env={**os.environ, "LFNNIFY_PAUSE_AT": pause})
-             for code, pause in zip(scripts, pauses)]
-    results = [p.communicate(timeout=300) for p in procs]
-    for proc, (_, err) in zip(procs, results):
-        assert proc.returncode == 0, err[-3000:]
-    assert results[2][0].strip() == "loaded 15"
+    runs = [small_run(steps=s) for s in (1, 2)]
+    lfnnify.save(runs[0][0], ckpt, trainer=runs[0][1])
+
+    def saver(net, trainer):
+        for _ in range(6):
+            lfnnify.save(net, ckpt, trainer=trainer)
+
+    def reader():
+        for _ in range(15):
+            lfnnify.load(ckpt, model=_Small())
+            assert lfnnify.read_trainer_state(ckpt)["step"] in (1, 2)
+
+    # three processes side by side; each saver pauses between publishing its version and replacing the pointer, the
+    # reader between reading the pointer and the files: without the locks the saves collide and the reader finds its
+    # version removed
+    children = [Forked(lambda net=net, trainer=trainer: saver(net, trainer), env={"LFNNIFY_PAUSE_AT": "before-pointer"},
+                       errors=tmp_path / f"saver{i}.err") for i, (net, trainer) in enumerate(runs)]
+    children.append(Forked(reader, env={"LFNNIFY_PAUSE_AT": "mid-read"}, errors=tmp_path / "reader.err"))
+    for child in children:
+        assert child.wait(timeout_s=300) == 0, child.error()
     left = sorted(p.name for p in ckpt.iterdir())
     assert len(left) == 2 and left[0] == "CURRENT", left  # one complete version, the one CURRENT names
     assert lfnnify.read_trainer_state(ckpt)["step"] in (1, 2)

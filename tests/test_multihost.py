@@ -15,8 +15,10 @@ import torch
 
 import lfnnify
 from lfnnify import _testbed
+from tests import here
 from tests import pipeline_worker as worker
 from tests.launch import on_hosts
+from tests.test_cli import in_process
 from tests.test_pipeline import _assert_close, _reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +87,7 @@ def test_a_cut_link_or_a_killed_host_ends_every_process_in_time_with_one_line(ho
         assert "rank 1 (block 1, on host1) stops: rank 0 (block 0, on host0) did not answer" in outputs[1]
 
 
-def test_lfnnify_train_across_hosts_resumes_and_torchrun_restarts_it_exactly(hosts, tmp_path):
+def test_lfnnify_train_across_hosts_resumes_and_torchrun_restarts_it_exactly(hosts, tmp_path, capsys):
     # 1. lfnnify train across the two hosts; host 1's worker is killed at step 3: both stop, the checkpoint of step 2
     #    stays. 2. --resume continues it, under --max-restarts 1 and the dynamic c10d rendezvous; host 1's worker is
     #    killed again at step 5: torchrun restarts the workers on both hosts, and lfnnify train resumes from the
@@ -107,9 +109,9 @@ def test_lfnnify_train_across_hosts_resumes_and_torchrun_restarts_it_exactly(hos
     assert "resuming at 2" in both and "lfnnify-fault: kill on rank 1 at step 5" in both
     assert "torchrun restarted the workers (restart 1): resuming" in both
     assert "8 iterations" in (out / "results.md").read_text()
-    alone = subprocess.run([sys.executable, *_train_args(tmp_path / "alone", *common)], capture_output=True,
-                           text=True, timeout=300, cwd=ROOT, env={**hosts.env(0), "OMP_NUM_THREADS": "1"})
-    assert alone.returncode == 0, alone.stderr[-2000:]
+    # the uninterrupted run on one process: this one (train.threads=1, as on each host)
+    code, _, err = in_process(capsys, *_train_args(tmp_path / "alone", *common)[2:])
+    assert code == 0, err[-2000:]
     restarted, uninterrupted = (lfnnify.load(tmp_path / name / "ckpt").state_dict() for name in ("run", "alone"))
     for key, value in uninterrupted.items():
         assert torch.equal(restarted[key], value), key
@@ -142,12 +144,12 @@ def test_the_hosts_command_line_makes_runs_in_and_removes_hosts():
     assert cli("status").returncode == 2  # gone: one line says so
 
 
-def test_the_multihost_benchmark_runs_end_to_end(tmp_path):
+def test_the_multihost_benchmark_runs_end_to_end(tmp_path, capsys):
     # benchmarks/multihost.py at a tiny size: its own testbed, two methods, one rate, the JSON, table and picture
-    cmd = [sys.executable, "benchmarks/multihost.py", "--rates", "100mbit", "--methods", "ddp", "lfnn_pipeline",
-           "--model", "test_resnet", "--steps", "3", "--warmup", "2", "--no-projection", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    code, out, err = here.script(capsys, ROOT / "benchmarks" / "multihost.py", "--rates", "100mbit", "--methods",
+                                 "ddp", "lfnn_pipeline", "--model", "test_resnet", "--steps", "3", "--warmup", "2",
+                                 "--no-projection", "--out", tmp_path)
+    assert code == 0, out[-2000:] + err[-3000:]
     import json
 
     result = json.loads(next(tmp_path.glob("multihost-*.json")).read_text())
@@ -162,14 +164,14 @@ def test_the_multihost_benchmark_runs_end_to_end(tmp_path):
     assert "| ddp |" in next(tmp_path.glob("multihost-*.md")).read_text()
 
 
-def test_the_time_to_accuracy_benchmark_runs_end_to_end_and_compares_the_same_batches(tmp_path):
+def test_the_time_to_accuracy_benchmark_runs_end_to_end_and_compares_the_same_batches(tmp_path, capsys):
     # benchmarks/multihost_tta.py at a tiny size: DDP (plain PyTorch) and the LFNN-ℓ pipeline across its own two
-    # hosts, each run kept in its own file; a second call reuses them instead of training again
-    cmd = [sys.executable, "benchmarks/multihost_tta.py", "--model", "test_resnet", "--train-subset", "256",
-           "--eval-subset", "128", "--eval-every", "2", "--batch", "64", "--seeds", "0", "--methods", "ddp",
-           "lfnn_pipeline", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    # hosts, each run kept in its own file; a second call reuses them (and the sweep's split) instead of training again
+    args = [ROOT / "benchmarks" / "multihost_tta.py", "--model", "test_resnet", "--train-subset", "256",
+            "--eval-subset", "128", "--eval-every", "2", "--batch", "64", "--seeds", "0", "--methods", "ddp",
+            "lfnn_pipeline", "--runs", tmp_path / "runs", "--out", tmp_path]
+    code, out, err = here.script(capsys, *args)
+    assert code == 0, out[-2000:] + err[-3000:]
     import json
 
     result = json.loads(next(tmp_path.glob("multihost_tta-*.json")).read_text())
@@ -177,5 +179,6 @@ def test_the_time_to_accuracy_benchmark_runs_end_to_end_and_compares_the_same_ba
         run = result["runs"][f"{name}-seed0"]
         assert [e["step"] for e in run["evaluations"]] == [2, 4]  # one epoch of 256 images in batches of 64
         assert run["evaluations"][-1]["train_seconds"] > 0 and min(run["bytes_sent"]) > 0
-    again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=400)
-    assert again.returncode == 0 and again.stdout.count("reused") == 2, again.stdout[-2000:]
+    code, again, _ = here.script(capsys, *args)
+    assert code == 0 and again.count("reused") == 2, again[-2000:]
+    assert "the split of this sweep, measured before:" in again  # not measured again: it could tip the other way
