@@ -11,11 +11,12 @@ the same batches in the same order:
 - ``replay_pipeline``: ``lfnnify train``, delayed end-to-end gradients with weight stashing, one block per host;
 - ``lfnn_pipeline``: ``lfnnify train``, LFNN-ℓ (local losses, the paper's heads), one block per host.
 
-Both pipelines cut where a K=2 split balanced by measured time puts the cut on this machine (``plan(balance="time")``
-at the training batch, one thread), measured once per sweep and kept in ``--runs`` (``cuts.json``). Test accuracy on the first ``--eval-subset`` test images every ``--eval-every``
-steps; training time excludes the evaluations (and checkpoints). For each seed the target is DDP's final accuracy;
-the result is the training time at which each method first reaches it, against DDP's own. One file per run in
-``--runs`` (reused when its settings and commit match), so an interrupted sweep goes on where it stopped.
+Both pipelines cut where a K=2 split balanced by measured time puts the cut on this machine
+(``plan(balance="time")`` at the training batch, one thread), measured once per sweep and kept in ``--runs``
+(``cuts.json``). Test accuracy on the first ``--eval-subset`` test images every ``--eval-every`` steps; training
+time excludes the evaluations (and checkpoints). For each seed the target is DDP's final accuracy; the result is the
+training time at which each method first reaches it, against DDP's own. One file per run in ``--runs`` (reused when
+its settings and commit match), so an interrupted sweep goes on where it stopped.
 
 Reproduce:  python benchmarks/multihost_tta.py --seeds 0 1 2 --out benchmarks/results
 Quick look: python benchmarks/multihost_tta.py --model test_resnet --train-subset 512 --eval-subset 256 \\
