@@ -1,29 +1,38 @@
-"""Fine-tuning a pretrained checkpoint: backprop against every pipeline-capable mode, same steps.
+"""Fine-tuning a pretrained checkpoint: backprop against every pipeline-capable mode, same steps, several seeds.
 
-1. Pretrain timm resnet18 (in_chans=1, 10 outputs) with backprop on Fashion-MNIST classes 0-4, and save it
-   as a safetensors file timm loads (``pretrained_cfg_overlay=dict(file=...)``).
-2. Fine-tune it on classes 5-9 (as 5 new classes: the classifier is re-initialised by
-   ``lfnnify.load_pretrained``) with backprop and with each pipeline-capable mode, for the same steps, the
-   same data order and optimizer; lfnnify's modes first warm their random heads up (``head_warmup_steps``)
-   for ``--head-warmup`` extra steps with the trunk frozen, so that every method trains the trunk ``--steps`` steps.
-3. Report the test accuracy on classes 5-9 and the training time of each method.
+1. Pretrain timm resnet18 (in_chans=1, 10 outputs) with backprop on Fashion-MNIST classes 0-4 (seed 0), and save
+   it in the runs folder as a safetensors file timm loads (``pretrained_cfg_overlay=dict(file=...)``): the one
+   checkpoint every run starts from, as a published one would be.
+2. Hold out ``--validation`` of the training images of classes 5-9 (fixed by ``--split-seed``, never augmented).
+3. Fine-tune on the rest of classes 5-9 (as 5 new classes: the classifier is re-initialised by
+   ``lfnnify.load_pretrained``) with backprop and with each pipeline-capable mode, for the same steps, the same
+   optimizer and, for a seed, the same data order; the seed also draws the new classifier and lfnnify's heads.
+   lfnnify's modes first warm their random heads up (``head_warmup_steps``) for ``--head-warmup`` extra steps with
+   the trunk frozen, so that every method trains the trunk ``--steps`` steps.
+4. Report, per method, the mean and standard deviation over seeds of the validation and test accuracy on classes
+   5-9; the best pipeline-capable mode is chosen on the validation split.
 
-Reproduce:  python benchmarks/finetune.py
-Quick look: python benchmarks/finetune.py --pretrain-steps 20 --steps 20 --methods bp replay
+Every (method, seed) is one file in ``--runs``, reused when its settings and commit match, so a table can be built
+over several sittings; a run refuses uncommitted changes to lfnnify/ or benchmarks/ (``--allow-dirty`` for quick
+looks, which the table marks).
+
+Reproduce:  python benchmarks/finetune.py --seeds 0 1 2
+Quick look: python benchmarks/finetune.py --pretrain-steps 20 --steps 20 --methods bp replay --seeds 0 --allow-dirty
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, environment, hardware_tag, write_json  # noqa: E402
+from common import RESULTS, commit, environment, hardware_tag, write_json  # noqa: E402
 
 METHODS = {  # name -> (label, convert knobs); None = plain backprop
     "bp": ("backprop", None),
@@ -31,7 +40,10 @@ METHODS = {  # name -> (label, convert knobs); None = plain backprop
     "local_lookahead_layer": ("LFNN-ℓ, look-ahead heads (next layer)", dict(blocks=4, head="lookahead-layer")),
     "replay": ("replay", dict(blocks=4, mode="replay")),
     "replay_stash": ("replay, weight stashing", dict(blocks=4, mode="replay", weight_stashing=True)),
+    "replay_stash_delay_lr": ("replay, weight stashing, delay-aware step sizes over the first third (PipeMare)",
+                              dict(blocks=4, mode="replay", weight_stashing=True)),
 }
+DELAY_LR = {"replay_stash_delay_lr": 3}  # delay_lr_warmup = steps // this (the leaderboard's: epoch 1 of 3)
 
 
 def _split(dataset, classes: range):
@@ -80,84 +92,193 @@ def _accuracy(model, loader) -> float:
     return correct / len(loader.dataset)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pretrain-steps", type=int, default=235, help="backprop steps on classes 0-4 (1 epoch)")
-    parser.add_argument("--steps", type=int, default=235, help="fine-tuning steps on classes 5-9 (1 epoch)")
-    parser.add_argument("--head-warmup", type=int, default=20, help="lfnnify's head_warmup_steps")
-    parser.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate (pretraining: 0.05)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
+def _pretrained(args, train, test) -> tuple[Path, float]:
+    """The checkpoint every run starts from, made once per runs folder (backprop on classes 0-4, seed 0)."""
+    import timm
 
+    from lfnnify.data import make_loader
+
+    checkpoint = args.runs / f"{args.model}_fmnist_0-4_{args.pretrain_steps}steps.safetensors"
+    facts = checkpoint.with_suffix(".json")
+    if checkpoint.exists() and facts.exists():
+        kept = json.loads(facts.read_text())
+        print(f"pretrained checkpoint reused: {checkpoint} (test accuracy {kept['test_accuracy']:.4f} on classes 0-4)",
+              flush=True)
+        return checkpoint, kept["test_accuracy"]
+    torch.manual_seed(0)
+    base = timm.create_model(args.model, in_chans=1, num_classes=10)
+    seconds = _bp_steps(base, make_loader(_split(train, OLD), batch_size=128, seed=0), args.pretrain_steps, 0.05)
+    accuracy = _accuracy(base, make_loader(_split(test, OLD), batch_size=500, shuffle=False))
+    from safetensors.torch import save_file
+
+    save_file(base.state_dict(), str(checkpoint))
+    loaded = timm.create_model(args.model, pretrained=True, in_chans=1, num_classes=10,
+                               pretrained_cfg_overlay=dict(file=str(checkpoint), num_classes=10))
+    expected = base.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in loaded.state_dict().items())  # timm reads the file we wrote
+    write_json(facts, {"test_accuracy": accuracy, "seconds": seconds, "steps": args.pretrain_steps,
+                       "commit": commit()})
+    print(f"pretrained on classes 0-4 for {args.pretrain_steps} steps ({seconds:.0f} s): test accuracy "
+          f"{accuracy:.4f}; saved as a timm-loadable safetensors file", flush=True)
+    return checkpoint, accuracy
+
+
+def _fine_tune(name: str, seed: int, checkpoint: Path, parts, args) -> dict:
+    """One (method, seed): validation and test accuracy on classes 5-9 after the same trunk steps."""
     import timm
 
     import lfnnify
-    from lfnnify.data import FashionMNIST, make_loader
+    from lfnnify.data import make_loader
+
+    train, val, test = parts
+    loader = make_loader(train, batch_size=128, seed=1 + seed)
+    val_loader, test_loader = (make_loader(d, batch_size=500, shuffle=False) for d in (val, test))
+    label, knobs = METHODS[name]
+    torch.manual_seed(1 + seed)
+    model = lfnnify.load_pretrained(timm.create_model(args.model, in_chans=1, num_classes=5), checkpoint)
+    if knobs is None:
+        seconds = _bp_steps(model, loader, args.steps, args.lr)
+        val_accuracy, test_accuracy = _accuracy(model, val_loader), _accuracy(model, test_loader)
+    else:
+        extra = {"delay_lr_warmup": max(1, args.steps // DELAY_LR[name])} if name in DELAY_LR else {}
+        net = lfnnify.convert(model, example_input=torch.zeros(1, 1, 28, 28), **knobs)
+        trainer = lfnnify.Trainer(
+            net, optimizer=lambda ps: _sgd(ps, args.lr), head_warmup_steps=args.head_warmup, progress=False,
+            scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps + args.head_warmup),
+            **extra)
+        start = time.perf_counter()  # the warm-up steps train only the heads: the trunk gets args.steps
+        trainer.fit(loader, epochs=10**6, max_steps=args.steps + args.head_warmup)
+        seconds = time.perf_counter() - start
+        val_accuracy, test_accuracy = (trainer.evaluate(d)["accuracy"] for d in (val_loader, test_loader))
+    return {"method": name, "label": label, "seed": seed, "val_accuracy": val_accuracy,
+            "test_accuracy": test_accuracy, "seconds": seconds}
+
+
+def _settings(args) -> dict:
+    keys = ("model", "pretrain_steps", "steps", "head_warmup", "lr", "threads", "validation", "split_seed",
+            "train_subset")
+    return {k: getattr(args, k) for k in keys}
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
+
+
+def summarise(runs: dict[str, list[dict]]) -> dict:
+    """Per method: mean and standard deviation over seeds of the validation and test accuracy (in points)."""
+    return {name: {"label": METHODS[name][0], "seeds": [r["seed"] for r in rows],
+                   "commits": sorted({r["commit"] for r in rows}),
+                   "val_accuracy": _mean_sd([100 * r["val_accuracy"] for r in rows]),
+                   "test_accuracy": _mean_sd([100 * r["test_accuracy"] for r in rows]),
+                   "seconds": statistics.mean(r["seconds"] for r in rows)} for name, rows in runs.items()}
+
+
+def choose(summary: dict) -> str | None:
+    """The pipeline-capable mode with the highest mean validation accuracy."""
+    capable = {m: s for m, s in summary.items() if m != "bp"}
+    return max(capable, key=lambda m: capable[m]["val_accuracy"][0]) if capable else None
+
+
+def markdown(payload: dict) -> str:
+    s, summary = payload["settings"], payload["summary"]
+    lines = [f"Fine-tuning {s['model']} (pretrained on Fashion-MNIST classes 0-4, {s['pretrain_steps']} steps: "
+             f"{100 * payload['pretrain_test_accuracy']:.2f}% test accuracy) on classes 5-9: {s['steps']} trunk steps "
+             f"for every method, seeds {', '.join(map(str, payload['seeds']))}, {s['validation']} training images "
+             f"held out for validation; rows from commit(s) {', '.join(payload['commits'])}"
+             + ("" if payload["one_commit"] else " (NOT one clean commit)") + ".", "",
+             "| method | seeds | validation accuracy (%) | test accuracy (%) | s per run |", "|---|---|---|---|---|"]
+    for r in summary.values():
+        (vm, vs), (tm, ts) = r["val_accuracy"], r["test_accuracy"]
+        lines.append(f"| {r['label']} | {len(r['seeds'])} | {vm:.2f} ± {vs:.2f} | {tm:.2f} ± {ts:.2f} | "
+                     f"{r['seconds']:.0f} |")
+    if payload["chosen"]:
+        lines += ["", payload["verdict"]]
+    return "\n".join(lines)
+
+
+OLD, NEW = range(0, 5), range(5, 10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="resnet18", help="a timm model (tests: test_resnet)")
+    parser.add_argument("--pretrain-steps", type=int, default=235, help="backprop steps on classes 0-4 (1 epoch)")
+    parser.add_argument("--steps", type=int, default=215, help="fine-tuning trunk steps on classes 5-9 (1 epoch of "
+                                                               "the 27,500 images left after the validation split)")
+    parser.add_argument("--head-warmup", type=int, default=20, help="lfnnify's head_warmup_steps")
+    parser.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate (pretraining: 0.05)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--validation", type=int, default=2500, help="training images of classes 5-9 held out")
+    parser.add_argument("--split-seed", type=int, default=2026, help="which training images are held out")
+    parser.add_argument("--train-subset", type=int, default=None, help="fine-tune on only the first N (quick looks)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=Path, default=None, help="folder of per-run files (default: OUT/NAME-runs)")
+    parser.add_argument("--allow-dirty", action="store_true", help="run with uncommitted changes (quick looks only)")
+    parser.add_argument("--name", default=None, help="result file stem (default: experiment, model, hardware, date)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if commit().endswith("+dirty") and not args.allow_dirty:
+        raise SystemExit("finetune.py: uncommitted changes to lfnnify/ or benchmarks/: a table comes from one commit. "
+                         "Commit first (or pass --allow-dirty for a quick look, which the table marks)")
+
+    from torch.utils.data import Subset
+
+    from lfnnify.data import FashionMNIST
 
     torch.set_num_threads(args.threads)
     env_before = environment(args.threads)
-    train, test = FashionMNIST(train=True, augment=True), FashionMNIST(train=False)
-    old, new = range(0, 5), range(5, 10)
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        base = timm.create_model("resnet18", in_chans=1, num_classes=10)
-        seconds = _bp_steps(base, make_loader(_split(train, old), batch_size=128, seed=0), args.pretrain_steps, 0.05)
-        pre_acc = _accuracy(base, make_loader(_split(test, old), batch_size=500, shuffle=False))
-        checkpoint = Path(tmp) / "resnet18_fmnist_0-4.safetensors"
-        from safetensors.torch import save_file
+    stem = args.name or f"finetune-fashion_mnist-{args.model}-k4-seeds-{hardware_tag()}-{env_before['date'][:10]}"
+    args.runs = args.runs or args.out / f"{stem}-runs"
+    args.runs.mkdir(parents=True, exist_ok=True)
+    train = FashionMNIST(train=True, augment=True)
+    test = FashionMNIST(train=False)
+    checkpoint, pre_acc = _pretrained(args, train, test)
+    new_train = _split(train, NEW)
+    order = torch.randperm(len(new_train), generator=torch.Generator().manual_seed(args.split_seed)).tolist()
+    held, kept = sorted(order[: args.validation]), sorted(order[args.validation :])
+    if args.train_subset:
+        kept = kept[: args.train_subset]
+    parts = (Subset(new_train, kept), Subset(_split(FashionMNIST(train=True, augment=False), NEW), held),
+             _split(test, NEW))
+    print(f"fine-tuning on {len(kept)} images of classes 5-9, {len(held)} held out for validation", flush=True)
 
-        save_file(base.state_dict(), str(checkpoint))
-        loaded = timm.create_model("resnet18", pretrained=True, in_chans=1, num_classes=10,
-                                   pretrained_cfg_overlay=dict(file=str(checkpoint), num_classes=10))
-        assert torch.equal(loaded.conv1.weight, base.conv1.weight)  # timm reads the file we wrote
-        print(f"pretrained on classes 0-4 for {args.pretrain_steps} steps ({seconds:.0f} s): test accuracy "
-              f"{pre_acc:.4f}; saved as a timm-loadable safetensors file", flush=True)
-
-        loader = make_loader(_split(train, new), batch_size=128, seed=1)
-        test_loader = make_loader(_split(test, new), batch_size=500, shuffle=False)
-        results = {}
+    settings, runs = _settings(args), {}
+    for seed in args.seeds:
         for name in args.methods:
-            label, knobs = METHODS[name]
-            torch.manual_seed(1)
-            model = lfnnify.load_pretrained(timm.create_model("resnet18", in_chans=1, num_classes=5), checkpoint)
-            if knobs is None:
-                seconds = _bp_steps(model, loader, args.steps, args.lr)
-                accuracy = _accuracy(model, test_loader)
-            else:
-                net = lfnnify.convert(model, example_input=torch.zeros(1, 1, 28, 28), **knobs)
-                trainer = lfnnify.Trainer(
-                    net, optimizer=lambda ps: _sgd(ps, args.lr), head_warmup_steps=args.head_warmup, progress=False,
-                    scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(
-                        opt, args.steps + args.head_warmup))
-                start = time.perf_counter()  # the warm-up steps train only the heads: the trunk gets args.steps
-                trainer.fit(loader, epochs=10**6, max_steps=args.steps + args.head_warmup)
-                seconds = time.perf_counter() - start
-                accuracy = trainer.evaluate(test_loader)["accuracy"]
-            results[name] = {"label": label, "test_accuracy": accuracy, "seconds": seconds}
-            print(f"  {label:<40} test accuracy {accuracy:.4f}  ({seconds:.0f} s)", flush=True)
+            path = args.runs / f"{name}-seed{seed}.json"
+            if path.exists():
+                kept_run = json.loads(path.read_text())
+                if kept_run["settings"] == settings:
+                    runs.setdefault(name, []).append(kept_run)
+                    print(f"  {name} seed {seed}: reused {path}", flush=True)
+                    continue
+            result = {**_fine_tune(name, seed, checkpoint, parts, args), "settings": settings, "commit": commit()}
+            write_json(path, result)
+            runs.setdefault(name, []).append(result)
+            print(f"  {result['label']:<40} seed {seed}: validation accuracy {result['val_accuracy']:.4f}, test "
+                  f"accuracy {result['test_accuracy']:.4f}  ({result['seconds']:.0f} s)", flush=True)
 
+    summary = summarise(runs)
+    commits = sorted({c for s in summary.values() for c in s["commits"]})
+    chosen, verdict = choose(summary), None
+    if chosen and "bp" in summary:
+        gap = summary[chosen]["test_accuracy"][0] - summary["bp"]["test_accuracy"][0]
+        verdict = (f"chosen on the validation split: {summary[chosen]['label']}; its mean test accuracy is "
+                   f"{gap:+.2f} points against backprop's (target: within 0.3 points: "
+                   f"{'met' if gap >= -0.3 else 'MISSED'})")
     payload = {
         "experiment": "finetune_fashion_mnist",
-        "model": "timm resnet18 (in_chans=1); pretrained on classes 0-4, fine-tuned on classes 5-9",
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "pretrain_test_accuracy": pre_acc,
-        "methods": results,
-        "env_before": env_before,
-        "env": environment(args.threads),
+        "model": f"timm {args.model} (in_chans=1); pretrained on classes 0-4, fine-tuned on classes 5-9",
+        "settings": settings, "seeds": args.seeds, "pretrain_test_accuracy": pre_acc, "runs": runs,
+        "summary": summary, "chosen": chosen, "verdict": verdict, "commits": commits,
+        "one_commit": len(commits) == 1 and not commits[0].endswith("+dirty"),
+        "env_before": env_before, "env": environment(args.threads),
         "command": " ".join(["python", "benchmarks/finetune.py", *sys.argv[1:]]),
     }
-    stem = f"finetune-fashion_mnist-resnet18-k4-{hardware_tag()}-{env_before['date'][:10]}"
     path = write_json(args.out / f"{stem}.json", payload)
-    if "bp" in results:
-        bp = results["bp"]["test_accuracy"]
-        others = {n: r for n, r in results.items() if n != "bp"}
-        if others:
-            best = max(others, key=lambda n: others[n]["test_accuracy"])
-            print(f"\nbest mode: {others[best]['label']}, {100 * (others[best]['test_accuracy'] - bp):+.2f} points "
-                  f"against backprop (target: within 0.5)")
-    print(f"wrote {path}")
+    (args.out / f"{stem}.md").write_text(markdown(payload) + "\n")
+    print("\n" + markdown(payload) + f"\nwrote {path}")
 
 
 if __name__ == "__main__":

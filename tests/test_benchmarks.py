@@ -148,6 +148,31 @@ def test_gpu_check_script_dry_run_on_the_cpu(tmp_path):
     assert [c["check"] for c in checks] == ["trainer", "nonfinite"] and all(c["ok"] for c in checks), checks
 
 
+def test_the_fine_tuning_benchmark_runs_seeds_on_a_validation_split_and_reuses_its_runs(tmp_path, capsys):
+    # benchmarks/finetune.py at a tiny size: one pretrained checkpoint for every run, two methods, two seeds, the
+    # choice made on the validation split; a second call reuses the checkpoint and every run
+    args = [ROOT / "benchmarks" / "finetune.py", "--model", "test_resnet", "--pretrain-steps", "3", "--steps", "3",
+            "--head-warmup", "1", "--methods", "bp", "replay_stash_delay_lr", "--seeds", "0", "1", "--validation",
+            "200", "--train-subset", "256", "--threads", "1", "--allow-dirty", "--out", tmp_path, "--runs",
+            tmp_path / "runs", "--name", "ft"]
+    code, out, err = here.script(capsys, *args)
+    assert code == 0, out[-2000:] + err[-3000:]
+    assert "fine-tuning on 256 images of classes 5-9, 200 held out for validation" in out
+    result = json.loads((tmp_path / "ft.json").read_text())
+    assert sorted(p.name for p in (tmp_path / "runs").glob("*-seed*.json")) == [
+        "bp-seed0.json", "bp-seed1.json", "replay_stash_delay_lr-seed0.json", "replay_stash_delay_lr-seed1.json"]
+    for name, rows in result["runs"].items():
+        assert [r["seed"] for r in rows] == [0, 1] and all(0 <= r["val_accuracy"] <= 1 for r in rows)
+        mean, sd = result["summary"][name]["test_accuracy"]
+        assert mean == pytest.approx(100 * statistics.mean(r["test_accuracy"] for r in rows))
+        assert sd == pytest.approx(100 * statistics.stdev(r["test_accuracy"] for r in rows))
+    assert result["chosen"] == "replay_stash_delay_lr" and "chosen on the validation split" in result["verdict"]
+    assert result["one_commit"] is False or not result["commits"][0].endswith("+dirty")
+    assert "| backprop | 2 |" in (tmp_path / "ft.md").read_text()
+    code, again, _ = here.script(capsys, *args)
+    assert code == 0 and again.count("reused") == 5, again[-2000:]  # the checkpoint and the four runs
+
+
 def test_memory_script_reports_both_methods(tmp_path, capsys):
     code, _, err = here.script(capsys, ROOT / "benchmarks" / "memory.py", "--model", "resnet18", "--size", "32",
                                "--batch", "2", "--classes", "10", "--steps", "1", "--threads", "1",
