@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import lfnnify
+from tests import here
 from tests.forked import Forked
-from tests.test_cli import in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 FMNIST = ROOT / "recipes" / "fashion_mnist_resnet18_k4.yaml"
@@ -112,7 +112,7 @@ def test_sigterm_during_train_saves_and_resume_continues(tmp_path, capsys):
     assert 0 < stopped_at < 60
 
     # the resume needs no process of its own (the interrupted run did: a signal, an exit code)
-    code, stdout, err = in_process(capsys, "train", FMNIST, "--out", out, "--resume", *args[4:])
+    code, stdout, err = here.cli(capsys, "train", FMNIST, "--out", out, "--resume", *args[4:])
     assert code == 0, err[-3000:]
     assert f"resuming at {stopped_at}" in stdout
     assert "60 iterations" in (out / "results.md").read_text()
@@ -294,17 +294,13 @@ def test_bad_input_gets_a_clear_error(what, call, error, words):
     ids=["--data missing", "data.root missing", "timeout_s", "input-size"],
 )
 def test_the_command_line_refuses_bad_input_in_one_line(tmp_path, args, words, capsys):
-    from tests.test_cli import in_process
-
-    code, _, err = in_process(capsys, *args, *(["--out", tmp_path / "r"] if args[0] == "train" else []))
+    code, _, err = here.cli(capsys, *args, *(["--out", tmp_path / "r"] if args[0] == "train" else []))
     assert code == 2 and "Traceback" not in err, err[-2000:]
     line = err.strip().splitlines()[-1]
     assert line.startswith("lfnnify: error:") and all(w in line for w in words), line
 
 
 def test_plan_accepts_the_documented_memory_balance(capsys):
-    from tests.test_cli import in_process
-
-    code, out, err = in_process(capsys, "plan", "resnet18", "--blocks", "2", "--input-size", "32", "--balance",
+    code, out, err = here.cli(capsys, "plan", "resnet18", "--blocks", "2", "--input-size", "32", "--balance",
                                 "memory")
     assert code == 0 and "balanced by memory" in out, err[-2000:]

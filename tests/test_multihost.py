@@ -18,7 +18,6 @@ from lfnnify import _testbed
 from tests import here
 from tests import pipeline_worker as worker
 from tests.launch import on_hosts
-from tests.test_cli import in_process
 from tests.test_pipeline import _assert_close, _reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,7 +109,7 @@ def test_lfnnify_train_across_hosts_resumes_and_torchrun_restarts_it_exactly(hos
     assert "torchrun restarted the workers (restart 1): resuming" in both
     assert "8 iterations" in (out / "results.md").read_text()
     # the uninterrupted run on one process: this one (train.threads=1, as on each host)
-    code, _, err = in_process(capsys, *_train_args(tmp_path / "alone", *common)[2:])
+    code, _, err = here.cli(capsys, *_train_args(tmp_path / "alone", *common)[2:])
     assert code == 0, err[-2000:]
     restarted, uninterrupted = (lfnnify.load(tmp_path / name / "ckpt").state_dict() for name in ("run", "alone"))
     for key, value in uninterrupted.items():
