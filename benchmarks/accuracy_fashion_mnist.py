@@ -37,7 +37,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, commit, environment, hardware_tag, peak_rss_bytes, write_json  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    environment,
+    hardware_tag,
+    peak_rss_bytes,
+    refuse_uncommitted,
+    write_json,
+)
 
 # name -> (label, convert knobs, trainer knobs); None = plain backprop, written out by hand
 REFRESH = {"refresh_heads_every": 10, "refresh_momentum": 0.9}  # an EMA of about 0.99 per step, as MAN uses
@@ -295,9 +302,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return _child(args)
-    if commit().endswith("+dirty") and not args.allow_dirty:
-        raise SystemExit("uncommitted changes to lfnnify/ or benchmarks/: a table comes from one commit. Commit "
-                         "first (or pass --allow-dirty for a quick look, which the table marks)")
+    refuse_uncommitted("accuracy_fashion_mnist.py", args.allow_dirty)
     if args.time_steps:  # one method after another, nothing beside them: clean seconds per step
         args.jobs, args.runs = 1, args.out / f"accuracy_timing-{hardware_tag()}-{environment()['date'][:10]}"
         args.runs.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
-"""Shared by the benchmarks: the environment block every result file carries, JSON output, and what the two
-multi-host benchmarks share (their testbed's preflight and the measured-time split)."""
+"""Shared by the benchmarks: the environment block every result file carries, JSON output, what the two
+multi-host benchmarks share (their testbed's preflight and the measured-time split), and the time-to-target
+arithmetic of the two time-to-accuracy benchmarks."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import os
 import platform
 import socket
+import statistics
 import subprocess
 from pathlib import Path
 
@@ -34,6 +36,14 @@ def commit() -> str:
         return out.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def refuse_uncommitted(script: str, allowed: bool) -> None:
+    """A published table comes from one commit: stop where lfnnify/ or benchmarks/ have uncommitted changes, unless
+    ``--allow-dirty`` was passed for a quick look (its files then carry the commit with ``+dirty``)."""
+    if commit().endswith("+dirty") and not allowed:
+        raise SystemExit(f"{script}: uncommitted changes to lfnnify/ or benchmarks/, and a table comes from one "
+                         "commit. Commit first (or pass --allow-dirty for a quick look, which the table marks)")
 
 
 def device_name() -> str:
@@ -98,3 +108,67 @@ def time_balanced_plan(model_name: str, *, batch: int, example_shape: tuple[int,
     model = create_model(model_name, num_classes=10, **model_kwargs)
     return lfnnify.plan(model, blocks=2, balance="time", example_input=torch.randn(batch, *example_shape),
                         batch_size=batch, link=link)
+
+
+def kept_run(path: Path, settings: dict, at_commit: str) -> dict | None:
+    """The run a sweep kept in ``path``, if it was made with these settings at this commit (then a later call
+    reuses it instead of training again); None otherwise."""
+    if not path.exists():
+        return None
+    kept = json.loads(path.read_text())
+    if kept["settings"] != settings or kept["commit"] != at_commit:
+        return None
+    print(f"{path.stem}: reused {path}", flush=True)
+    return kept
+
+
+def first_reaching(evals: list[dict], target: float) -> dict | None:
+    """The first evaluation (step, train_seconds, accuracy) at or above ``target``; None if none."""
+    return next((r for r in evals if r["accuracy"] >= target), None)
+
+
+def mean_sd(values: list[float]) -> dict:
+    return {"mean": statistics.mean(values), "sd": statistics.stdev(values) if len(values) > 1 else None,
+            "values": values}
+
+
+def mean_sd_text(stat: dict, digits: int = 4) -> str:
+    return f"{stat['mean']:.{digits}f}" + (f" ± {stat['sd']:.{digits}f}" if stat["sd"] is not None else "")
+
+
+def ratios_text(values: list) -> str:
+    return ", ".join("never" if v is None else f"{v:.2f}x" for v in values)
+
+
+def time_to_target(runs: dict, seeds: list[int], methods: list[str], baseline: str) -> dict:
+    """Per seed: the baseline's final accuracy as the target, and the training time at which each method first
+    reached it, against the baseline's own; then over seeds (mean ± sd of the ratios that exist, and of the final
+    accuracies and seconds per step). ``runs`` maps ``<method>-seed<N>`` to ``{"evaluations": [...]}``."""
+    others = [m for m in methods if m != baseline]
+    per_seed, ratios = {}, {m: [] for m in others}
+    for seed in seeds:
+        base = runs[f"{baseline}-seed{seed}"]["evaluations"]
+        target = base[-1]["accuracy"]
+        first = first_reaching(base, target)
+        base_time = first["train_seconds"]
+        row = {"target": target, f"{baseline}_seconds": base_time, f"{baseline}_step": first["step"]}
+        for m in others:
+            evals = runs[f"{m}-seed{seed}"]["evaluations"]
+            hit = first_reaching(evals, target)
+            row[m] = {"seconds": hit["train_seconds"] if hit else None, "step": hit["step"] if hit else None,
+                      f"ratio_to_{baseline}": hit["train_seconds"] / base_time if hit else None,
+                      "final_accuracy": evals[-1]["accuracy"], "best_accuracy": max(r["accuracy"] for r in evals),
+                      "seconds_per_step": evals[-1]["train_seconds"] / evals[-1]["step"]}
+            ratios[m].append(row[m][f"ratio_to_{baseline}"])
+        row[f"{baseline}_seconds_per_step"] = base[-1]["train_seconds"] / base[-1]["step"]
+        per_seed[seed] = row
+    over = {}
+    for m, values in ratios.items():
+        reached = [v for v in values if v is not None]
+        over[m] = {"reached": f"{len(reached)} of {len(values)} seeds",
+                   "ratio_mean": statistics.mean(reached) if reached else None,
+                   "ratio_sd": statistics.stdev(reached) if len(reached) > 1 else None}
+    last = {m: [runs[f"{m}-seed{s}"]["evaluations"][-1] for s in seeds] for m in methods}
+    return {"per_seed": per_seed, f"ratio_to_{baseline}": over,
+            "final_accuracy": {m: mean_sd([e["accuracy"] for e in v]) for m, v in last.items()},
+            "seconds_per_step": {m: mean_sd([e["train_seconds"] / e["step"] for e in v]) for m, v in last.items()}}

@@ -32,7 +32,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, commit, environment, hardware_tag, write_json  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    commit,
+    environment,
+    hardware_tag,
+    kept_run,
+    refuse_uncommitted,
+    write_json,
+)
 
 METHODS = {  # name -> (label, convert knobs); None = plain backprop
     "bp": ("backprop", None),
@@ -218,9 +226,7 @@ def main() -> None:
     parser.add_argument("--name", default=None, help="result file stem (default: experiment, model, hardware, date)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    if commit().endswith("+dirty") and not args.allow_dirty:
-        raise SystemExit("finetune.py: uncommitted changes to lfnnify/ or benchmarks/: a table comes from one commit. "
-                         "Commit first (or pass --allow-dirty for a quick look, which the table marks)")
+    refuse_uncommitted("finetune.py", args.allow_dirty)
 
     from torch.utils.data import Subset
 
@@ -247,12 +253,10 @@ def main() -> None:
     for seed in args.seeds:
         for name in args.methods:
             path = args.runs / f"{name}-seed{seed}.json"
-            if path.exists():
-                kept_run = json.loads(path.read_text())
-                if kept_run["settings"] == settings:
-                    runs.setdefault(name, []).append(kept_run)
-                    print(f"  {name} seed {seed}: reused {path}", flush=True)
-                    continue
+            result = kept_run(path, settings, commit())
+            if result:
+                runs.setdefault(name, []).append(result)
+                continue
             result = {**_fine_tune(name, seed, checkpoint, parts, args), "settings": settings, "commit": commit()}
             write_json(path, result)
             runs.setdefault(name, []).append(result)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -35,7 +34,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import RESULTS, environment, hardware_tag, hosts_ready, time_balanced_plan, write_json  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    environment,
+    hardware_tag,
+    hosts_ready,
+    kept_run,
+    mean_sd_text,
+    ratios_text,
+    time_balanced_plan,
+    time_to_target,
+    write_json,
+)
 
 from lfnnify._testbed import Hosts  # noqa: E402
 
@@ -107,45 +117,9 @@ def run(hosts: Hosts, name: str, args, seed: int, port: int) -> dict:
             "wall_seconds": wall, "bytes_sent": [hosts.tx_bytes(i) - sent[i] for i in range(2)]}
 
 
-def first_reaching(evals: list[dict], target: float) -> dict | None:
-    return next((r for r in evals if r["accuracy"] >= target), None)
-
-
 def summarise(runs: dict, seeds: list[int]) -> dict:
     """Per seed: DDP's final accuracy as the target, and when each method first reached it; then over seeds."""
-    per_seed, ratios = {}, {m: [] for m in METHODS if m != "ddp"}
-    for seed in seeds:
-        ddp = runs[f"ddp-seed{seed}"]["evaluations"]
-        target = ddp[-1]["accuracy"]
-        ddp_time = first_reaching(ddp, target)["train_seconds"]
-        row = {"target": target, "ddp_seconds": ddp_time}
-        for m in ratios:
-            evals = runs[f"{m}-seed{seed}"]["evaluations"]
-            hit = first_reaching(evals, target)
-            row[m] = {"seconds": hit["train_seconds"] if hit else None, "step": hit["step"] if hit else None,
-                      "ratio_to_ddp": hit["train_seconds"] / ddp_time if hit else None,
-                      "final_accuracy": evals[-1]["accuracy"], "best_accuracy": max(r["accuracy"] for r in evals),
-                      "seconds_per_step": evals[-1]["train_seconds"] / evals[-1]["step"]}
-            ratios[m].append(row[m]["ratio_to_ddp"])
-        row["ddp_seconds_per_step"] = ddp[-1]["train_seconds"] / ddp[-1]["step"]
-        per_seed[seed] = row
-    over = {}
-    for m, values in ratios.items():
-        reached = [v for v in values if v is not None]
-        over[m] = {"reached": f"{len(reached)} of {len(values)} seeds",
-                   "ratio_mean": statistics.mean(reached) if reached else None,
-                   "ratio_sd": statistics.stdev(reached) if len(reached) > 1 else None}
-    finals = {m: [runs[f"{m}-seed{s}"]["evaluations"][-1]["accuracy"] for s in seeds] for m in METHODS}
-    speeds = {m: [runs[f"{m}-seed{s}"]["evaluations"][-1]["train_seconds"] / runs[f"{m}-seed{s}"]["evaluations"][-1]
-                  ["step"] for s in seeds] for m in METHODS}
-    return {"per_seed": per_seed, "ratio_to_ddp": over,
-            "final_accuracy": {m: _mean_sd(v) for m, v in finals.items()},
-            "seconds_per_step": {m: _mean_sd(v) for m, v in speeds.items()}}
-
-
-def _mean_sd(values: list[float]) -> dict:
-    return {"mean": statistics.mean(values), "sd": statistics.stdev(values) if len(values) > 1 else None,
-            "values": values}
+    return time_to_target(runs, seeds, list(METHODS), baseline="ddp")
 
 
 def main() -> None:
@@ -178,18 +152,14 @@ def main() -> None:
         for seed in args.seeds:
             for name in args.methods:
                 key, port = f"{name}-seed{seed}", port + 1
-                path = folder / f"{key}.json"
-                if path.exists():
-                    kept = json.loads(path.read_text())
-                    if kept["settings"] == settings and kept["commit"] == env_before["commit"]:
-                        runs[key] = kept
-                        print(f"{key}: reused {path}", flush=True)
-                        continue
+                runs[key] = kept_run(folder / f"{key}.json", settings, env_before["commit"])
+                if runs[key]:
+                    continue
                 print(f"{key}: training across {hosts.rate}", flush=True)
                 result = run(hosts, name, args, seed, port)
                 runs[key] = {"settings": settings, "commit": env_before["commit"], "method": name, "seed": seed,
                              **result}
-                write_json(path, runs[key])
+                write_json(folder / f"{key}.json", runs[key])
                 last = result["evaluations"][-1]
                 print(f"  {last['step']} steps in {last['train_seconds']:.0f} s of training "
                       f"({result['wall_seconds']:.0f} s in all): test accuracy {last['accuracy']:.4f}", flush=True)
@@ -199,8 +169,8 @@ def main() -> None:
     if summary:
         m, bound = TARGET
         ratios = [summary["per_seed"][s][m]["ratio_to_ddp"] for s in args.seeds]
-        verdict = (f"{m} reaches DDP's final accuracy in {_ratios(ratios)} DDP's training time (target <= {bound}x: "
-                   f"{'met' if all(r is not None and r <= bound for r in ratios) else 'MISSED'})")
+        verdict = (f"{m} reaches DDP's final accuracy in {ratios_text(ratios)} DDP's training time "
+                   f"(target <= {bound}x: {'met' if all(r is not None and r <= bound for r in ratios) else 'MISSED'})")
     payload = {"experiment": "multihost_time_to_accuracy", "settings": settings, "seeds": args.seeds,
                "cuts": args.cuts, "cut_choice": "balance='time' at the training batch, one thread, on this machine",
                "runs": runs, "summary": summary, "verdict": verdict, "testbed_notes": notes,
@@ -210,10 +180,6 @@ def main() -> None:
     chart(payload, args.out / f"{stem}.png")
     (args.out / f"{stem}.md").write_text(markdown(payload) + "\n")
     print(markdown(payload) + f"\nwrote {path}")
-
-
-def _ratios(values: list) -> str:
-    return ", ".join("never" if v is None else f"{v:.2f}x" for v in values)
 
 
 def markdown(payload: dict) -> str:
@@ -229,13 +195,9 @@ def markdown(payload: dict) -> str:
     for m in METHODS:
         acc, speed = summary["final_accuracy"][m], summary["seconds_per_step"][m]
         ratio = "1 (the target is its own final accuracy)" if m == "ddp" else (
-            _ratios([summary["per_seed"][seed][m]["ratio_to_ddp"] for seed in payload["seeds"]]) + " (per seed)")
-        lines.append(f"| {m} | {_pm(acc)} | {_pm(speed, 2)} | {ratio} |")
+            ratios_text([summary["per_seed"][seed][m]["ratio_to_ddp"] for seed in payload["seeds"]]) + " (per seed)")
+        lines.append(f"| {m} | {mean_sd_text(acc)} | {mean_sd_text(speed, 2)} | {ratio} |")
     return "\n".join(lines + ["", f"- {payload['verdict']}"])
-
-
-def _pm(stat: dict, digits: int = 4) -> str:
-    return f"{stat['mean']:.{digits}f}" + (f" ± {stat['sd']:.{digits}f}" if stat["sd"] is not None else "")
 
 
 def chart(payload: dict, path: Path) -> None:

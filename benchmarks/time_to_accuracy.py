@@ -1,16 +1,23 @@
-"""Time to accuracy on Fashion-MNIST: backprop (one process, all cores) against an lfnnify pipeline (K processes).
+"""Time to accuracy on Fashion-MNIST on one machine: backprop (one process, all cores) against an lfnnify pipeline
+(K processes), over several seeds.
 
-Both runs use `lfnnify train` on the same recipe (timm resnet18, in_chans=1; same data order, optimizer,
-schedule and iterations); the pipeline run is started with torchrun, one thread per process, in the mode
-given (--mode local: LFNN-ℓ; --mode replay: delayed end-to-end gradients). Test accuracy is measured every
---eval-every iterations; the training time (evaluations excluded) at which each run first reaches the
-target (by default backprop's final accuracy) is compared. Speed that costs accuracy is not speed.
+Both methods run `lfnnify train` on the same recipe (timm resnet18, in_chans=1; for a seed, the same
+initialisation, data order, optimizer, schedule and iterations); the pipeline is started with torchrun, one thread
+per process, in the mode given (--mode local: LFNN-ℓ; --mode replay: delayed end-to-end gradients, with --stash
+and --delay-lr-warmup as options). Test accuracy is measured every --eval-every iterations. For each seed the
+target is backprop's final accuracy on that seed; the result is the training time (evaluations excluded) at which
+the pipeline first reaches it, against backprop's own, per seed and as mean ± sd over the seeds that reached it.
+Speed that costs accuracy is not speed.
 
-It also projects a K=4 run on four devices: the iterations the pipeline needed here, at the slowest
-block's step time measured in one process for a K=4 split, against backprop's iterations at its one-process
-step time (both at --cores threads), stating that K=4 may need more iterations than K=2 (longer delays).
+Every (method, seed) is one file in --runs, reused when its settings and commit match, so a sweep can be spread
+over several sittings. It also projects a K=4 run on four devices for each seed: the iterations the pipeline needed
+here, at the slowest block's step time measured in one process for a K=4 split (once per sweep, kept in --runs),
+against backprop's iterations at its one-process step time (both at --cores threads); K=4 may need more iterations
+than K=2 (longer delays).
 
-Reproduce:  python benchmarks/time_to_accuracy.py --mode replay --out benchmarks/results
+Reproduce:  python benchmarks/time_to_accuracy.py --mode replay --stash --seeds 0 1 2 --out benchmarks/results
+Quick look: python benchmarks/time_to_accuracy.py --model test_resnet --train-subset 256 --eval-subset 128 \\
+                --batch 64 --epochs 1 --eval-every 2 --seeds 0 --allow-dirty --out /tmp/tta
 """
 
 from __future__ import annotations
@@ -27,10 +34,22 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, environment, hardware_tag, write_json  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    environment,
+    hardware_tag,
+    kept_run,
+    mean_sd,
+    mean_sd_text,
+    ratios_text,
+    refuse_uncommitted,
+    time_to_target,
+    write_json,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "fashion_mnist_resnet18_k4.yaml"
+METHODS = ("bp", "pipeline")
 
 
 def _port() -> int:
@@ -39,35 +58,44 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def run(name: str, args, out: Path, *, pipeline: bool) -> list[dict]:
-    sets = [f"train.epochs={args.epochs}", f"train.eval_every={args.eval_every}", "train.checkpoint_every=100000",
-            f"convert.blocks={args.blocks}", f"train.threads={1 if pipeline else args.cores}",
-            f"convert.mode={args.mode}", f"convert.weight_stashing={str(args.stash).lower()}"]
+def command(name: str, args, seed: int, out: Path) -> tuple[list[str], dict]:
+    """The command line and environment of one run: backprop in one process, or the pipeline under torchrun."""
+    pipeline = name == "pipeline"
+    sets = [f"model.name={args.model}", f"train.epochs={args.epochs}", f"train.seed={seed}",
+            f"train.eval_every={args.eval_every}", f"data.batch_size={args.batch}", "train.checkpoint_every=100000",
+            f"convert.blocks={args.blocks}",
+            f"train.threads={1 if pipeline else args.cores}", f"convert.mode={args.mode}",
+            f"convert.weight_stashing={str(args.stash).lower()}"]
+    if pipeline and args.delay_lr_warmup:
+        sets.append(f"train.delay_lr_warmup={args.delay_lr_warmup}")
     if not pipeline:
         sets.append("method=bp")
-    if args.train_subset:
-        sets.append(f"data.train_subset={args.train_subset}")
+    sets += [f"data.{k}={v}" for k, v in (("train_subset", args.train_subset), ("eval_subset", args.eval_subset))
+             if v is not None]
     cli = ["train", str(RECIPE), "--out", str(out), "--no-progress", *[x for s in sets for x in ("--set", s)]]
     if pipeline:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(args.blocks),
                "--master-addr", "127.0.0.1", "--master-port", str(_port()), "-m", "lfnnify", *cli]
     else:
         cmd = [sys.executable, "-m", "lfnnify", *cli]
-    env = {**os.environ, "OMP_NUM_THREADS": "1" if pipeline else str(args.cores)}
-    print(f"{name}: {' '.join(cmd[1:])}", flush=True)
-    load = os.getloadavg()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    evals = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r.get("kind") == "eval"]
+    return cmd, {**os.environ, "OMP_NUM_THREADS": "1" if pipeline else str(args.cores)}
+
+
+def run(name: str, args, seed: int) -> dict:
+    """One method, one seed: its evaluations (step, training seconds, test accuracy)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        cmd, env = command(name, args, seed, out)
+        print(f"{name}-seed{seed}: {' '.join(cmd[1:])}", flush=True)
+        load = os.getloadavg()
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"{name}, seed {seed}: failed\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+        evals = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r.get("kind") == "eval"]
     for r in evals:
         print(f"  step {r['step']:5d}  {r['train_seconds']:7.1f} s  test accuracy {r['accuracy']:.4f}", flush=True)
-    return [{"step": r["step"], "train_seconds": r["train_seconds"], "accuracy": r["accuracy"], "load_before": load}
-            for r in evals]
-
-
-def first_reaching(evals: list[dict], target: float):
-    return next((r for r in evals if r["accuracy"] >= target), None)
+    return {"evaluations": [{k: r[k] for k in ("step", "train_seconds", "accuracy")} for r in evals],
+            "load_before": load}
 
 
 def main() -> None:
@@ -76,75 +104,133 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--blocks", type=int, default=2)
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 2)
-    parser.add_argument("--target", type=float, default=None,
-                        help="accuracy to reach (default: backprop's final accuracy)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--mode", default="replay", choices=["local", "replay"], help="the pipeline's mode")
     parser.add_argument("--stash", action="store_true", help="replay with weight stashing")
+    parser.add_argument("--delay-lr-warmup", type=int, default=None,
+                        help="replay: delay-aware step sizes over this many iterations (PipeMare)")
+    parser.add_argument("--model", default="resnet18", help="a timm model (tests: test_resnet)")
+    parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--train-subset", type=int, default=None)
+    parser.add_argument("--eval-subset", type=int, default=None, help="test images each evaluation reads")
+    parser.add_argument("--runs", type=Path, default=None, help="folder of per-run files (default: OUT/NAME-runs)")
+    parser.add_argument("--allow-dirty", action="store_true", help="run with uncommitted changes (quick looks only)")
+    parser.add_argument("--name", default=None, help="result file stem (default: experiment, mode, hardware, date)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if args.delay_lr_warmup is not None and args.mode != "replay":
+        raise SystemExit(f"time_to_accuracy.py: --delay-lr-warmup {args.delay_lr_warmup} needs --mode replay "
+                         f"(delay-aware step sizes scale a delayed gradient; --mode {args.mode} has no delay)")
+    refuse_uncommitted("time_to_accuracy.py", args.allow_dirty)
     env_before = environment()
-    with tempfile.TemporaryDirectory() as tmp:
-        bp = run("backprop, 1 process", args, Path(tmp) / "bp", pipeline=False)
-        lf = run(f"{args.mode} pipeline, {args.blocks} processes", args, Path(tmp) / "lfnn", pipeline=True)
-    target = args.target if args.target is not None else bp[-1]["accuracy"]
-    hit_bp, hit_lf = first_reaching(bp, target), first_reaching(lf, target)
-    ratio = hit_bp["train_seconds"] / hit_lf["train_seconds"] if hit_bp and hit_lf else None
-    projected = project_k4(args, bp, hit_bp, hit_lf)
+    mode = args.mode + ("-stash" if args.stash else "") + ("-delay-lr" if args.delay_lr_warmup else "")
+    stem = args.name or (f"time_to_accuracy-fashion_mnist-{args.model}-k{args.blocks}-{mode}-{hardware_tag()}-"
+                         f"{env_before['date'][:10]}")
+    folder = args.runs or args.out / f"{stem}-runs"
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if k not in ("runs", "name", "out", "seeds", "allow_dirty")}
+    runs = {}
+    for seed in args.seeds:
+        for name in METHODS:
+            key = f"{name}-seed{seed}"
+            path = folder / f"{key}.json"
+            runs[key] = kept_run(path, settings, env_before["commit"])
+            if runs[key]:
+                continue
+            runs[key] = {"settings": settings, "commit": env_before["commit"], "method": name, "seed": seed,
+                         **run(name, args, seed)}
+            write_json(path, runs[key])
+    summary = time_to_target(runs, args.seeds, list(METHODS), baseline="bp")
+    projected = project_k4(args, summary, args.seeds, block_times(args, folder))
     payload = {
         "experiment": "time_to_accuracy_fashion_mnist",
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "target_accuracy": target,
-        "bp": {"evaluations": bp, "reached": hit_bp},
-        "lfnn_pipeline": {"evaluations": lf, "reached": hit_lf},
-        "speedup_time_to_target": ratio,
-        "pipeline_mode": args.mode + (" (weight stashing)" if args.stash else ""),
+        "settings": settings,
+        "seeds": args.seeds,
+        "pipeline_mode": mode,
+        "target_rule": "per seed, backprop's final test accuracy on that seed",
+        "runs": runs,
+        "summary": summary,
         "projected_k4": projected,
-        "final_accuracy": {"bp": bp[-1]["accuracy"], "lfnn_pipeline": lf[-1]["accuracy"]},
         "env_before": env_before,
         "env": environment(),
         "command": " ".join(["python", "benchmarks/time_to_accuracy.py", *sys.argv[1:]]),
     }
-    stem = (f"time_to_accuracy-fashion_mnist-resnet18-k{args.blocks}-{args.mode}{'-stash' if args.stash else ''}-"
-            f"{hardware_tag()}-{env_before['date'][:10]}")
     path = write_json(args.out / f"{stem}.json", payload)
-    reached = (f"after {hit_lf['train_seconds']:.0f} s ({ratio:.2f}x backprop's speed to it)" if hit_lf else
-               f"never within {args.epochs} epochs (best {max(r['accuracy'] for r in lf):.4f})")
-    print(f"\ntarget test accuracy {target:.4f} (backprop's final): backprop reaches it after "
-          f"{hit_bp['train_seconds']:.0f} s, the {args.mode} pipeline {reached}")
-    if projected and projected.get("ratio"):
-        print(f"projected on 4 devices (K=4): {projected['ratio']:.2f}x backprop's time to the target "
-              f"({projected['note']})")
-    print(f"wrote {path}")
+    (args.out / f"{stem}.md").write_text(markdown(payload) + "\n")
+    print("\n" + markdown(payload) + f"\nwrote {path}")
 
 
-def project_k4(args, bp, hit_bp, hit_lf) -> dict | None:
-    """Projected K=4 time to the target: this run's iterations at the slowest K=4 block's step time."""
-    if not hit_bp or not hit_lf:
-        return None
+def markdown(payload: dict) -> str:
+    s, summary, seeds = payload["settings"], payload["summary"], payload["seeds"]
+    per = [summary["per_seed"][seed] for seed in seeds]
+    head = (f"One machine ({payload['env']['device']}): backprop in one process at {s['cores']} threads against the "
+            f"{payload['pipeline_mode']} pipeline, K={s['blocks']} processes of one thread; Fashion-MNIST, timm "
+            f"{s['model']}, {s['epochs']} epoch(s)"
+            + (f" of {s['train_subset']} training images" if s["train_subset"] else "")
+            + f"; test accuracy every {s['eval_every']} steps; seeds {seeds}; commit {payload['env_before']['commit']}")
+    ratio = summary["ratio_to_bp"]["pipeline"]
+    spread = ("" if ratio["ratio_mean"] is None else
+              f"; mean {ratio['ratio_mean']:.2f}x" + (f" ± {ratio['ratio_sd']:.2f}" if ratio["ratio_sd"] else ""))
+    lines = [head, "", "| method | final test accuracy | s per step (training) | time to backprop's final accuracy, "
+             "/ backprop's |", "|---|---|---|---|",
+             f"| backprop | {mean_sd_text(summary['final_accuracy']['bp'])} | "
+             f"{mean_sd_text(summary['seconds_per_step']['bp'], 2)} | 1 (the target is its own final accuracy) |",
+             f"| {payload['pipeline_mode']} pipeline | {mean_sd_text(summary['final_accuracy']['pipeline'])} | "
+             f"{mean_sd_text(summary['seconds_per_step']['pipeline'], 2)} | "
+             f"{ratios_text([r['pipeline']['ratio_to_bp'] for r in per])} (per seed; reached on {ratio['reached']}"
+             f"{spread}) |"]
+    k4 = payload["projected_k4"]
+    if k4["ratio"]["values"]:
+        lines += ["", f"- projected on 4 devices (K=4): {mean_sd_text(k4['ratio'], 2)}x backprop's time to the target "
+                      f"over the seeds the pipeline reached it on ({k4['note']})"]
+    return "\n".join(lines)
+
+
+def block_times(args, folder: Path) -> dict:
+    """Per-block step times of a K=4 split of the model, at the training batch and --cores threads: measured once
+    per sweep and kept in the runs folder with what they were measured for, so a resumed sweep does not measure
+    again."""
+    path = folder / "projection.json"
+    measured_for = {"model": args.model, "batch": args.batch, "cores": args.cores}
+    if path.exists():
+        kept = json.loads(path.read_text())
+        if kept["measured_for"] == measured_for:
+            print(f"per-block step times of a K=4 split, measured before: {path}", flush=True)
+            return kept["times"]
+    import lfnnify
+    from lfnnify.zoo import create_model
+
+    cuts = lfnnify.plan(create_model(args.model, num_classes=10), blocks=4,
+                        example_input=torch.zeros(1, 3, 28, 28)).cuts
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "projection.json"
-        import lfnnify
-        from lfnnify.zoo import create_model
-
-        cuts = lfnnify.plan(create_model("resnet18", num_classes=10), blocks=4,
-                            example_input=torch.zeros(1, 3, 28, 28)).cuts
         cmd = [sys.executable, str(ROOT / "benchmarks" / "_speedup_worker.py"), "--method", "projection",
-               "--model", "resnet18", "--size", "28", "--batch", "128", "--blocks", "4", "--cuts", *cuts,
+               "--model", args.model, "--size", "28", "--batch", str(args.batch), "--blocks", "4", "--cuts", *cuts,
                "--threads", str(args.cores), "--warmup", "2", "--out", str(out)]
         subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=600,
                        env={**os.environ, "OMP_NUM_THREADS": str(args.cores)})
-        p = json.loads(out.read_text())
-    key = "block_replay_step_s" if args.mode == "replay" else "block_lfnn_step_s"
-    bp_step = sum(p["block_fwd_bwd_s"])
-    slowest = max(p[key])
-    bp_time = hit_bp["step"] * bp_step
-    lf_time = hit_lf["step"] * slowest
-    return {"bp_step_s": bp_step, "slowest_block_step_s": slowest, "bp_steps": hit_bp["step"],
-            "pipeline_steps": hit_lf["step"], "ratio": bp_time / lf_time,
-            "note": f"{hit_lf['step']} iterations at the slowest K=4 block's {slowest * 1e3:.0f} ms against backprop's "
-                    f"{hit_bp['step']} at {bp_step * 1e3:.0f} ms, per-block times at {args.cores} threads, transfers "
-                    f"not counted; iterations from this K={args.blocks} run (K=4 delays are longer)"}
+        times = json.loads(out.read_text())
+    write_json(path, {"times": times, "measured_for": measured_for, "cuts": cuts})
+    return times
+
+
+def project_k4(args, summary: dict, seeds: list[int], times: dict) -> dict:
+    """Projected K=4 time to the target per seed: the pipeline's iterations to it at the slowest K=4 block's step
+    time, against backprop's iterations to it at its one-process step time (the sum of the blocks')."""
+    bp_step = sum(times["block_fwd_bwd_s"])
+    slowest = max(times["block_replay_step_s" if args.mode == "replay" else "block_lfnn_step_s"])
+    per_seed = {}
+    for seed in seeds:
+        row = summary["per_seed"][seed]
+        bp_steps, lf_steps = row["bp_step"], row["pipeline"]["step"]
+        per_seed[seed] = {"bp_steps": bp_steps, "pipeline_steps": lf_steps,
+                          "ratio": bp_steps * bp_step / (lf_steps * slowest) if lf_steps else None}
+    reached = [r["ratio"] for r in per_seed.values() if r["ratio"] is not None]
+    return {"bp_step_s": bp_step, "slowest_block_step_s": slowest, "per_seed": per_seed,
+            "ratio": mean_sd(reached) if reached else {"mean": None, "sd": None, "values": []},
+            "note": f"the pipeline's iterations at the slowest K=4 block's {slowest * 1e3:.0f} ms against backprop's "
+                    f"at {bp_step * 1e3:.0f} ms, per-block times at {args.cores} threads, transfers not counted; "
+                    f"iterations from this K={args.blocks} run (K=4 delays are longer)"}
 
 
 if __name__ == "__main__":

@@ -202,3 +202,40 @@ def test_time_to_accuracy_across_hosts_is_measured_against_ddp_of_the_same_seed(
     assert summary["per_seed"][1]["ddp_seconds"] == 10 and summary["per_seed"][1]["replay_pipeline"]["seconds"] == 12
     assert summary["ratio_to_ddp"]["lfnn_pipeline"]["reached"] == "1 of 2 seeds"
     assert summary["final_accuracy"]["ddp"]["mean"] == 0.80
+
+
+def test_the_one_machine_time_to_accuracy_benchmark_runs_seeds_and_reuses_its_runs(tmp_path, capsys):
+    # benchmarks/time_to_accuracy.py at a tiny size: backprop in one process and the replay pipeline (stashing,
+    # delay-aware step sizes) under torchrun, one seed, each run in its own file; a second call trains nothing
+    args = [ROOT / "benchmarks" / "time_to_accuracy.py", "--model", "test_resnet", "--train-subset", "256",
+            "--eval-subset", "128", "--batch", "64", "--epochs", "1", "--eval-every", "2", "--cores", "1", "--stash",
+            "--delay-lr-warmup", "2", "--seeds", "0", "--allow-dirty", "--runs", tmp_path / "runs", "--out", tmp_path,
+            "--name", "tta"]
+    code, out, err = here.script(capsys, *args)
+    assert code == 0, out[-2000:] + err[-3000:]
+    assert out.count("--set train.delay_lr_warmup=2") == 1  # the pipeline's run only; backprop has no delay
+    result = json.loads((tmp_path / "tta.json").read_text())
+    runs = {name: result["runs"][f"{name}-seed0"]["evaluations"] for name in ("bp", "pipeline")}
+    for evals in runs.values():
+        assert [e["step"] for e in evals] == [2, 4]  # one epoch of 256 images in batches of 64
+        assert evals[-1]["train_seconds"] > evals[0]["train_seconds"] > 0
+    seed = result["summary"]["per_seed"]["0"]
+    assert seed["target"] == runs["bp"][-1]["accuracy"]
+    hit = next((e for e in runs["pipeline"] if e["accuracy"] >= seed["target"]), None)
+    assert seed["pipeline"]["seconds"] == (hit["train_seconds"] if hit else None)
+    assert "| replay-stash-delay-lr pipeline |" in (tmp_path / "tta.md").read_text()
+    code, again, _ = here.script(capsys, *args)
+    assert code == 0 and again.count("reused") == 2 and "-m lfnnify train" not in again, again[-2000:]
+    assert "per-block step times of a K=4 split, measured before" in again
+
+
+def test_a_benchmark_that_makes_a_table_refuses_uncommitted_changes(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import common
+
+    monkeypatch.setattr(common, "commit", lambda: "29ab660+dirty")
+    with pytest.raises(SystemExit, match=r"time_to_accuracy.py: uncommitted changes .* --allow-dirty"):
+        common.refuse_uncommitted("time_to_accuracy.py", allowed=False)
+    common.refuse_uncommitted("time_to_accuracy.py", allowed=True)  # a quick look, marked by its '+dirty' commit
+    monkeypatch.setattr(common, "commit", lambda: "29ab660")
+    common.refuse_uncommitted("time_to_accuracy.py", allowed=False)
