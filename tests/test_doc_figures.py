@@ -205,6 +205,15 @@ def leaderboard_seeds(d: dict) -> dict[str, list[str]]:
     return {BENCH: rows + [versus], README: readme}
 
 
+def leaderboard_delay_lr(d: dict) -> dict[str, list[str]]:
+    # the AMD EPYC table of delay-aware replay against backprop: the three-seed table's figures, and per seed the
+    # final test errors the text compares
+    figures = leaderboard_seeds(d)
+    pairs = zip(*(d["runs"][m] for m in ("replay_stash_delay_lr", "bp")))
+    seeds = ", ".join(f"{a['test_error'][-1]:.2f} against {b['test_error'][-1]:.2f}" for a, b in pairs)
+    return {BENCH: figures[BENCH] + [f"per seed, test error after epoch 3: {seeds}"], README: figures[README]}
+
+
 def delay_lr_pilot(d: dict) -> dict[str, list[str]]:
     # the two-row pilot of delay-aware step sizes: every row's mean ± sd per epoch, validation then test
     def cells(runs, key):
@@ -240,6 +249,7 @@ SOURCES = {  # results file -> how to write its figures, per document that quote
     "accuracy_fashion_mnist-resnet18-k4-cpu2-2026-11-29.json": leaderboard_one_seed,
     "accuracy_fashion_mnist-resnet18-k4-seeds-cpu2-2026-12-02.json": leaderboard_seeds,
     "accuracy_fashion_mnist-resnet18-k4-delay-lr-pilot-cpu2-2026-12-05.json": delay_lr_pilot,
+    "accuracy_fashion_mnist-resnet18-k4-seeds-amd-epyc-2026-12-05.json": leaderboard_delay_lr,
 }
 
 
