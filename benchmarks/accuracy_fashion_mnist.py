@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -343,7 +344,10 @@ def main() -> None:
     from lfnnify.plots import plot_curves
 
     plot_curves({METHODS[n][0]: [m for m, _ in s["test_error"]] for n, s in summary.items()}, args.out / f"{stem}.png",
-                title=f"Fashion-MNIST, timm resnet18, K=4: mean test error over {len(args.seeds)} seeds")
+                spread={METHODS[n][0]: [0.0 if math.isnan(sd) else sd for _, sd in s["test_error"]]
+                        for n, s in summary.items()},
+                title=f"Fashion-MNIST, timm resnet18, K=4: mean test error over {len(args.seeds)} seeds "
+                      "(bars: one standard deviation)")
     text = (f"validation error (%), mean ± sd over seeds {args.seeds}:\n\n{table(summary, args.epochs, 'val_error')}"
             f"\n\ntest error (%):\n\n{table(summary, args.epochs, 'test_error')}\n\n"
             f"rows from commit(s) {', '.join(commits)}" + ("" if payload["one_commit"] else " (NOT one clean commit)"))

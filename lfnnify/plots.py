@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -57,18 +58,28 @@ def plot_leadership(leadership: Sequence[Sequence[Sequence[int]]], path: str | P
 
 
 def plot_curves(series: dict[str, Sequence[float]], path: str | Path, *, xlabel="epoch", ylabel="test error (%)",
-                title="") -> Path:
-    """One line per named series (for example BP against LFNN-ℓ), saved as PNG."""
+                title="", spread: dict[str, Sequence[float]] | None = None) -> Path:
+    """One line per named series (for example BP against LFNN-ℓ), saved as PNG; ``spread`` (the same names, one
+    value per point, for example the standard deviation over seeds) draws error bars. The legend sits below the
+    axes, so that it never hides a point."""
+    spread = spread or {}
+    for name, values in spread.items():
+        if name not in series or len(values) != len(series[name]):
+            raise ConfigError(f"plot_curves: spread[{name!r}] has {len(values)} values, but the series of that name "
+                              f"has {len(series.get(name, []))}: give one spread value per point of a named series")
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.4))
+    fig, ax = plt.subplots(figsize=(6, 3.2 + 0.25 * len(series)))
     for name, values in series.items():
-        ax.plot(range(1, len(values) + 1), values, marker="o", label=name)
+        xs = range(1, len(values) + 1)
+        ax.errorbar(xs, values, yerr=spread.get(name), marker="o", capsize=3, label=name)
+    longest = max((len(v) for v in series.values()), default=1)
+    ax.set_xticks(range(1, longest + 1))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
-        ax.set_title(title, fontsize=10)
+        ax.set_title(textwrap.fill(title, 70), fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), frameon=False)
     return _save(fig, path)
 
 
