@@ -184,6 +184,21 @@ def finetune(d: dict) -> dict[str, list[str]]:
                                   f"(−{100 * (bp - m['replay']['test_accuracy']):.2f})"]}
 
 
+def finetune_seeds(d: dict) -> dict[str, list[str]]:
+    # the three-seed fine-tuning table, remade from its raw runs: mean ± sd of validation and test accuracy (%)
+    def pm(values):
+        return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+    rows = {m: f"| {runs[0]['label']} | {len(runs)} | {pm([100 * r['val_accuracy'] for r in runs])} | "
+               f"{pm([100 * r['test_accuracy'] for r in runs])} |" for m, runs in d["runs"].items()}
+    test = {m: [100 * r["test_accuracy"] for r in runs] for m, runs in d["runs"].items()}
+    best = d["chosen"]
+    gap = statistics.mean(test[best]) - statistics.mean(test["bp"])
+    pairs = zip(d["runs"][best], d["runs"]["bp"])
+    seeds = ", ".join(f"{100 * a['test_accuracy']:.2f}% against {100 * b['test_accuracy']:.2f}%" for a, b in pairs)
+    versus = f"{pm(test[best])}% against backprop's {pm(test['bp'])}% ({gap:+.2f}"
+    return {BENCH: [*rows.values(), f"per seed, test accuracy {seeds}", versus], README: [versus]}
+
+
 def leaderboard_one_seed(d: dict) -> dict[str, list[str]]:
     # the 2026-11-29 table, one seed per row: every row's three test errors, in order
     return {BENCH: ["| " + " | ".join(f"{e:.2f}" for e in m["test_error"]) + " |" for m in d["methods"].values()]}
@@ -244,6 +259,7 @@ SOURCES = {  # results file -> how to write its figures, per document that quote
     "multihost_tta-fashion_mnist-resnet18-k2-1gbit-cpu2-2026-12-05.json": multihost_tta,
     "time_to_accuracy-fashion_mnist-resnet18-k2-replay-stash-cpu2-2026-11-29.json": time_to_accuracy,
     "finetune-fashion_mnist-resnet18-k4-cpu2-2026-11-29.json": finetune,
+    "finetune-fashion_mnist-resnet18-k4-seeds-amd-epyc-2026-12-05.json": finetune_seeds,
     "demo-intel-xeon-2026-12-02.txt": demo_output,
     "demo-amd-epyc-2026-12-02.txt": demo_output,
     "accuracy_fashion_mnist-resnet18-k4-cpu2-2026-11-29.json": leaderboard_one_seed,
