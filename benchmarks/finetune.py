@@ -249,15 +249,15 @@ def main() -> None:
              _split(test, NEW))
     print(f"fine-tuning on {len(kept)} images of classes 5-9, {len(held)} held out for validation", flush=True)
 
-    settings, runs = _settings(args), {}
+    settings, runs, at = _settings(args), {}, commit()
     for seed in args.seeds:
         for name in args.methods:
             path = args.runs / f"{name}-seed{seed}.json"
-            result = kept_run(path, settings, commit())
+            result = kept_run(path, settings, at)
             if result:
                 runs.setdefault(name, []).append(result)
                 continue
-            result = {**_fine_tune(name, seed, checkpoint, parts, args), "settings": settings, "commit": commit()}
+            result = {**_fine_tune(name, seed, checkpoint, parts, args), "settings": settings, "commit": at}
             write_json(path, result)
             runs.setdefault(name, []).append(result)
             print(f"  {result['label']:<40} seed {seed}: validation accuracy {result['val_accuracy']:.4f}, test "
