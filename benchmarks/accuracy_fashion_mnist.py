@@ -20,6 +20,7 @@ Reproduce (the committed table):
       --methods bp local local_lookahead local_lookahead_layer replay_stash replay_stash_predict
 Quick look: python benchmarks/accuracy_fashion_mnist.py --epochs 1 --train-subset 2000 --methods bp replay \
       --runs /tmp/runs --allow-dirty
+Tiny (tests): --model test_resnet --train-subset 128 --eval-subset 64 --batch-size 64
 Clean seconds per epoch (one run alone): --time-steps 20
 """
 
@@ -75,6 +76,8 @@ METHODS = {
 }
 PIPELINE_CAPABLE = set(METHODS) - {"bp", "lfnn_eq1"}
 VALIDATION = 5000
+# settings added after runs were kept, with the value those runs had: a kept run without one is read as this
+ADDED_SETTINGS = {"model": "resnet18", "eval_subset": None}
 
 
 def _optimizer(params, lr):
@@ -92,8 +95,9 @@ def splits(args):
     if args.train_subset:
         kept = kept[: args.train_subset]
     train = Subset(FashionMNIST(args.data, train=True, augment=True), kept)
-    val = Subset(FashionMNIST(args.data, train=True, augment=False), held)
-    return train, val, FashionMNIST(args.data, train=False)
+    val = Subset(FashionMNIST(args.data, train=True, augment=False), held[: args.eval_subset])
+    test = FashionMNIST(args.data, train=False)
+    return train, val, (Subset(test, range(args.eval_subset)) if args.eval_subset else test)
 
 
 def _build(name, args, steps_per_epoch):
@@ -103,7 +107,7 @@ def _build(name, args, steps_per_epoch):
     import lfnnify
 
     torch.manual_seed(args.seed)
-    model = timm.create_model("resnet18", in_chans=1, num_classes=10)
+    model = timm.create_model(args.model, in_chans=1, num_classes=10)
     facts = {"model_params": sum(p.numel() for p in model.parameters()), "head_params": 0}
     total_steps = args.epochs * steps_per_epoch
     _, knobs, trainer_knobs = METHODS[name]
@@ -197,7 +201,8 @@ def _run_file(args, name: str, seed: int) -> Path:
 
 def _settings(args) -> dict:
     return {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "threads": args.threads,
-            "train_subset": args.train_subset, "split_seed": args.split_seed, "validation": VALIDATION}
+            "train_subset": args.train_subset, "split_seed": args.split_seed, "validation": VALIDATION,
+            "model": args.model, "eval_subset": args.eval_subset}
 
 
 def _run_all(todo: list[tuple[str, int]], args) -> None:
@@ -225,8 +230,10 @@ def _forwarded(args, seed: int) -> list[str]:
     out = ["--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
            "--seed", str(seed), "--threads", str(args.threads), "--split-seed", str(args.split_seed),
            "--time-steps", str(args.time_steps)]
-    if args.train_subset:
-        out += ["--train-subset", str(args.train_subset)]
+    out += ["--model", args.model]
+    for flag, value in (("--train-subset", args.train_subset), ("--eval-subset", args.eval_subset)):
+        if value:
+            out += [flag, str(value)]
     if args.data:
         out += ["--data", args.data]
     return out
@@ -289,7 +296,10 @@ def main() -> None:
     parser.add_argument("--split-seed", type=int, default=2026, help="which 5,000 training images are held out")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side (one process each)")
+    parser.add_argument("--model", default="resnet18", help="a timm model, in_chans=1 (tests: test_resnet)")
     parser.add_argument("--train-subset", type=int, default=None, help="train on only the first N of the 55,000")
+    parser.add_argument("--eval-subset", type=int, default=None,
+                        help="evaluate only the first N validation and N test images (quick looks, tests)")
     parser.add_argument("--data", default=None, help="Fashion-MNIST folder (default: Debian's)")
     parser.add_argument("--runs", type=Path, default=RESULTS / "accuracy_runs",
                         help="one file per finished run; runs already there are reused by name")
@@ -322,7 +332,7 @@ def main() -> None:
     for m in args.methods:
         rows[m] = [json.loads(_run_file(args, m, s).read_text()) for s in args.seeds]
         for r in rows[m]:
-            if r["settings"] != _settings(args):
+            if {**ADDED_SETTINGS, **r["settings"]} != _settings(args):
                 raise SystemExit(f"{_run_file(args, m, r['seed'])} was run with other settings ({r['settings']}); "
                                  f"move it away or use another --runs folder")
     summary = summarise(rows, args.epochs)
@@ -330,7 +340,7 @@ def main() -> None:
     best = choose(summary)
     payload = {
         "experiment": "accuracy_fashion_mnist",
-        "model": "timm resnet18 (in_chans=1, num_classes=10), K=4",
+        "model": f"timm {args.model} (in_chans=1, num_classes=10), K=4",
         "protocol": "trained on 55,000 training images; modes chosen on the 5,000 held out (validation); test "
                     "error reported for the table; mean ± standard deviation over seeds",
         "settings": _settings(args), "seeds": args.seeds, "summary": summary, "runs": rows,
@@ -339,14 +349,14 @@ def main() -> None:
         "env": environment(args.threads),
         "command": " ".join(["python", "benchmarks/accuracy_fashion_mnist.py", *sys.argv[1:]]),
     }
-    stem = args.name or f"accuracy_fashion_mnist-resnet18-k4-seeds-{hardware_tag()}-{payload['env']['date'][:10]}"
+    stem = args.name or f"accuracy_fashion_mnist-{args.model}-k4-seeds-{hardware_tag()}-{payload['env']['date'][:10]}"
     path = write_json(args.out / f"{stem}.json", payload)
     from lfnnify.plots import plot_curves
 
     plot_curves({METHODS[n][0]: [m for m, _ in s["test_error"]] for n, s in summary.items()}, args.out / f"{stem}.png",
                 spread={METHODS[n][0]: [0.0 if math.isnan(sd) else sd for _, sd in s["test_error"]]
                         for n, s in summary.items()},
-                title=f"Fashion-MNIST, timm resnet18, K=4: mean test error over {len(args.seeds)} seeds "
+                title=f"Fashion-MNIST, timm {args.model}, K=4: mean test error over {len(args.seeds)} seeds "
                       "(bars: one standard deviation)")
     text = (f"validation error (%), mean ± sd over seeds {args.seeds}:\n\n{table(summary, args.epochs, 'val_error')}"
             f"\n\ntest error (%):\n\n{table(summary, args.epochs, 'test_error')}\n\n"

@@ -229,6 +229,41 @@ def test_the_one_machine_time_to_accuracy_benchmark_runs_seeds_and_reuses_its_ru
     assert "per-block step times of a K=4 split, measured before" in again
 
 
+def test_the_accuracy_table_is_made_from_its_seeded_runs_and_reuses_them(tmp_path, capsys):
+    # benchmarks/accuracy_fashion_mnist.py at a tiny size: backprop and delay-aware replay, two seeds, one process per
+    # run; the table's mean ± sd per epoch is the runs' own, the choice is made on validation error, a second call
+    # trains nothing, and a kept run made with other settings is refused by name
+    args = [ROOT / "benchmarks" / "accuracy_fashion_mnist.py", "--model", "test_resnet", "--epochs", "1",
+            "--train-subset", "128", "--eval-subset", "64", "--batch-size", "64", "--seeds", "0", "1",
+            "--methods", "bp", "replay_stash_delay_lr", "--jobs", "2", "--allow-dirty", "--runs", tmp_path / "runs",
+            "--out", tmp_path, "--name", "acc"]
+    code, out, err = here.script(capsys, *args)
+    assert code == 0, out[-2000:] + err[-3000:]
+    assert out.count("started") == 4
+    result = json.loads((tmp_path / "acc.json").read_text())
+    for name in ("bp", "replay_stash_delay_lr"):
+        runs = result["runs"][name]
+        assert [r["seed"] for r in runs] == [0, 1] and all(r["settings"]["model"] == "test_resnet" for r in runs)
+        for r in runs:  # one epoch, evaluated on 64 validation and 64 test images
+            assert len(r["val_error"]) == len(r["test_error"]) == 1
+            assert all(math.isclose(e * 64 / 100, round(e * 64 / 100)) for e in r["val_error"] + r["test_error"])
+        for key in ("val_error", "test_error"):
+            errors = [r[key][0] for r in runs]
+            assert result["summary"][name][key][0] == pytest.approx([statistics.mean(errors), statistics.stdev(errors)])
+    assert result["chosen_on_validation"] == "replay_stash_delay_lr"  # the only pipeline-capable row
+    assert not result["one_commit"]  # --allow-dirty runs are marked
+    text = (tmp_path / "acc.md").read_text()
+    assert "chosen on validation: replay, weight stashing, delay-aware step sizes" in text
+    assert (tmp_path / "acc.png").stat().st_size > 0
+    code, again, _ = here.script(capsys, *args)
+    assert code == 0 and "started" not in again, again[-2000:]
+    assert json.loads((tmp_path / "acc.json").read_text())["summary"] == result["summary"]
+    kept = tmp_path / "runs" / "bp-seed1.json"
+    kept.write_text(json.dumps({**json.loads(kept.read_text()), "settings": {**result["settings"], "lr": 0.1}}))
+    code, out, err = here.script(capsys, *args)
+    assert code != 0 and f"{kept} was run with other settings" in out + err
+
+
 def test_a_benchmark_that_makes_a_table_refuses_uncommitted_changes(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import common
