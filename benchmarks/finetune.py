@@ -271,6 +271,9 @@ def main() -> None:
         verdict = (f"chosen on the validation split: {summary[chosen]['label']}; its mean test accuracy is "
                    f"{gap:+.2f} points against backprop's (target: within 0.3 points: "
                    f"{'met' if gap >= -0.3 else 'MISSED'})")
+    elif chosen:
+        verdict = (f"chosen on the validation split: {summary[chosen]['label']}; no backprop row in this call "
+                   f"(add bp to --methods), so no comparison with it")
     payload = {
         "experiment": "finetune_fashion_mnist",
         "model": f"timm {args.model} (in_chans=1); pretrained on classes 0-4, fine-tuned on classes 5-9",

@@ -171,6 +171,9 @@ def test_the_fine_tuning_benchmark_runs_seeds_on_a_validation_split_and_reuses_i
     assert "| backprop | 2 |" in (tmp_path / "ft.md").read_text()
     code, again, _ = here.script(capsys, *args)
     assert code == 0 and again.count("reused") == 5, again[-2000:]  # the checkpoint and the four runs
+    code, alone, err = here.script(capsys, *[a for a in args if a != "bp"])  # a table without bp
+    assert code == 0, alone[-2000:] + err[-3000:]
+    assert "no backprop row in this call (add bp to --methods)" in (tmp_path / "ft.md").read_text()
 
 
 def test_memory_script_reports_both_methods(tmp_path, capsys):
