@@ -254,7 +254,8 @@ def test_the_accuracy_table_is_made_from_its_seeded_runs_and_reuses_them(tmp_pat
             errors = [r[key][0] for r in runs]
             assert result["summary"][name][key][0] == pytest.approx([statistics.mean(errors), statistics.stdev(errors)])
     assert result["chosen_on_validation"] == "replay_stash_delay_lr"  # the only pipeline-capable row
-    assert not result["one_commit"]  # --allow-dirty runs are marked
+    assert len(result["commits"]) == 1  # every run at this tree's commit, marked "+dirty" when the tree is not clean
+    assert result["one_commit"] == (not result["commits"][0].endswith("+dirty"))
     text = (tmp_path / "acc.md").read_text()
     assert "chosen on validation: replay, weight stashing, delay-aware step sizes" in text
     assert (tmp_path / "acc.png").stat().st_size > 0
