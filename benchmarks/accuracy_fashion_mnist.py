@@ -229,8 +229,7 @@ def _run_all(todo: list[tuple[str, int]], args) -> None:
 def _forwarded(args, seed: int) -> list[str]:
     out = ["--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
            "--seed", str(seed), "--threads", str(args.threads), "--split-seed", str(args.split_seed),
-           "--time-steps", str(args.time_steps)]
-    out += ["--model", args.model]
+           "--time-steps", str(args.time_steps), "--model", args.model]
     for flag, value in (("--train-subset", args.train_subset), ("--eval-subset", args.eval_subset)):
         if value:
             out += [flag, str(value)]
