@@ -165,9 +165,35 @@ def time_to_accuracy(d: dict) -> dict[str, list[str]]:
         return " | ".join(f"{e['accuracy']:.3f}"[1:] for e in evals)
     bp, pipe = d["bp"]["evaluations"], d["lfnn_pipeline"]["evaluations"]
     return {BENCH: [f"| backprop, test accuracy | {row(bp)} |", f"| replay K=2 pipeline, test accuracy | {row(pipe)} |",
-                    f"reaches backprop's final accuracy ({d['target_accuracy']:.4f})"],
-            README: [f"not reached in 2 epochs ({d['final_accuracy']['lfnn_pipeline']:.3f} vs "
-                     f"{d['final_accuracy']['bp']:.3f})"]}
+                    f"reaches backprop's final accuracy ({d['target_accuracy']:.4f})"]}
+
+
+def time_to_accuracy_seeds(d: dict) -> dict[str, list[str]]:
+    # the three-seed time to accuracy, remade from its raw runs: final accuracy and seconds per step, mean ± sd,
+    # the seeds the pipeline reached backprop's final accuracy on, and per seed its target, final and best
+    def pm(values, digits=4):
+        return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+    seeds = d["seeds"]
+    runs = {m: [d["runs"][f"{m}-seed{s}"]["evaluations"] for s in seeds] for m in ("bp", "pipeline")}
+    final = {m: [e[-1]["accuracy"] for e in ev] for m, ev in runs.items()}
+    per_step = {m: [e[-1]["train_seconds"] / e[-1]["step"] for e in ev] for m, ev in runs.items()}
+    targets = dict(zip(seeds, final["bp"]))
+    reached = [s for s, ev in zip(seeds, runs["pipeline"]) if any(e["accuracy"] >= targets[s] for e in ev)]
+    bp_steps = [next(e["step"] for e in ev if e["accuracy"] >= ev[-1]["accuracy"]) for ev in runs["bp"]]
+    rows = [f"| {s} | {targets[s]:.4f} | {ev[-1]['accuracy']:.4f} | {max(e['accuracy'] for e in ev):.4f} |"
+            for s, ev in zip(seeds, runs["pipeline"])]
+    gap = 100 * (statistics.mean(final["bp"]) - statistics.mean(final["pipeline"]))
+    sds = sorted(100 * statistics.stdev(v) for v in final.values())
+    slower = statistics.mean(per_step["pipeline"]) / statistics.mean(per_step["bp"])
+    mode = d["pipeline_mode"]
+    return {BENCH: [f"| backprop | {pm(final['bp'])} | {pm(per_step['bp'], 2)} |",
+                    f"| {mode} pipeline | {pm(final['pipeline'])} | {pm(per_step['pipeline'], 2)} |",
+                    f"reached on {len(reached)} of {len(seeds)} seeds",
+                    "backprop reached it at iteration " + ", ".join(map(str, bp_steps)), *rows,
+                    f"ended {gap:.2f} points below backprop's final accuracy on average (the spread is "
+                    f"{sds[0]:.2f}–{sds[1]:.2f} points)", f"each of its steps took {slower:.1f}× backprop's"],
+            README: [f"reached on {len(reached)} of {len(seeds)} seeds in {d['settings']['epochs']} epochs (final "
+                     f"{pm(final['pipeline'])} against {pm(final['bp'])}; {slower:.1f}× BP's seconds per step)"]}
 
 
 def finetune(d: dict) -> dict[str, list[str]]:
@@ -264,6 +290,7 @@ SOURCES = {  # results file -> how to write its figures, per document that quote
     "multihost-resnet18-k2-cpu2-2026-12-02.json": multihost,
     "multihost_tta-fashion_mnist-resnet18-k2-1gbit-cpu2-2026-12-05.json": multihost_tta,
     "time_to_accuracy-fashion_mnist-resnet18-k2-replay-stash-cpu2-2026-11-29.json": time_to_accuracy,
+    "time_to_accuracy-fashion_mnist-resnet18-k2-replay-stash-delay-lr-intel-xeon-2026-12-06.json": time_to_accuracy_seeds,
     "finetune-fashion_mnist-resnet18-k4-cpu2-2026-11-29.json": finetune,
     "finetune-fashion_mnist-resnet18-k4-seeds-amd-epyc-2026-12-06.json": finetune_seeds,
     "demo-intel-xeon-2026-12-02.txt": demo_output,
