@@ -29,6 +29,12 @@ def _x(value: float, digits: int = 2) -> str:
     return f"{value:.{digits}f}×"
 
 
+def _pm(values, digits: int = 2) -> str:
+    """Mean ± sample standard deviation, as the tables write them."""
+    values = list(values)
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
 # ---------------------------------------------------------------- one function per results file
 
 
@@ -171,8 +177,8 @@ def time_to_accuracy(d: dict) -> dict[str, list[str]]:
 def time_to_accuracy_seeds(d: dict) -> dict[str, list[str]]:
     # the three-seed time to accuracy, remade from its raw runs: final accuracy and seconds per step, mean ± sd,
     # the seeds the pipeline reached backprop's final accuracy on, and per seed its target, final and best
-    def pm(values, digits=4):
-        return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+    def pm(values, digits=4):  # accuracies as fractions: four digits
+        return _pm(values, digits)
     seeds = d["seeds"]
     runs = {m: [d["runs"][f"{m}-seed{s}"]["evaluations"] for s in seeds] for m in ("bp", "pipeline")}
     final = {m: [e[-1]["accuracy"] for e in ev] for m, ev in runs.items()}
@@ -212,8 +218,7 @@ def finetune(d: dict) -> dict[str, list[str]]:
 
 def finetune_seeds(d: dict) -> dict[str, list[str]]:
     # the three-seed fine-tuning table, remade from its raw runs: mean ± sd of validation and test accuracy (%)
-    def pm(values):
-        return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+    pm = _pm
     val = {m: [100 * r["val_accuracy"] for r in runs] for m, runs in d["runs"].items()}
     test = {m: [100 * r["test_accuracy"] for r in runs] for m, runs in d["runs"].items()}
     rows = [f"| {runs[0]['label']} | {len(runs)} | {pm(val[m])} | {pm(test[m])} |" for m, runs in d["runs"].items()]
@@ -264,23 +269,16 @@ def leaderboard_delay_lr(d: dict) -> dict[str, list[str]]:
 def leaderboard_first_seeds(d: dict) -> dict[str, list[str]]:
     # the first three-seed table (2026-12-02): only its weight-prediction row is still quoted (not re-run since)
     runs = d["runs"]["replay_stash_predict"]
-
-    def last(key):
-        values = [r[key][-1] for r in runs]
-        return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-    return {BENCH: [f"validation {last('val_error')}, test {last('test_error')}"]}
+    val, test = (_pm(r[key][-1] for r in runs) for key in ("val_error", "test_error"))
+    return {BENCH: [f"validation {val}, test {test}"]}
 
 
 def leaderboard_xeon(d: dict) -> dict[str, list[str]]:
     # the six-row Intel Xeon table at one commit: every row per epoch, the chosen row against backprop, and the
     # last epoch's validation and test figures the text compares
     figures = leaderboard_seeds(d)
-
-    def last(name, key):
-        values = [r[key][-1] for r in d["runs"][name]]
-        return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-    val = {name: last(name, "val_error") for name in d["runs"]}
-    test = {name: last(name, "test_error") for name in d["runs"]}
+    val = {name: _pm(r["val_error"][-1] for r in runs) for name, runs in d["runs"].items()}
+    test = {name: _pm(r["test_error"][-1] for r in runs) for name, runs in d["runs"].items()}
     mean = {name: statistics.mean(r["test_error"][-1] for r in runs) for name, runs in d["runs"].items()}
     best = d["chosen_on_validation"]
     row = "; ".join(f"{d['labels'][name]} {test[name]}%" for name in d["runs"])
