@@ -24,9 +24,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lfnnify.app.recipes import load_recipe  # noqa: E402
+from lfnnify.app.zoo import create_model  # noqa: E402
 from lfnnify.data import build_datasets, make_loader  # noqa: E402
-from lfnnify.recipes import load_recipe  # noqa: E402
-from lfnnify.zoo import create_model  # noqa: E402
 
 
 @torch.no_grad()

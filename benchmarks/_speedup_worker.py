@@ -20,7 +20,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lfnnify  # noqa: E402
-from lfnnify.zoo import create_model  # noqa: E402
+from lfnnify.app.zoo import create_model  # noqa: E402
 
 DEVICE = torch.device("cpu")  # cuda:LOCAL_RANK when GPUs are present: one GPU per rank
 

@@ -1,4 +1,4 @@
-"""Hosts on this machine, for multi-host runs: network namespaces joined by shaped links (lfnnify/_testbed.py).
+"""Hosts on this machine, for multi-host runs: network namespaces joined by shaped links (lfnnify/app/testbed.py).
 
   python benchmarks/hosts.py up --hosts 2 --rate 1gbit       # create them (root, iproute2); prints each address
   python benchmarks/hosts.py run 1 -- python3 -c "import socket; print(socket.gethostname())"   # inside host 1
@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lfnnify._testbed import Hosts, TestbedError, missing  # noqa: E402
+from lfnnify.app.testbed import Hosts, TestbedError, missing  # noqa: E402
 
 TAG = "lfhcli"
 

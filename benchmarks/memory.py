@@ -35,7 +35,7 @@ def worker(args) -> dict:
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import lfnnify
-    from lfnnify.zoo import create_model
+    from lfnnify.app.zoo import create_model
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """Two hosts joined by a shaped link (benchmarks/hosts.py): DDP, backprop pipelines and lfnnify's pipelines.
 
-Two hosts of one core each (network and PID namespaces on this machine, lfnnify/_testbed.py), a real
+Two hosts of one core each (network and PID namespaces on this machine, lfnnify/app/testbed.py), a real
 ``torchrun --nnodes 2`` on each, at each link rate (unshaped, 10 Gbit/s, 1 Gbit/s, 100 Mbit/s; tc's token bucket):
 
 - ``ddp``: data-parallel backprop (DistributedDataParallel), one replica per host, half the global batch each;
@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import RESULTS, environment, hardware_tag, hosts_ready, time_balanced_plan, write_json  # noqa: E402
 
-from lfnnify._testbed import Hosts, parse_rate  # noqa: E402
+from lfnnify.app.testbed import Hosts, parse_rate  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "_speedup_worker.py"
 RATES = ["unshaped", "10gbit", "1gbit", "100mbit"]
@@ -121,7 +121,7 @@ def project_k4(args) -> dict:
     import torch
 
     import lfnnify
-    from lfnnify.zoo import create_model
+    from lfnnify.app.zoo import create_model
 
     torch.set_num_threads(1)
     model = create_model(args.model, num_classes=10, cifar=True)
@@ -170,7 +170,7 @@ def main() -> None:
     env_before = hosts_ready("multihost.py")
     args.cuts, plan_text = measured_time_cuts(args)
     print(plan_text, flush=True)
-    from lfnnify.zoo import create_model
+    from lfnnify.app.zoo import create_model
 
     model = create_model(args.model, num_classes=10, cifar=True)
     import torch

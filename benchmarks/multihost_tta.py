@@ -1,6 +1,6 @@
 """Time to accuracy across a shaped link: data-parallel backprop (DDP) against lfnnify's pipelines on two hosts.
 
-Two hosts of one core each (network and PID namespaces on this machine, lfnnify/_testbed.py) joined by a link of
+Two hosts of one core each (network and PID namespaces on this machine, lfnnify/app/testbed.py) joined by a link of
 ``--rate`` (1 Gbit/s by default, tc's token bucket), a real ``torchrun --nnodes 2`` on each. Every method trains the
 default recipe's model (timm resnet18, in_chans=1, 28 px) on Fashion-MNIST for one epoch of the first
 ``--train-subset`` training images, with the recipe's batch (128), SGD and cosine schedule, from the same seed and on
@@ -47,7 +47,7 @@ from common import (  # noqa: E402
     write_json,
 )
 
-from lfnnify._testbed import Hosts  # noqa: E402
+from lfnnify.app.testbed import Hosts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "fashion_mnist_resnet18_k4.yaml"

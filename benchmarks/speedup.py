@@ -106,7 +106,7 @@ def choose_cuts(args) -> list[str]:
     import torch
 
     import lfnnify
-    from lfnnify.zoo import create_model
+    from lfnnify.app.zoo import create_model
 
     torch.set_num_threads(args.threads)
     model = create_model(args.model, num_classes=args.classes, cifar=args.cifar)

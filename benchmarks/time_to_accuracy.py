@@ -198,7 +198,7 @@ def block_times(args, folder: Path) -> dict:
             print(f"per-block step times of a K=4 split, measured before: {path}", flush=True)
             return kept["times"]
     import lfnnify
-    from lfnnify.zoo import create_model
+    from lfnnify.app.zoo import create_model
 
     cuts = lfnnify.plan(create_model(args.model, num_classes=10), blocks=4,
                         example_input=torch.zeros(1, 3, 28, 28)).cuts

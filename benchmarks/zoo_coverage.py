@@ -57,7 +57,7 @@ def check_model(name: str, source: str, cap: int, record: dict, max_params: int 
 
     import lfnnify
     from lfnnify.errors import TraceError
-    from lfnnify.trace import trace
+    from lfnnify.surgery.trace import trace
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -96,7 +96,7 @@ def check_model(name: str, source: str, cap: int, record: dict, max_params: int 
         record["fx_error"] = str(exc.__cause__ or exc).splitlines()[0][:200]
 
     record["stage"] = "plan"
-    from lfnnify.facts import resolve_num_classes
+    from lfnnify.surgery.facts import resolve_num_classes
 
     try:
         classes = resolve_num_classes(model, None)

@@ -14,13 +14,13 @@ from ._version import __version__
 from .errors import *  # noqa: F403 - every error type is public
 
 _LAZY = {
-    "convert": "conversion",
-    "plan": "planning",
-    "Plan": "planning",
-    "BlockInfo": "planning",
-    "LFNNModel": "model",
-    "LocalLosses": "model",
-    "Trainer": "trainer",
+    "convert": "surgery",
+    "plan": "surgery",
+    "Plan": "surgery",
+    "BlockInfo": "surgery",
+    "LFNNModel": "surgery",
+    "LocalLosses": "surgery",
+    "Trainer": "training",
     "PipelineTrainer": "pipeline",
     "save": "checkpoint",
     "load": "checkpoint",
@@ -34,12 +34,10 @@ __all__ = ["__version__", *_LAZY, *_errors.__all__]
 
 if TYPE_CHECKING:  # what type checkers and editors see; at run time each name loads on first use (below)
     from .checkpoint import export, load, load_pretrained, read_trainer_state, save  # noqa: F401
-    from .conversion import convert  # noqa: F401
-    from .model import LFNNModel, LocalLosses  # noqa: F401
     from .pipeline import PipelineTrainer  # noqa: F401
-    from .planning import BlockInfo, Plan, plan  # noqa: F401
     from .plots import plot_leadership  # noqa: F401
-    from .trainer import Trainer  # noqa: F401
+    from .surgery import BlockInfo, LFNNModel, LocalLosses, Plan, convert, plan  # noqa: F401
+    from .training import Trainer  # noqa: F401
 
 def __getattr__(name: str):
     module = _LAZY.get(name)

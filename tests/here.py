@@ -27,7 +27,7 @@ def _exit_code(run) -> int:
 
 def cli(capsys, *args) -> tuple[int, str, str]:
     """(exit code, stdout, stderr) of ``lfnnify args``."""
-    from lfnnify.cli import main
+    from lfnnify.app.cli import main
 
     code = _exit_code(lambda: main([str(a) for a in args]))
     out = capsys.readouterr()

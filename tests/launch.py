@@ -58,7 +58,7 @@ def scenarios_run(world: int) -> Path:
 
 def on_hosts(hosts, script: list[str], *, port: int | None = None, timeout: float = 300, envs=None, during=None,
              **torchrun):
-    """Run ``script`` under torchrun on every host of ``hosts`` (tests/../lfnnify/_testbed.py) and wait for all.
+    """Run ``script`` under torchrun on every host of ``hosts`` (tests/../lfnnify/app/testbed.py) and wait for all.
 
     ``during(procs)`` runs while they do (to cut a link, kill a host). Returns (processes, outputs, seconds from the
     end of ``during`` until the last process ended)."""

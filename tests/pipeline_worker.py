@@ -17,10 +17,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lfnnify  # noqa: E402
-import lfnnify.pipeline  # noqa: E402
+import lfnnify.pipeline.trainer  # noqa: E402
 from lfnnify.data import SyntheticImages, make_loader  # noqa: E402
 
-lfnnify.pipeline.CHECK_AFTER_STEPS = 5  # the balance report after 5 steps (not 10), so that 7-step scenarios make one
+# the balance report after 5 steps (not 10), so that 7-step scenarios make one
+lfnnify.pipeline.trainer.CHECK_AFTER_STEPS = 5
 
 # shared with the single-process references in the tests; the pipeline's properties need BatchNorm, residuals and
 # several cuts, not size: timm's test_resnet (0.37M parameters) has them and trains 10x faster than resnet18 here

@@ -55,7 +55,7 @@ def test_speedup_quick_path_writes_the_documented_json(tmp_path, capsys):
 def _cut_shape(result):
     """The activation shape at the speed-up run's cut, for one example (from lfnnify's plan)."""
     import lfnnify
-    from lfnnify.zoo import create_model
+    from lfnnify.app.zoo import create_model
 
     model = create_model(result["settings"]["model"], num_classes=10, cifar=True)
     plan = lfnnify.plan(model, cuts=result["settings"]["cuts"], example_input=torch.zeros(1, 3, 32, 32))
@@ -68,7 +68,7 @@ def test_the_projection_times_a_blocks_whole_step(monkeypatch):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import _speedup_worker as worker
 
-    from lfnnify.zoo import create_model
+    from lfnnify.app.zoo import create_model
 
     torch.manual_seed(0)
     model = create_model("resnet18", num_classes=10, cifar=True)

@@ -73,7 +73,7 @@ def test_resume_restores_the_cuda_random_state(monkeypatch):
 
 def test_the_command_line_reports_its_own_bugs_with_a_traceback(monkeypatch, capsys):
     # every ValueError/TypeError became a one-line "error", hiding lfnnify's own bugs
-    from lfnnify import cli
+    from lfnnify.app import cli
 
     assert cli.main(["plan", "resnet18", "--input-size", "0"]) == 2  # the user's mistake: one line
     err = capsys.readouterr().err

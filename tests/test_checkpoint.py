@@ -46,7 +46,7 @@ def test_round_trip_rebuilds_a_timm_model_by_name(tmp_path):
 
 
 def test_cifar_variant_survives_a_round_trip_and_a_different_architecture_is_refused(tmp_path):
-    from lfnnify.zoo import create_model
+    from lfnnify.app.zoo import create_model
 
     model = create_model("resnet18", num_classes=10, cifar=True)
     net = lfnnify.convert(model, blocks=2, example_input=batch(32)[:1])
@@ -118,7 +118,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypat
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("lfnnify._files.save_file", broken)
+    monkeypatch.setattr("lfnnify.checkpoint.files.save_file", broken)
     with pytest.raises(OSError, match="disk full"):
         lfnnify.save(net, tmp_path / "ckpt")
     monkeypatch.undo()

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lfnnify.demo import WARMUP_STEPS
-from lfnnify.recipes import RecipeError, load_recipe
+from lfnnify.app.demo import WARMUP_STEPS
+from lfnnify.app.recipes import RecipeError, load_recipe
 from tests import here
 from tests.launch import free_port
 
@@ -223,7 +223,7 @@ def test_demo_quick(tmp_path, capsys):
     ours, theirs = final["replay pipeline, K=2"]["accuracy"], final["backprop"]["accuracy"]
     headline = f"accuracy after 3 s of training each: replay pipeline, K=2 {ours:.4f} against backprop's {theirs:.4f}"
     assert headline in summary, summary
-    from lfnnify._testbed import missing
+    from lfnnify.app.testbed import missing
 
     if missing() is None:  # two hosts: each method's bytes were counted on the link
         hosts = result["hosts"]
@@ -242,8 +242,8 @@ def test_the_demo_trains_every_method_on_the_same_batches():
     from torch.utils.data import Subset
 
     import lfnnify
+    from lfnnify.app.demo import demo_model
     from lfnnify.data import SyntheticImages, make_loader
-    from lfnnify.demo import demo_model
 
     data = SyntheticImages(96, shape=(1, 28, 28), seed=3)
     seen = {}

@@ -146,7 +146,7 @@ def test_other_balances(balance, monkeypatch):
         def clock(fn, x):
             return float(sum(p.numel() for p in fn.parameters()))
 
-        monkeypatch.setattr("lfnnify.analysis._time_fwd_bwd", clock)
+        monkeypatch.setattr("lfnnify.surgery.analysis._time_fwd_bwd", clock)
     plan = lfnnify.plan(model, blocks=3, balance=balance, example_input=batch(32)[:1])
     assert len(plan.cuts) == 2 and plan.balance == balance
     if balance in ("params", "time"):

@@ -6,7 +6,7 @@ import torch
 import torchvision
 
 import lfnnify
-from lfnnify.lookahead import LookaheadHead
+from lfnnify.surgery.lookahead import LookaheadHead
 from tests.models import batch
 
 X32 = batch(32)[:1]

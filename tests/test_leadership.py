@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lfnnify.leadership import leader_count, worker_losses
+from lfnnify.surgery.leadership import leader_count, worker_losses
 
 
 @pytest.mark.parametrize(

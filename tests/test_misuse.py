@@ -214,7 +214,7 @@ def test_a_replay_stash_state_is_not_resumed_into_another_conversion():
 
 
 def test_recipes_take_1e_minus_3_and_refuse_settings_that_would_be_ignored(tmp_path):
-    from lfnnify.recipes import load_recipe
+    from lfnnify.app.recipes import load_recipe
 
     assert load_recipe(FMNIST, overrides=["convert.local_weight=1e-3"]).convert.local_weight == 0.001
     replay = load_recipe(FMNIST, overrides=["convert.mode=replay", "train.delay_lr_warmup=100"])
@@ -291,7 +291,7 @@ def test_the_command_line_names_environment_problems_in_one_line(tmp_path, capsy
 def test_a_corrupt_image_is_named_even_from_a_loader_worker(tmp_path):
     from PIL import Image
 
-    from lfnnify.cli import _one_line
+    from lfnnify.app.cli import _one_line
     from lfnnify.data import _image_folders
 
     for split in ("train", "val"):
@@ -312,7 +312,7 @@ def test_the_settings_are_declared_once_and_both_trainers_show_them():
     import dataclasses
     import inspect
 
-    from lfnnify._options import PipelineOptions, TrainerOptions
+    from lfnnify.training.options import PipelineOptions, TrainerOptions
 
     shared = [f.name for f in dataclasses.fields(TrainerOptions)]
     own = [f.name for f in dataclasses.fields(PipelineOptions)]

@@ -1,4 +1,4 @@
-"""Across hosts, for real: two network namespaces joined by a veth link (lfnnify/_testbed.py), each host on its own
+"""Across hosts, for real: two network namespaces joined by a veth link (lfnnify/app/testbed.py), each host on its own
 core, torchrun on each with ``--nnodes 2``. Skipped, with the reason, where the machine has no root or no iproute2.
 
 Every test removes what it created (the testbed is a context manager); each has a hard timeout.
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import lfnnify
-from lfnnify import _testbed
+from lfnnify.app import testbed as _testbed
 from tests import here
 from tests import pipeline_worker as worker
 from tests.launch import on_hosts

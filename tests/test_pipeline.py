@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import lfnnify
-from lfnnify._balance import TOLERANCE, balance_report
+from lfnnify.pipeline.balance import TOLERANCE, balance_report
 from tests import pipeline_worker as worker
 from tests.launch import names, scenarios_run, torchrun
 
@@ -168,7 +168,7 @@ def test_pipeline_refuses_lfnn_mode_and_needs_torchrun():
     ],
 )
 def test_nccl_only_when_every_process_has_its_own_gpu(requested, gpus, local, expected, monkeypatch):
-    from lfnnify import _comm
+    from lfnnify.pipeline import comm as _comm
 
     monkeypatch.setattr(_comm.dist, "is_nccl_available", lambda: True)
     backend, note = _comm.choose_backend(requested, gpus=gpus, local_processes=local)
@@ -180,7 +180,7 @@ def test_nccl_only_when_every_process_has_its_own_gpu(requested, gpus, local, ex
 
 
 def test_same_machine_is_decided_by_boot_id_and_pid_namespace_not_host_name(monkeypatch):
-    from lfnnify import _comm
+    from lfnnify.pipeline import comm as _comm
 
     here = _comm.machine_identity()
     boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()

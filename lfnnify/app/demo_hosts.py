@@ -1,0 +1,59 @@
+"""The demo's cross-host part: two hosts on this machine joined by a 1 Gbit/s link, the LFNN-ℓ pipeline against
+data-parallel backprop, each for a few steps, with the bytes each really sent (not a public module)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+__all__ = ["cross_host", "RATE"]
+
+RATE = "1gbit"
+METHODS = {"LFNN-ℓ pipeline, K=2": "pipeline", "data-parallel backprop (DDP)": "ddp"}
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cross_host(*, steps: int, model: str, batch: int, timeout: float = 240) -> dict | str:
+    """Samples/s and bytes per step of each method across two hosts, or one line saying why it was skipped."""
+    from .testbed import Hosts, TestbedError, missing
+
+    reason = missing()
+    if reason:
+        return reason
+    try:
+        with Hosts(2, rate=RATE) as hosts, tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "hosts.json"
+            script = ["-m", "lfnnify.app.demo_stage", "--hosts-methods", *METHODS.values(), "--steps", str(steps),
+                      "--model", model, "--batch", str(batch), "--out", str(out)]
+            port = _port()
+            procs = [hosts.popen(i, hosts.torchrun(i, script, port=port), stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True) for i in range(2)]
+            started = time.monotonic()
+            outputs = []
+            for p in procs:
+                try:
+                    outputs.append(p.communicate(timeout=max(1.0, timeout - (time.monotonic() - started)))[0])
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    outputs.append(p.communicate()[0])
+            if any(p.returncode for p in procs) or not out.exists():
+                return f"the runs across hosts failed: {(outputs[0] + outputs[1])[-600:]}"
+            measured = json.loads(out.read_text())
+    except TestbedError as exc:
+        return str(exc)
+    results = {name: measured[method] for name, method in METHODS.items()}
+    return results
+
+
+if __name__ == "__main__":  # a quick look: python -m lfnnify.app.demo_hosts
+    print(json.dumps(cross_host(steps=4, batch=64, model=sys.argv[1] if len(sys.argv) > 1 else "resnet18"), indent=1))

@@ -1,0 +1,298 @@
+"""``lfnnify train``: one recipe, one run folder (recipe, JSONL log, checkpoints, plots, final table)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from .._jsonl import append_jsonl, read_jsonl
+from ..checkpoint.api import exists as checkpoint_exists
+from ..checkpoint.api import load_pretrained, load_weights_into, read_trainer_state, save
+from ..data import build_datasets, make_loader
+from ..errors import ConfigError, DataError, DataNotFoundError
+from ..plots import plot_curves, plot_leadership
+from ..surgery.conversion import convert
+from ..training.trainer import Trainer
+from .recipes import Recipe, recipe_to_dict
+from .zoo import create_model
+
+__all__ = ["train_from_recipe", "main_train"]
+
+
+# ---------------------------------------------------------------- the run
+
+
+def _default_out(recipe_path: Path) -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{recipe_path.stem}-{stamp}"
+
+
+def train_from_recipe(
+    recipe: Recipe,
+    *,
+    recipe_path: Path,
+    out: Path | None,
+    data_root: str | None = None,
+    pretrained: str | None = None,
+    resume: bool = False,
+    download: bool = False,
+    progress: bool = True,
+    device: str | None = None,
+    backend: str | None = None,
+) -> int:
+    """Run one recipe into its run folder; returns the process exit code (128 + signal when interrupted).
+    ``device`` (``--device``) overrides ``train.device``, ``backend`` (``--backend``) ``pipeline.backend``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    leader = int(os.environ.get("RANK", "0")) == 0
+    out = Path(out) if out else _default_out(recipe_path)
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restarts and checkpoint_exists(out / "ckpt"):  # torchrun restarted the workers after a failure
+        resume = True
+        if leader:
+            print(f"torchrun restarted the workers (restart {restarts}): resuming from the last checkpoint in "
+                  f"{out / 'ckpt'}", flush=True)
+    _check_out(out, resume)
+    t = recipe.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    torch.manual_seed(t.seed)
+    train_set, test_set, chans, classes, size = build_datasets(recipe, root=data_root, download=download)
+    net = _build_net(recipe, chans=chans, classes=classes, size=size, pretrained=pretrained, world=world)
+    place = resolve_device(device or t.device)
+    if world == 1:
+        net.to(place)  # the pipeline puts each rank's block on its own device
+    pin = place.type == "cuda"
+    workers = recipe.data.workers
+    train_loader = make_loader(train_set, batch_size=recipe.data.batch_size, seed=t.seed, workers=workers,
+                               pin_memory=pin)
+    test_loader = make_loader(test_set, batch_size=recipe.data.eval_batch_size, shuffle=False, workers=workers,
+                              pin_memory=pin)
+    steps_per_epoch = _steps_per_epoch(len(train_loader), blocks=len(net.blocks), world=world)
+    total = t.iterations if t.iterations is not None else t.epochs * steps_per_epoch
+    trainer = _build_trainer(recipe, net, total=total, world=world, log_path=out / "log.jsonl", progress=progress,
+                             device=place, backend=backend or recipe.pipeline.backend)
+    if resume:
+        load_weights_into(net, out / "ckpt")
+        trainer.load_state_dict(read_trainer_state(out / "ckpt", block=getattr(trainer, "stage", None)))
+    elif leader:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+    if leader:
+        print(net.plan if recipe.method == "lfnn" else f"{recipe.model.name}: backprop (method: bp)", flush=True)
+        where = f"device {trainer.device}" + (" (rank 0; each rank its own)" if world > 1 else "")
+        replicas = world // len(net.blocks)
+        print(f"training {total} iterations ({total / steps_per_epoch:.2f} epochs of {steps_per_epoch} steps)"
+              f" on {where}, {train_loader.num_workers} loader workers"
+              + (f", pipeline over {world} processes" if world > 1 else "")
+              + (f" ({replicas} replicas per block, each step {replicas} batches)" if replicas > 1 else "")
+              + (f", resuming at {trainer.step}" if resume else ""), flush=True)
+    stopped, previous = _install_stop_handlers(trainer)
+    start = time.perf_counter()
+    try:
+        evaluations = _train(recipe, net, trainer, train_loader, test_loader, total=total,
+                             steps_per_epoch=steps_per_epoch, out=out, stopped=stopped, resume=resume, leader=leader)
+    finally:  # a Python caller gets its own handlers back
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stopped:
+        save(net, out / "ckpt", trainer=trainer)
+        if leader:
+            print(f"interrupted at iteration {trainer.step} of {total}: checkpoint saved to {out / 'ckpt'}; "
+                  f"continue with: "
+                  f"lfnnify train {recipe_path} --out {out} --resume", flush=True)
+        return 128 + stopped.signal
+    if leader:
+        _finish(out, recipe, net, trainer, evaluations, time.perf_counter() - start)
+    return 0
+
+
+def _check_out(out: Path, resume: bool) -> None:
+    if resume and not checkpoint_exists(out / "ckpt"):
+        raise DataNotFoundError(f"--resume: no checkpoint at {out / 'ckpt'}; pass the --out folder of the run to "
+                                f"continue")
+    if not resume and (out / "ckpt").exists():
+        raise ConfigError(f"{out} already holds a run; add --resume to continue it, or choose another --out")
+
+
+def _build_net(recipe: Recipe, *, chans: int, classes: int, size: int, pretrained: str | None, world: int):
+    """The recipe's model, pretrained weights loaded, converted (one block for method: bp)."""
+    model = create_model(recipe.model.name, num_classes=recipe.model.num_classes or classes,
+                         in_chans=recipe.model.in_chans or (chans if chans != 3 else None), cifar=recipe.model.cifar)
+    pretrained = pretrained or recipe.model.pretrained
+    if pretrained:
+        load_pretrained(model, pretrained)
+    example = torch.zeros(1, chans, size, size)
+    if recipe.method == "bp":  # one block, no heads: exactly backprop, through the same trainer
+        return convert(model, blocks=1, example_input=example)
+    c = recipe.convert
+    return convert(
+        model, blocks=c.blocks, cuts=c.cuts, workers=c.workers, leaders=c.leaders, mode=c.mode, head=c.head,
+        follower_weight=c.follower_weight, local_weight=c.local_weight, weight_stashing=c.weight_stashing,
+        weight_prediction=c.weight_prediction,
+        balance="flops" if world > 1 and c.balance == "time" else c.balance, example_input=example,
+    )
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is the GPU when there is one, else the CPU; a GPU asked for where there is none is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r}: torch sees no GPU here (torch.cuda.is_available() is False); use "
+                              f"--device cpu, or install a CUDA build of torch")
+        index = int(name[5:]) if name.startswith("cuda:") else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name!r}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
+    elif name != "cpu":
+        raise ConfigError(f"device {name!r} must be auto, cpu, cuda or cuda:N")
+    return torch.device(name)
+
+
+def _build_trainer(recipe: Recipe, net, *, total: int, world: int, log_path: Path, progress: bool,
+                   device: torch.device, backend: str | None):
+    t, o = recipe.train, recipe.train.optimizer
+
+    def optimizer(ps):
+        if o.name == "sgd":
+            return torch.optim.SGD(ps, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
+        return torch.optim.AdamW(ps, lr=o.lr, weight_decay=o.weight_decay)
+
+    def cosine(opt):
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=t.schedule.final_lr)
+
+    lfnn_knobs = dict(switch_mode_at=t.switch_mode_at, switch_to=t.switch_to, refresh_heads_every=t.refresh_heads_every,
+                      refresh_momentum=t.refresh_momentum, delay_lr_warmup=t.delay_lr_warmup
+                      ) if recipe.method == "lfnn" else {}
+    common = dict(optimizer=optimizer, scheduler=cosine if t.schedule.name == "cosine" else None, amp=t.amp,
+                  grad_clip=t.grad_clip, head_warmup_steps=t.head_warmup_steps, reselect=t.reselect,
+                  log_path=log_path, progress=progress, **lfnn_knobs)
+    if world > 1:
+        from ..pipeline.trainer import PipelineTrainer  # distributed code only under torchrun
+
+        p = recipe.pipeline
+        return PipelineTrainer(net, max_in_flight=p.max_in_flight, timeout_s=p.timeout_s,
+                               send_dtype=torch.bfloat16 if p.send_dtype == "bf16" else None, threads=t.threads,
+                               backend=backend, device="cpu" if device.type == "cpu" else None, **common)
+    return Trainer(net, **common)
+
+
+def _steps_per_epoch(batches: int, *, blocks: int, world: int) -> int:
+    """Optimizer steps in one pass over the data: with R replicas per block (world = blocks x R) every step takes R
+    batches, one per replica."""
+    replicas = max(1, world // blocks)
+    if batches < replicas:
+        raise DataError(f"the training data gives {batches} batches, fewer than the {replicas} replicas of each block "
+                        f"(world size {world}, {blocks} blocks); use a smaller data.batch_size or fewer processes")
+    return batches // replicas
+
+
+def _train(recipe, net, trainer, train_loader, test_loader, *, total, steps_per_epoch, out, stopped, resume,
+           leader) -> list[dict]:
+    """Train in chunks up to the next evaluation or checkpoint; returns every evaluation record."""
+    t = recipe.train
+    evaluations = read_jsonl(out / "log.jsonl", kind="eval") if resume else []
+    eval_every = t.eval_every or steps_per_epoch
+    start, trained_s = time.perf_counter(), 0.0  # training time only: evaluations and checkpoints are not counted
+    while trainer.step < total and not stopped:
+        next_eval = (trainer.step // eval_every + 1) * eval_every
+        next_ckpt = (trainer.step // t.checkpoint_every + 1) * t.checkpoint_every
+        chunk = time.perf_counter()
+        stop_at = min(total, next_eval, next_ckpt)
+        trainer.fit(train_loader if _reads_data(trainer) else None, epochs=10**9, max_steps=stop_at)
+        trained_s += time.perf_counter() - chunk
+        if stopped:
+            break
+        if trainer.step in (next_eval, total):
+            metrics = trainer.evaluate(test_loader if _reads_data(trainer) else None)
+            record = {"kind": "eval", "step": trainer.step, "epoch": trainer.step / steps_per_epoch,
+                      "train_seconds": trained_s, "wall_seconds": time.perf_counter() - start, **metrics}
+            evaluations.append(record)
+            if leader:
+                append_jsonl(out / "log.jsonl", record)
+                print(f"step {trainer.step}: test accuracy {metrics['accuracy']:.4f}; heads "
+                      + ", ".join(f"{a:.3f}" for a in metrics["block_accuracy"][:-1]), flush=True)
+        save(net, out / "ckpt", trainer=trainer)
+    return evaluations
+
+
+def _reads_data(trainer) -> bool:
+    return getattr(trainer, "first", True)
+
+
+class _Stop:
+    def __init__(self):
+        self.signal = 0
+
+    def __bool__(self):
+        return self.signal != 0
+
+
+def _install_stop_handlers(trainer) -> tuple[_Stop, dict]:
+    """SIGTERM and Ctrl-C ask the trainer to stop after its step (a second one stops at once); returns the flag
+    and the handlers they replaced."""
+    stop = _Stop()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def handler(signum, frame):
+        if stop:  # a second signal: stop now
+            raise KeyboardInterrupt
+        stop.signal = signum
+        trainer.request_stop()
+
+    for sig in previous:
+        signal.signal(sig, handler)
+    return stop, previous
+
+
+def _finish(out, recipe, net, trainer, evaluations, seconds) -> None:
+    files = ["recipe.yaml", "log.jsonl", "ckpt/"]
+    if evaluations:
+        heads = len(evaluations[-1]["block_accuracy"])
+        series = {("output" if k == heads - 1 else f"head {k}"): [100 * (1 - e["block_accuracy"][k])
+                                                                  for e in evaluations] for k in range(heads)}
+        plot_curves(series, out / "curves.png", xlabel="evaluation (end of each epoch)",
+                    title=f"{recipe.name}: test error of every head")
+        files.append("curves.png")
+    if trainer.leadership and net.config["workers"] > 1:
+        plot_leadership(trainer.leadership, out / "leadership.png")
+        files.append("leadership.png")
+    final = evaluations[-1] if evaluations else {}
+    lines = [f"# {recipe.name}", "", f"method: {recipe.method}; model: {recipe.model.name}; "
+             f"{trainer.step} iterations in {seconds:.0f} s on {_device_name(trainer.device)}", "",
+             "| block | cut after | test accuracy |",
+             "|---|---|---|"]
+    cuts = net.plan.cuts + ["output"]
+    for k, acc in enumerate(final.get("block_accuracy", [])):
+        lines.append(f"| {k} | {cuts[k]} | {acc:.4f} |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    files.append("results.md")
+    print("\n".join(lines))
+    print(f"done: test accuracy {final.get('accuracy', float('nan')):.4f}; everything is in {out}/ "
+          f"({', '.join(files)})")
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    from .machine import cpu_name
+
+    return f"cpu ({cpu_name()}, {torch.get_num_threads()} threads)"
+
+
+def main_train(args) -> int:
+    from .recipes import load_recipe
+
+    recipe = load_recipe(args.recipe, overrides=args.set or [])
+    return train_from_recipe(
+        recipe, recipe_path=Path(args.recipe), out=args.out, data_root=args.data, pretrained=args.pretrained,
+        resume=args.resume, download=args.download, progress=not args.no_progress and sys.stderr.isatty(),
+        device=args.device, backend=args.backend,
+    )

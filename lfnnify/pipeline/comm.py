@@ -1,0 +1,285 @@
+"""Pipeline messages over torch.distributed point-to-point: a fixed header, then the tensors; bounded and timed."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import datetime
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..errors import PipelineError
+
+__all__ = ["Link", "PeerError", "TRAIN", "EVAL", "END", "GRAD", "WEIGHTS", "EPOCH_DONE", "EVALUATE", "init_distributed",
+           "choose_backend", "pair_channels", "peer_failures", "is_peer_failure", "host_name", "machine_identity",
+           "stage_device", "fault", "name_the_rank"]
+
+# message kinds in the header
+TRAIN, EVAL, END, GRAD, WEIGHTS = 1, 2, 3, 4, 5  # WEIGHTS: a block's weights for the previous block's head
+EPOCH_DONE, EVALUATE = 1, 2  # flags of an END message after a training phase
+_HEADER = 16  # int64 slots: kind, flag, ndim, dims[8], dtype code, labels, unused
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.uint8]
+
+
+class PeerError(PipelineError):
+    """A neighbour stopped answering: usually secondary to a failure elsewhere."""
+
+
+_PEER_FAILURES = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe", "connection refused",
+                  "no route to host", "network is unreachable")
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` (from torch.distributed or gloo) says another process stopped answering or went away."""
+    text = str(exc).lower()
+    return isinstance(exc, (RuntimeError, OSError)) and any(words in text for words in _PEER_FAILURES)
+
+
+@contextlib.contextmanager
+def peer_failures(me: str, others: str, timeout: datetime.timedelta, what: str):
+    """Turn a collective that failed because another rank stopped answering (a timeout, a closed connection, a link
+    that went down) into one :class:`PeerError` line: "<me> stops: <others> did not answer ... while <what>"."""
+    try:
+        yield
+    except PeerError:
+        raise
+    except Exception as exc:
+        if not is_peer_failure(exc):
+            raise
+        hung = "time" in str(exc).lower()
+        how = (f"did not answer within {timeout.total_seconds():g} s (stopped, hung, or the link is down)" if hung
+               else "went away")
+        raise PeerError(f"{me} stops: {others} {how}, while {what}") from None
+
+
+def pair_channels(stages: int, replicas: int) -> dict[tuple[int, int], object]:
+    """One process group per direction of every neighbouring pair: ``channels[(src, dst)]``.
+
+    Every rank must call this, in the same order (torch.distributed's rule for new groups). With one
+    communicator per direction, the activation a rank sends down never queues behind the gradient it waits for
+    from above: under NCCL, ungrouped point-to-point operations on one communicator run in order on one stream,
+    so rank k sending activation t+1 while rank k+1 sends gradient t would each wait for the other once a message
+    is larger than NCCL's buffers. Gloo gets the same groups, so CPU tests run the same code.
+    """
+    channels = {}
+    for k in range(stages - 1):
+        for r in range(replicas):
+            a, b = k * replicas + r, (k + 1) * replicas + r
+            channels[(a, b)] = dist.new_group([a, b])  # activations, labels, end-of-phase messages
+            channels[(b, a)] = dist.new_group([a, b])  # gradients and look-ahead weights
+    return channels
+
+
+class Link:
+    """The messages one rank exchanges with its neighbours: activations down, gradients up.
+
+    Sends are asynchronous; at most ``max_in_flight`` are pending before a send waits for the oldest.
+    Every wait is bounded by ``timeout``. ``timing`` collects the seconds spent waiting, read with ``clock``
+    (which waits for the device first on a GPU). Each direction of each pair has its own process group
+    (``channels``, from :func:`pair_channels`), so no two messages can wait for each other.
+    """
+
+    def __init__(self, *, rank: int, prev_rank: int | None, next_rank: int | None, device: torch.device,
+                 timeout: datetime.timedelta, max_in_flight: int, send_dtype: torch.dtype | None, timing: dict,
+                 label, on_hung=None, channels: dict | None = None, clock=time.perf_counter):
+        self.channels, self.clock = channels or {}, clock
+        self.rank, self.prev_rank, self.next_rank = rank, prev_rank, next_rank
+        self.device, self.timeout = device, timeout
+        self.max_in_flight, self.send_dtype = max_in_flight, send_dtype
+        self.timing = timing
+        self.label = label  # rank -> "rank 1 (block 1)"
+        self.on_hung = on_hung  # called with a rank that did not answer within the timeout
+        self._pending: collections.deque = collections.deque()
+
+    @property
+    def comm_device(self) -> torch.device:
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def send(self, dst: int, kind: int, tensor: Tensor | None = None, labels: Tensor | None = None,
+             flag: int = 0) -> None:
+        header = torch.zeros(_HEADER, dtype=torch.int64)
+        header[0], header[1] = kind, flag
+        payload = []
+        if tensor is not None:
+            if self.send_dtype is not None and tensor.is_floating_point() and kind != WEIGHTS:  # weights: exact
+                tensor = tensor.to(self.send_dtype)
+            tensor = tensor.detach().contiguous()
+            if tensor.dim() > 8:
+                raise PipelineError(f"cannot send a {tensor.dim()}-d activation (at most 8 dimensions)")
+            header[2] = tensor.dim()
+            header[3 : 3 + tensor.dim()] = torch.tensor(tensor.shape)
+            header[11] = _DTYPES.index(tensor.dtype)
+            header[12] = -1 if labels is None else len(labels)
+            payload = [tensor] + ([labels.to(torch.int64).contiguous()] if labels is not None else [])
+        messages = [header.to(self.comm_device), *(t.to(self.comm_device) for t in payload)]
+        try:
+            group = self.channels.get((self.rank, dst))
+            works = [dist.isend(m, dst=dst, group=group) for m in messages]
+        except Exception as exc:  # a neighbour that is gone refuses at once
+            raise self._peer_error(dst, exc) from None
+        self._pending.append((works, messages, dst))
+        while len(self._pending) > self.max_in_flight:
+            self._wait_oldest()
+
+    def recv(self, src: int, *, dtype: torch.dtype | None = None) -> tuple[int, int, Tensor | None, Tensor | None]:
+        """(kind, flag, tensor, labels) of the next message from ``src``; the tensor cast to ``dtype``."""
+        start = self.clock()
+        header = torch.empty(_HEADER, dtype=torch.int64, device=self.comm_device)
+        self._recv_into(header, src)
+        header = header.cpu()
+        kind, flag = int(header[0]), int(header[1])
+        if kind == END:
+            self.timing["recv_wait_s"] += self.clock() - start
+            return kind, flag, None, None
+        shape = header[3 : 3 + int(header[2])].tolist()
+        tensor = torch.empty(shape, dtype=_DTYPES[int(header[11])], device=self.comm_device)
+        self._recv_into(tensor, src)
+        labels = None
+        if int(header[12]) >= 0:
+            labels = torch.empty(int(header[12]), dtype=torch.int64, device=self.comm_device)
+            self._recv_into(labels, src)
+        self.timing["recv_wait_s"] += self.clock() - start
+        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+        return kind, flag, tensor.to(self.device), labels.to(self.device) if labels is not None else None
+
+    def flush(self) -> None:
+        while self._pending:
+            self._wait_oldest()
+
+    def _wait_oldest(self) -> None:
+        works, _, dst = self._pending.popleft()
+        start = self.clock()
+        try:
+            for w in works:
+                w.wait(self.timeout)
+        except Exception as exc:
+            raise self._peer_error(dst, exc) from None
+        self.timing["send_wait_s"] += self.clock() - start
+
+    def _recv_into(self, tensor: Tensor, src: int) -> None:
+        try:
+            work = dist.irecv(tensor, src=src, group=self.channels.get((src, self.rank)))
+            work.wait(self.timeout)
+        except Exception as exc:
+            raise self._peer_error(src, exc) from None
+
+    def _peer_error(self, peer: int, exc: Exception) -> PeerError:
+        """One line that names the rank that stopped answering, and how: it hung (timeout) or it exited."""
+        text = str(exc)
+        hung = "timed out" in text.lower() or "timeout" in text.lower()
+        if hung:
+            what = f"did not answer within {self.timeout.total_seconds():g} s (stopped or hung)"
+            if self.on_hung is not None and self.on_hung(peer):
+                what += "; ended it"
+        else:
+            what = "exited"
+        return PeerError(f"{self.label(self.rank)} stops: {self.label(peer)} {what}")
+
+
+def choose_backend(requested: str | None, *, gpus: int, local_processes: int) -> tuple[str, str | None]:
+    """(backend, a note to print or None): NCCL only when every process on this machine has a GPU of its own;
+    otherwise gloo, and the note says why. ``requested`` ("nccl" or "gloo") overrides."""
+    if requested is not None:
+        if requested not in ("nccl", "gloo"):
+            raise PipelineError(f"backend={requested!r} must be 'nccl' or 'gloo' (or None to choose)")
+        return requested, None
+    if gpus and gpus >= local_processes and dist.is_nccl_available():
+        return "nccl", None
+    if gpus:
+        return "gloo", (f"lfnnify: {local_processes} processes on this machine share {gpus} GPU(s), so they talk "
+                        f"over gloo (through the CPU), not NCCL; start one process per GPU, or pass backend='nccl'")
+    return "gloo", None
+
+
+def init_distributed(timeout: datetime.timedelta, backend: str | None = None, *, use_gpus: bool = True) -> None:
+    """Join the process group torchrun describes (see :func:`choose_backend`), once, and always put this process
+    on its own GPU (``LOCAL_RANK``), also when the caller initialised the group itself."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        if not dist.is_initialized():
+            raise PipelineError(
+                "PipelineTrainer runs one process per block, started by torchrun: "
+                "torchrun --nproc-per-node K your_script.py (RANK and WORLD_SIZE are not set here)"
+            )
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() and use_gpus else 0
+    if not dist.is_initialized():
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        backend, note = choose_backend(backend, gpus=gpus, local_processes=local)
+        if note and int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            sys.stderr.write(note + "\n")
+        dist.init_process_group(backend=backend, timeout=timeout)
+    if gpus:
+        torch.cuda.set_device(stage_device())
+
+
+def stage_device() -> torch.device:
+    """This rank's device: GPU ``LOCAL_RANK`` (modulo the GPUs there are) when there are GPUs, else the CPU."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % gpus)
+    return torch.device("cpu")
+
+
+def name_the_rank(exc: BaseException, label: str) -> None:
+    """Say on which rank an error happened: an attribute the command line prints, and a note in tracebacks."""
+    if isinstance(exc, (KeyboardInterrupt, PeerError)) or getattr(exc, "pipeline_rank", None):
+        return
+    try:
+        exc.pipeline_rank = label
+    except AttributeError:
+        return
+    if hasattr(exc, "add_note"):
+        exc.add_note(f"lfnnify: this happened on {label}")
+
+
+def fault(rank: int, step: int) -> None:
+    """The fault suite's hook: ``LFNNIFY_FAULT=raise|kill|stop`` with ``LFNNIFY_FAULT_RANK`` and
+    ``LFNNIFY_FAULT_STEP`` makes that rank fail for real at that step, in torchrun's first attempt only (or the
+    attempt ``LFNNIFY_FAULT_ATTEMPT`` names, counted as ``TORCHELASTIC_RESTART_COUNT``). Unset, it does nothing."""
+    kind = os.environ.get("LFNNIFY_FAULT")
+    at = (int(os.environ.get("LFNNIFY_FAULT_RANK", -1)), int(os.environ.get("LFNNIFY_FAULT_STEP", 0)))
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) == int(os.environ.get("LFNNIFY_FAULT_ATTEMPT", 0))
+    if not kind or at != (rank, step) or not attempt:
+        return
+    print(f"lfnnify-fault: {kind} on rank {rank} at step {step}, time {time.time():.3f}", file=sys.stderr, flush=True)
+    if kind == "raise":
+        raise RuntimeError(f"injected failure at step {step}")
+    os.kill(os.getpid(), {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}[kind])
+
+
+def host_name() -> str:
+    """The name messages give this machine: ``LFNNIFY_HOST`` if set (the hosts testbed sets it), else its host name."""
+    return os.environ.get("LFNNIFY_HOST") or socket.gethostname()
+
+
+def machine_identity() -> str:
+    """What says two processes can signal each other: this kernel's boot id and this PID namespace. Host names
+    collide (containers, cloned machines); a boot id does not, and a PID only means something inside its namespace."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return f"unknown-{socket.gethostname()}-{os.getpid()}"  # never equal to another process's: never signalled
+    return f"{boot}/{namespace}"
+
+
+def end_if_here(process: tuple[str, int]) -> bool:
+    """End a neighbour ``(machine_identity(), pid)`` that stopped answering (SIGSTOP, a hang), when it runs on this
+    machine and in this PID namespace: a stopped process ignores torchrun's SIGTERM for 30 s. A process elsewhere
+    is never signalled. Returns whether it was ended."""
+    machine, pid = process
+    if machine != machine_identity() or machine.startswith("unknown-") or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
