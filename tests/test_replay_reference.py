@@ -14,7 +14,10 @@ hand-written SGD, and follows ``../shared/METHOD.md`` ("Delayed end-to-end gradi
   applied at, ``W[k][t] + D·(the block's last update)`` (linear weight prediction), and with stashing the
   delayed gradient is taken at those predicted weights;
 - with delay-aware step sizes over N steps (PipeMare's learning-rate rescheduling), block k and its head step at
-  step t with ``lr · D^-(1 - min(t/N, 1))`` (the last block, D = 0, at ``lr``).
+  step t with ``lr · D^-(1 - min(t/N, 1))`` (the last block, D = 0, at ``lr``);
+- with spike compensation (Kosson et al. 2021) block k's trunk, whose gradients are D steps late, moves by
+  ``-lr·(m^D·v + (1 - m^D)/(1 - m)·g)`` instead of ``-lr·v`` (``g`` with weight decay, ``v`` SGD's momentum after
+  adding ``g``); its head, whose gradients are not late, steps as SGD does.
 
 The head learns from its loss on the block's output in every case; ``local_weight`` only says how much of that
 loss reaches the trunk. Everything runs in float64, so that 1e-6 is far above rounding and far below any
@@ -42,9 +45,9 @@ def _model():
         torch.nn.Flatten(), torch.nn.Linear(8, 5)).double()
 
 
-def _net(stash, local_weight, predict=False):
-    return lfnnify.convert(_model(), cuts=["1", "3"], mode="replay", weight_stashing=stash,
-                           weight_prediction=predict, local_weight=local_weight, num_classes=5,
+def _net(stash, local_weight, predict=False, spike=False):
+    return lfnnify.convert(_model(), cuts=["1", "3"], mode="replay", weight_stashing=stash, weight_prediction=predict,
+                           spike_compensation=spike, local_weight=local_weight, num_classes=5,
                            example_input=torch.zeros(1, 1, 8, 8, dtype=torch.float64))
 
 
@@ -54,13 +57,15 @@ def _batches():
             for _ in range(STEPS)]
 
 
-def _sgd(weights, grads, buffers, lr=LR):
-    """torch.optim.SGD's rule with momentum and weight decay, by hand: the reference owns its optimizer too."""
+def _sgd(weights, grads, buffers, lr=LR, delay=0):
+    """torch.optim.SGD's rule with momentum and weight decay, by hand: the reference owns its optimizer too. With
+    ``delay`` D > 0, the spike-compensated step."""
+    a, b = MOMENTUM**delay, sum(MOMENTUM**i for i in range(delay))  # b = (1 - m^D) / (1 - m), summed
     new = {}
     for name, w in weights.items():
         g = grads[name] + DECAY * w
         buffers[name] = g.clone() if name not in buffers else MOMENTUM * buffers[name] + g
-        new[name] = w - lr * buffers[name]
+        new[name] = w - lr * (a * buffers[name] + b * g)
     return new
 
 
@@ -69,7 +74,7 @@ def _logits(head, weights, features):
     return logits[0] if logits.dim() == 3 else logits  # one worker: (1, B, classes)
 
 
-def reference(net, batches, *, stash, local_weight, predict=False, lr_warmup=None):
+def reference(net, batches, *, stash, local_weight, predict=False, lr_warmup=None, spike=False):
     """The weights of every block and head after ``len(batches)`` steps of delayed end-to-end gradients."""
     blocks, heads = copy.deepcopy(net.blocks), copy.deepcopy(net.heads)  # used as functions only
     K = len(blocks)
@@ -117,7 +122,7 @@ def reference(net, batches, *, stash, local_weight, predict=False, lr_warmup=Non
             grads = torch.autograd.grad(trunk, wrt)
             if k > 0:
                 handed[(k - 1, b)] = grads[-1]
-            W[k].append(_sgd(W[k][t], dict(zip(w, grads[: len(w)])), moments[k], lr))
+            W[k].append(_sgd(W[k][t], dict(zip(w, grads[: len(w)])), moments[k], lr, delay if spike else 0))
             last_update[k] = {n: W[k][-1][n] - W[k][t][n] for n in w}
         from_above.update(handed)
     return [W[k][-1] for k in range(K)], H
@@ -131,14 +136,15 @@ def _trainer(net, **settings):
 WARMUP = 4  # delay-aware step sizes reach the full rate at step 4 of 7: the ramp and the plateau are both checked
 
 
+@pytest.mark.parametrize("spike", [False, True], ids=["", "spike-compensated"])
 @pytest.mark.parametrize("lr_warmup", [None, WARMUP], ids=["", "delay-lr"])
 @pytest.mark.parametrize("predict", [False, True], ids=["", "predicted"])
 @pytest.mark.parametrize("local_weight", [0.0, 0.5], ids=["no-local-loss", "local-0.5"])
 @pytest.mark.parametrize("stash", [False, True], ids=["recompute", "stash"])
-def test_the_trainer_computes_the_reference_delayed_gradients(stash, local_weight, predict, lr_warmup):
-    net = _net(stash, local_weight, predict)
+def test_the_trainer_computes_the_reference_delayed_gradients(stash, local_weight, predict, lr_warmup, spike):
+    net = _net(stash, local_weight, predict, spike)
     blocks, heads = reference(net, _batches(), stash=stash, local_weight=local_weight, predict=predict,
-                              lr_warmup=lr_warmup)
+                              lr_warmup=lr_warmup, spike=spike)
     trainer = _trainer(net, delay_lr_warmup=lr_warmup)
     for x, y in _batches():
         trainer.train_step(x, y)
@@ -150,8 +156,8 @@ def test_the_trainer_computes_the_reference_delayed_gradients(stash, local_weigh
             assert torch.allclose(p, expected[name], rtol=0, atol=1e-6), ("head", k, name)
 
 
-@pytest.mark.parametrize("other", [dict(stash=True), dict(predict=True), dict(lr_warmup=WARMUP)],
-                         ids=["stash", "predicted", "delay-lr"])
+@pytest.mark.parametrize("other", [dict(stash=True), dict(predict=True), dict(lr_warmup=WARMUP), dict(spike=True)],
+                         ids=["stash", "predicted", "delay-lr", "spike-compensated"])
 def test_the_reference_tells_the_variants_apart(other):
     # the comparison above can fail: each variant's weights differ from plain recompute's 10x beyond its 1e-6
     net = _net(False, 0.5)
@@ -193,3 +199,21 @@ def test_weight_prediction_is_linear_weight_prediction_for_sgd_with_momentum():
         for name, p in net.blocks[k].named_parameters():
             v = opt.state[p]["momentum_buffer"]
             assert torch.allclose(predicted[name], p - (2 - k) * LR * v, rtol=0, atol=1e-12), (k, name)
+
+
+def test_spike_compensation_without_it_misses_the_reference():
+    # the trainer with spike compensation against the reference without it: the check above would fail
+    net = _net(True, 0.0, spike=True)
+    plain, _ = reference(copy.deepcopy(net), _batches(), stash=True, local_weight=0.0)
+    trainer = _trainer(net)
+    for x, y in _batches():
+        trainer.train_step(x, y)
+    assert max((p - plain[k][n]).abs().max() for k in range(2) for n, p in net.blocks[k].named_parameters()) > 1e-5
+
+
+@pytest.mark.parametrize("optimizer", [lambda ps: torch.optim.Adam(ps), lambda ps: torch.optim.SGD(ps, lr=0.1),
+                                       lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True)],
+                         ids=["adam", "no-momentum", "nesterov"])
+def test_spike_compensation_needs_plain_momentum_sgd(optimizer):
+    with pytest.raises(lfnnify.ConfigError, match="spike_compensation=True .* torch.optim.SGD with momentum > 0"):
+        lfnnify.Trainer(_net(False, 0.0, spike=True), optimizer=optimizer, progress=False)

@@ -37,6 +37,7 @@ class ConvertSection:
     local_weight: float = 0.0  # replay only: weight of each block's head loss
     weight_stashing: bool = False  # replay only: back-propagate through the first pass's weights (no recompute)
     weight_prediction: bool = False  # replay only: first passes with the weights predicted for the delayed update
+    spike_compensation: bool = False  # replay only, SGD with momentum: rescale each delayed step (Kosson et al.)
     balance: str = "flops"
 
 

@@ -135,7 +135,7 @@ def _build_net(recipe: Recipe, *, chans: int, classes: int, size: int, pretraine
     return convert(
         model, blocks=c.blocks, cuts=c.cuts, workers=c.workers, leaders=c.leaders, mode=c.mode, head=c.head,
         follower_weight=c.follower_weight, local_weight=c.local_weight, weight_stashing=c.weight_stashing,
-        weight_prediction=c.weight_prediction,
+        weight_prediction=c.weight_prediction, spike_compensation=c.spike_compensation,
         balance="flops" if world > 1 and c.balance == "time" else c.balance, example_input=example,
     )
 

@@ -194,6 +194,7 @@ def load(
         local_weight=config.get("local_weight", 0.0),
         weight_stashing=config.get("weight_stashing", False),
         weight_prediction=config.get("weight_prediction", False),
+        spike_compensation=config.get("spike_compensation", False),
         head=head or saved_head,
         num_classes=config["num_classes"],
         example_input=torch.zeros(meta["input_shape"]),

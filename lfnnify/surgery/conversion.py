@@ -36,6 +36,7 @@ def convert(
     local_weight: float = 0.0,
     weight_stashing: bool = False,
     weight_prediction: bool = False,
+    spike_compensation: bool = False,
     head="linear",
     num_classes: int | None = None,
     balance: str = "flops",
@@ -83,6 +84,10 @@ def convert(
             to have when that batch's gradient is applied, K-1-k steps later: ``w + (K-1-k)·Δw``, Δw being the
             block's last update (linear weight prediction, Kosson et al. 2021: for SGD with momentum
             ``w - D·lr·v``). With ``weight_stashing`` the delayed gradient is taken at the predicted weights.
+        spike_compensation: replay mode, SGD with momentum m: apply each delayed gradient so that its total effect
+            on block k's trunk is what momentum SGD would have applied without the delay D = K-1-k (Kosson et al.
+            2021): the step is ``w - lr·(m^D·v + (1 - m^D)/(1 - m)·g)`` instead of ``w - lr·v``, ``g`` being the
+            gradient with weight decay. The heads, whose gradients are not delayed, step as usual.
         head: ``"linear"`` (global average pooling + Linear, the paper's), ``"lookahead"`` (a copy of the
             next block's first stage, initialised from it, then pooling + Linear; block-wise only),
             ``"lookahead-layer"`` (the same with only the next block's first layer), or a callable
@@ -126,7 +131,8 @@ def convert(
         )
     _check_weight("follower_weight", follower_weight, "λ; the paper uses 1")
     _check_weight("local_weight", local_weight, "the head loss's weight in replay mode")
-    for name, value in (("weight_stashing", weight_stashing), ("weight_prediction", weight_prediction)):
+    for name, value in (("weight_stashing", weight_stashing), ("weight_prediction", weight_prediction),
+                        ("spike_compensation", spike_compensation)):
         if not is_flag(value):
             raise ConfigError(f"{name}={value!r} must be True or False")
 
@@ -154,6 +160,7 @@ def convert(
         "local_weight": float(local_weight),
         "weight_stashing": bool(weight_stashing),
         "weight_prediction": bool(weight_prediction),
+        "spike_compensation": bool(spike_compensation),
         "head": head if isinstance(head, str) else getattr(head, "__name__", "custom"),
         "num_classes": the_plan.num_classes,
         "balance": balance,

@@ -79,6 +79,8 @@ class TrainerBase:
                 grad_clip=grad_clip, frozen_in_warmup=[p for p in self.groups[k] if id(p) not in keep], block=k,
             )
             self.updates[k].track_updates = bool(net.config.get("weight_prediction", False))
+            if net.config.get("spike_compensation") and k < net.num_blocks - 1:  # the last block has no delay
+                self.updates[k].compensate_spikes(net.blocks[k].parameters(), block=k)
             self.stages[k] = BlockStage(net, k, self.updates[k], schedule=self.schedule, autocast=self._autocast,
                                         check_finite=self._check_finite)
         self.step = 0  # optimizer steps taken (one per batch; every block steps once)

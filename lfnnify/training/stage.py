@@ -236,7 +236,7 @@ class BlockStage:
         if stored.weights is not None:  # gradients at the stashed weights, applied to the current ones
             self._take_stashed_grads(stored)
         below = x.grad.detach() if self.k > 0 else None
-        self.update.step(lr_scale=self.schedule.lr_scale(step, self.delay))
+        self.update.step(lr_scale=self.schedule.lr_scale(step, self.delay), delay=self.delay)
         return below, self._record(loss, logits, stored.y, leaders)
 
     def _take_stashed_grads(self, stored: _Stored) -> None:

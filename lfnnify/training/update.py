@@ -85,6 +85,26 @@ class BlockUpdate:
         self.reduce: Callable[[list[Tensor]], None] | None = None  # replicas: average gradients in place
         self.track_updates = False  # keep the last step's change of every parameter (weight prediction)
         self._last_update: dict[int, Tensor] = {}
+        self._compensated: set[int] = set()  # the parameters whose delayed steps are spike-compensated
+
+    def compensate_spikes(self, params: Iterable[nn.Parameter], block: int) -> None:
+        """Spike compensation (Kosson et al. 2021) for ``params``, the trunk's: a step with ``delay=D`` moves them
+        by ``-lr·(m^D·v + (1 - m^D)/(1 - m)·g)`` instead of SGD's ``-lr·v``. A gradient that arrives D steps late
+        then has, from its first step on, the total effect momentum SGD would have given it without the delay:
+        the D steps it missed (``1 + m + ... + m^(D-1)``) at once, and its later share of the momentum scaled
+        by ``m^D``. The rule is SGD's, so the optimizer must be plain momentum SGD."""
+        opt = self.optimizer
+        bad = next((g for g in opt.param_groups if not (g.get("momentum", 0) > 0 and g.get("dampening", 0) == 0
+                                                        and not g.get("nesterov") and not g.get("maximize"))), None)
+        if not isinstance(opt, torch.optim.SGD) or bad is not None:
+            got = type(opt).__name__ + ("" if bad is None else f" with momentum={bad.get('momentum')}, "
+                                        f"dampening={bad.get('dampening')}, nesterov={bad.get('nesterov')}")
+            raise ConfigError(
+                f"spike_compensation=True rescales momentum SGD's step for the delay of block {block}'s gradients, so "
+                f"its optimizer must be torch.optim.SGD with momentum > 0, no dampening and no Nesterov; it is "
+                f"{got}. Use such an optimizer, or convert with spike_compensation=False"
+            )
+        self._compensated = {id(p) for p in params}
 
     def scaled(self, loss: Tensor) -> Tensor:
         """The loss to call backward on (multiplied by the fp16 loss scale, if any)."""
@@ -97,9 +117,10 @@ class BlockUpdate:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    def step(self, *, warmup: bool = False, lr_scale: float = 1.0) -> None:
+    def step(self, *, warmup: bool = False, lr_scale: float = 1.0, delay: int = 0) -> None:
         """Apply the gradients the block's backward left in ``.grad``; ``lr_scale`` multiplies every learning rate
-        for this step only (the scheduler's values are left as they were)."""
+        for this step only (the scheduler's values are left as they were). ``delay``: how many steps late the
+        trunk's gradients are, for spike compensation (:meth:`compensate_spikes`; 0 = none)."""
         if warmup:  # head warm-up: only the heads and the model's own classifier learn
             for p in self.params:
                 if id(p) in self._frozen:
@@ -114,17 +135,42 @@ class BlockUpdate:
         rates = [group["lr"] for group in self.optimizer.param_groups]
         for group, lr in zip(self.optimizer.param_groups, rates):
             group["lr"] = lr * lr_scale
+        delayed = self._delayed_gradients() if delay and self._compensated else None
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             if self.owns_scaler:
                 self.scaler.update()
         else:
             self.optimizer.step()
+        if delayed:
+            self._compensate(delayed, delay)
         for group, lr in zip(self.optimizer.param_groups, rates):
             group["lr"] = lr
         if before is not None:
             self._last_update = {id(p): p.detach() - b for p, b in zip(self.params, before)}
         self._advance()
+
+    @torch.no_grad()
+    def _delayed_gradients(self) -> dict[int, Tensor]:
+        """The gradient SGD adds to its momentum for each compensated parameter: ``grad + weight_decay·w``."""
+        out = {}
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) in self._compensated and p.grad is not None:
+                    out[id(p)] = p.grad + group["weight_decay"] * p if group["weight_decay"] else p.grad.clone()
+        return out
+
+    @torch.no_grad()
+    def _compensate(self, delayed: dict[int, Tensor], delay: int) -> None:
+        """SGD moved each parameter by ``-lr·v``; move it on to ``-lr·(a·v + b·g)``, a = m^D, b = (1-m^D)/(1-m)."""
+        for group in self.optimizer.param_groups:
+            m, lr = group["momentum"], group["lr"]
+            a = m**delay
+            b = (1 - a) / (1 - m)
+            for p in group["params"]:
+                g = delayed.get(id(p))
+                if g is not None:
+                    p.add_(self.optimizer.state[p]["momentum_buffer"], alpha=lr * (1 - a)).add_(g, alpha=-lr * b)
 
     def last_update(self, param: nn.Parameter) -> Tensor | None:
         """How the last :meth:`step` changed ``param`` (with ``track_updates``); None before the first step.
