@@ -71,13 +71,15 @@ METHODS = {
     "replay_stash_predict_delay_lr": ("replay, weight stashing + weight prediction, delay-aware step sizes over "
                                       "epoch 1", dict(REPLAY, weight_stashing=True, weight_prediction=True),
                                       {"delay_lr_epochs": 1}),
+    "replay_stash_delay_lr_sc": ("replay, weight stashing, delay-aware step sizes over epoch 1, spike compensation",
+                                 dict(REPLAY, weight_stashing=True, spike_compensation=True), {"delay_lr_epochs": 1}),
     "local_then_replay": ("local for epoch 1, then replay", dict(blocks=4), {"switch_to": "replay",
                                                                              "switch_epochs": 1}),
 }
 PIPELINE_CAPABLE = set(METHODS) - {"bp", "lfnn_eq1"}
 VALIDATION = 5000
 # settings added after runs were kept, with the value those runs had: a kept run without one is read as this
-ADDED_SETTINGS = {"model": "resnet18", "eval_subset": None}
+ADDED_SETTINGS = {"model": "resnet18", "eval_subset": None, "cuts": None}
 
 
 def _optimizer(params, lr):
@@ -111,6 +113,8 @@ def _build(name, args, steps_per_epoch):
     facts = {"model_params": sum(p.numel() for p in model.parameters()), "head_params": 0}
     total_steps = args.epochs * steps_per_epoch
     _, knobs, trainer_knobs = METHODS[name]
+    if knobs is not None and args.cuts:  # the K-1 cuts named, instead of K blocks balanced by flops
+        knobs = {**{k: v for k, v in knobs.items() if k != "blocks"}, "cuts": args.cuts}
     if knobs is None:
         opt = _optimizer(model.parameters(), args.lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total_steps)
@@ -202,17 +206,19 @@ def _run_file(args, name: str, seed: int) -> Path:
 def _settings(args) -> dict:
     return {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "threads": args.threads,
             "train_subset": args.train_subset, "split_seed": args.split_seed, "validation": VALIDATION,
-            "model": args.model, "eval_subset": args.eval_subset}
+            "model": args.model, "eval_subset": args.eval_subset, "cuts": args.cuts}
 
 
 def _run_all(todo: list[tuple[str, int]], args) -> None:
-    """Every (method, seed) in its own process, ``args.jobs`` at a time; each result file is written as it ends."""
+    """Every (method, seed) in its own process, ``args.jobs`` at a time; each result file is written as it ends.
+    An item may carry its own arguments, ``(method, seed, run_args)`` (runs of several lengths side by side)."""
     running, queue = [], list(todo)
     while queue or running:
         while queue and len(running) < args.jobs:
-            name, seed = queue.pop(0)
-            out = _run_file(args, name, seed)
-            cmd = [sys.executable, __file__, "--child", name, "--child-out", str(out), *_forwarded(args, seed)]
+            name, seed, *own = queue.pop(0)
+            run_args = own[0] if own else args
+            out = _run_file(run_args, name, seed)
+            cmd = [sys.executable, __file__, "--child", name, "--child-out", str(out), *_forwarded(run_args, seed)]
             print(f"{name} seed {seed}: started ({len(queue)} waiting)", flush=True)
             proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
             running.append((name, seed, proc))
@@ -233,6 +239,8 @@ def _forwarded(args, seed: int) -> list[str]:
     for flag, value in (("--train-subset", args.train_subset), ("--eval-subset", args.eval_subset)):
         if value:
             out += [flag, str(value)]
+    if args.cuts:
+        out += ["--cuts", *args.cuts]
     if args.data:
         out += ["--data", args.data]
     return out
@@ -248,6 +256,18 @@ def _child(args) -> None:
 
 
 # ---------------------------------------------------------------- the table
+
+
+def check_counts(args) -> None:
+    """Refuse, before anything runs, what would hang or make a table lie: a seed twice (two copies of one run read
+    as two seeds), no job slot, a count below 1."""
+    if len(set(args.seeds)) != len(args.seeds):
+        raise SystemExit(f"--seeds {' '.join(map(str, args.seeds))}: a seed is named twice, which would count one run "
+                         f"twice in the mean and standard deviation; name each seed once")
+    for flag, value in (("--jobs", args.jobs), ("--threads", args.threads), ("--epochs", args.epochs),
+                        ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise SystemExit(f"{flag} {value}: must be at least 1")
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -296,6 +316,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side (one process each)")
     parser.add_argument("--model", default="resnet18", help="a timm model, in_chans=1 (tests: test_resnet)")
+    parser.add_argument("--cuts", nargs="+", default=None,
+                        help="the K-1 cut names (e.g. layer1 layer2 layer3, the paper's); default: K=4 by flops")
     parser.add_argument("--train-subset", type=int, default=None, help="train on only the first N of the 55,000")
     parser.add_argument("--eval-subset", type=int, default=None,
                         help="evaluate only the first N validation and N test images (quick looks, tests)")
@@ -312,6 +334,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return _child(args)
+    check_counts(args)
     refuse_uncommitted("accuracy_fashion_mnist.py", args.allow_dirty)
     if args.time_steps:  # one method after another, nothing beside them: clean seconds per step
         args.jobs, args.runs = 1, args.out / f"accuracy_timing-{hardware_tag()}-{environment()['date'][:10]}"

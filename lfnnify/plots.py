@@ -58,22 +58,28 @@ def plot_leadership(leadership: Sequence[Sequence[Sequence[int]]], path: str | P
 
 
 def plot_curves(series: dict[str, Sequence[float]], path: str | Path, *, xlabel="epoch", ylabel="test error (%)",
-                title="", spread: dict[str, Sequence[float]] | None = None) -> Path:
+                title="", spread: dict[str, Sequence[float]] | None = None,
+                x: dict[str, Sequence[float]] | None = None, log_x: bool = False) -> Path:
     """One line per named series (for example BP against LFNN-ℓ), saved as PNG; ``spread`` (the same names, one
-    value per point, for example the standard deviation over seeds) draws error bars. The legend sits below the
-    axes, so that it never hides a point."""
-    spread = spread or {}
-    for name, values in spread.items():
-        if name not in series or len(values) != len(series[name]):
-            raise ConfigError(f"plot_curves: spread[{name!r}] has {len(values)} values, but the series of that name "
-                              f"has {len(series.get(name, []))}: give one spread value per point of a named series")
+    value per point, for example the standard deviation over seeds) draws error bars. ``x`` gives a series' x
+    positions (default 1, 2, 3, ...), ``log_x`` a logarithmic x axis. The legend sits below the axes, so that it
+    never hides a point."""
+    spread, x = spread or {}, x or {}
+    for what, given in (("spread", spread), ("x", x)):
+        for name, values in given.items():
+            if name not in series or len(values) != len(series[name]):
+                raise ConfigError(f"plot_curves: {what}[{name!r}] has {len(values)} values, but the series of that "
+                                  f"name has {len(series.get(name, []))}: give one value per point of a named series")
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.2 + 0.25 * len(series)))
     for name, values in series.items():
-        xs = range(1, len(values) + 1)
+        xs = x.get(name, range(1, len(values) + 1))
         ax.errorbar(xs, values, yerr=spread.get(name), marker="o", capsize=3, label=name)
-    longest = max((len(v) for v in series.values()), default=1)
-    ax.set_xticks(range(1, longest + 1))
+    ticks = sorted({v for name, values in series.items() for v in x.get(name, range(1, len(values) + 1))})
+    if log_x:
+        ax.set_xscale("log")
+        ax.minorticks_off()
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
