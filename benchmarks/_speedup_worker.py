@@ -361,7 +361,8 @@ def main():
         sent = (TX[-1] - TX[args.warmup - 1]) / steps if steps > 0 else None
         received = (RX[-1] - RX[args.warmup - 1]) / steps if steps > 0 else None
         result["link_bytes_per_step"] = _gather({"rank": rank, "iface": IFACE, "sent": sent, "received": received})
-    if rank == world - 1:
+    if rank == world - 1:  # on its own host's disk: the folder may exist only where the run was started
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(_with_step_times(result, args.warmup)))
     if distributed:
         dist.barrier()

@@ -81,7 +81,7 @@ def summarise(rows: dict[int, dict[str, list[dict]]]) -> dict:
                  for m, s in summary.items()}
         if "bp" in entry:
             bp, bp_sd = entry["bp"]["test_error"]
-            for m, e in entry.items():
+            for e in entry.values():
                 e["test_gap_to_bp"] = e["test_error"][0] - bp
                 # "beats" or "behind" only where one standard deviation either side does not overlap
                 lo, hi = e["test_error"][0] - e["test_error"][1], e["test_error"][0] + e["test_error"][1]

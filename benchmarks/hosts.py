@@ -57,8 +57,7 @@ def main(argv=None) -> int:
                 print(f"host{i}: {hosts.names[i]}, {hosts.address(i)} on {hosts.device(i)}, cores {hosts.cores[i]}")
             print(f"links: {hosts.rate or 'unshaped'}" + "".join(f"; {n}" for n in hosts.notes))
         elif args.command == "down":
-            hosts._up = True
-            hosts.down()
+            hosts.adopt().down()
             removed = Hosts.remove_stale() if args.stale else []
             print("removed the hosts" + (f" and {len(removed)} stale namespaces" if removed else ""))
         else:

@@ -86,8 +86,9 @@ def run_method(hosts: Hosts, name: str, args, port: int) -> dict:
                     p.kill()
                 log.close()
             codes = [p.returncode for p, _ in procs]
-            if codes == [0, 0] and out.exists():
-                results.append(json.loads(out.read_text()))
+            written = hosts.path(1, out)  # the last rank writes the result, on its own host's disk
+            if codes == [0, 0] and written.exists():
+                results.append(json.loads(written.read_text()))
                 break
             tail = (Path(tmp) / "host0.log").read_text()[-1500:] + (Path(tmp) / "host1.log").read_text()[-1500:]
             print(f"  {name}: failed (exit {codes}), attempt {attempt + 1}\n{tail}", flush=True)

@@ -110,9 +110,10 @@ def run(hosts: Hosts, name: str, args, seed: int, port: int) -> dict:
             log.close()
         wall = time.monotonic() - start
         tails = "".join((Path(tmp) / f"host{i}.log").read_text()[-2000:] for i in range(2))
-        if [p.returncode for p in procs] != [0, 0] or not (out / "log.jsonl").exists():
+        log = hosts.path(0, out / "log.jsonl")  # rank 0 keeps the log, on its own host's disk
+        if [p.returncode for p in procs] != [0, 0] or not log.exists():
             raise SystemExit(f"{name}, seed {seed}: failed (exit {[p.returncode for p in procs]}):\n{tails}")
-        evals = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r.get("kind") == "eval"]
+        evals = [r for r in map(json.loads, log.read_text().splitlines()) if r.get("kind") == "eval"]
     return {"evaluations": [{k: r[k] for k in ("step", "train_seconds", "accuracy")} for r in evals],
             "wall_seconds": wall, "bytes_sent": [hosts.tx_bytes(i) - sent[i] for i in range(2)]}
 

@@ -49,6 +49,7 @@ SCENARIOS = {
     "3-lookahead-refresh": dict(blocks=3, mode="replay", head="lookahead-layer", refresh_every=2),
     "3-replay-64mib": dict(blocks=3, mode="replay", model="large", steps=3),
     "4-replicas-seeded-apart": dict(blocks=2, replicas=2, mode="replay", model="plain", steps=2),
+    "4-replicas-batchnorm": dict(blocks=2, replicas=2, mode="replay-stash", steps=4),
 }
 DEFAULTS = dict(mode="local", local_weight=0.0, switch_at=None, switch_to=None, head="linear", refresh_every=None,
                 predict=False, delay_lr=None, bf16=False, steps=7, resume_at=None, model="timm", replicas=1)
@@ -143,6 +144,7 @@ def run(name: str, out: Path) -> None:
     net = build(name, seed)
     trainer = _pipeline(net, name)
     first = trainer.first
+    buffers = _record_buffers(trainer) if s["replicas"] > 1 else None
     if s["resume_at"] is not None:
         ends = _stamp_steps(trainer)
         trainer.fit(train if first else None, epochs=10, max_steps=s["resume_at"])  # no evaluation to wait on
@@ -162,6 +164,23 @@ def run(name: str, out: Path) -> None:
         part = {k: v for k, v in net.state_dict().items() if k.startswith((f"blocks.{trainer.stage}.",
                                                                              f"heads.{trainer.stage}."))}
         torch.save(part, out / f"state-rank{rank}.pt")
+        torch.save(buffers, out / f"buffers-rank{rank}.pt")
+
+
+def _record_buffers(trainer) -> list[dict]:
+    """This rank's block and head buffers (BatchNorm statistics) after each of its steps, from now on."""
+    kept, step = [], trainer._stage_step
+
+    def recorded(x, y):
+        record = step(x, y)
+        parts = {"block": trainer.net.blocks[trainer.stage]}
+        if trainer.stage < len(trainer.net.heads):
+            parts["head"] = trainer.net.heads[trainer.stage]
+        kept.append({f"{p}.{n}": b.clone() for p, m in parts.items() for n, b in m.named_buffers()})
+        return record
+
+    trainer._stage_step = recorded
+    return kept
 
 
 def _stamp_steps(trainer) -> list[float]:

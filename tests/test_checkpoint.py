@@ -118,7 +118,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypat
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("lfnnify.checkpoint.files.save_file", broken)
+    monkeypatch.setattr("lfnnify.checkpoint.files.save_bytes", broken)
     with pytest.raises(OSError, match="disk full"):
         lfnnify.save(net, tmp_path / "ckpt")
     monkeypatch.undo()

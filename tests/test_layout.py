@@ -1,4 +1,5 @@
-"""The house rules a reader relies on: no import cycles, small modules, distributed code only where it runs."""
+"""The house rules a reader relies on: five folders that import only downward, no import cycles, small modules,
+distributed code only in the pipeline's folder."""
 
 import ast
 import subprocess
@@ -6,9 +7,27 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lfnnify"
-# the only modules that import torch.distributed
-DISTRIBUTED = {"pipeline", "pipeline.trainer", "pipeline.comm", "pipeline.shards", "pipeline.replicas",
-               "pipeline.evaluation", "app.demo_stage"}
+FOLDERS = ("surgery", "training", "pipeline", "checkpoint", "app")
+# what each folder may import from the others: each serves the ones after it, and none reaches back up
+MAY_IMPORT = {
+    "surgery": set(),
+    "training": {"surgery"},
+    "checkpoint": {"surgery"},
+    "pipeline": {"surgery", "training", "checkpoint"},
+    "app": {"surgery", "training", "checkpoint", "pipeline"},
+    "": set(),  # the top level (errors, data, plots, the small shared rules) imports none of the folders
+}
+# torch.distributed: the pipeline's folder, and the demo's launched stage (it runs DDP beside the pipeline)
+DISTRIBUTED_OUTSIDE_PIPELINE = {"app.demo_stage"}
+
+
+def _folder(module: str) -> str:
+    head = module.split(".")[0]
+    return head if head in FOLDERS else ""
+
+
+def _distributed(module: str) -> bool:
+    return _folder(module) == "pipeline" or module in DISTRIBUTED_OUTSIDE_PIPELINE
 
 
 def _modules() -> dict[str, Path]:
@@ -92,10 +111,25 @@ def test_type_checkers_see_every_lazily_loaded_name():
     assert seen == lazy
 
 
+def test_every_module_lies_in_one_of_the_five_folders_or_is_a_small_shared_one():
+    top = sorted(name for name in _modules() if _folder(name) == "")
+    assert top == ["__init__", "__main__", "_checks", "_jsonl", "_version", "data", "errors", "plots"], top
+
+
+def test_each_folder_imports_only_the_folders_it_serves_on():
+    for name, path in _modules().items():
+        if name in ("__init__", "__main__"):  # the package's face: it names what the folders offer
+            continue
+        here = _folder(name)
+        for imported in _module_imports(path)[0]:
+            there = _folder(imported)
+            assert there in (here, "") or there in MAY_IMPORT[here], f"{name} imports {imported}"
+
+
 def test_only_the_pipeline_imports_torch_distributed():
     for name, path in _modules().items():
         _, others = _module_imports(path)
-        if name not in DISTRIBUTED:
+        if not _distributed(name):
             assert not any(m.startswith("torch.distributed") for m in others), path.name
             source = path.read_text()
             assert "torch.distributed" not in source.replace("torch.distributed.run", "").replace(
@@ -110,12 +144,16 @@ def test_convert_and_save_never_load_the_pipeline():
             "print(sorted(m for m in sys.modules if m.startswith('lfnnify')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True).stdout
     loaded = set(eval(out))  # noqa: S307 - our own printed list
-    assert not loaded & {f"lfnnify.{m}" for m in DISTRIBUTED}, loaded
+    assert not {m for m in loaded if _distributed(m.removeprefix("lfnnify."))}, loaded
 
 
-def test_the_readme_layout_names_every_module():
+def test_the_readme_layout_names_every_folder_and_what_it_offers():
     readme = (PACKAGE.parent / "README.md").read_text()
     layout = readme[readme.index("## Layout"):]
     layout = layout[: layout.index("```", layout.index("```") + 3)]
-    missing = [name for name in _modules() if name not in ("__init__", "__main__") and name not in layout]
-    assert not missing, f"README's Layout does not name {missing}"
+    for folder in FOLDERS:
+        assert f"{folder}/" in layout, folder
+        offered = ast.literal_eval(next(n.value for n in ast.parse((PACKAGE / folder / "__init__.py").read_text()).body
+                                        if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "__all__"))
+        line = next(line for line in layout.splitlines() if f"{folder}/" in line)
+        assert all(name in line for name in offered), (folder, offered, line)

@@ -1,10 +1,14 @@
-"""Across hosts, for real: two network namespaces joined by a veth link (lfnnify/app/testbed.py), each host on its own
-core, torchrun on each with ``--nnodes 2``. Skipped, with the reason, where the machine has no root or no iproute2.
+"""Across hosts, for real: two hosts that share nothing but a veth link (lfnnify/app/testbed.py: network, PID, mount
+and UTS namespaces; each its own /tmp and working folder, the same host name), each on its own core, torchrun on each
+with ``--nnodes 2``. Every file a host writes is read from outside through ``hosts.path``; one test keeps a folder
+both hosts share (a network file system). Skipped, with the reason, where the machine has no root or no iproute2.
 
 Every test removes what it created (the testbed is a context manager); each has a hard timeout.
 """
 
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -17,7 +21,7 @@ import lfnnify
 from lfnnify.app import testbed as _testbed
 from tests import here
 from tests import pipeline_worker as worker
-from tests.launch import on_hosts
+from tests.launch import free_port, on_hosts
 from tests.test_pipeline import _assert_close, _reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,30 +57,44 @@ def test_a_two_host_pipeline_equals_the_one_device_trainer(hosts, tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     for name in ("2-local", "2-replay"):
         reference, _ = _reference(name)
-        _assert_close(lfnnify.load(tmp_path / name / "ckpt"), reference)
+        _assert_close(lfnnify.load(hosts.path(0, tmp_path / name / "ckpt")), reference)  # host 0's disk holds it all
+        assert not hosts.path(1, tmp_path / name / "ckpt").exists()  # host 1 wrote nothing of it
     # the activations really crossed the link: 14 training steps of batch 16 from host 0 (block 0), at the cut's shape
     shape = worker.build("2-local").plan.blocks[0].output_shape
     activations = 14 * worker.BATCH * torch.Size(shape[1:]).numel() * 4
     assert hosts.tx_bytes(0) - sent[0] > activations
 
 
-@pytest.mark.parametrize("fault", ["link-cut", "host-killed"])
+@pytest.mark.parametrize("fault", ["link-cut", "host-killed", "save-killed"])
 def test_a_cut_link_or_a_killed_host_ends_every_process_in_time_with_one_line(hosts, tmp_path, fault):
     out = tmp_path / "run"
     args = _train_args(out, "--set", "train.iterations=2000", "--set", "train.checkpoint_every=2",
                        "--set", f"pipeline.timeout_s={TIMEOUT_S}")
 
+    ckpt = hosts.path(0, out / "ckpt")
+    envs = [hosts.env(0), dict(hosts.env(1), LFNNIFY_KILL_AT="pipeline-gather:2")] if fault == "save-killed" else None
+
     def strike(procs):
         deadline = time.monotonic() + 200
-        while not (out / "ckpt" / "CURRENT").exists() and time.monotonic() < deadline:
+        while not (ckpt / "CURRENT").exists() and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert (out / "ckpt" / "CURRENT").exists(), "the run never saved a checkpoint"
-        hosts.cut(1) if fault == "link-cut" else hosts.kill(1)
+        assert (ckpt / "CURRENT").exists(), "the run never saved a checkpoint"
+        if fault != "save-killed":  # that one: host 1's worker dies as it hands rank 0 its part of the second save
+            hosts.cut(1) if fault == "link-cut" else hosts.kill(1)
 
-    procs, outputs, seconds = on_hosts(hosts, args, during=strike, timeout=120)
+    procs, outputs, seconds = on_hosts(hosts, args, during=strike, timeout=120, envs=envs)
     assert all(p.returncode != 0 for p in procs)
     bound = TIMEOUT_S + MARGIN_S if fault == "link-cut" else MARGIN_S
-    assert seconds < bound, f"the last process ended {seconds:.1f} s after the {fault} (bound {bound} s)"
+    if fault != "save-killed":  # that one strikes at its own moment, after `during` has returned
+        assert seconds < bound, f"the last process ended {seconds:.1f} s after the {fault} (bound {bound} s)"
+    # whatever the fault hit, a save included, host 0 holds the last complete checkpoint: every block, every
+    # rank's trainer state, at one step; nothing half-written is taken for whole
+    loaded = lfnnify.load(ckpt)
+    steps = {lfnnify.read_trainer_state(ckpt, block=k)["step"] for k in range(2)}
+    assert len(steps) == 1 and loaded.num_blocks == 2, steps
+    if fault == "save-killed":
+        assert steps == {2}, steps  # the first save's: the second never completed
+        assert sorted(p.name for p in ckpt.iterdir() if not p.name.startswith("v000001")) == ["CURRENT"]
     stops = [line for line in outputs[0].splitlines() if line.startswith("lfnnify: error:") and "stops:" in line]
     assert len(stops) == 1, "\n".join(x for x in outputs[0].splitlines() if "lfnnify" in x or "Error" in x)[-3000:]
     assert re.search(r"rank 0 \(block 0, on host0\) stops: rank 1 \(block 1, on host1\) (did not answer|went away|"
@@ -86,34 +104,89 @@ def test_a_cut_link_or_a_killed_host_ends_every_process_in_time_with_one_line(ho
         assert "rank 1 (block 1, on host1) stops: rank 0 (block 0, on host0) did not answer" in outputs[1]
 
 
-def test_lfnnify_train_across_hosts_resumes_and_torchrun_restarts_it_exactly(hosts, tmp_path, capsys):
-    # 1. lfnnify train across the two hosts; host 1's worker is killed at step 3: both stop, the checkpoint of step 2
-    #    stays. 2. --resume continues it, under --max-restarts 1 and the dynamic c10d rendezvous; host 1's worker is
-    #    killed again at step 5: torchrun restarts the workers on both hosts, and lfnnify train resumes from the
-    #    checkpoint of step 4 by itself. The run ends with the weights of an uninterrupted one-process run.
-    out = tmp_path / "run"
-    common = ["--set", "train.iterations=8", "--set", "train.checkpoint_every=2", "--set", "pipeline.timeout_s=10"]
+def _agent_pids(hosts, i: int) -> list[int]:
+    """The torchrun agent of host i (its PID outside the host), found among the host's processes."""
+    pids = []
+    for pid in _testbed._run("ip", "netns", "pids", hosts.names[i]).split():
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"torch.distributed.run" in command:
+            pids.append(int(pid))
+    return pids
 
-    def killing_at(step):
-        return [dict(hosts.env(i), LFNNIFY_FAULT="kill", LFNNIFY_FAULT_RANK="1", LFNNIFY_FAULT_STEP=str(step))
-                for i in range(2)]
 
-    procs, outputs, _ = on_hosts(hosts, _train_args(out, *common), envs=killing_at(3), timeout=300)
-    assert all(p.returncode != 0 for p in procs) and "pipeline over 2 processes" in outputs[0], outputs[0][-2000:]
-    assert lfnnify.read_trainer_state(out / "ckpt", block=0)["step"] == 2
-    procs, outputs, _ = on_hosts(hosts, _train_args(out, *common, "--resume"), envs=killing_at(5), timeout=400,
+def test_replicas_across_hosts_stop_together_resume_from_host_0_alone_restart_and_end_exactly(hosts, tmp_path):
+    # K=2 blocks x R=2 replicas, two processes on each host (host 0: block 0's replicas, host 1: block 1's), replay
+    # with weight stashing on a model with BatchNorm (timm test_resnet), against the same run uninterrupted:
+    # 1. SIGTERM reaches host 1 only (its torchrun agent, as a cluster manager stops a machine): every rank stops
+    #    and saves at the same step, on host 0's disk, each replica its own trainer state;
+    # 2. host 1 loses its folders; --resume, under --max-restarts 1 and the dynamic c10d rendezvous, continues from
+    #    host 0's checkpoint alone; host 1's first worker is killed two steps on: torchrun restarts every worker,
+    #    and lfnnify train resumes by itself, again from host 0's disk;
+    # 3. the run ends with the weights (and BatchNorm statistics) of the uninterrupted run;
+    # 4. a resume into another layout (one replica per block) is refused on every rank, in one line naming both.
+    out, alone = tmp_path / "run", tmp_path / "alone"
+    common = ["--set", "convert.mode=replay", "--set", "convert.weight_stashing=true", "--set", "train.iterations=24",
+              "--set", "train.checkpoint_every=2", "--set", "pipeline.timeout_s=20"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), *_train_args(alone, *common)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0 and "2 replicas per block" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+    ckpt = hosts.path(0, out / "ckpt")
+
+    def sigterm_to_host_1(procs):
+        deadline = time.monotonic() + 200
+        while not (ckpt / "CURRENT").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in _agent_pids(hosts, 1):
+            os.kill(pid, signal.SIGTERM)
+
+    procs, outputs, _ = on_hosts(hosts, _train_args(out, *common), during=sigterm_to_host_1, timeout=300, nproc=2)
+    stopped = re.search(r"interrupted at iteration (\d+) of 24: checkpoint saved", outputs[0])
+    assert stopped, outputs[0][-3000:] + outputs[1][-3000:]
+    step = int(stopped.group(1))
+    states = [lfnnify.read_trainer_state(ckpt, block=k, replica=r) for k in range(2) for r in range(2)]
+    assert [s["step"] for s in states] == [step] * 4  # every rank saved, at the same step
+    kept = [s["stages"][0]["kept"] for s in states[:2]]  # block 0's replicas each keep the batch they saw last
+    assert len(kept[0]) == len(kept[1]) == 1 and not torch.equal(kept[0][0]["x"], kept[1][0]["x"])
+    assert 2 <= step < 24
+
+    hosts.wipe(1)
+    kill = [dict(hosts.env(i), LFNNIFY_FAULT="kill", LFNNIFY_FAULT_RANK="2", LFNNIFY_FAULT_STEP=str(step + 3))
+            for i in range(2)]
+    procs, outputs, _ = on_hosts(hosts, _train_args(out, *common, "--resume"), envs=kill, timeout=400, nproc=2,
                                  max_restarts=1, rendezvous="c10d")
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     both = outputs[0] + outputs[1]
-    assert "resuming at 2" in both and "lfnnify-fault: kill on rank 1 at step 5" in both
+    assert f"resuming at {step}" in both and f"lfnnify-fault: kill on rank 2 at step {step + 3}" in both
     assert "torchrun restarted the workers (restart 1): resuming" in both
-    assert "8 iterations" in (out / "results.md").read_text()
-    # the uninterrupted run on one process: this one (train.threads=1, as on each host)
-    code, _, err = here.cli(capsys, *_train_args(tmp_path / "alone", *common)[2:])
-    assert code == 0, err[-2000:]
-    restarted, uninterrupted = (lfnnify.load(tmp_path / name / "ckpt").state_dict() for name in ("run", "alone"))
+    assert "24 iterations" in hosts.path(0, out / "results.md").read_text()
+    restarted, uninterrupted = lfnnify.load(ckpt).state_dict(), lfnnify.load(alone / "ckpt").state_dict()
+    assert any("running_mean" in key for key in uninterrupted)
     for key, value in uninterrupted.items():
         assert torch.equal(restarted[key], value), key
+
+    procs, outputs, _ = on_hosts(hosts, _train_args(out, *common, "--resume"), timeout=200)
+    assert all(p.returncode != 0 for p in procs), outputs[0][-2000:]
+    for output in outputs:  # every rank says the same, in lfnnify's one line (torchrun then exits 1)
+        assert re.search(r"lfnnify: error: \S+ was saved by a run of 2 block\(s\) x 2 replica\(s\), and this pipeline "
+                         r"runs 2 block\(s\) x 1 replica\(s\)", output), output[-2000:]
+
+
+def test_with_a_shared_folder_every_rank_can_load_the_checkpoint_itself(tmp_path):
+    # a user with a network file system: their own script saves, then every rank loads the checkpoint and its trainer
+    # state from the shared folder (lfnnify.load, read_trainer_state), and goes on as if uninterrupted
+    shared = tmp_path / "nfs"
+    _testbed.Hosts.remove_stale()
+    with _testbed.Hosts(2, shared=[shared]) as hosts:
+        procs, outputs, _ = on_hosts(hosts, [str(ROOT / "tests" / "pipeline_worker.py"), "--scenarios",
+                                             "2-replay-resume", "--out", str(shared)], timeout=400)
+        assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+        reference, _ = _reference("2-replay-resume")
+        _assert_close(lfnnify.load(shared / "2-replay-resume" / "ckpt"), reference)
 
 
 def test_the_testbed_refuses_in_one_line_without_root(monkeypatch):

@@ -131,6 +131,28 @@ def test_replicas_start_equal_however_their_ranks_were_seeded():
     _assert_close(lfnnify.load(out / "ckpt", model=worker.build(name)._source), net)
 
 
+@pytest.mark.xdist_group("torchrun-4")
+def test_replicas_hold_the_same_batchnorm_statistics_after_every_step():
+    # 2 blocks x 2 replicas of a model with BatchNorm, replay with weight stashing: each replica sees other batches,
+    # so its own statistics would drift apart; after every step each takes its block's first replica's (as DDP
+    # broadcasts buffers), so the replicas evaluate alike and the checkpoint holds the statistics they all used
+    name = "4-replicas-batchnorm"
+    out = scenarios_run(4) / name
+    kept = [torch.load(out / f"buffers-rank{r}.pt") for r in range(4)]
+    assert all(len(k) == worker.spec(name)["steps"] for k in kept)
+    assert any("running_mean" in key for key in kept[0][0])
+    for a, b in ((0, 1), (2, 3)):
+        for step, (x, y) in enumerate(zip(kept[a], kept[b])):
+            assert x.keys() == y.keys()
+            assert all(torch.equal(x[k], y[k]) for k in x), (a, b, step)
+    moved = [k for k in kept[0][0] if "running_mean" in k and not torch.equal(kept[0][0][k], kept[0][-1][k])]
+    assert moved  # the statistics did change from step to step: the comparison could fail
+    saved = lfnnify.load(out / "ckpt").state_dict()
+    for key, value in kept[0][-1].items():  # the checkpoint's statistics are the ones every replica used
+        part, rest = key.split(".", 1)
+        assert torch.equal(saved[f"{part}s.0.{rest}"], value), key
+
+
 def test_a_raising_data_loader_stops_every_rank_quickly_and_is_reported_once(tmp_path):
     # a user's own script (not lfnnify train) whose data loader raises on rank 0: its traceback names the rank,
     # once; its neighbours stop with an error that names it, within a few seconds (README: Faults)
@@ -179,17 +201,30 @@ def test_nccl_only_when_every_process_has_its_own_gpu(requested, gpus, local, ex
         _comm.choose_backend("mpi", gpus=0, local_processes=1)
 
 
-def test_same_machine_is_decided_by_boot_id_and_pid_namespace_not_host_name(monkeypatch):
+def test_a_stuck_neighbour_is_ended_only_on_this_machine_and_only_if_its_pid_still_names_it():
+    # real processes: the identity is (boot id and PID namespace, PID, start time), and a PID whose start time
+    # changed (the neighbour exited and its PID was reused) is never signalled
+    import subprocess
+    import sys
+
     from lfnnify.pipeline import comm as _comm
 
     here = _comm.machine_identity()
     boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     assert here == f"{boot}/{os.readlink('/proc/self/ns/pid')}"
-    killed = []
-    monkeypatch.setattr(_comm.os, "kill", lambda pid, sig: killed.append(pid))
-    assert not _comm.end_if_here(("another-boot-id/pid:[1]", 12345))  # same host name, another machine
-    assert _comm.end_if_here((here, 12345)) and killed == [12345]
-    assert not _comm.end_if_here((here, os.getpid()))  # never itself
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        machine, pid, started = _comm.process_identity()[0], child.pid, _comm._start_time(child.pid)
+        assert started > 0
+        assert not _comm.end_if_here(("another-boot-id/pid:[1]", pid, started))  # same host name, another machine
+        assert not _comm.end_if_here((machine, pid, started - 1))  # another process that had this PID before
+        assert child.poll() is None  # neither was signalled
+        assert not _comm.end_if_here(_comm.process_identity())  # never itself
+        assert _comm.end_if_here((machine, pid, started))
+        assert child.wait(timeout=10) == -9
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_the_balance_report_names_the_slow_block_and_the_fix():

@@ -46,9 +46,10 @@ def cross_host(*, steps: int, model: str, batch: int, timeout: float = 240) -> d
                 except subprocess.TimeoutExpired:
                     p.kill()
                     outputs.append(p.communicate()[0])
-            if any(p.returncode for p in procs) or not out.exists():
+            written = hosts.path(1, out)  # the last rank writes the results, on its own host's disk
+            if any(p.returncode for p in procs) or not written.exists():
                 return f"the runs across hosts failed: {(outputs[0] + outputs[1])[-600:]}"
-            measured = json.loads(out.read_text())
+            measured = json.loads(written.read_text())
     except TestbedError as exc:
         return str(exc)
     results = {name: measured[method] for name, method in METHODS.items()}

@@ -75,6 +75,7 @@ def across_hosts(args) -> None:
     dist.init_process_group("gloo")
     results = {method: _across_hosts(method, args.steps, args.model, args.batch) for method in args.hosts_methods}
     if dist.get_rank() == dist.get_world_size() - 1:  # the last stage (or any DDP rank) finishes every step
+        args.out.parent.mkdir(parents=True, exist_ok=True)  # on its own host's disk
         args.out.write_text(json.dumps(results))
     dist.barrier()
     dist.destroy_process_group()

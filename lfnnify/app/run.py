@@ -52,13 +52,8 @@ def train_from_recipe(
     world = int(os.environ.get("WORLD_SIZE", "1"))
     leader = int(os.environ.get("RANK", "0")) == 0
     out = Path(out) if out else _default_out(recipe_path)
-    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    if restarts and checkpoint_exists(out / "ckpt"):  # torchrun restarted the workers after a failure
-        resume = True
-        if leader:
-            print(f"torchrun restarted the workers (restart {restarts}): resuming from the last checkpoint in "
-                  f"{out / 'ckpt'}", flush=True)
-    _check_out(out, resume)
+    if world == 1:  # under torchrun rank 0 decides, on its own disk, once every rank has joined (below)
+        resume = _resume_decision(out, resume)
     t = recipe.train
     if t.threads:
         torch.set_num_threads(t.threads)
@@ -78,9 +73,13 @@ def train_from_recipe(
     total = t.iterations if t.iterations is not None else t.epochs * steps_per_epoch
     trainer = _build_trainer(recipe, net, total=total, world=world, log_path=out / "log.jsonl", progress=progress,
                              device=place, backend=backend or recipe.pipeline.backend)
-    if resume:
+    if world > 1:  # the run folder lies on rank 0's host: it decides, and every rank takes its part from there
+        resume = trainer.decide(lambda: _resume_decision(out, resume))
+    if resume and world > 1:
+        trainer.restore(out / "ckpt")
+    elif resume:
         load_weights_into(net, out / "ckpt")
-        trainer.load_state_dict(read_trainer_state(out / "ckpt", block=getattr(trainer, "stage", None)))
+        trainer.load_state_dict(read_trainer_state(out / "ckpt"))
     elif leader:
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
@@ -96,21 +95,34 @@ def train_from_recipe(
     stopped, previous = _install_stop_handlers(trainer)
     start = time.perf_counter()
     try:
-        evaluations = _train(recipe, net, trainer, train_loader, test_loader, total=total,
-                             steps_per_epoch=steps_per_epoch, out=out, stopped=stopped, resume=resume, leader=leader)
+        evaluations, stop = _train(recipe, net, trainer, train_loader, test_loader, total=total,
+                                   steps_per_epoch=steps_per_epoch, out=out, stopped=stopped, resume=resume,
+                                   leader=leader, world=world)
     finally:  # a Python caller gets its own handlers back
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if stopped:
+    if stop:  # every rank agreed on it at the same step, so every rank saves (a collective) or none does
         save(net, out / "ckpt", trainer=trainer)
         if leader:
             print(f"interrupted at iteration {trainer.step} of {total}: checkpoint saved to {out / 'ckpt'}; "
                   f"continue with: "
                   f"lfnnify train {recipe_path} --out {out} --resume", flush=True)
-        return 128 + stopped.signal
+        return 128 + stop
     if leader:
         _finish(out, recipe, net, trainer, evaluations, time.perf_counter() - start)
     return 0
+
+
+def _resume_decision(out: Path, resume: bool) -> bool:
+    """Whether this run resumes (asked for, or torchrun restarted the workers and a checkpoint exists), checked
+    against the run folder ``out``."""
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restarts and checkpoint_exists(out / "ckpt"):  # torchrun restarted the workers after a failure
+        resume = True
+        print(f"torchrun restarted the workers (restart {restarts}): resuming from the last checkpoint in "
+              f"{out / 'ckpt'}", flush=True)
+    _check_out(out, resume)
+    return resume
 
 
 def _check_out(out: Path, resume: bool) -> None:
@@ -195,21 +207,27 @@ def _steps_per_epoch(batches: int, *, blocks: int, world: int) -> int:
 
 
 def _train(recipe, net, trainer, train_loader, test_loader, *, total, steps_per_epoch, out, stopped, resume,
-           leader) -> list[dict]:
-    """Train in chunks up to the next evaluation or checkpoint; returns every evaluation record."""
+           leader, world) -> tuple[list[dict], int]:
+    """Train in chunks up to the next evaluation or checkpoint; returns every evaluation record, and the signal
+    that stopped the run (0 when it ran to the end).
+
+    Under torchrun the ranks agree after every chunk whether any of them was asked to stop (SIGTERM or Ctrl-C may
+    reach one host only), so that all of them stop, and save, at the same step: a stop asked of block 0's rank
+    ends the chunk at once; one asked of another rank takes effect at the end of the chunk."""
     t = recipe.train
-    evaluations = read_jsonl(out / "log.jsonl", kind="eval") if resume else []
+    evaluations = read_jsonl(out / "log.jsonl", kind="eval") if resume and leader else []
     eval_every = t.eval_every or steps_per_epoch
     start, trained_s = time.perf_counter(), 0.0  # training time only: evaluations and checkpoints are not counted
-    while trainer.step < total and not stopped:
+    while trainer.step < total:
         next_eval = (trainer.step // eval_every + 1) * eval_every
         next_ckpt = (trainer.step // t.checkpoint_every + 1) * t.checkpoint_every
         chunk = time.perf_counter()
         stop_at = min(total, next_eval, next_ckpt)
         trainer.fit(train_loader if _reads_data(trainer) else None, epochs=10**9, max_steps=stop_at)
         trained_s += time.perf_counter() - chunk
-        if stopped:
-            break
+        stop = trainer.max_over_ranks(stopped.signal) if world > 1 else stopped.signal
+        if stop:
+            return evaluations, stop
         if trainer.step in (next_eval, total):
             metrics = trainer.evaluate(test_loader if _reads_data(trainer) else None)
             record = {"kind": "eval", "step": trainer.step, "epoch": trainer.step / steps_per_epoch,
@@ -220,7 +238,7 @@ def _train(recipe, net, trainer, train_loader, test_loader, *, total, steps_per_
                 print(f"step {trainer.step}: test accuracy {metrics['accuracy']:.4f}; heads "
                       + ", ".join(f"{a:.3f}" for a in metrics["block_accuracy"][:-1]), flush=True)
         save(net, out / "ckpt", trainer=trainer)
-    return evaluations
+    return evaluations, 0
 
 
 def _reads_data(trainer) -> bool:

@@ -1,11 +1,24 @@
-"""Hosts on one Linux machine: network (and PID) namespaces joined by shaped veth links, each on its own cores.
+"""Hosts on one Linux machine that share nothing but their link: namespaces joined by shaped veth links.
 
-``with Hosts(2, rate="1gbit") as hosts:`` creates two namespaces, each with its own loopback and one end of a veth
-pair (three or more hosts hang off a bridge in a switch namespace), addressed ``10.213.0.1``, ``10.213.0.2``, ...
-with no default route, so nothing can leave the machine. Every host's egress is shaped with a token bucket
-(``tc ... tbf``); latency would need ``netem``, which is used only where the kernel has it. ``hosts.popen(i, cmd)``
-runs a command inside host i, pinned to its cores. Everything created is removed on exit, also after an error or
-Ctrl-C; ``Hosts.remove_stale()`` removes what a killed run left. Needs root and iproute2 (``ip``, ``tc``).
+``with Hosts(2, rate="1gbit") as hosts:`` creates two network namespaces, each with its own loopback and one end of a
+veth pair (three or more hosts hang off a bridge in a switch namespace), addressed ``10.213.0.1``, ``10.213.0.2``,
+... with no default route, so nothing can leave the machine. Every host's egress is shaped with a token bucket
+(``tc ... tbf``); latency would need ``netem``, which is used only where the kernel has it.
+
+``hosts.popen(i, cmd)`` runs a command inside host i: its network namespace, a PID namespace of its own, pinned to
+its cores, and a mount and UTS namespace of its own, so that, as on two machines,
+
+- ``/tmp``, ``/var/tmp`` and ``/dev/shm`` are the host's own, and so is its working folder: a file one host writes
+  there is invisible to every other host (``hosts.path(i, p)`` says where host i's file ``p`` lies, seen from
+  outside, so that a test can read it);
+- every host has the same host name (``lfnnify-host``), as containers on two machines often do;
+- the rest of the file system (the Python installation, the code, the data) is the same on every host, as on
+  machines built from one image; ``shared=[folder, ...]`` makes folders that every host sees as one (a network file
+  system), also inside the private folders.
+
+Everything created is removed on exit, also after an error or Ctrl-C; ``Hosts.remove_stale()`` removes what a killed
+run left. A testbed never touches another's: creating one whose names exist is refused. Needs root, iproute2
+(``ip``, ``tc``) and util-linux (``unshare``, ``taskset``).
 """
 
 from __future__ import annotations
@@ -13,16 +26,22 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import ConfigError
 
-__all__ = ["Hosts", "TestbedError", "missing", "parse_rate", "PREFIX"]
+__all__ = ["Hosts", "TestbedError", "missing", "parse_rate", "PREFIX", "HOSTNAME", "PRIVATE"]
 
 PREFIX = "lfh"  # every namespace and link this module creates starts with it (and with the creating process's id)
 SUBNET = "10.213.0"
+HOSTNAME = "lfnnify-host"  # every host's name: nothing may rely on host names telling machines apart
+PRIVATE = ("/var/tmp", "/dev/shm", "/tmp")  # each host's own; /tmp last: the others' backing folders lie in it
+WORK = "/tmp/lfnnify-work"  # each host's working folder (inside its own /tmp)
 
 
 class TestbedError(ConfigError):
@@ -50,6 +69,11 @@ def parse_rate(rate: str | None) -> int | None:
     return int(float(found.group(1)) * {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}[found.group(2)])
 
 
+def _namespaces() -> list[str]:
+    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in listing.splitlines() if line.split()]
+
+
 def _run(*cmd: str) -> str:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -65,10 +89,13 @@ class Hosts:
         rate: every host's egress rate (``"1gbit"``), or None for an unshaped link.
         cores: the CPU cores of each host (default: core i for host i, as many as there are).
         latency_ms: one-way delay added with netem where the kernel has it; else skipped with a note.
+        tag: the testbed's name (default: from this process's id); a named one outlives the process (the CLI's).
+        shared: folders every host sees as one, as a network file system (default: none; each host's /tmp,
+            /var/tmp, /dev/shm and working folder are its own).
     """
 
     def __init__(self, count: int = 2, *, rate: str | None = None, cores: list[list[int]] | None = None,
-                 latency_ms: float | None = None, tag: str | None = None):
+                 latency_ms: float | None = None, tag: str | None = None, shared: Sequence[str | Path] = ()):
         reason = missing()
         if reason:
             raise TestbedError(reason)
@@ -84,8 +111,11 @@ class Hosts:
             raise ConfigError(f"tag={self.tag!r}: 1 to 9 lower-case letters and digits, starting with a letter")
         self.names = [f"{self.tag}h{i}" for i in range(count)]
         self.switch = f"{self.tag}sw" if count > 2 else None
+        self.shared = [Path(p).absolute() for p in shared]
+        self.disks = Path(tempfile.gettempdir()) / f"lfnnify-disks-{self.tag}"  # each host's private folders
         self.notes: list[str] = []
         self._up = False
+        self._created: list[str] = []  # the namespaces this object made (or adopted): the only ones it removes
 
     # ------------------------------------------------------------------ life cycle
 
@@ -97,11 +127,20 @@ class Hosts:
         self.down()
 
     def up(self) -> Hosts:
-        """Create the namespaces, links and addresses, and shape the links."""
-        self._up = True  # from here on, down() removes whatever part was created
+        """Create the namespaces, links, addresses and private folders, and shape the links. Refused, touching
+        nothing, where a testbed of the same name exists (another process's, or this one's still running)."""
+        taken = [n for n in self._all_names() if n in _namespaces()]
+        if taken or self.disks.exists():
+            raise TestbedError(
+                f"a testbed named {self.tag!r} already exists here ({', '.join(taken) or self.disks}); it may still be "
+                f"running a job, so it is left alone. Remove it first (hosts.py down) or use another tag")
+        self._up = True  # from here on, down() removes whatever part this call created
         try:
-            for name in self.names + ([self.switch] if self.switch else []):
+            for i in range(self.count):
+                self.wipe(i)
+            for name in self._all_names():
                 _run("ip", "netns", "add", name)
+                self._created.append(name)
                 _run("ip", "-n", name, "link", "set", "lo", "up")
             if self.switch:
                 _run("ip", "-n", self.switch, "link", "add", "br0", "type", "bridge")
@@ -125,37 +164,95 @@ class Hosts:
 
     def attach(self) -> Hosts:
         """Use a testbed an earlier process created with the same ``tag`` and ``count`` (the CLI's ``run``)."""
-        listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-        if not all(re.search(rf"^{name}\b", listing, re.M) for name in self.names):
+        if not all(name in _namespaces() for name in self.names):
             raise TestbedError(f"no testbed {self.tag!r} with {self.count} hosts here; create it first (hosts.py up)")
         self._up = True
         return self
 
+    def adopt(self) -> Hosts:
+        """Take charge of the testbed of this tag, whatever made it, so that :meth:`down` removes it (the CLI's
+        ``down``)."""
+        self._up = True
+        self._created = [n for n in self._all_names() if n in _namespaces()]
+        return self
+
     def down(self) -> None:
-        """Remove every namespace (and with it every link) this testbed created. Safe to call twice."""
+        """Remove every namespace (and with it every link) and the private folders this testbed created. Safe to
+        call twice."""
         if not self._up:
             return
-        for i in range(self.count):
-            try:
-                self.kill(i)  # a namespace goes only when its last process does: none may outlive the testbed
-            except TestbedError:
-                pass
-        for name in self.names + ([self.switch] if self.switch else []):
+        for i, name in enumerate(self.names):
+            if name in self._created:
+                try:
+                    self.kill(i)  # a namespace goes only when its last process does: none may outlive the testbed
+                except TestbedError:
+                    pass
+        for name in self._created:
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        self._created = []
+        shutil.rmtree(self.disks, ignore_errors=True)
         self._up = False
 
     @staticmethod
     def remove_stale() -> list[str]:
-        """Remove the namespaces of testbeds whose creating process is gone; returns their names."""
+        """Remove the namespaces and private folders of testbeds whose creating process is gone; returns the
+        namespaces' names."""
         removed = []
-        listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-        for line in listing.splitlines():
-            name = line.split()[0] if line.split() else ""
+        for name in _namespaces():
             found = re.fullmatch(rf"{PREFIX}(\d+)(h\d+|sw)", name)
             if found and not Path(f"/proc/{found.group(1)}").exists():
                 subprocess.run(["ip", "netns", "del", name], capture_output=True)
                 removed.append(name)
+        for disks in Path(tempfile.gettempdir()).glob(f"lfnnify-disks-{PREFIX}*"):
+            found = re.fullmatch(rf"lfnnify-disks-{PREFIX}(\d+)", disks.name)
+            if found and not Path(f"/proc/{found.group(1)}").exists():
+                shutil.rmtree(disks, ignore_errors=True)
         return removed
+
+    def _all_names(self) -> list[str]:
+        return self.names + ([self.switch] if self.switch else [])
+
+    # ------------------------------------------------------------------ each host's own folders
+
+    def _folders(self, i: int) -> dict[str, Path]:
+        """Host i's private folders: the path each takes inside the host, and where it lies outside."""
+        root = self.disks / f"host{i}"
+        return {p: root / p.strip("/").replace("/", "_") for p in PRIVATE}
+
+    def path(self, i: int, inside: str | Path) -> Path:
+        """Where host i's file ``inside`` (a path as host i's processes name it; a relative one from its working
+        folder) lies, seen from outside the hosts: in host i's own folders when it is inside one, else ``inside``
+        itself (the same on every host)."""
+        inside = Path(WORK) / inside
+        if any(inside == s or s in inside.parents for s in self.shared):
+            return inside
+        for private, backing in self._folders(i).items():
+            if inside == Path(private) or Path(private) in inside.parents:
+                return backing / inside.relative_to(private)
+        return inside
+
+    def wipe(self, i: int) -> None:
+        """Empty host i's private folders (its disk was replaced); the shared folders stay."""
+        for folder in self._folders(i).values():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+        self.path(i, WORK).mkdir(parents=True)
+
+    def _mounts(self, i: int) -> str:
+        """The shell lines that give host i its own folders and host name (run as root in its new mount and UTS
+        namespaces, whose mounts never propagate back): each private folder bound over its path, a shared folder
+        inside one bound into it first, at its own path; then into its working folder."""
+        q = shlex.quote
+        lines = ["set -e", "mount --make-rprivate /"]
+        for private, backing in self._folders(i).items():
+            for folder in self.shared:
+                if Path(private) in folder.parents:
+                    target = backing / folder.relative_to(private)
+                    lines += [f"mkdir -p {q(str(folder))} {q(str(target))}", f"mount --bind {q(str(folder))} "
+                                                                               f"{q(str(target))}"]
+            lines.append(f"mount --rbind {q(str(backing))} {q(private)}")
+        lines += [f"hostname {HOSTNAME}", f"cd {WORK}", 'exec "$@"']
+        return "\n".join(lines)
 
     # ------------------------------------------------------------------ the links
 
@@ -217,9 +314,10 @@ class Hosts:
 
     def command(self, i: int, cmd: list[str]) -> list[str]:
         """``cmd`` as it runs inside host i: its network namespace, a PID namespace of its own (so that, as on
-        separate machines, no host's processes can see or signal another's), pinned to host i's cores."""
-        return ["ip", "netns", "exec", self.names[i], "unshare", "--pid", "--fork", "--mount-proc", "taskset", "-c",
-                ",".join(map(str, self.cores[i])), *cmd]
+        separate machines, no host's processes can see or signal another's), its own mount and UTS namespaces (its
+        own folders, the common host name), pinned to host i's cores."""
+        return ["ip", "netns", "exec", self.names[i], "unshare", "--pid", "--fork", "--mount-proc", "--uts",
+                "taskset", "-c", ",".join(map(str, self.cores[i])), "sh", "-c", self._mounts(i), HOSTNAME, *cmd]
 
     def env(self, i: int, base: dict | None = None) -> dict:
         """The environment of host i's processes: gloo on the host's link, the host named in lfnnify's messages,
@@ -227,6 +325,8 @@ class Hosts:
         env = dict(os.environ if base is None else base)
         env.update(GLOO_SOCKET_IFNAME=self.device(i), LFNNIFY_HOST=f"host{i}",
                    OMP_NUM_THREADS=str(len(self.cores[i])),
+                   # caches a library might write go to the host's own /tmp, not to a home folder every host shares
+                   XDG_CACHE_HOME="/tmp/.cache", MPLCONFIGDIR="/tmp/.matplotlib",
                    # torchrun's restarts across hosts hand the new workers the old ones' addresses when workers share
                    # the rendezvous store (pytorch/pytorch#135712); a store of their own per attempt avoids it
                    TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")

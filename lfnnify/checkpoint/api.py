@@ -20,7 +20,8 @@ from . import files as fileio
 from . import store
 
 __all__ = ["save", "load", "export", "load_pretrained", "read_trainer_state", "load_weights_into", "exists",
-           "describe_checkpoint"]
+           "describe_checkpoint", "trainer_names", "trainer_blobs", "parse_trainer_state", "read_trainer_blobs",
+           "read_meta"]
 
 WEIGHTS, TRAINER_META, TRAINER_TENSORS = "model.safetensors", "trainer.json", "trainer.safetensors"
 _META_KEYS = ("format", "config", "cuts", "input_shape", "model")
@@ -46,12 +47,32 @@ def describe_checkpoint(net: LFNNModel, source_shapes: dict | None = None) -> di
     }
 
 
-def trainer_files(trainer, folder: Path, json_name: str, tensors_name: str) -> list[str]:
-    """Write a trainer's state as JSON plus a safetensors file of its tensors; return the file names."""
+def trainer_names(block: int | None = None, replica: int = 0) -> tuple[str, str]:
+    """The two files of a trainer's state (JSON, tensors): one process's, or a pipeline rank's by its block and
+    replica."""
+    if block is None:
+        return TRAINER_META, TRAINER_TENSORS
+    stem = f"trainer-block{block}" + (f"-replica{replica}" if replica else "")
+    return f"{stem}.json", f"{stem}.safetensors"
+
+
+def trainer_blobs(trainer, names: tuple[str, str]) -> dict[str, bytes]:
+    """A trainer's state as the bytes of its two files: JSON, and a safetensors file of its tensors."""
     tensors: dict = {}
-    fileio.write_json(folder / json_name, {"state": fileio.flatten(trainer.state_dict(), tensors, "trainer")})
-    fileio.write_tensors(folder / tensors_name, tensors)
-    return [json_name, tensors_name]
+    content = {"state": fileio.flatten(trainer.state_dict(), tensors, "trainer")}
+    return {names[0]: fileio.json_bytes(content), names[1]: fileio.tensor_bytes(tensors)}
+
+
+def parse_trainer_state(blobs: dict[str, bytes], names: tuple[str, str], folder: Path) -> dict:
+    """The trainer state in the bytes of its two files (read from ``folder``, where errors say they are)."""
+    tensors = fileio.tensors_from_bytes(blobs[names[1]], folder / names[1])
+    stored = fileio.json_from_bytes(blobs[names[0]], folder / names[0], ("state",))
+    state = fileio.unflatten(stored["state"], tensors)
+    missing = [k for k in _TRAINER_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{folder / names[0]} is damaged: the trainer state lacks "
+                              f"{', '.join(map(repr, missing))}")
+    return state
 
 
 def save(net: LFNNModel, path: str | os.PathLike, *, trainer=None) -> Path:
@@ -84,7 +105,9 @@ def save(net: LFNNModel, path: str | os.PathLike, *, trainer=None) -> Path:
         store.fault_point("mid-write")
         files = [WEIGHTS]
         if trainer is not None:
-            files += trainer_files(trainer, tmp, TRAINER_META, TRAINER_TENSORS)
+            for name, data in trainer_blobs(trainer, trainer_names()).items():
+                (tmp / name).write_bytes(data)
+                files.append(name)
         meta["files"] = {name: fileio.sha256(tmp / name) for name in files}
         fileio.write_json(tmp / store.META, meta)
     return path
@@ -237,35 +260,33 @@ def load_weights_into(net: LFNNModel, path: str | os.PathLike) -> LFNNModel:
     return net
 
 
-def read_trainer_state(path: str | os.PathLike, *, block: int | None = None) -> dict:
+def read_trainer_state(path: str | os.PathLike, *, block: int | None = None, replica: int = 0) -> dict:
     """The trainer state stored by ``save(net, path, trainer=...)``, for ``Trainer.load_state_dict``.
 
-    For a checkpoint written by a pipeline run, ``block=`` picks that block's rank's state
-    (``PipelineTrainer.stage``).
+    For a checkpoint written by a pipeline run, ``block=`` and ``replica=`` pick that rank's state
+    (``PipelineTrainer.stage`` and ``.replica``); every rank's is kept.
     """
     path = Path(path)
     with store.reading(path) as (folder, digest):
         meta = read_meta(folder, digest)
-        names = (TRAINER_META, TRAINER_TENSORS)
-        if "pipeline" in meta:
-            if block is None:
-                raise CheckpointError(f"{path} was written by a pipeline run: pass block=trainer.stage")
-            names = (f"trainer-block{block}.json", f"trainer-block{block}.safetensors")
-        sums = meta.get("files", {})
-        if not (folder / names[0]).exists():
-            if names[0] in sums:
-                raise CheckpointError(f"{folder / names[0]} is missing (the checkpoint was saved with its trainer "
-                                      f"state, which is gone); the checkpoint is incomplete, so it cannot resume")
-            raise CheckpointError(f"{path} holds no trainer state; it was saved without trainer=, so it cannot "
-                                  f"resume")
-        tensors = fileio.load_tensors(folder / names[1], sums.get(names[1]))
-        stored = fileio.read_json(folder / names[0], ("state",), expected_sha256=sums.get(names[0]))
-    state = fileio.unflatten(stored["state"], tensors)
-    missing = [k for k in _TRAINER_KEYS if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise CheckpointError(f"{folder / names[0]} is damaged: the trainer state lacks "
-                              f"{', '.join(map(repr, missing))}")
-    return state
+        if "pipeline" in meta and block is None:
+            raise CheckpointError(f"{path} was written by a pipeline run: pass block=trainer.stage (and "
+                                  f"replica=trainer.replica)")
+        names = trainer_names(block if "pipeline" in meta else None, replica)
+        blobs = read_trainer_blobs(folder, meta, names, path)
+    return parse_trainer_state(blobs, names, folder)
+
+
+def read_trainer_blobs(folder: Path, meta: dict, names: tuple[str, str], path: Path) -> dict[str, bytes]:
+    """The bytes of a trainer state's two files in the checkpoint version ``folder``, checked against its sums."""
+    sums = meta.get("files", {})
+    if not (folder / names[0]).exists():
+        if names[0] in sums:
+            raise CheckpointError(f"{folder / names[0]} is missing (the checkpoint was saved with its trainer "
+                                  f"state, which is gone); the checkpoint is incomplete, so it cannot resume")
+        raise CheckpointError(f"{path} holds no trainer state for {names[0].removesuffix('.json')}; it was saved "
+                              f"without trainer= (or by another layout), so it cannot resume")
+    return {name: fileio.read_verified(folder / name, sums.get(name)) for name in names}
 
 
 # ---------------------------------------------------------------- export and pretrained weights

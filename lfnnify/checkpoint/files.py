@@ -11,12 +11,14 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
 
 from ..errors import CheckpointError
 
 __all__ = ["FORMAT", "sha256", "verify", "write_tensors", "write_json", "load_tensors", "read_json", "flatten",
-           "unflatten", "unshare"]
+           "unflatten", "unshare", "tensor_bytes", "json_bytes", "read_verified", "tensors_from_bytes",
+           "json_from_bytes"]
 
 FORMAT = "lfnnify-checkpoint"
 
@@ -32,6 +34,13 @@ def sha256(file: Path) -> str:
     return digest.hexdigest()
 
 
+def _damaged(file: Path) -> CheckpointError:
+    return CheckpointError(
+        f"{file} is damaged: its checksum differs from the one recorded when it was saved, so its contents "
+        f"changed on disk. Restore it from a copy, or use another checkpoint."
+    )
+
+
 def verify(file: Path, expected: str | None) -> None:
     """Refuse a file whose bytes changed since it was saved."""
     if expected is None:
@@ -39,37 +48,45 @@ def verify(file: Path, expected: str | None) -> None:
     if not file.exists():
         raise CheckpointError(f"{file} is missing; the checkpoint is incomplete")
     if sha256(file) != expected:
-        raise CheckpointError(
-            f"{file} is damaged: its checksum differs from the one recorded when it was saved, so its contents "
-            f"changed on disk. Restore it from a copy, or use another checkpoint."
-        )
+        raise _damaged(file)
 
 
-def write_tensors(file: Path, tensors: dict) -> None:
-    save_file(unshare(tensors), str(file), metadata={"format": FORMAT})
-
-
-def write_json(file: Path, content: dict) -> None:
-    file.write_text(json.dumps(content, indent=1, default=str))
-
-
-def load_tensors(file: Path, expected_sha256: str | None = None) -> dict:
-    verify(file, expected_sha256)
+def read_verified(file: Path, expected_sha256: str | None = None) -> bytes:
+    """A checkpoint file's bytes, refused when they differ from those recorded at the save."""
     try:
-        return load_file(str(file))
+        data = file.read_bytes()
     except FileNotFoundError:
         raise CheckpointError(f"{file} is missing; the checkpoint is incomplete") from None
+    if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
+        raise _damaged(file)
+    return data
+
+
+# ---------------------------------------------------------------- the files' contents, as bytes
+# A pipeline rank serialises its part of a checkpoint to these bytes, which rank 0 writes as files: a file holds
+# exactly what the wire carried, and one parser reads both.
+
+
+def tensor_bytes(tensors: dict) -> bytes:
+    return save_bytes(unshare(tensors), metadata={"format": FORMAT})
+
+
+def json_bytes(content: dict) -> bytes:
+    return json.dumps(content, indent=1, default=str).encode()
+
+
+def tensors_from_bytes(data: bytes, file: Path) -> dict:
+    """The tensors of ``file``'s bytes; a damaged or truncated file is refused, naming it."""
+    try:
+        return load_bytes(data)
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{file} is damaged or truncated ({exc}); the checkpoint cannot be read") from None
 
 
-def read_json(file: Path, required: tuple[str, ...] = (), expected_sha256: str | None = None) -> dict:
+def json_from_bytes(data: bytes, file: Path, required: tuple[str, ...] = ()) -> dict:
     """A checkpoint's JSON file, checked: it parses, it is an object, and it has every ``required`` key."""
-    verify(file, expected_sha256)
     try:
-        content = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{file} is missing; the checkpoint is incomplete") from None
+        content = json.loads(data.decode())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{file} is damaged ({exc}); the checkpoint cannot be read") from None
     if not isinstance(content, dict):
@@ -81,6 +98,23 @@ def read_json(file: Path, required: tuple[str, ...] = (), expected_sha256: str |
             f"{', '.join(repr(k) for k in missing)}"
         )
     return content
+
+
+def write_tensors(file: Path, tensors: dict) -> None:
+    file.write_bytes(tensor_bytes(tensors))
+
+
+def write_json(file: Path, content: dict) -> None:
+    file.write_bytes(json_bytes(content))
+
+
+def load_tensors(file: Path, expected_sha256: str | None = None) -> dict:
+    return tensors_from_bytes(read_verified(file, expected_sha256), file)
+
+
+def read_json(file: Path, required: tuple[str, ...] = (), expected_sha256: str | None = None) -> dict:
+    """A checkpoint's JSON file, checked (see :func:`json_from_bytes`)."""
+    return json_from_bytes(read_verified(file, expected_sha256), file, required)
 
 
 # ---------------------------------------------------------------- tensors and JSON

@@ -48,10 +48,16 @@ _FLAT_FILES = re.compile(r"^(lfnnify\.json|model\.safetensors|trainer\.(json|saf
 _READ_ATTEMPTS = 20  # a load retries when the version it was about to read was replaced under it
 
 
+_REACHED: dict[str, int] = {}
+
+
 def fault_point(name: str) -> None:
-    """Tests of crash safety kill the process here for real (``LFNNIFY_KILL_AT=name``), and tests of saves and
-    loads side by side widen the window here (``LFNNIFY_PAUSE_AT=name``: 0.1 s); otherwise nothing."""
-    if os.environ.get("LFNNIFY_KILL_AT") == name:
+    """Tests of crash safety kill the process here for real (``LFNNIFY_KILL_AT=name``, or ``name:N`` for the N-th
+    time this point is reached), and tests of saves and loads side by side widen the window here
+    (``LFNNIFY_PAUSE_AT=name``: 0.1 s); otherwise nothing."""
+    _REACHED[name] = _REACHED.get(name, 0) + 1
+    kill = os.environ.get("LFNNIFY_KILL_AT", "")
+    if kill and kill in (name, f"{name}:{_REACHED[name]}"):
         os.kill(os.getpid(), signal.SIGKILL)
     if os.environ.get("LFNNIFY_PAUSE_AT") == name:
         time.sleep(0.1)

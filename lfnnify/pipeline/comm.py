@@ -16,11 +16,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .. import errors
 from ..errors import PipelineError
 
 __all__ = ["Link", "PeerError", "TRAIN", "EVAL", "END", "GRAD", "WEIGHTS", "EPOCH_DONE", "EVALUATE", "init_distributed",
-           "choose_backend", "pair_channels", "peer_failures", "is_peer_failure", "host_name", "machine_identity",
-           "stage_device", "fault", "name_the_rank"]
+           "choose_backend", "peer_failures", "is_peer_failure", "host_name", "machine_identity",
+           "stage_device", "fault", "name_the_rank", "decided_by_rank0", "process_identity", "end_if_here"]
 
 # message kinds in the header
 TRAIN, EVAL, END, GRAD, WEIGHTS = 1, 2, 3, 4, 5  # WEIGHTS: a block's weights for the previous block's head
@@ -60,22 +61,27 @@ def peer_failures(me: str, others: str, timeout: datetime.timedelta, what: str):
         raise PeerError(f"{me} stops: {others} {how}, while {what}") from None
 
 
-def pair_channels(stages: int, replicas: int) -> dict[tuple[int, int], object]:
-    """One process group per direction of every neighbouring pair: ``channels[(src, dst)]``.
-
-    Every rank must call this, in the same order (torch.distributed's rule for new groups). With one
-    communicator per direction, the activation a rank sends down never queues behind the gradient it waits for
-    from above: under NCCL, ungrouped point-to-point operations on one communicator run in order on one stream,
-    so rank k sending activation t+1 while rank k+1 sends gradient t would each wait for the other once a message
-    is larger than NCCL's buffers. Gloo gets the same groups, so CPU tests run the same code.
-    """
-    channels = {}
-    for k in range(stages - 1):
-        for r in range(replicas):
-            a, b = k * replicas + r, (k + 1) * replicas + r
-            channels[(a, b)] = dist.new_group([a, b])  # activations, labels, end-of-phase messages
-            channels[(b, a)] = dist.new_group([a, b])  # gradients and look-ahead weights
-    return channels
+def decided_by_rank0(decide, *, group=None):
+    """Run ``decide()`` on rank 0 only and give every rank its result, or make every rank raise its error: what only
+    rank 0 can see (its own disk: a checkpoint, a run folder) is decided once, for all, so that no rank goes on
+    alone into a collective the others will never join. A collective: every rank of ``group`` calls it."""
+    outcome: list = [None]
+    failure = None
+    if dist.get_rank() == 0:
+        try:
+            outcome = [("ok", decide())]
+        except Exception as exc:  # noqa: BLE001 - handed to every rank, then raised here as it was
+            failure = exc
+            kind = type(exc).__name__ if isinstance(exc, errors.LfnnifyError) else "PipelineError"
+            text = str(exc) if isinstance(exc, errors.LfnnifyError) else f"rank 0 failed: {type(exc).__name__}: {exc}"
+            outcome = [("error", kind, text)]
+    dist.broadcast_object_list(outcome, src=0, group=group)
+    if failure is not None:
+        raise failure
+    if outcome[0][0] == "error":
+        _, kind, text = outcome[0]
+        raise getattr(errors, kind, PipelineError)(text)
+    return outcome[0][1]
 
 
 class Link:
@@ -83,8 +89,8 @@ class Link:
 
     Sends are asynchronous; at most ``max_in_flight`` are pending before a send waits for the oldest.
     Every wait is bounded by ``timeout``. ``timing`` collects the seconds spent waiting, read with ``clock``
-    (which waits for the device first on a GPU). Each direction of each pair has its own process group
-    (``channels``, from :func:`pair_channels`), so no two messages can wait for each other.
+    (which waits for the compute stream first on a GPU). Each direction of each pair has its own process group
+    (``channels``, from :func:`lfnnify.pipeline.groups.make_groups`), so no two messages can wait for each other.
     """
 
     def __init__(self, *, rank: int, prev_rank: int | None, next_rank: int | None, device: torch.device,
@@ -215,7 +221,9 @@ def init_distributed(timeout: datetime.timedelta, backend: str | None = None, *,
         backend, note = choose_backend(backend, gpus=gpus, local_processes=local)
         if note and int(os.environ.get("LOCAL_RANK", 0)) == 0:
             sys.stderr.write(note + "\n")
-        dist.init_process_group(backend=backend, timeout=timeout)
+        # NCCL: the default group's communicator is built now (device_id), not at its first use inside a step
+        dist.init_process_group(backend=backend, timeout=timeout,
+                                device_id=stage_device() if backend == "nccl" and gpus else None)
     if gpus:
         torch.cuda.set_device(stage_device())
 
@@ -260,6 +268,21 @@ def host_name() -> str:
     return os.environ.get("LFNNIFY_HOST") or socket.gethostname()
 
 
+def process_identity() -> tuple[str, int, int]:
+    """(machine, pid, start time) of this process: what a neighbour must check before it ever signals it."""
+    return machine_identity(), os.getpid(), _start_time(os.getpid())
+
+
+def _start_time(pid: int) -> int:
+    """When process ``pid`` started, in clock ticks since boot (/proc/<pid>/stat, field 22); -1 where unknown.
+    A PID that names a new process after the old one exited has another start time."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
 def machine_identity() -> str:
     """What says two processes can signal each other: this kernel's boot id and this PID namespace. Host names
     collide (containers, cloned machines); a boot id does not, and a PID only means something inside its namespace."""
@@ -271,15 +294,25 @@ def machine_identity() -> str:
     return f"{boot}/{namespace}"
 
 
-def end_if_here(process: tuple[str, int]) -> bool:
-    """End a neighbour ``(machine_identity(), pid)`` that stopped answering (SIGSTOP, a hang), when it runs on this
-    machine and in this PID namespace: a stopped process ignores torchrun's SIGTERM for 30 s. A process elsewhere
-    is never signalled. Returns whether it was ended."""
-    machine, pid = process
+def end_if_here(process: tuple[str, int, int]) -> bool:
+    """End a neighbour ``process_identity()`` that stopped answering (SIGSTOP, a hang), when it runs on this machine
+    and in this PID namespace and is still the same process: a stopped process ignores torchrun's SIGTERM for 30 s.
+    A process elsewhere is never signalled, nor one whose PID now names another process (its start time differs):
+    the check is made on a pidfd, which keeps naming the process it was opened for, so the signal cannot reach a
+    process that took the PID after the check. Returns whether it was ended."""
+    machine, pid, started = process
     if machine != machine_identity() or machine.startswith("unknown-") or pid == os.getpid():
         return False
     try:
-        os.kill(pid, signal.SIGKILL)
+        fd = os.pidfd_open(pid)
     except (ProcessLookupError, PermissionError):
         return False
+    try:
+        if started < 0 or _start_time(pid) != started:  # the neighbour is gone and its PID was reused
+            return False
+        signal.pidfd_send_signal(fd, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        return False
+    finally:
+        os.close(fd)
     return True

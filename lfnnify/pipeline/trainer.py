@@ -4,40 +4,35 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import os
-import time
 import warnings
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from ..errors import ConfigError, DataError, PipelineError
+from ..errors import ConfigError, PipelineError
 from ..surgery.model import LFNNModel
 from ..training.base import TrainerBase
-from ..training.inputs import check_batch, check_fit, pair
+from ..training.inputs import check_fit
 from ..training.options import PipelineOptions, TrainerOptions, signature_with_options
 from .balance import CHECK_AFTER_STEPS, balance_report
 from .comm import (
-    END,
     EPOCH_DONE,
     EVALUATE,
-    GRAD,
-    TRAIN,
-    WEIGHTS,
     Link,
+    decided_by_rank0,
     end_if_here,
-    fault,
     host_name,
     init_distributed,
-    machine_identity,
     name_the_rank,
-    pair_channels,
     peer_failures,
+    process_identity,
     stage_device,
 )
+from .datapath import DataPath
 from .evaluation import evaluate_stage
+from .groups import make_groups
 from .replicas import average_gradients, broadcast_from_first_replica
 from .shards import Shard, keep_only_stage
 
@@ -48,7 +43,7 @@ class StageTiming(dict):
     """Seconds a rank spent busy (compute), waiting to receive, and waiting for sends, plus step count."""
 
 
-class PipelineTrainer(TrainerBase):
+class PipelineTrainer(DataPath, TrainerBase):
     """Trains an :class:`~lfnnify.LFNNModel` with one block per process, started by ``torchrun``.
 
     With world size K×R (K blocks, R replicas), rank ``r`` trains block ``r // R`` as replica
@@ -83,9 +78,14 @@ class PipelineTrainer(TrainerBase):
         device: ``None``: this rank's GPU (``LOCAL_RANK``) when there are GPUs, else the CPU; ``"cpu"`` keeps the
             block on the CPU (and talks over gloo).
 
-    On a GPU, the timestamps behind :meth:`stage_timings` wait for the device (``torch.cuda.synchronize``), and
-    a non-finite loss is detected on the device and read every ``FINITE_CHECK_EVERY`` (25) steps and at the end
-    of every ``fit`` phase; the error names the block and the step where it first happened.
+    Checkpoints: ``lfnnify.save(net, path, trainer=trainer)`` on every rank writes the whole model and every rank's
+    trainer state to ``path`` on rank 0's host (:mod:`lfnnify.pipeline.shards`: no shared file system needed);
+    :meth:`restore` resumes every rank from it. Rank 0 also keeps the log (``log_path``).
+
+    On a GPU, the timestamps behind :meth:`stage_timings` wait for this rank's compute stream (never for the whole
+    device, which would wait for NCCL's sends too), and a non-finite loss is detected on the device and read every
+    ``FINITE_CHECK_EVERY`` (25) steps and at the end of every ``fit`` phase; the error names the block and the step
+    where it first happened.
     """
 
     def __init__(
@@ -130,106 +130,38 @@ class PipelineTrainer(TrainerBase):
                 f"ranks converted the model with different cuts ({cuts}); every rank must cut at the same places: "
                 f"pass explicit cuts=[...] (balance='time' measures on each rank and can disagree)"
             )
-        # every rank creates every group, in the same order (torch.distributed's rule)
-        groups = [dist.new_group([k * self.replicas + r for r in range(self.replicas)]) for k in range(blocks)]
-        self.group = groups[self.stage]
-        channels = pair_channels(blocks, self.replicas)
         shapes = {k: list(v.shape) for k, v in net._source.state_dict().items()}  # before other blocks are freed
         keep_only_stage(net, self.stage, torch.device("cpu") if on_cpu else stage_device())
+        # rank 0 keeps the log (its host holds the run folder); the last stage's records reach it (_fit)
         super().__init__(net, owned=[self.stage], options=dataclasses.replace(
-            options, log_path=options.log_path if self.last else None, progress=options.progress and self.rank == 0))
+            options, log_path=options.log_path if self.rank == 0 else None,
+            progress=options.progress and self.rank == 0))
+        comm_device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        self.groups = make_groups(blocks, self.replicas, self.rank, comm_device)  # every communicator opened now
+        self.group = self.groups.replicas
         self.timing = StageTiming(busy_s=0.0, recv_wait_s=0.0, send_wait_s=0.0, steps=0)
-        self.balance: dict | None = None  # the blocks' busy time per step, once gathered (see _balance.py)
+        self.balance: dict | None = None  # the blocks' busy time per step, once gathered (see balance.py)
         processes: list = [None] * self.world
-        dist.all_gather_object(processes, (machine_identity(), os.getpid(), host_name()))
-        self._processes = [(machine, pid) for machine, pid, _ in processes]
-        hosts = [host for _, _, host in processes]
+        dist.all_gather_object(processes, (process_identity(), host_name()), group=self.groups.objects)
+        self._processes = [identity for identity, _ in processes]
+        hosts = [host for _, host in processes]
         self._hosts = hosts if len(set(hosts)) > 1 else None  # named in messages when the ranks span machines
         self.link = Link(rank=self.rank, prev_rank=self.prev_rank, next_rank=self.next_rank, device=self.device,
                          timeout=self.timeout, max_in_flight=max_in_flight, send_dtype=send_dtype, timing=self.timing,
                          label=self._label, on_hung=lambda rank: end_if_here(self._processes[rank]),
-                         channels={pair: g for pair, g in channels.items() if self.rank in pair}, clock=self._now)
+                         channels=self.groups.channels, clock=self._now)
         self._early_grad: Tensor | None = None  # replay: a gradient received at the end of a phase
         if self.replicas > 1:
             self.updates[self.stage].reduce = lambda grads: average_gradients(grads, self.group, self.replicas,
                                                                               self.link.comm_device)
             broadcast_from_first_replica(self.net, self.stage, self.replicas, self.group, self.link.comm_device)
         net._shard = Shard(stage=self.stage, replica=self.replica, replicas=self.replicas, rank=self.rank,
-                           source_shapes=shapes, talking=self.talking)
-
-    # ------------------------------------------------------------------ the data path of one stage
-
-    def _stage_step(self, x: Tensor, y: Tensor) -> dict:
-        """This rank's block on batch ``x``: forward, pass the output on, then its update (and, in replay
-        mode, the gradient of an earlier batch's input back to the previous rank)."""
-        start = self._now()
-        t, stage = self.step, self.stages[self.stage]
-        fault(self.rank, t)
-        self.net.train()
-        if not self.first and self._refresh_due(self.stage - 1, t):  # block k-1's look-ahead head copies this block
-            self.link.send(self.prev_rank, WEIGHTS, self.net.heads[self.stage - 1].flat_weights(stage.block))
-        out = stage.forward(x, y, t)
-        if not self.last:
-            self.timing["busy_s"] += self._now() - start
-            self.link.send(self.next_rank, TRAIN, out.detach(), y)  # the next stage starts now
-            if self._refresh_due(self.stage, t):
-                self._refresh_head(t)
-            start = self._now()
-        grad = None
-        if stage.expects_grad(t):
-            grad = self._take_grad()
-            start = self._now()
-        below, record = stage.learn(grad, t)
-        del out
-        if below is not None:
-            self.link.send(self.prev_rank, GRAD, below)
-        if record:
-            self._count_leaders(self.stage, record["leaders"])
-        self.step += 1
-        self.step_in_epoch += 1
-        self.timing["steps"] += 1
-        self.timing["busy_s"] += self._now() - start
-        self._after_step()
-        return record
-
-    def _now(self) -> float:
-        """A timestamp after the device has finished the work queued so far, so that busy and waiting times mean
-        what they say on a GPU (where kernels run asynchronously); on the CPU a plain clock."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
-    def _take_grad(self) -> Tensor:
-        if self._early_grad is not None:
-            grad, self._early_grad = self._early_grad, None
-            return grad
-        return self._recv_from_next(GRAD, "a gradient")
-
-    def _recv_from_next(self, expected: int, what: str) -> Tensor:
-        kind, _, tensor, _ = self.link.recv(self.next_rank)
-        if kind != expected:
-            raise PipelineError(f"{self._label(self.rank)} expected {what}, got message kind {kind}")
-        return tensor
-
-    def _refresh_head(self, t: int) -> None:
-        """Block k+1's weights as they are after its step t-1, which it sent when it started step t (after the
-        gradient it sent at step t-1, which is kept for this step)."""
-        if self.stages[self.stage].expects_grad(t) and self._early_grad is None:
-            self._early_grad = self._take_grad()
-        flat = self._recv_from_next(WEIGHTS, "weights")
-        self.net.heads[self.stage].refresh_from_flat(flat, self.net.blocks[self.stage + 1], self.refresh_momentum)
-
-    def _end_phase(self) -> None:
-        """Take the gradient the next rank sent at its last step (it is for this rank's next step), so that no
-        message is left in flight across an evaluation, a checkpoint or the end of training."""
-        if self.stages[self.stage].expects_grad(self.step) and self._early_grad is None:
-            self._early_grad = self._take_grad()
-        self.link.flush()
+                           blocks=blocks, source_shapes=shapes, talking=self.talking, group=self.groups.objects)
 
     def train_step(self, x: Tensor, y: Tensor) -> dict:
         raise PipelineError("PipelineTrainer steps inside fit(); every rank calls fit() with the same arguments")
 
-    # ------------------------------------------------------------------ loops
+    # ------------------------------------------------------------------ loops (each phase's: datapath.py)
 
     def talking(self, what: str):
         """A context in which another rank that stops answering ends this one with one line that names it."""
@@ -284,9 +216,9 @@ class PipelineTrainer(TrainerBase):
                 self._end_epoch()
             if flags & EVALUATE:  # decided by the first stage, so every rank evaluates together
                 entry.update({f"val_{k}": v for k, v in self.evaluate(val_loader).items()})
+            entry = self._from_last_stage(entry)
             self.history.append(entry)
-            if self.last:
-                self._log({"kind": "epoch", **entry})
+            self._log({"kind": "epoch", **entry})  # on rank 0 (the only rank with a log)
             if not finished:
                 break
         self._raise_if_nonfinite()
@@ -300,64 +232,13 @@ class PipelineTrainer(TrainerBase):
         self.balance = balance_report(self.stage_timings(), self.replicas, self.net.config.get("balance"))
         if self.balance["warning"] and self.rank == 0:
             warnings.warn(self.balance["warning"], UserWarning, stacklevel=3)
-        if self.last:
-            self._log({"kind": "balance", **self.balance})
+        self._log({"kind": "balance", **self.balance})  # on rank 0
 
-    def _feed(self, loader, max_steps, records, *, evaluate: bool) -> int:
-        """First stage: read this replica's batches, run block 0, and pass them down the pipe."""
-        self._start_epoch(loader, replicas=self.replicas)
-        rounds = len(loader) // self.replicas  # every replica takes the same number of steps
-        if rounds == 0:
-            raise DataError(f"the training loader has {len(loader)} batches, fewer than block 0's {self.replicas} "
-                            f"replicas, so no replica gets a batch; use a smaller batch_size or fewer replicas")
-        batches = iter(loader)
-        bar = tqdm(total=rounds, initial=self.step_in_epoch, disable=not self.progress, leave=False,
-                   desc=f"epoch {self.epoch + 1} (pipeline, {self.world} ranks)", unit="batch", dynamic_ncols=True)
-        finished = False
-        while (max_steps is None or self.step < max_steps) and not self._stop:
-            if self.step_in_epoch >= rounds:
-                finished = True
-                break
-            try:
-                chunk = [next(batches) for _ in range(self.replicas)]
-            except StopIteration:
-                finished = True
-                break
-            x, y = check_batch(*pair(chunk[self.replica], where="PipelineTrainer.fit"), self.batch_rules,
-                               where="PipelineTrainer.fit")
-            start = self._now()
-            x, y = x.to(self.device), y.to(self.device)
-            self.timing["busy_s"] += self._now() - start
-            records.append(self._stage_step(x, y))
-            bar.update(1)
-            if records[-1] and self.progress and self.step % self.log_every == 0:  # reading it waits for the device
-                bar.set_postfix(loss=f"{float(records[-1]['loss']):.3f}")
-        bar.close()
-        reached = max_steps is not None and self.step >= max_steps
-        wanted = evaluate and (finished or reached) and not self._stop  # a stop request returns at once
-        flags = (EPOCH_DONE if finished else 0) | (EVALUATE if wanted else 0)
-        if not self.last:
-            self.link.send(self.next_rank, END, flag=flags)
-        self._end_phase()
-        return flags
-
-    def _follow(self, records) -> int:
-        """Later stages: receive, train, pass on, until the end-of-phase message."""
-        if self.step_in_epoch == 0 and self.reselect == "epoch":
-            self.net.fixed_leaders = [None] * len(self.net.heads)
-        while True:
-            kind, flag, x, y = self.link.recv(self.prev_rank, dtype=self._dtype())
-            if kind == END:
-                if not self.last:
-                    self.link.send(self.next_rank, END, flag=flag)
-                self._end_phase()
-                return flag
-            if kind != TRAIN:
-                raise PipelineError(f"rank {self.rank} expected a training batch, got message kind {kind}")
-            records.append(self._stage_step(x, y))
-
-    def _dtype(self) -> torch.dtype | None:
-        return next((p.dtype for p in self.net.blocks[self.stage].parameters() if p.is_floating_point()), None)
+    def _from_last_stage(self, entry: dict) -> dict:
+        """The last stage's record of this phase (its losses and accuracy are the model's), on every rank."""
+        holder = [entry]
+        dist.broadcast_object_list(holder, src=(self.net.num_blocks - 1) * self.replicas, group=self.groups.objects)
+        return holder[0]
 
     def evaluate(self, loader=None) -> dict:
         """Evaluate in pipeline mode (every rank calls it; the first stage reads ``loader``).
@@ -380,13 +261,43 @@ class PipelineTrainer(TrainerBase):
 
     def state_dict(self) -> dict:
         state = super().state_dict()
-        state["stage"] = self.stage
+        state["stage"], state["replica"] = self.stage, self.replica
         state["early_grad"] = self._early_grad
         return state
 
+    def restore(self, path) -> None:
+        """Resume every rank from the checkpoint ``lfnnify.save(net, path, trainer=trainer)`` wrote on rank 0's
+        host: rank 0 reads it and sends each rank its block, head and trainer state, so the other hosts need no
+        copy (nor a shared file system). A collective: every rank calls it, with the model converted the same way.
+
+        Raises:
+            lfnnify.CheckpointError: on every rank, in one line: no checkpoint there, a damaged file, or one saved by
+                another layout (blocks x replicas) or with other cuts.
+        """
+        self.net._shard.restore(self.net, self, Path(path))
+
+    def decide(self, decide):
+        """``decide()`` run on rank 0 only, its result (or its error) on every rank: how the ranks act on what only
+        rank 0's host can see, such as the run folder on its disk. A collective."""
+        with self.talking("waiting for rank 0's decision"):
+            return decided_by_rank0(decide, group=self.groups.objects)
+
+    def max_over_ranks(self, value: int) -> int:
+        """The largest of every rank's ``value``: how ranks agree, for instance on a stop that one of them was
+        asked for (``lfnnify train`` then saves on every rank at the same step). A collective."""
+        flag = torch.tensor([value], dtype=torch.int64)
+        group = self.groups.objects
+        if group is None and dist.get_backend() == "nccl":
+            flag = flag.to(self.device)
+        with self.talking("agreeing on a stop"):
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        return int(flag.item())
+
     def load_state_dict(self, state: dict) -> None:
-        if state.get("stage", self.stage) != self.stage:
-            raise ConfigError(f"this trainer state belongs to block {state['stage']}, not block {self.stage}")
+        if state.get("stage", self.stage) != self.stage or state.get("replica", self.replica) != self.replica:
+            raise ConfigError(f"this trainer state belongs to block {state['stage']}, replica "
+                              f"{state.get('replica', 0)}, not to this rank's block {self.stage}, replica "
+                              f"{self.replica}: read_trainer_state(path, block=trainer.stage, replica=trainer.replica)")
         super().load_state_dict(state)
         early = state.get("early_grad")
         self._early_grad = early.to(self.device) if early is not None else None
