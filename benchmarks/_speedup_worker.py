@@ -31,9 +31,10 @@ RX: list[int] = []  # bytes received on IFACE so far, read with each step's stam
 
 
 def _now() -> float:
-    """A timestamp after the device has finished its queued work."""
+    """A timestamp after this process's compute stream has finished its queued work. Never the whole device: that
+    would also wait for NCCL's sends (the pipelines' and DDP's), each of which waits for its receiver."""
     if DEVICE.type == "cuda":
-        torch.cuda.synchronize(DEVICE)
+        torch.cuda.current_stream(DEVICE).synchronize()
     return time.perf_counter()
 
 
@@ -197,7 +198,7 @@ def projection(args, model, x, y):
         hidden = k < len(net.heads)
         times = {"bp": [], "lfnn": [], "replay": []}
         if DEVICE.type == "cuda":  # what this block's step adds on top of the weights already on the device
-            torch.cuda.synchronize(DEVICE)
+            torch.cuda.current_stream(DEVICE).synchronize()
             base = torch.cuda.memory_allocated(DEVICE)
             torch.cuda.reset_peak_memory_stats(DEVICE)
         for _ in range(args.warmup + 3):

@@ -19,7 +19,8 @@
 # Results land in $OUT/results.tgz (re-packed after every step, so a run cut short still returns what it
 # measured) and the log in $OUT/gpu_check.log. Unpack into benchmarks/results/ and commit with the date.
 set -u
-# sizes can be shrunk for a dry run on a laptop: GPU_CHECK_BATCH=8 GPU_CHECK_SIZE=64 GPU_CHECK_STEPS=2 bash ...
+# a dry run on a machine without a GPU (it refuses otherwise), sizes shrunk:
+#   GPU_CHECK_DRY_RUN=1 GPU_CHECK_BATCH=8 GPU_CHECK_SIZE=64 GPU_CHECK_STEPS=2 bash ...
 B=${GPU_CHECK_BATCH:-256} S=${GPU_CHECK_SIZE:-224} N=${GPU_CHECK_STEPS:-8} T=${GPU_CHECK_CPU_THREADS:-4}
 OUT=${OUT:-/tmp/gpu_check_out}
 RES=$(mktemp -d /tmp/gpu_check_results.XXXXXX)  # fresh: results of an earlier run never mix in
@@ -39,8 +40,27 @@ step() {  # step NAME SECONDS command...: a bounded step; a failure is logged an
   pack  # every step's results leave as soon as it ends
 }
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # offline: the wheels scripts/gpu_wheels.sh fetched
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/lfnnify-site .whl/*.whl \
-    && export PYTHONPATH=/tmp/lfnnify-site:$PYTHONPATH || echo "!!! installing .whl/ failed"
+  # only for what the device lacks or cannot import: a carried wheel never shadows a package the device already has
+  lacking=$(timeout 60 python3 - <<'PY'
+import importlib
+needs = {"timm": "timm", "safetensors": "safetensors", "yaml": "PyYAML"}
+for module, wheel in needs.items():
+    try:
+        importlib.import_module(module)
+        if module == "timm":
+            from timm.layers import get_notrace_functions, get_notrace_modules  # noqa: F401 - lfnnify's tracer
+    except Exception:
+        print(wheel.lower().replace("-", "_"))
+PY
+)
+  wheels=$(for name in $lacking; do ls .whl/ | grep -i "^${name}-" | sed 's|^|.whl/|'; done)
+  if [ -n "$wheels" ]; then
+    echo "installing carried wheels for what the device lacks: $lacking"
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/lfnnify-site $wheels \
+      && export PYTHONPATH=/tmp/lfnnify-site:$PYTHONPATH || echo "!!! installing .whl/ failed"
+  else
+    echo "the device has every package lfnnify needs: no carried wheel installed"
+  fi
 fi
 
 date -u; nvidia-smi -L 2>/dev/null || echo "(no nvidia-smi)"; nproc
@@ -63,6 +83,12 @@ print(f"preflight ok: python {sys.version.split()[0]}, torch {torch.__version__}
       f"timm {timm.__version__}, lfnnify {lfnnify.__version__}, cuda {torch.cuda.is_available()}"
       + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""))
 PY
+if [ "${GPU_CHECK_DRY_RUN:-0}" != 1 ] && ! timeout 60 python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())"
+then
+  echo "gpu_check: no CUDA device is visible here (torch.cuda.is_available() is False), so nothing was measured; run it" \
+       "on the GPU machine, or set GPU_CHECK_DRY_RUN=1 to try the script on the CPU"
+  pack; exit 3
+fi
 [ "${GPU_CHECK_PREFLIGHT_ONLY:-0}" = 1 ] && { echo "preflight only: done"; pack; exit 0; }
 step "paths" 150 python3 benchmarks/gpu_paths.py --out "$RES/gpu_paths.jsonl" --checks ${GPU_CHECK_PATHS:-trainer nonfinite cli pipeline}
 for model in resnet101 resnet152; do

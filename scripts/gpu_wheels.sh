@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Wheels for the packages benchmarks/gpu_check.sh needs and the device machine may lack or hold in another version
-# (it has torch 2.11 on Python 3.12 and no package index): into .whl/ (git-ignored), which the device run carries.
+# Wheels for the packages benchmarks/gpu_check.sh needs that the device machine might lack (it has torch 2.11 on
+# Python 3.12 and no package index): into .whl/ (git-ignored), which the device run carries.
 #   bash scripts/gpu_wheels.sh        then   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], ...)
-# timm is pinned to the version the tests run with here; safetensors and PyYAML are small and pure enough to carry.
+# The device's image already holds timm, safetensors and PyYAML (device tool, KINDS.md); gpu_check.sh installs a
+# carried wheel only where the device's own copy is missing or does not import, so none of them is shadowed.
+# timm is the version the tests run with here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf .whl && mkdir -p .whl

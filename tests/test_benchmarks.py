@@ -135,9 +135,14 @@ def test_the_speedup_worker_runs_several_methods_in_one_process_only_where_each_
 def test_gpu_check_script_dry_run_on_the_cpu(tmp_path):
     # the prepared accelerator run: its preflight, then its first step (lfnnify's GPU code paths, here on the CPU,
     # two of the four checks), each step's results packed as soon as it ends
-    env = {**os.environ, "OUT": str(tmp_path), "GPU_CHECK_ONLY": "paths", "GPU_CHECK_PATHS": "trainer nonfinite"}
+    env = {**os.environ, "OUT": str(tmp_path), "GPU_CHECK_ONLY": "paths", "GPU_CHECK_PATHS": "trainer nonfinite",
+           "CUDA_VISIBLE_DEVICES": ""}
+    refused = subprocess.run(["bash", "benchmarks/gpu_check.sh"], capture_output=True, text=True, cwd=ROOT,
+                             timeout=300, env=env)  # no GPU and no dry run asked for: one line, nothing measured
+    assert refused.returncode == 3 and "gpu_check: no CUDA device is visible here" in refused.stdout, refused.stdout
+    assert "=== paths" not in refused.stdout
     proc = subprocess.run(["bash", "benchmarks/gpu_check.sh"], capture_output=True, text=True, cwd=ROOT, timeout=300,
-                          env=env)
+                          env={**env, "GPU_CHECK_DRY_RUN": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "preflight ok: python" in proc.stdout and "=== paths" in proc.stdout
     import tarfile

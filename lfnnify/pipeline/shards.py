@@ -97,13 +97,25 @@ class Shard:
             part[f"block{self.stage}.safetensors"] = fileio.tensor_bytes(self.own(net.state_dict()))
         if trainer is not None:
             part.update(trainer_blobs(trainer, self._names()))
-        parts: list | None = [None] * dist.get_world_size() if self.rank == 0 else None
         store.fault_point("pipeline-gather")
-        dist.gather_object(part, parts, dst=0, group=self.group)
+        parts = self._to_rank0(part)
         meta["pipeline"] = self.layout
         # rank 0 writes and publishes the version, or removes it and says why; every rank then knows which
         decided_by_rank0(lambda: _write(path, meta, parts), group=self.group)
         return path
+
+    def _to_rank0(self, part: dict[str, bytes]) -> list[dict[str, bytes]] | None:
+        """Every rank's part, on rank 0 (None elsewhere). One send per rank, each at its own size: a gather would
+        pad every part to the largest, and rank 0's link carries them one after another either way."""
+        if self.rank != 0:
+            dist.send_object_list([part], dst=0, group=self.group)
+            return None
+        parts = [part]
+        for rank in range(1, dist.get_world_size()):
+            received: list = [None]
+            dist.recv_object_list(received, src=rank, group=self.group)
+            parts.append(received[0])
+        return parts
 
     @torch.no_grad()
     def _fingerprint(self, net: LFNNModel, input_shape) -> list[float]:
