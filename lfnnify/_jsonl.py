@@ -7,6 +7,8 @@ from pathlib import Path
 
 from torch import Tensor
 
+from ._writing import append_line
+
 __all__ = ["append_jsonl", "read_jsonl"]
 
 
@@ -17,16 +19,22 @@ def _jsonable(value):
 
 def append_jsonl(path: str | Path, record: dict) -> None:
     """Append ``record`` as one JSON line (tensors as lists; anything else JSON lacks as its ``str``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps(record, default=_jsonable) + "\n")
+    append_line(path, json.dumps(record, default=_jsonable) + "\n")
 
 
 def read_jsonl(path: str | Path, kind: str | None = None) -> list[dict]:
-    """The records in ``path`` (those whose ``"kind"`` is ``kind``, if given); [] when the file is missing."""
+    """The records in ``path`` (those whose ``"kind"`` is ``kind``, if given); [] when the file is missing. A last
+    line cut short (the writer was killed mid-line) is skipped, as readers of an append-only log do."""
     path = Path(path)
     if not path.exists():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # torn: the process that wrote it died mid-write
+                break
+            raise
     return [r for r in records if kind is None or r.get("kind") == kind]

@@ -150,7 +150,7 @@ class SeededSampler(Sampler[tuple[int, int]]):
         self.start = items
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**64)  # any seed torch takes
         order = torch.randperm(self.length, generator=g).tolist() if self.shuffle else list(range(self.length))
         seeds = torch.randint(0, 2**62, (self.length,), generator=g).tolist()
         start, self.start = self.start, 0

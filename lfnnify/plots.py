@@ -6,6 +6,7 @@ import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
+from ._writing import write_regular
 from .errors import ConfigError
 
 
@@ -19,12 +20,14 @@ def _pyplot():
 
 
 def _save(fig, path: str | Path) -> Path:
+    """Save ``fig`` as the regular file ``path`` (never through a link; a device or a folder there is refused)."""
+    import io
+
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=120, format=Path(path).suffix.lstrip(".") or "png")
     _pyplot().close(fig)
-    return path
+    return write_regular(path, buffer.getvalue())
 
 
 def plot_leadership(leadership: Sequence[Sequence[Sequence[int]]], path: str | Path) -> Path:

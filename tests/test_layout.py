@@ -113,7 +113,7 @@ def test_type_checkers_see_every_lazily_loaded_name():
 
 def test_every_module_lies_in_one_of_the_five_folders_or_is_a_small_shared_one():
     top = sorted(name for name in _modules() if _folder(name) == "")
-    assert top == ["__init__", "__main__", "_checks", "_jsonl", "_version", "data", "errors", "plots"], top
+    assert top == ["__init__", "__main__", "_checks", "_jsonl", "_version", "_writing", "data", "errors", "plots"], top
 
 
 def test_each_folder_imports_only_the_folders_it_serves_on():

@@ -201,9 +201,11 @@ def test_nccl_only_when_every_process_has_its_own_gpu(requested, gpus, local, ex
         _comm.choose_backend("mpi", gpus=0, local_processes=1)
 
 
-def test_a_stuck_neighbour_is_ended_only_on_this_machine_and_only_if_its_pid_still_names_it():
-    # real processes: the identity is (boot id and PID namespace, PID, start time), and a PID whose start time
-    # changed (the neighbour exited and its PID was reused) is never signalled
+def test_a_stuck_neighbour_is_ended_only_on_this_machine_only_if_stopped_and_only_if_its_pid_still_names_it():
+    # real processes: the identity is (boot id and PID namespace, PID, start time); a neighbour that only waits
+    # (perhaps for another rank that is stuck) is left alone, and a PID whose start time changed (the neighbour
+    # exited and its PID was reused) is never signalled
+    import signal
     import subprocess
     import sys
 
@@ -216,11 +218,16 @@ def test_a_stuck_neighbour_is_ended_only_on_this_machine_and_only_if_its_pid_sti
     try:
         machine, pid, started = _comm.process_identity()[0], child.pid, _comm._start_time(child.pid)
         assert started > 0
+        assert not _comm.end_if_here((machine, pid, started))  # waiting (sleeping), not shown to be stuck
+        os.kill(pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 10
+        while _comm._state(pid) != "T" and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert not _comm.end_if_here(("another-boot-id/pid:[1]", pid, started))  # same host name, another machine
         assert not _comm.end_if_here((machine, pid, started - 1))  # another process that had this PID before
-        assert child.poll() is None  # neither was signalled
+        assert child.poll() is None  # none of these was signalled
         assert not _comm.end_if_here(_comm.process_identity())  # never itself
-        assert _comm.end_if_here((machine, pid, started))
+        assert _comm.end_if_here((machine, pid, started))  # stopped, here, the same process: ended
         assert child.wait(timeout=10) == -9
     finally:
         child.kill()

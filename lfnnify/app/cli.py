@@ -50,7 +50,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from ..checkpoint.api import export, load
+    from ..checkpoint import export, load
 
     net = load(args.checkpoint)
     export(net, args.output)

@@ -12,6 +12,9 @@ import yaml
 
 from .._checks import is_flag, is_int, is_number
 from ..errors import DataNotFoundError, RecipeError
+from ..training.options import MAX_TIMEOUT_S
+
+MAX_SEED = 2**63 - 1  # the largest seed torch.manual_seed takes as a signed 64-bit number
 
 __all__ = ["Recipe", "RecipeError", "load_recipe", "apply_overrides", "recipe_to_dict"]
 
@@ -224,7 +227,17 @@ def _check(recipe: Recipe) -> None:
          "must be auto, cpu, cuda or cuda:N"),
         ("data.workers", d.workers is None or d.workers >= 0, "must be >= 0 (0 loads in the training process)"),
         ("pipeline.max_in_flight", recipe.pipeline.max_in_flight >= 1, "must be >= 1"),
-        ("pipeline.timeout_s", recipe.pipeline.timeout_s > 0, "must be > 0 (seconds a rank waits for a neighbour)"),
+        ("pipeline.timeout_s", 0 < recipe.pipeline.timeout_s <= MAX_TIMEOUT_S,
+         f"must be > 0 and at most {MAX_TIMEOUT_S:g} (seconds a rank waits for a neighbour; a day at most)"),
+        ("train.optimizer.momentum", 0 <= t.optimizer.momentum < 1, "must be in [0, 1)"),
+        ("train.optimizer.nesterov", not t.optimizer.nesterov or (t.optimizer.name == "sgd"
+                                                                  and t.optimizer.momentum > 0),
+         "needs SGD with momentum > 0 (Nesterov's method is a kind of momentum); set train.optimizer.momentum, or "
+         "drop nesterov"),
+        ("train.seed", 0 <= t.seed <= MAX_SEED, f"must be a whole number from 0 to {MAX_SEED} (2**63 - 1)"),
+        ("train.schedule.final_lr", 0 <= t.schedule.final_lr <= t.optimizer.lr,
+         "must be in [0, train.optimizer.lr]: the learning rate the cosine schedule ends at"),
+        ("data.eval_subset", d.eval_subset is None or d.eval_subset >= 1, "must be >= 1 (the images evaluated)"),
         ("train.switch_mode_at", t.switch_mode_at is None or t.switch_mode_at >= 0, "must be >= 0"),
         ("train.refresh_heads_every", t.refresh_heads_every is None or t.refresh_heads_every >= 1, "must be >= 1"),
         ("train.refresh_heads_every", t.refresh_heads_every is None or c.head.startswith("lookahead"),

@@ -13,8 +13,10 @@ import torch
 import yaml
 
 from .._jsonl import append_jsonl, read_jsonl
-from ..checkpoint.api import exists as checkpoint_exists
-from ..checkpoint.api import load_pretrained, load_weights_into, read_trainer_state, save
+from .._writing import write_regular
+from ..checkpoint import load_pretrained, read_trainer_state, save
+from ..checkpoint.loading import load_weights_into
+from ..checkpoint.store import exists as checkpoint_exists
 from ..data import build_datasets, make_loader
 from ..errors import ConfigError, DataError, DataNotFoundError
 from ..plots import plot_curves, plot_leadership
@@ -53,7 +55,7 @@ def train_from_recipe(
     leader = int(os.environ.get("RANK", "0")) == 0
     out = Path(out) if out else _default_out(recipe_path)
     if world == 1:  # under torchrun rank 0 decides, on its own disk, once every rank has joined (below)
-        resume = _resume_decision(out, resume)
+        resume = _resume_decision(out, resume, recipe)
     t = recipe.train
     if t.threads:
         torch.set_num_threads(t.threads)
@@ -74,7 +76,7 @@ def train_from_recipe(
     trainer = _build_trainer(recipe, net, total=total, world=world, log_path=out / "log.jsonl", progress=progress,
                              device=place, backend=backend or recipe.pipeline.backend)
     if world > 1:  # the run folder lies on rank 0's host: it decides, and every rank takes its part from there
-        resume = trainer.decide(lambda: _resume_decision(out, resume))
+        resume = trainer.decide(lambda: _resume_decision(out, resume, recipe))
     if resume and world > 1:
         trainer.restore(out / "ckpt")
     elif resume:
@@ -82,7 +84,7 @@ def train_from_recipe(
         trainer.load_state_dict(read_trainer_state(out / "ckpt"))
     elif leader:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+        write_regular(out / "recipe.yaml", yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False).encode())
     if leader:
         print(net.plan if recipe.method == "lfnn" else f"{recipe.model.name}: backprop (method: bp)", flush=True)
         where = f"device {trainer.device}" + (" (rank 0; each rank its own)" if world > 1 else "")
@@ -106,22 +108,24 @@ def train_from_recipe(
         if leader:
             print(f"interrupted at iteration {trainer.step} of {total}: checkpoint saved to {out / 'ckpt'}; "
                   f"continue with: "
-                  f"lfnnify train {recipe_path} --out {out} --resume", flush=True)
+                  f"lfnnify train {out / 'recipe.yaml'} --out {out} --resume", flush=True)
         return 128 + stop
     if leader:
         _finish(out, recipe, net, trainer, evaluations, time.perf_counter() - start)
     return 0
 
 
-def _resume_decision(out: Path, resume: bool) -> bool:
+def _resume_decision(out: Path, resume: bool, recipe: Recipe) -> bool:
     """Whether this run resumes (asked for, or torchrun restarted the workers and a checkpoint exists), checked
-    against the run folder ``out``."""
+    against the run folder ``out``: a new run only in a new or empty folder, a resumed one only with its recipe."""
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if restarts and checkpoint_exists(out / "ckpt"):  # torchrun restarted the workers after a failure
         resume = True
         print(f"torchrun restarted the workers (restart {restarts}): resuming from the last checkpoint in "
               f"{out / 'ckpt'}", flush=True)
     _check_out(out, resume)
+    if resume:
+        _check_same_run(out, recipe)
     return resume
 
 
@@ -131,6 +135,52 @@ def _check_out(out: Path, resume: bool) -> None:
                                 f"continue")
     if not resume and (out / "ckpt").exists():
         raise ConfigError(f"{out} already holds a run; add --resume to continue it, or choose another --out")
+    if not resume and (out.exists() or out.is_symlink()):
+        if out.is_symlink() or not out.is_dir():
+            raise ConfigError(f"--out {out} is not a folder (a file or a symbolic link); a run writes a folder of its "
+                              f"own: choose another --out")
+        inside = sorted(c.name for c in out.iterdir())
+        if inside:
+            shown = ", ".join(inside[:4]) + (f" and {len(inside) - 4} more" if len(inside) > 4 else "")
+            raise ConfigError(
+                f"{out} is not empty (it holds {shown}): a run writes its recipe, log, checkpoints and plots there "
+                f"and would replace files of those names, so a new run starts only in a new or empty folder. Choose "
+                f"another --out (for example {out / 'run'})")
+
+
+# what a resumed run may change: where and how fast it runs, never what it computes
+RESUME_MAY_CHANGE = ("name", "data.root", "data.workers", "train.device", "train.threads", "pipeline.timeout_s",
+                     "pipeline.backend")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _check_same_run(out: Path, recipe: Recipe) -> None:
+    """Refuse to resume the run in ``out`` with a recipe that would make it another run, naming the first setting
+    that differs: the run folder keeps the recipe it ran (with every --set it was given)."""
+    from .recipes import load_recipe
+
+    kept = out / "recipe.yaml"
+    if not kept.is_file():
+        raise ConfigError(f"--resume: {out} holds no recipe.yaml, so lfnnify cannot check that this recipe is the "
+                          f"run's own; resume a run folder lfnnify made, or start a new run")
+    saved, given = _flat(recipe_to_dict(load_recipe(kept))), _flat(recipe_to_dict(recipe))
+    differ = [k for k in saved if k not in RESUME_MAY_CHANGE and saved[k] != given.get(k)]
+    if differ:
+        more = f" (and {len(differ) - 1} more: {', '.join(differ[1:4])})" if len(differ) > 1 else ""
+        raise ConfigError(
+            f"--resume: the run in {out} ran with {differ[0]}={saved[differ[0]]!r} ({kept}), and this recipe has "
+            f"{differ[0]}={given.get(differ[0])!r}{more}; a resumed run must be the run it continues. Resume it with "
+            f"its own recipe: lfnnify train {kept} --out {out} --resume (a resume may change only "
+            f"{', '.join(RESUME_MAY_CHANGE)})")
 
 
 def _build_net(recipe: Recipe, *, chans: int, classes: int, size: int, pretrained: str | None, world: int):
@@ -290,7 +340,7 @@ def _finish(out, recipe, net, trainer, evaluations, seconds) -> None:
     cuts = net.plan.cuts + ["output"]
     for k, acc in enumerate(final.get("block_accuracy", [])):
         lines.append(f"| {k} | {cuts[k]} | {acc:.4f} |")
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    write_regular(out / "results.md", ("\n".join(lines) + "\n").encode())
     files.append("results.md")
     print("\n".join(lines))
     print(f"done: test accuracy {final.get('accuracy', float('nan')):.4f}; everything is in {out}/ "

@@ -183,12 +183,19 @@ class Link:
         text = str(exc)
         hung = "timed out" in text.lower() or "timeout" in text.lower()
         if hung:
-            what = f"did not answer within {self.timeout.total_seconds():g} s (stopped or hung)"
+            what = f"did not answer within {self.timeout.total_seconds():g} s"
             if self.on_hung is not None and self.on_hung(peer):
-                what += "; ended it"
+                what += " (it was stopped); ended it"
+            else:
+                what += " (stopped, hung, or itself waiting for another rank)"
         else:
             what = "exited"
         return PeerError(f"{self.label(self.rank)} stops: {self.label(peer)} {what}")
+
+    def named(self, others: str, what: str):
+        """The context in which a collective with ``others`` (a label) that fails names them (see
+        :func:`peer_failures`)."""
+        return peer_failures(self.label(self.rank), others, self.timeout, what)
 
 
 def choose_backend(requested: str | None, *, gpus: int, local_processes: int) -> tuple[str, str | None]:
@@ -197,6 +204,10 @@ def choose_backend(requested: str | None, *, gpus: int, local_processes: int) ->
     if requested is not None:
         if requested not in ("nccl", "gloo"):
             raise PipelineError(f"backend={requested!r} must be 'nccl' or 'gloo' (or None to choose)")
+        if requested == "nccl" and not gpus:
+            raise errors.ConfigError("backend='nccl' talks between GPUs, and this process has none (torch sees no GPU, "
+                                     "or the pipeline keeps its block on the CPU); use backend='gloo', or None to "
+                                     "choose by itself")
         return requested, None
     if gpus and gpus >= local_processes and dist.is_nccl_available():
         return "nccl", None
@@ -273,6 +284,14 @@ def process_identity() -> tuple[str, int, int]:
     return machine_identity(), os.getpid(), _start_time(os.getpid())
 
 
+def _state(pid: int) -> str:
+    """The state letter of process ``pid`` (/proc/<pid>/stat, field 3: T is stopped, S sleeping, R running)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "?"
+
+
 def _start_time(pid: int) -> int:
     """When process ``pid`` started, in clock ticks since boot (/proc/<pid>/stat, field 22); -1 where unknown.
     A PID that names a new process after the old one exited has another start time."""
@@ -295,11 +314,12 @@ def machine_identity() -> str:
 
 
 def end_if_here(process: tuple[str, int, int]) -> bool:
-    """End a neighbour ``process_identity()`` that stopped answering (SIGSTOP, a hang), when it runs on this machine
-    and in this PID namespace and is still the same process: a stopped process ignores torchrun's SIGTERM for 30 s.
-    A process elsewhere is never signalled, nor one whose PID now names another process (its start time differs):
-    the check is made on a pidfd, which keeps naming the process it was opened for, so the signal cannot reach a
-    process that took the PID after the check. Returns whether it was ended."""
+    """End a neighbour ``process_identity()`` that stopped answering, when it runs on this machine and in this PID
+    namespace, is still the same process, and is shown to be stuck: stopped (SIGSTOP; it ignores torchrun's SIGTERM
+    for 30 s). A neighbour that is only waiting, perhaps for another rank that is stuck, is left alone; so is a
+    process elsewhere, and one whose PID now names another process (its start time differs): the checks are made on
+    a pidfd, which keeps naming the process it was opened for, so the signal cannot reach a process that took the
+    PID after them. Returns whether it was ended."""
     machine, pid, started = process
     if machine != machine_identity() or machine.startswith("unknown-") or pid == os.getpid():
         return False
@@ -309,6 +329,8 @@ def end_if_here(process: tuple[str, int, int]) -> bool:
         return False
     try:
         if started < 0 or _start_time(pid) != started:  # the neighbour is gone and its PID was reused
+            return False
+        if _state(pid) not in ("T", "t"):  # running or waiting: not shown to be stuck
             return False
         signal.pidfd_send_signal(fd, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):

@@ -65,7 +65,8 @@ class DataPath:
         if record:
             self._count_leaders(self.stage, record["leaders"])
         if self.replicas > 1:  # the replicas hold the same statistics after every step
-            broadcast_buffers(self.net, self.stage, self.replicas, self.group, self.link.comm_device)
+            with self.link.named(self._other_replicas(), "sharing BatchNorm statistics"):
+                broadcast_buffers(self.net, self.stage, self.replicas, self.group, self.link.comm_device)
         self.step += 1
         self.step_in_epoch += 1
         self.timing["steps"] += 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..errors import ConfigError
+from ..errors import ConfigError, PipelineError
 from ..surgery.model import main_output
 from ..training.evaluation import EvalCounts
 from ..training.inputs import check_batch, pair
@@ -39,7 +39,7 @@ def evaluate_stage(trainer, loader=None) -> dict:
         for i, batch in enumerate(loader):
             if i % trainer.replicas == trainer.replica:
                 x, y = check_batch(*pair(batch, where="PipelineTrainer.evaluate"), trainer.batch_rules,
-                                   where="PipelineTrainer.evaluate", training=False)
+                                   where="PipelineTrainer.evaluate")
                 run(x.to(trainer.device), y.to(trainer.device))
         if not trainer.last:
             trainer.link.send(trainer.next_rank, END)
@@ -50,6 +50,10 @@ def evaluate_stage(trainer, loader=None) -> dict:
                 if not trainer.last:
                     trainer.link.send(trainer.next_rank, END)
                 break
+            if kind != EVAL:  # a training message here means the ranks are not in the same phase
+                raise PipelineError(f"{trainer._label(trainer.rank)} was evaluating and received a message of kind "
+                                    f"{kind} (not an evaluation batch) from {trainer._label(trainer.prev_rank)}: the "
+                                    f"ranks are out of step; every rank must call evaluate() together")
             run(x, y)
     trainer.link.flush()
     trainer.net.train(was_training)

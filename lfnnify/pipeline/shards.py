@@ -26,17 +26,9 @@ from torch import Tensor, nn
 
 from ..checkpoint import files as fileio
 from ..checkpoint import store
-from ..checkpoint.api import (
-    describe_checkpoint,
-    fingerprint_input,
-    nonfinite,
-    parse_trainer_state,
-    read_meta,
-    read_trainer_blobs,
-    refuse_nonfinite,
-    trainer_blobs,
-    trainer_names,
-)
+from ..checkpoint.description import describe_checkpoint, read_meta
+from ..checkpoint.saving import fingerprint_input, nonfinite, refuse_nonfinite
+from ..checkpoint.trainer_state import parse_trainer_state, read_trainer_blobs, trainer_blobs, trainer_names
 from ..errors import CheckpointError
 from ..surgery.model import LFNNModel, main_output
 from .comm import decided_by_rank0
@@ -212,7 +204,7 @@ def _write(path: Path, meta: dict, parts: list[dict[str, bytes]]) -> None:
                 (tmp / name).write_bytes(data)
                 sums[name] = hashlib.sha256(data).hexdigest()
         meta["files"] = sums
-        fileio.write_json(tmp / store.META, meta)
+        (tmp / store.META).write_bytes(fileio.describe(meta))
 
 
 def keep_only_stage(net: LFNNModel, stage: int, device: torch.device) -> None:

@@ -152,8 +152,7 @@ class PipelineTrainer(DataPath, TrainerBase):
                          channels=self.groups.channels, clock=self._now)
         self._early_grad: Tensor | None = None  # replay: a gradient received at the end of a phase
         if self.replicas > 1:
-            self.updates[self.stage].reduce = lambda grads: average_gradients(grads, self.group, self.replicas,
-                                                                              self.link.comm_device)
+            self.updates[self.stage].reduce = self._average
             broadcast_from_first_replica(self.net, self.stage, self.replicas, self.group, self.link.comm_device)
         net._shard = Shard(stage=self.stage, replica=self.replica, replicas=self.replicas, rank=self.rank,
                            blocks=blocks, source_shapes=shapes, talking=self.talking, group=self.groups.objects)
@@ -171,7 +170,19 @@ class PipelineTrainer(DataPath, TrainerBase):
 
     def _label(self, rank: int) -> str:
         host = f", on {self._hosts[rank]}" if getattr(self, "_hosts", None) else ""
-        return f"rank {rank} (block {rank // self.replicas}{host})"
+        replica = f", replica {rank % self.replicas}" if self.replicas > 1 else ""
+        return f"rank {rank} (block {rank // self.replicas}{replica}{host})"
+
+    def _other_replicas(self) -> str:
+        """The other replicas of this rank's block, named for a message (a replica group's collective failed)."""
+        others = [self.stage * self.replicas + r for r in range(self.replicas) if r != self.replica]
+        if len(others) == 1:
+            return self._label(others[0])
+        return f"a replica of block {self.stage} (ranks {', '.join(map(str, others))})"
+
+    def _average(self, grads) -> None:
+        with self.link.named(self._other_replicas(), "averaging gradients"):
+            average_gradients(grads, self.group, self.replicas, self.link.comm_device)
 
     def fit(self, loader=None, *, epochs: int = 1, max_steps: int | None = None, val_loader=None) -> list[dict]:
         """Train in pipeline mode. Every rank calls ``fit`` with the same ``epochs``/``max_steps``;

@@ -179,13 +179,51 @@ def rebuild_model(spec: dict, state_shapes: dict[str, tuple]) -> nn.Module:
     return model
 
 
-def _rebuild_by_name(spec: dict, state_shapes: dict[str, tuple]) -> nn.Module:
+# the keyword arguments a checkpoint may ask an architecture to be built with: what describe_model records, sizes only
+ARCHITECTURE_KWARGS = {"timm": ("num_classes", "in_chans", "img_size", "patch_size"), "torchvision": ("num_classes",)}
+
+
+def _checked_spec(spec) -> tuple[str | None, dict]:
+    """The library and keyword arguments of a checkpoint's model description, refused unless they only name an
+    architecture: a checkpoint may come from anyone, and a name or argument such as ``hf-hub:...``,
+    ``local-dir:...`` or ``checkpoint_path`` would make a load read other files or reach the network."""
+    where = "the checkpoint's description (lfnnify.json, 'model')"
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"{where} is not an object; the checkpoint is damaged or not written by lfnnify")
     library = spec.get("library")
+    if library not in (None, *ARCHITECTURE_KWARGS):
+        raise CheckpointError(f"{where} names the library {str(library)[:40]!r}; lfnnify rebuilds only timm and "
+                              f"torchvision models by name. Pass the architecture: lfnnify.load(path, model=...)")
+    kwargs = spec.get("kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise CheckpointError(f"{where}: 'kwargs' is not an object; the checkpoint is damaged")
+    allowed = ARCHITECTURE_KWARGS.get(library, ())
+    for key, value in kwargs.items():
+        if key not in allowed:
+            raise CheckpointError(
+                f"{where} asks for the argument {str(key)[:40]!r}, which does not only size an architecture (a "
+                f"checkpoint names only {', '.join(allowed) or 'none'}), so lfnnify does not build from it. If you "
+                f"trust this checkpoint, pass the architecture yourself: lfnnify.load(path, model=...)")
+        if value is not None and not (is_count(value, 1) and value <= 1 << 20):
+            raise CheckpointError(f"{where}: {key}={str(value)[:40]!r} is not a size (a whole number from 1)")
+    if library is not None and (not isinstance(spec.get("class"), str) or
+                                (library == "timm" and not isinstance(spec.get("name"), str))):
+        raise CheckpointError(f"{where} lacks the architecture's name; the checkpoint is damaged")
+    return library, {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _rebuild_by_name(spec: dict, state_shapes: dict[str, tuple]) -> nn.Module:
+    library, kwargs = _checked_spec(spec)
     if library == "timm":
         import timm
 
-        kwargs = {k: v for k, v in spec.get("kwargs", {}).items() if v is not None}
-        return timm.create_model(spec["name"], pretrained=False, **kwargs)
+        name = spec["name"]
+        if not timm.is_model(name) or ":" in name:  # only timm's own registry: no hub, no local folder
+            raise CheckpointError(
+                f"the checkpoint names the timm architecture {name[:60]!r}, which is not in timm {timm.__version__}'s "
+                f"registry (timm.list_models()); lfnnify rebuilds only registered architectures, and never fetches "
+                f"or reads one from elsewhere. Pass the architecture: lfnnify.load(path, model=...)")
+        return timm.create_model(name, pretrained=False, **kwargs)
     if library == "torchvision":
         import torchvision
 
@@ -194,7 +232,7 @@ def _rebuild_by_name(spec: dict, state_shapes: dict[str, tuple]) -> nn.Module:
             if f"{builder.__module__}.{_returns(builder)}" != spec["class"]:
                 continue
             try:
-                candidate = torchvision.models.get_model(name, weights=None, **spec.get("kwargs", {}))
+                candidate = torchvision.models.get_model(name, weights=None, **kwargs)
             except (TypeError, ValueError):
                 continue
             shapes = {k: tuple(v.shape) for k, v in candidate.state_dict().items()}

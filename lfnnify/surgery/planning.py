@@ -185,7 +185,7 @@ def plan(
     result = make_plan(model, analysis, blocks=blocks, cuts=cuts, workers=workers, num_classes=num_classes,
                        head=head, balance=balance, mode=mode)
     if (batch_size is not None or link is not None) and result.blocks:
-        batch = batch_size if batch_size is not None else int(analysis.example_input.shape[0])
+        batch = batch_size if batch_size is not None else int(analysis.example_batch.shape[0])
         result.traffic = traffic(result, batch_size=batch, send_dtype=send_dtype, link=link)
     return result
 

@@ -41,7 +41,6 @@ def batch_rules(net: nn.Module) -> dict:
     return {
         "input_shape": tuple(net.plan.input_shape),
         "dtype": params[0].dtype if params else torch.float32,
-        "batchnorm": any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules()),
         "num_classes": net.config["num_classes"],
     }
 
@@ -57,7 +56,7 @@ def pair(batch, *, where: str) -> tuple:
     return tuple(batch)
 
 
-def check_batch(x, y, rules: dict, *, where: str, training: bool = True) -> tuple[Tensor, Tensor]:
+def check_batch(x, y, rules: dict, *, where: str) -> tuple[Tensor, Tensor]:
     """Refuse images and labels the model cannot take; integer labels come back as ``torch.long``."""
     expected = rules["input_shape"]
     if not isinstance(x, Tensor):
@@ -80,11 +79,6 @@ def check_batch(x, y, rules: dict, *, where: str, training: bool = True) -> tupl
     check_labels(y, rules["num_classes"], where=where)
     if len(y) != len(x):
         raise DataError(f"{where} got {len(x)} images but {len(y)} labels in one batch; give one label per image")
-    if training and rules["batchnorm"] and len(x) == 1:
-        raise DataError(
-            f"{where} got a batch of 1 example; in training the model's BatchNorm layers cannot compute statistics "
-            f"from one example. Drop the short last batch (DataLoader(..., drop_last=True)) or change batch_size"
-        )
     if y.dtype != torch.long:
         y = y.long()
     return x, y

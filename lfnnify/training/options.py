@@ -21,10 +21,13 @@ from ..surgery.lookahead import LookaheadHead
 from ..surgery.model import LFNNModel
 from .update import OptimizerFactory, SchedulerFactory
 
-__all__ = ["TrainerOptions", "PipelineOptions", "AMP_DTYPES", "SWITCHABLE", "signature_with_options"]
+__all__ = ["TrainerOptions", "PipelineOptions", "AMP_DTYPES", "SWITCHABLE", "SEND_DTYPES", "MAX_TIMEOUT_S",
+           "signature_with_options"]
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SWITCHABLE = ("local", "replay")
+SEND_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # activations and gradients cross as floats
+MAX_TIMEOUT_S = 86400.0  # a day: a wait longer than that is a hang, and larger values overflow the backends' clocks
 
 
 @dataclass(frozen=True)
@@ -137,8 +140,14 @@ class PipelineOptions:
     def __post_init__(self):
         if not is_count(self.max_in_flight, 1):
             raise ConfigError(f"max_in_flight={self.max_in_flight!r} must be an int >= 1")
-        if not is_number(self.timeout_s, finite=False) or not self.timeout_s > 0:
-            raise ConfigError(f"timeout_s={self.timeout_s!r} must be a positive number of seconds")
+        if not is_number(self.timeout_s) or not 0 < self.timeout_s <= MAX_TIMEOUT_S:
+            raise ConfigError(f"timeout_s={self.timeout_s!r} must be a positive number of seconds, at most "
+                              f"{MAX_TIMEOUT_S:g} (a day): how long a rank waits for a neighbour before it says which "
+                              f"one stopped")
+        if self.send_dtype is not None and self.send_dtype not in SEND_DTYPES:
+            raise ConfigError(f"send_dtype={self.send_dtype!r} must be None (the block's own dtype) or one of "
+                              f"torch.float32, torch.bfloat16, torch.float16: activations and gradients cross as "
+                              f"floats (torch.bfloat16 halves the traffic)")
         if self.threads is not None and not is_count(self.threads, 1):
             raise ConfigError(f"threads={self.threads!r} must be an int >= 1 or None")
         if self.device not in (None, "cpu"):

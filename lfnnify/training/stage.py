@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..errors import DataError
 from ..surgery.model import LFNNModel
 from .update import BlockUpdate
 
@@ -75,6 +76,24 @@ class ModeSchedule:
             return None
         batch = step - delay
         return batch if batch >= self.replay_start(step) else None
+
+
+@contextlib.contextmanager
+def _one_value_per_channel_named(k: int, batch: int | None):
+    """torch's refusal to train BatchNorm on one value per channel (a batch of 1 whose feature map is 1x1 there, or
+    a BatchNorm1d), as one line that says where and what to do. Only where torch refuses: a batch of 1 at 64x64
+    gives each channel 4096 values, and trains."""
+    try:
+        yield
+    except ValueError as exc:
+        if "Expected more than 1 value per channel when training" not in str(exc):
+            raise
+        size = str(exc).rsplit("got input size ", 1)[-1]
+        examples = f"a batch of {batch} example{'s' if batch != 1 else ''}" if batch is not None else "a batch"
+        raise DataError(
+            f"{examples} leaves a BatchNorm layer of block {k} (or its head) with one value per channel (its input is "
+            f"{size}), from which training cannot compute statistics. Use batches of at least 2 (a short last batch: "
+            f"DataLoader(..., drop_last=True)) or larger images") from None
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -131,6 +150,10 @@ class BlockStage:
     # ------------------------------------------------------------------ the step
 
     def forward(self, x: Tensor, y: Tensor, step: int) -> Tensor:
+        with _one_value_per_channel_named(self.k, len(x)):
+            return self._forward(x, y, step)
+
+    def _forward(self, x: Tensor, y: Tensor, step: int) -> Tensor:
         mode = self.schedule.mode_at(step)
         warmup = step < self.schedule.warmup
         if mode != "replay":
@@ -186,6 +209,10 @@ class BlockStage:
         return self.schedule.delayed_batch(step - 1, self.delay - 1) is not None
 
     def learn(self, grad: Tensor | None, step: int) -> tuple[Tensor | None, dict]:
+        with _one_value_per_channel_named(self.k, None):  # a head may hold BatchNorm too
+            return self._learn(grad, step)
+
+    def _learn(self, grad: Tensor | None, step: int) -> tuple[Tensor | None, dict]:
         mode = self.schedule.mode_at(step)
         warmup = step < self.schedule.warmup
         if mode != "replay":

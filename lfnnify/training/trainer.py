@@ -200,8 +200,7 @@ class Trainer(TrainerBase):
         counts = EvalCounts(heads, self.net.config["workers"], self.device)
         try:
             for batch in loader:
-                x, y = check_batch(*pair(batch, where="Trainer.evaluate"), self.batch_rules, where="Trainer.evaluate",
-                                   training=False)
+                x, y = check_batch(*pair(batch, where="Trainer.evaluate"), self.batch_rules, where="Trainer.evaluate")
                 h, y = x.to(self.device), y.to(self.device)
                 with self._autocast():
                     for k, block in enumerate(self.net.blocks):

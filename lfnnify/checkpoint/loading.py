@@ -1,0 +1,117 @@
+"""Loading a checkpoint: the model rebuilt and converted as it was saved, or its weights copied into a model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from ..surgery.conversion import convert
+from ..surgery.facts import rebuild_model
+from ..surgery.heads import HEADS
+from ..surgery.model import LFNNModel
+from . import files as fileio
+from . import store
+from .description import WEIGHTS, read_meta
+from .saving import fingerprint
+
+__all__ = ["load", "load_weights_into", "read_weights"]
+
+
+def _tensors(folder: Path, meta: dict, name: str) -> dict:
+    return fileio.load_tensors(folder / name, meta.get("files", {}).get(name))
+
+
+def read_weights(folder: Path, meta: dict) -> dict:
+    if "pipeline" in meta:  # one file per block, written by each rank of a pipeline run
+        weights = {}
+        for k in range(meta["pipeline"]["blocks"]):
+            weights.update(_tensors(folder, meta, f"block{k}.safetensors"))
+        return weights
+    return _tensors(folder, meta, WEIGHTS)
+
+
+def load(
+    path: str | os.PathLike,
+    *,
+    model: nn.Module | None = None,
+    head=None,
+    leaf_modules=(),
+) -> LFNNModel:
+    """Rebuild a converted model from a checkpoint folder written by :func:`save`.
+
+    timm and torchvision architectures are rebuilt by their recorded names; for any other model pass
+    an instance of the architecture as ``model=`` (its weights are replaced; it is not modified).
+    Custom heads need ``head=`` again, custom leaf modules ``leaf_modules=``.
+
+    Raises:
+        lfnnify.CheckpointError: not a checkpoint; a damaged, truncated or changed file (checksums);
+            an architecture that does not fit the weights or computes something else.
+    """
+    path = Path(path)
+    with store.reading(path) as (folder, digest):
+        meta = read_meta(folder, digest)
+        weights = read_weights(folder, meta)
+    shapes = {k: tuple(v) for k, v in meta.get("source_state_shapes", {}).items()}
+    source = model if model is not None else rebuild_model(meta["model"], shapes)
+    config = meta["config"]
+    saved_head = config.get("head", "linear")
+    if saved_head not in HEADS and head is None:
+        raise CheckpointError(
+            f"the checkpoint was trained with a custom head ({saved_head!r}); pass the same factory: "
+            f"lfnnify.load(path, head=...)"
+        )
+    net = convert(
+        source,
+        cuts=meta["cuts"],
+        workers=config["workers"],
+        leaders=config["leaders"],
+        mode=config["mode"],
+        follower_weight=config["follower_weight"],
+        local_weight=config.get("local_weight", 0.0),
+        weight_stashing=config.get("weight_stashing", False),
+        weight_prediction=config.get("weight_prediction", False),
+        spike_compensation=config.get("spike_compensation", False),
+        head=head or saved_head,
+        num_classes=config["num_classes"],
+        example_input=torch.zeros(meta["input_shape"]),
+        leaf_modules=leaf_modules,
+    )
+    net.config["model"] = meta["model"]
+    missing, unexpected = net.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} does not fit this architecture: {len(missing)} missing keys (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}). Pass the architecture it was saved from as model=."
+        )
+    expected = meta.get("fingerprint")
+    if expected is not None:
+        got = fingerprint(net, meta["input_shape"])
+        if not torch.allclose(torch.tensor(got), torch.tensor(expected), rtol=1e-3, atol=1e-4):
+            raise CheckpointError(
+                f"{path}: the rebuilt {type(source).__name__} loads the weights but computes something else than "
+                f"the saved model (outputs on a fixed input differ), so its architecture differs in a way the weights "
+                f"don't show. Pass the exact architecture: lfnnify.load(path, model=...)"
+            )
+    return net
+
+
+def load_weights_into(net: LFNNModel, path: str | os.PathLike) -> LFNNModel:
+    """Copy a checkpoint's weights into ``net``, a model converted the same way (used to resume runs)."""
+    path = Path(path)
+    with store.reading(path) as (folder, digest):
+        meta = read_meta(folder, digest)
+        if meta["cuts"] != net.plan.cuts:
+            raise CheckpointError(f"{path} was cut at {meta['cuts']}, this model at {net.plan.cuts}; convert it the "
+                                  f"same way")
+        weights = read_weights(folder, meta)
+    shard = getattr(net, "_shard", None)
+    if shard is not None:  # a pipeline rank holds only its own block and head
+        weights = shard.own(weights)
+    missing, unexpected = net.load_state_dict(weights, strict=False)
+    if unexpected or (shard is None and missing):
+        raise CheckpointError(f"{path} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return net
