@@ -44,6 +44,7 @@ from common import (  # noqa: E402
     environment,
     hardware_tag,
     peak_rss_bytes,
+    refuse_bad_arguments,
     refuse_uncommitted,
     write_json,
 )
@@ -259,15 +260,7 @@ def _child(args) -> None:
 
 
 def check_counts(args) -> None:
-    """Refuse, before anything runs, what would hang or make a table lie: a seed twice (two copies of one run read
-    as two seeds), no job slot, a count below 1."""
-    if len(set(args.seeds)) != len(args.seeds):
-        raise SystemExit(f"--seeds {' '.join(map(str, args.seeds))}: a seed is named twice, which would count one run "
-                         f"twice in the mean and standard deviation; name each seed once")
-    for flag, value in (("--jobs", args.jobs), ("--threads", args.threads), ("--epochs", args.epochs),
-                        ("--batch-size", args.batch_size)):
-        if value < 1:
-            raise SystemExit(f"{flag} {value}: must be at least 1")
+    refuse_bad_arguments("accuracy_fashion_mnist.py", args, counts=("jobs", "threads", "epochs", "batch_size"))
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:

@@ -46,6 +46,24 @@ def refuse_uncommitted(script: str, allowed: bool) -> None:
                          "commit. Commit first (or pass --allow-dirty for a quick look, which the table marks)")
 
 
+def refuse_bad_arguments(script: str, args, *, counts=(), positives=()) -> None:
+    """Refuse, before anything runs, arguments that would hang or make a table lie: a seed named twice (one run
+    would count as two seeds), a count below 1 (``--jobs 0`` never starts a run), a rate or a size that is not
+    above 0 (a projection faster than an infinite link). ``counts`` and ``positives`` name attributes of ``args``."""
+    seeds = getattr(args, "seeds", None)
+    if seeds is not None and len(set(seeds)) != len(seeds):
+        raise SystemExit(f"{script}: --seeds {' '.join(map(str, seeds))}: a seed is named twice, which would count one "
+                         f"run twice in the mean and standard deviation; name each seed once")
+    for name in counts:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise SystemExit(f"{script}: --{name.replace('_', '-')} {value}: must be at least 1")
+    for name in positives:
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise SystemExit(f"{script}: --{name.replace('_', '-')} {value}: must be more than 0")
+
+
 def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)

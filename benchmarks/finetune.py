@@ -38,6 +38,7 @@ from common import (  # noqa: E402
     environment,
     hardware_tag,
     kept_run,
+    refuse_bad_arguments,
     refuse_uncommitted,
     write_json,
 )
@@ -226,6 +227,7 @@ def main() -> None:
     parser.add_argument("--name", default=None, help="result file stem (default: experiment, model, hardware, date)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    refuse_bad_arguments("finetune.py", args, counts=("pretrain_steps", "steps", "threads"))
     refuse_uncommitted("finetune.py", args.allow_dirty)
 
     from torch.utils.data import Subset

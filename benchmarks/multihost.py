@@ -35,7 +35,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import RESULTS, environment, hardware_tag, hosts_ready, time_balanced_plan, write_json  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    environment,
+    hardware_tag,
+    hosts_ready,
+    refuse_bad_arguments,
+    time_balanced_plan,
+    write_json,
+)
 
 from lfnnify.app.testbed import Hosts, parse_rate  # noqa: E402
 
@@ -168,6 +176,8 @@ def main() -> None:
     parser.add_argument("--name", default=None)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    refuse_bad_arguments("multihost.py", args, counts=("steps", "warmup", "batch", "size"),
+                         positives=("unshaped_gbit", "timeout"))
     env_before = hosts_ready("multihost.py")
     args.cuts, plan_text = measured_time_cuts(args)
     print(plan_text, flush=True)

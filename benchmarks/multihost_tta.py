@@ -42,6 +42,7 @@ from common import (  # noqa: E402
     kept_run,
     mean_sd_text,
     ratios_text,
+    refuse_bad_arguments,
     time_balanced_plan,
     time_to_target,
     write_json,
@@ -138,6 +139,7 @@ def main() -> None:
     parser.add_argument("--name", default=None)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    refuse_bad_arguments("multihost_tta.py", args, counts=("eval_every",))
     if "ddp" not in args.methods:
         raise SystemExit("multihost_tta.py: --methods must include ddp, whose final accuracy is the target")
     env_before = hosts_ready("multihost_tta.py")

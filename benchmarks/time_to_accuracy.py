@@ -42,6 +42,7 @@ from common import (  # noqa: E402
     mean_sd,
     mean_sd_text,
     ratios_text,
+    refuse_bad_arguments,
     refuse_uncommitted,
     time_to_target,
     write_json,
@@ -118,6 +119,7 @@ def main() -> None:
     parser.add_argument("--name", default=None, help="result file stem (default: experiment, mode, hardware, date)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    refuse_bad_arguments("time_to_accuracy.py", args, counts=("delay_lr_warmup",))
     if args.delay_lr_warmup is not None and args.mode != "replay":
         raise SystemExit(f"time_to_accuracy.py: --delay-lr-warmup {args.delay_lr_warmup} needs --mode replay "
                          f"(delay-aware step sizes scale a delayed gradient; --mode {args.mode} has no delay)")

@@ -216,9 +216,20 @@ def fail(out: Path) -> None:
     trainer.fit(Failing() if trainer.first else None, epochs=10, max_steps=7)
 
 
+def out_of_step() -> None:
+    """A user's own script whose ranks call different things: rank 0 trains while rank 1 evaluates."""
+    net = build("2-local")
+    trainer = _pipeline(net, "2-local")
+    train, test = loaders("2-local")
+    if trainer.first:
+        trainer.fit(train, epochs=1, max_steps=2)
+    else:
+        trainer.evaluate()
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--scenarios", nargs="+", required=True, choices=[*SCENARIOS, "fail"])
+    parser.add_argument("--scenarios", nargs="+", required=True, choices=[*SCENARIOS, "fail", "out-of-step"])
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     for name in args.scenarios:
@@ -226,6 +237,8 @@ def main():
         folder.mkdir(parents=True, exist_ok=True)
         if name == "fail":
             fail(folder)
+        elif name == "out-of-step":
+            out_of_step()
         else:
             run(name, folder)
         torch.distributed.barrier()

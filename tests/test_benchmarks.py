@@ -283,3 +283,22 @@ def test_a_benchmark_that_makes_a_table_refuses_uncommitted_changes(monkeypatch)
     common.refuse_uncommitted("time_to_accuracy.py", allowed=True)  # a quick look, marked by its '+dirty' commit
     monkeypatch.setattr(common, "commit", lambda: "29ab660")
     common.refuse_uncommitted("time_to_accuracy.py", allowed=False)
+
+
+@pytest.mark.parametrize("script,args,words", [
+    ("accuracy_fashion_mnist.py", ["--seeds", "0", "0"], "a seed is named twice"),
+    ("accuracy_fashion_mnist.py", ["--jobs", "0"], "--jobs 0: must be at least 1"),
+    ("accuracy_fashion_mnist.py", ["--jobs", "-1"], "--jobs -1: must be at least 1"),
+    ("time_to_accuracy.py", ["--seeds", "0", "0"], "a seed is named twice"),
+    ("finetune.py", ["--seeds", "1", "1"], "a seed is named twice"),
+    ("multihost_tta.py", ["--seeds", "2", "2"], "a seed is named twice"),
+    ("error_vs_length.py", ["--seeds", "0", "0"], "a seed is named twice"),
+    ("multihost.py", ["--unshaped-gbit", "-1"], "--unshaped-gbit -1.0: must be more than 0"),
+    ("multihost.py", ["--unshaped-gbit", "0"], "--unshaped-gbit 0.0: must be more than 0"),
+], ids=["acc-seeds", "acc-jobs-0", "acc-jobs-minus-1", "tta-seeds", "finetune-seeds", "multihost-tta-seeds",
+        "length-seeds", "unshaped-negative", "unshaped-zero"])
+def test_benchmarks_refuse_arguments_that_would_hang_or_make_a_table_lie(capsys, script, args, words):
+    # before: "2 seeds, 90.62 ± 0.00" from one run counted twice, --jobs 0 waiting forever, a projection faster than
+    # an infinite link, or a crash after every measurement; now one line before anything runs
+    code, out, err = here.script(capsys, ROOT / "benchmarks" / script, *args)
+    assert code != 0 and words in out + err, out + err

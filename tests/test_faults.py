@@ -37,12 +37,12 @@ def _port():
         return s.getsockname()[1]
 
 
-def _pipeline_with_fault(tmp_path, kind, rank, step=2):
+def _pipeline_with_fault(tmp_path, kind, rank, step=2, nproc=2, blocks=2, extra=()):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LFNNIFY_FAULT": kind, "LFNNIFY_FAULT_RANK": str(rank),
            "LFNNIFY_FAULT_STEP": str(step)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
            "--master-port", str(_port()), "--monitor-interval", "0.2", "-m", "lfnnify", "train", str(FMNIST),
-           "--out", str(tmp_path / "run"), "--set", "train.iterations=8", "--set", "convert.blocks=2",
+           "--out", str(tmp_path / "run"), "--set", "train.iterations=8", "--set", f"convert.blocks={blocks}", *extra,
            "--set", "model.name=test_resnet",
            "--set", "data.train_subset=256", "--set", "data.eval_subset=64", "--set", "data.batch_size=64",
            "--set", "train.threads=1", "--set", f"pipeline.timeout_s={TIMEOUT_S}", "--no-progress"]
@@ -90,6 +90,27 @@ def test_a_pipeline_fault_ends_every_rank_in_time_with_one_line(tmp_path, kind, 
         assert len(stops) == 1 and f"rank {other} (block {other}) stops: {failed}" in stops[0], output[-4000:]
         assert ("did not answer within" in stops[0]) == (kind == "stop")
         assert "Connection reset" not in output and "Connection closed" not in output
+
+
+def test_with_three_ranks_and_the_last_stopped_only_the_stopped_one_is_ended_and_each_names_its_own_neighbour(
+        tmp_path):
+    # rank 2 stops (SIGSTOP); rank 1, waiting on it, ends it; rank 0, waiting on rank 1 (itself waiting, not stuck),
+    # names rank 1 and leaves it alone (it used to blame and kill the healthy rank 1)
+    proc, output, after_fault = _pipeline_with_fault(tmp_path, "stop", 2, nproc=3, blocks=3,
+                                                     extra=["--set", "convert.mode=replay"])
+    assert proc.returncode != 0 and not _survivors(tmp_path)
+    stops = [line for line in output.splitlines() if line.startswith("lfnnify: error:") and "stops:" in line]
+    ended = [line for line in stops if "ended it" in line]
+    assert len(ended) == 1 and "rank 1 (block 1) stops: rank 2 (block 2) did not answer" in ended[0], stops
+    assert not any("rank 0 (block 0) stops:" in line and "ended it" in line for line in stops), stops
+
+
+def test_a_dead_replica_is_named_by_its_block_and_replica(tmp_path):
+    # 2 blocks x 2 replicas; block 0's second replica is killed: its partner names it, not "another rank of 4"
+    proc, output, _ = _pipeline_with_fault(tmp_path, "kill", 1, nproc=4)
+    assert proc.returncode != 0 and not _survivors(tmp_path)
+    assert "rank 0 (block 0, replica 0) stops: rank 1 (block 0, replica 1)" in output, output[-3000:]
+    assert "another rank of 4" not in output
 
 
 def test_sigterm_during_train_saves_and_resume_continues(tmp_path, capsys):

@@ -2,6 +2,7 @@
 that names the value, the rule and the fix. Real files, real processes and real models; nothing mocked."""
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -332,3 +333,77 @@ def test_the_settings_are_declared_once_and_both_trainers_show_them():
     own = [f.name for f in dataclasses.fields(PipelineOptions)]
     assert list(inspect.signature(lfnnify.Trainer).parameters) == ["net", *shared]
     assert list(inspect.signature(lfnnify.PipelineTrainer).parameters) == ["net", *own, *shared]
+
+
+# ---------------------------------------------------------------- values accepted and then failing, and resumes
+
+
+@pytest.mark.parametrize("setting,words", [
+    ("train.optimizer.momentum=-1", "train.optimizer.momentum: -1.0 must be in [0, 1)"),
+    ("train.optimizer.momentum=0", None),
+    ("train.optimizer.nesterov=true", None),
+    ("train.seed=1180591620717411303424", "train.seed: 1180591620717411303424 must be a whole number from 0 to"),
+    ("train.schedule.final_lr=-1", "train.schedule.final_lr: -1.0 must be in [0, train.optimizer.lr]"),
+    ("data.eval_subset=-5", "data.eval_subset: -5 must be >= 1"),
+    ("pipeline.timeout_s=1e12", "pipeline.timeout_s: 1000000000000.0 must be > 0 and at most 86400"),
+], ids=["momentum", "no-momentum", "nesterov-with-momentum", "seed-2**70", "final-lr", "eval-subset", "timeout"])
+def test_recipe_values_that_would_fail_later_are_refused_at_the_door(setting, words):
+    from lfnnify.app.recipes import load_recipe
+
+    if words is None:  # momentum 0 alone is fine, Nesterov with the recipe's momentum too
+        load_recipe(FMNIST, overrides=[setting])
+        return
+    with pytest.raises(lfnnify.RecipeError, match=re.escape(words)):
+        load_recipe(FMNIST, overrides=[setting])
+    if setting.startswith("train.optimizer.momentum"):
+        with pytest.raises(lfnnify.RecipeError, match=r"train.optimizer.nesterov: True needs SGD with momentum > 0"):
+            load_recipe(FMNIST, overrides=["train.optimizer.momentum=0", "train.optimizer.nesterov=true"])
+
+
+def test_the_largest_seed_trains_and_orders_the_data():
+    # 2**63 - 1 is accepted, so it must work: the sampler's per-epoch seed wraps instead of overflowing torch's
+    from lfnnify.data import make_loader
+
+    loader = make_loader(SyntheticImages(8, shape=(1, 8, 8)), batch_size=4, seed=2**63 - 1)
+    loader.sampler.set_epoch(3)
+    assert sum(len(y) for _, y in loader) == 8
+
+
+@pytest.mark.parametrize("knobs,words", [
+    (dict(send_dtype=torch.int8), "send_dtype=torch.int8 must be None (the block's own dtype) or one of"),
+    (dict(send_dtype="bf16"), "send_dtype='bf16' must be None"),
+    (dict(timeout_s=float("inf")), "timeout_s=inf must be a positive number of seconds, at most 86400"),
+    (dict(timeout_s=1e12), "timeout_s=1000000000000.0 must be a positive number of seconds, at most 86400"),
+], ids=["int8", "string", "inf", "1e12"])
+def test_pipeline_settings_that_failed_at_the_first_send_are_refused_when_made(knobs, words):
+    from lfnnify.training.options import PipelineOptions
+
+    with pytest.raises(lfnnify.ConfigError, match=re.escape(words)):
+        PipelineOptions(**knobs)
+
+
+def test_nccl_without_a_gpu_is_refused_in_one_line_not_called_a_bug(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on this machine kind; holds on a GPU box too
+    code, err = _main(capsys, "train", FMNIST, "--backend", "nccl", "--no-progress")
+    assert code == 2 and "backend 'nccl' talks between GPUs" in err and "bug" not in err, err
+
+
+def test_a_resume_continues_only_its_own_run_and_survives_a_torn_log(tmp_path, capsys):
+    out = tmp_path / "run"
+    short = ["--set", "model.name=test_resnet", "--set", "data.train_subset=64", "--set", "data.eval_subset=64",
+             "--set", "data.batch_size=32", "--set", "train.threads=1", "--no-progress"]
+    code, err = _main(capsys, "train", FMNIST, "--out", out, "--set", "train.iterations=4",
+                      "--set", "train.checkpoint_every=2", "--set", "train.optimizer.lr=0.02", *short)
+    assert code == 0, err[-2000:]
+    # another length, batch, learning rate: refused, naming the setting (it used to go on silently as another run)
+    for change, key in (("train.iterations=1407", "train.iterations"), ("data.batch_size=128", "data.batch_size"),
+                        ("train.optimizer.lr=0.1", "train.optimizer.lr")):
+        code, err = _main(capsys, "train", FMNIST, "--out", out, "--resume", "--set", "train.iterations=4",
+                          "--set", "train.optimizer.lr=0.02", *short, "--set", change)
+        assert code == 2 and f"--resume: the run in {out} ran with {key}=" in err, err
+        assert f"lfnnify train {out / 'recipe.yaml'} --out {out} --resume" in err
+    with open(out / "log.jsonl", "a") as f:  # a crash mid-write leaves the last line torn
+        f.write('{"kind": "eval", "step": 4, "accur')
+    code, err = _main(capsys, "train", out / "recipe.yaml", "--out", out, "--resume", "--set", "train.threads=2",
+                      "--no-progress")  # its own recipe; a setting that changes only how fast it runs may differ
+    assert code == 0, err[-2000:]

@@ -206,6 +206,8 @@ def test_the_hosts_command_line_makes_runs_in_and_removes_hosts():
     try:
         up = cli("up", "--hosts", "2", "--rate", "100mbit")  # as the script's own help writes it
         assert up.returncode == 0 and "host1: lfhclih1, 10.213.0.2" in up.stdout and "links: 100mbit" in up.stdout
+        again = cli("up", "--hosts", "2")  # a second testbed of that name: refused, and the first one left alone
+        assert again.returncode == 2 and "already exists here" in again.stderr, again.stderr
         inside = cli("run", "1", "--", "sh", "-c", "cat /sys/class/net/lfhclie1/address; echo pid $$")
         assert inside.returncode == 0 and "pid 1" in inside.stdout  # its own network and its own PID namespace
         status = cli("status")

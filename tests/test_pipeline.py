@@ -168,6 +168,15 @@ def test_a_raising_data_loader_stops_every_rank_quickly_and_is_reported_once(tmp
     print(f"every process ended {ended - raised:.2f} s after the loader raised")
 
 
+def test_an_evaluation_that_receives_a_training_batch_refuses_it_by_name(tmp_path):
+    # rank 0 trains while rank 1 evaluates: rank 1 used to count the training batches as evaluation batches
+    proc, _ = torchrun(2, "--scenarios", "out-of-step", "--out", tmp_path, timeout=120)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "rank 1 (block 1) was evaluating and received a message of kind 1 (not an evaluation batch)" in output, \
+        output[-3000:]
+
+
 def test_pipeline_refuses_lfnn_mode_and_needs_torchrun():
     net = lfnnify.convert(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
                                               torch.nn.Linear(4 * 14 * 14, 3)),

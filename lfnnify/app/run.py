@@ -54,6 +54,9 @@ def train_from_recipe(
     world = int(os.environ.get("WORLD_SIZE", "1"))
     leader = int(os.environ.get("RANK", "0")) == 0
     out = Path(out) if out else _default_out(recipe_path)
+    if (backend or recipe.pipeline.backend) == "nccl" and not torch.cuda.is_available():
+        raise ConfigError("--backend nccl (pipeline.backend): backend 'nccl' talks between GPUs, and torch sees none "
+                          "here; use --backend gloo, or leave it out and the pipeline chooses by itself")
     if world == 1:  # under torchrun rank 0 decides, on its own disk, once every rank has joined (below)
         resume = _resume_decision(out, resume, recipe)
     t = recipe.train
