@@ -7,9 +7,13 @@ here refuses bools where a count or a number is meant, and refuses anything but 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
-__all__ = ["is_int", "is_count", "is_number", "is_flag"]
+from .errors import ConfigError
+
+__all__ = ["is_int", "is_count", "is_number", "is_flag", "setting", "broken_rule", "check_rules", "optional",
+           "count", "one_of"]
 
 
 def is_int(value) -> bool:
@@ -32,3 +36,44 @@ def is_number(value, *, finite: bool = True) -> bool:
 def is_flag(value) -> bool:
     """Whether ``value`` is ``True`` or ``False`` (not ``"false"``, ``0`` or ``None``)."""
     return isinstance(value, bool)
+
+
+# ---------------------------------------------------------------- settings declared once
+# Each setting of convert(), the trainers and the recipes is one dataclass field made by ``setting``: its default,
+# the rule its value must satisfy, and the words of that rule. The API checks it as "name=value <words>"; a recipe
+# checks the same field as "section.name: value <words>"; the recipe's sections are built from the same fields.
+
+
+def setting(default, rule, text: str):
+    """A dataclass field whose value must satisfy ``rule`` (a predicate), stated by ``text`` ("must be an int >= 1")."""
+    return dataclasses.field(default=default, metadata={"rule": rule, "text": text})
+
+
+def broken_rule(obj) -> tuple[str, object, str] | None:
+    """The first field of the dataclass ``obj`` whose value breaks its rule: (name, value, text); None if none does."""
+    for f in dataclasses.fields(obj):
+        rule = f.metadata.get("rule")
+        if rule is not None and not rule(getattr(obj, f.name)):
+            return f.name, getattr(obj, f.name), f.metadata["text"]
+    return None
+
+
+def check_rules(obj) -> None:
+    """Raise :class:`~lfnnify.ConfigError` for the first field of ``obj`` that breaks its rule, in the API's words."""
+    broken = broken_rule(obj)
+    if broken is not None:
+        name, value, text = broken
+        raise ConfigError(f"{name}={value!r} {text}")
+
+
+def optional(rule):
+    """``rule``, or None."""
+    return lambda v: v is None or rule(v)
+
+
+def count(minimum: int):
+    return lambda v: is_count(v, minimum)
+
+
+def one_of(*choices):
+    return lambda v: v in choices

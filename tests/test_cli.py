@@ -59,8 +59,8 @@ def test_recipe_count_covers_the_paper():
     "overrides,pattern",
     [
         (["convert.blokcs=4"], r"convert.blokcs: unknown key"),
-        (["convert.blocks=0"], r"convert.blocks: 0 must be >= 1"),
-        (["convert.leaders=1.5"], r"convert.leaders: 1.5 must be in \(0, 1\]"),
+        (["convert.blocks=0"], r"convert.blocks: 0 must be an int >= 1"),
+        (["convert.leaders=1.5"], r"convert.leaders: 1.5 must be a fraction in \(0, 1\]"),
         (["train.optimizer.lr=fast"], r"train.optimizer.lr: expected a number, got 'fast'"),
         (["data.dataset=mnist"], r"data.dataset: 'mnist' is not one of"),
         (["train.refresh_heads_every=100"], r"train.refresh_heads_every: 100 needs look-ahead heads .*'linear'"),
@@ -128,7 +128,7 @@ def test_method_bp_trains_the_plain_model(tmp_path, capsys):
 @pytest.mark.parametrize(
     "args,pattern",
     [
-        (["--set", "convert.leaders=2"], "convert.leaders: 2.0 must be in (0, 1]"),
+        (["--set", "convert.leaders=2"], "convert.leaders: 2.0 must be a fraction in (0, 1]"),
         (["--set", "data.dataset=cifar10", "--data", "/nonexistent/cifar"], "cifar10 not found in /nonexistent/cifar"),
         (["--set", "data.dataset=imagefolder", "--data", "/nonexistent/imgs"], "needs /nonexistent/imgs/train"),
         (["--set", "train.device=tpu"], "train.device: 'tpu' must be auto, cpu, cuda or cuda:N"),

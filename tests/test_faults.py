@@ -309,7 +309,7 @@ def test_bad_input_gets_a_clear_error(what, call, error, words):
                                                                              "/nonexistent"]),
         (["train", str(FMNIST), "--set", "data.root=/nonexistent", "--no-progress"], ["/nonexistent"]),
         (["train", str(FMNIST), "--set", "pipeline.timeout_s=-5", "--no-progress"],
-         ["pipeline.timeout_s: -5.0 must be > 0"]),
+         ["pipeline.timeout_s: -5.0 must be a positive number of seconds"]),
         (["plan", "resnet18", "--input-size", "-3"], ["--input-size -3", "positive"]),
     ],
     ids=["--data missing", "data.root missing", "timeout_s", "input-size"],

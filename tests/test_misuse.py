@@ -345,7 +345,8 @@ def test_the_settings_are_declared_once_and_both_trainers_show_them():
     ("train.seed=1180591620717411303424", "train.seed: 1180591620717411303424 must be a whole number from 0 to"),
     ("train.schedule.final_lr=-1", "train.schedule.final_lr: -1.0 must be in [0, train.optimizer.lr]"),
     ("data.eval_subset=-5", "data.eval_subset: -5 must be >= 1"),
-    ("pipeline.timeout_s=1e12", "pipeline.timeout_s: 1000000000000.0 must be > 0 and at most 86400"),
+    ("pipeline.timeout_s=1e12",
+     "pipeline.timeout_s: 1000000000000.0 must be a positive number of seconds, at most 86400"),
 ], ids=["momentum", "no-momentum", "nesterov-with-momentum", "seed-2**70", "final-lr", "eval-subset", "timeout"])
 def test_recipe_values_that_would_fail_later_are_refused_at_the_door(setting, words):
     from lfnnify.app.recipes import load_recipe

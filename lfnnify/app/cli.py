@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .._version import __version__
 from ..errors import ConfigError, LfnnifyError
+from ..surgery.options import BALANCES, HEADS, MODES, ConvertOptions
 
 EPILOG = """examples:
   lfnnify demo
@@ -89,11 +90,11 @@ def make_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--blocks", type=int, help="number of blocks K (balanced automatically)")
     group.add_argument("--cuts", nargs="+", help="explicit cut names")
-    p.add_argument("--workers", type=int, default=1, help="filter-wise workers per head (default 1)")
-    p.add_argument("--balance", default="flops", choices=["flops", "time", "params", "memory"])
-    p.add_argument("--head", default="linear", choices=["linear", "lookahead", "lookahead-layer"],
-                   help="head kind (default linear)")
-    p.add_argument("--mode", default="local", choices=["local", "lfnn", "replay"],
+    default = ConvertOptions()  # convert's own defaults and choices (surgery/options.py)
+    p.add_argument("--workers", type=int, default=default.workers, help="filter-wise workers per head (default 1)")
+    p.add_argument("--balance", default=default.balance, choices=BALANCES)
+    p.add_argument("--head", default=default.head, choices=HEADS, help="head kind (default linear)")
+    p.add_argument("--mode", default=default.mode, choices=MODES,
                    help="training mode; replay shows the inputs each block keeps")
     p.add_argument("--num-classes", type=int, help="classes the heads predict (default: the model's)")
     p.add_argument("--input-size", type=int, help="square input size (default: the model's pretrained_cfg)")

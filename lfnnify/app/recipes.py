@@ -1,132 +1,134 @@
-"""Recipes: a validated YAML schema for training runs, with ``--set a.b=c`` overrides."""
+"""Recipes: a validated YAML schema for training runs, with ``--set a.b=c`` overrides.
+
+A recipe's ``convert:``, ``train:`` and ``pipeline:`` sections are made of the fields of :class:`ConvertOptions`,
+:class:`TrainerOptions` and :class:`PipelineOptions` (names, defaults and rules, declared once there), less what YAML
+cannot hold (factories, log paths), plus the recipe's own fields, declared here the same way. A value that breaks a
+field's rule is refused with the key path and the rule's words; the options' own checks across fields run as they
+run for the API, in the recipe's key paths; what only a recipe can check (its method, its run length) is below.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from .._checks import is_flag, is_int, is_number
-from ..errors import DataNotFoundError, RecipeError
-from ..training.options import MAX_TIMEOUT_S
+from .._checks import broken_rule, count, is_flag, is_int, is_number, one_of, optional, setting
+from ..errors import ConfigError, DataNotFoundError, RecipeError
+from ..surgery.options import ConvertOptions
+from ..training.options import PipelineOptions, TrainerOptions
+
+__all__ = ["Recipe", "RecipeError", "load_recipe", "apply_overrides", "recipe_to_dict", "SEND_DTYPE_NAMES"]
 
 MAX_SEED = 2**63 - 1  # the largest seed torch.manual_seed takes as a signed 64-bit number
+METHODS = ("lfnn", "bp")
+DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
+SEND_DTYPE_NAMES = ("bf16", "fp16", "fp32")  # how a recipe names PipelineOptions.send_dtype
 
-__all__ = ["Recipe", "RecipeError", "load_recipe", "apply_overrides", "recipe_to_dict"]
+
+def _device(v) -> bool:
+    return isinstance(v, str) and (v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()))
+
+
+def _rule_of(options: type, name: str) -> dict:
+    return next(f.metadata for f in dataclasses.fields(options) if f.name == name)
+
+
+def _section(name: str, options: type, *, leave_out=(), yaml_fields=(), own=()) -> type:
+    """A recipe section made of ``options``' fields (each with its default and rule), less ``leave_out``;
+    ``yaml_fields`` gives a field the form YAML writes it in, ``own`` adds the recipe's own fields."""
+    hints = typing.get_type_hints(options)
+    replaced = {spec[0]: spec for spec in yaml_fields}
+    fields = [replaced.get(f.name, (f.name, hints[f.name], dataclasses.field(default=f.default, metadata=f.metadata)))
+              for f in dataclasses.fields(options) if f.name not in leave_out]
+    return dataclasses.make_dataclass(name, [*fields, *own])
 
 
 @dataclass
 class ModelSection:
     name: str = "resnet18"  # a timm name, or torchvision/<name>
-    num_classes: int | None = None
-    in_chans: int | None = None
+    num_classes: int | None = setting(None, optional(count(1)), "must be >= 1")
+    in_chans: int | None = setting(None, optional(count(1)), "must be >= 1")
     cifar: bool = False  # remove the max-pool after the stem (CIFAR-sized ResNets, as SEDONA/the paper)
     pretrained: str | None = None  # a local .safetensors/.pth file (timm or torchvision layout)
 
 
-@dataclass
-class ConvertSection:
-    blocks: int | None = 4
-    cuts: list[str] | None = None
-    workers: int = 1
-    leaders: float = 1.0
-    mode: str = "local"  # local (LFNN-ℓ) | lfnn (Eq. 1, one device) | replay (delayed end-to-end gradients)
-    head: str = "linear"  # linear (the paper's) | lookahead (a copy of the next block's first stage)
-    follower_weight: float = 1.0
-    local_weight: float = 0.0  # replay only: weight of each block's head loss
-    weight_stashing: bool = False  # replay only: back-propagate through the first pass's weights (no recompute)
-    weight_prediction: bool = False  # replay only: first passes with the weights predicted for the delayed update
-    spike_compensation: bool = False  # replay only, SGD with momentum: rescale each delayed step (Kosson et al.)
-    balance: str = "flops"
+# convert(): blocks or cuts, workers, leaders, mode, head, follower_weight, local_weight, weight_stashing,
+# weight_prediction, spike_compensation, balance (num_classes comes from model:)
+ConvertSection = _section("ConvertSection", ConvertOptions, leave_out=("num_classes",), yaml_fields=[
+    ("cuts", list[str] | None, dataclasses.field(default=None, metadata=_rule_of(ConvertOptions, "cuts"))),
+    ("head", str, dataclasses.field(default="linear", metadata=_rule_of(ConvertOptions, "head"))),
+])
 
 
 @dataclass
 class DataSection:
-    dataset: str = "fashion_mnist"  # fashion_mnist | cifar10 | cifar100 | imagefolder | synthetic
+    dataset: str = setting("fashion_mnist", one_of(*DATASETS), f"is not one of {', '.join(map(repr, DATASETS))}")
     root: str | None = None
-    input_size: int | None = None  # default: the dataset's own
+    input_size: int | None = setting(None, optional(count(8)), "must be >= 8")  # default: the dataset's own
     augment: bool = True
-    batch_size: int = 128
-    eval_batch_size: int = 512
-    train_subset: int | None = None
-    eval_subset: int | None = None
-    workers: int | None = None  # loader processes; null: none for in-memory data, else one per core but one (<= 8)
+    batch_size: int = setting(128, count(1), "must be >= 1")
+    eval_batch_size: int = setting(512, count(1), "must be >= 1")
+    train_subset: int | None = setting(None, optional(count(1)), "must be >= 1")
+    eval_subset: int | None = setting(None, optional(count(1)), "must be >= 1 (the images evaluated)")
+    # loader processes; null: none for in-memory data, else one per core but one (at most 8)
+    workers: int | None = setting(None, optional(count(0)), "must be >= 0 (0 loads in the training process)")
 
 
 @dataclass
 class OptimizerSection:
-    name: str = "sgd"  # sgd | adamw
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
+    name: str = setting("sgd", one_of("sgd", "adamw"), "is not one of 'sgd', 'adamw'")
+    lr: float = setting(0.1, lambda v: is_number(v) and v > 0, "must be > 0")
+    momentum: float = setting(0.9, lambda v: is_number(v) and 0 <= v < 1, "must be in [0, 1)")
+    weight_decay: float = setting(1e-4, lambda v: is_number(v) and v >= 0, "must be >= 0")
     nesterov: bool = False
 
 
 @dataclass
 class ScheduleSection:
-    name: str = "cosine"  # cosine | constant
-    final_lr: float = 0.0
+    name: str = setting("cosine", one_of("cosine", "constant"), "is not one of 'cosine', 'constant'")
+    final_lr: float = setting(0.0, lambda v: is_number(v) and v >= 0,
+                              "must be in [0, train.optimizer.lr]: the learning rate the cosine schedule ends at")
 
 
-@dataclass
-class TrainSection:
-    iterations: int | None = None  # the paper counts iterations
-    epochs: int | None = None  # or epochs; exactly one of the two
-    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
-    schedule: ScheduleSection = field(default_factory=ScheduleSection)
-    amp: str | None = None
-    grad_clip: float | None = None
-    head_warmup_steps: int = 0
-    reselect: str = "batch"
-    seed: int = 0
-    threads: int | None = None
-    device: str = "auto"  # auto (cuda when there is a GPU, else cpu) | cpu | cuda | cuda:N
-    checkpoint_every: int = 500
-    eval_every: int | None = None  # iterations between evaluations (default: every epoch)
-    switch_mode_at: int | None = None  # from this iteration on, train in mode switch_to
-    switch_to: str | None = None  # local | replay
-    refresh_heads_every: int | None = None  # look-ahead heads: take the next block's weights every N iterations
-    refresh_momentum: float = 0.0  # 0 copies them; m keeps m of the head's own
-    delay_lr_warmup: int | None = None  # replay: block k starts at lr/(K-1-k), full lr after this many iterations
+# the trainers' settings: amp, grad_clip, head_warmup_steps, reselect, switch_mode_at, switch_to, refresh_heads_every,
+# refresh_momentum, delay_lr_warmup; and the run's own
+NOT_IN_RECIPES = ("optimizer", "scheduler", "log_path", "log_every", "progress")  # factories, the run's own paths
+TrainSection = _section("TrainSection", TrainerOptions, leave_out=NOT_IN_RECIPES, own=[
+    ("iterations", int | None, setting(None, optional(count(1)), "must be >= 1")),  # the paper counts iterations
+    ("epochs", int | None, setting(None, optional(count(1)), "must be >= 1")),  # or epochs; exactly one of the two
+    ("optimizer", OptimizerSection, field(default_factory=OptimizerSection)),
+    ("schedule", ScheduleSection, field(default_factory=ScheduleSection)),
+    ("seed", int, setting(0, lambda v: is_int(v) and 0 <= v <= MAX_SEED,
+                          f"must be a whole number from 0 to {MAX_SEED} (2**63 - 1)")),
+    ("threads", int | None, setting(None, optional(count(1)), "must be >= 1")),
+    ("device", str, setting("auto", _device, "must be auto, cpu, cuda or cuda:N")),
+    ("checkpoint_every", int, setting(500, count(1), "must be >= 1")),
+    ("eval_every", int | None, setting(None, optional(count(1)), "must be >= 1")),  # default: every epoch
+])
 
-
-@dataclass
-class PipelineSection:
-    max_in_flight: int = 2
-    send_dtype: str | None = None  # null or bf16
-    backend: str | None = None  # null: nccl when every process has its own GPU, else gloo
-    timeout_s: float = 300.0
+# the pipeline's settings: max_in_flight, send_dtype (by name), timeout_s, backend (threads and device: train:)
+PipelineSection = _section("PipelineSection", PipelineOptions, leave_out=("threads", "device"), yaml_fields=[
+    ("send_dtype", str | None, setting(None, one_of(None, *SEND_DTYPE_NAMES),
+                                       f"is not one of null, {', '.join(SEND_DTYPE_NAMES)}")),
+])
 
 
 @dataclass
 class Recipe:
     name: str = "run"
-    method: str = "lfnn"  # lfnn | bp (the same model and data, trained end to end)
+    method: str = setting("lfnn", one_of(*METHODS), "is not one of 'lfnn', 'bp'")  # bp: the same model, end to end
     model: ModelSection = field(default_factory=ModelSection)
     convert: ConvertSection = field(default_factory=ConvertSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     pipeline: PipelineSection = field(default_factory=PipelineSection)
 
-
-_CHOICES = {
-    "method": ("lfnn", "bp"),
-    "convert.mode": ("local", "lfnn", "replay"),
-    "convert.head": ("linear", "lookahead", "lookahead-layer"),
-    "convert.balance": ("flops", "time", "params", "memory"),
-    "train.switch_to": (None, "local", "replay"),
-    "data.dataset": ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic"),
-    "train.optimizer.name": ("sgd", "adamw"),
-    "train.schedule.name": ("cosine", "constant"),
-    "train.amp": (None, "bf16", "fp16"),
-    "train.reselect": ("batch", "epoch"),
-    "pipeline.send_dtype": (None, "bf16"),
-    "pipeline.backend": (None, "nccl", "gloo"),
-}
 
 
 def _build(cls, data, path: str):
@@ -186,93 +188,67 @@ def _coerce(hint, value, where: str):
     return value
 
 
+def _rules(obj, path: str) -> None:
+    """Every field of ``obj`` (a section, its sub-sections too) against its own rule, named by its key path."""
+    broken = broken_rule(obj)
+    if broken is not None:
+        name, value, text = broken
+        raise RecipeError(f"{path}{name}: {value!r} {text}")
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _rules(value, f"{path}{f.name}.")
+
+
+def _as_options(build, section: str, names) -> None:
+    """The options' own checks across fields, as they run for the API, in the recipe's key paths."""
+    try:
+        build()
+    except ConfigError as exc:
+        text = re.sub(rf"\b({'|'.join(names)})=", lambda m: f"{section}.{m.group(1)}=", str(exc))
+        raise RecipeError(f"{section}: {text}") from None
+
+
 def _check(recipe: Recipe) -> None:
-    flat = recipe_to_dict(recipe)
-
-    def get(path):
-        node = flat
-        for part in path.split("."):
-            node = node[part]
-        return node
-
-    for path, choices in _CHOICES.items():
-        if get(path) not in choices:
-            raise RecipeError(f"{path}: {get(path)!r} is not one of {', '.join(repr(c) for c in choices)}")
-    c, d, t = recipe.convert, recipe.data, recipe.train
-    if recipe.method == "lfnn":
-        if c.blocks is None and not c.cuts:
-            raise RecipeError("convert: give convert.blocks or convert.cuts")
-        if c.blocks is not None and c.cuts:
-            raise RecipeError("convert: give convert.blocks or convert.cuts, not both")
-    rules = [
-        ("convert.blocks", c.blocks is None or c.blocks >= 1, "must be >= 1"),
-        ("convert.workers", c.workers >= 1, "must be >= 1"),
-        ("convert.leaders", 0 < c.leaders <= 1, "must be in (0, 1]"),
-        ("convert.follower_weight", c.follower_weight >= 0, "must be >= 0"),
-        ("convert.local_weight", c.local_weight >= 0, "must be >= 0"),
-        ("convert.workers", not c.head.startswith("lookahead") or c.workers == 1, "must be 1 with look-ahead heads"),
-        ("data.batch_size", d.batch_size >= 1, "must be >= 1"),
-        ("data.eval_batch_size", d.eval_batch_size >= 1, "must be >= 1"),
-        ("data.input_size", d.input_size is None or d.input_size >= 8, "must be >= 8"),
-        ("data.train_subset", d.train_subset is None or d.train_subset >= 1, "must be >= 1"),
-        ("train.optimizer.lr", t.optimizer.lr > 0, "must be > 0"),
-        ("train.optimizer.weight_decay", t.optimizer.weight_decay >= 0, "must be >= 0"),
-        ("train.grad_clip", t.grad_clip is None or t.grad_clip > 0, "must be > 0"),
-        ("train.head_warmup_steps", t.head_warmup_steps >= 0, "must be >= 0"),
-        ("train.checkpoint_every", t.checkpoint_every >= 1, "must be >= 1"),
-        ("train.eval_every", t.eval_every is None or t.eval_every >= 1, "must be >= 1"),
-        ("train.threads", t.threads is None or t.threads >= 1, "must be >= 1"),
-        ("train.device", t.device in ("auto", "cpu", "cuda") or (t.device.startswith("cuda:")
-                                                                 and t.device[5:].isdigit()),
-         "must be auto, cpu, cuda or cuda:N"),
-        ("data.workers", d.workers is None or d.workers >= 0, "must be >= 0 (0 loads in the training process)"),
-        ("pipeline.max_in_flight", recipe.pipeline.max_in_flight >= 1, "must be >= 1"),
-        ("pipeline.timeout_s", 0 < recipe.pipeline.timeout_s <= MAX_TIMEOUT_S,
-         f"must be > 0 and at most {MAX_TIMEOUT_S:g} (seconds a rank waits for a neighbour; a day at most)"),
-        ("train.optimizer.momentum", 0 <= t.optimizer.momentum < 1, "must be in [0, 1)"),
-        ("train.optimizer.nesterov", not t.optimizer.nesterov or (t.optimizer.name == "sgd"
-                                                                  and t.optimizer.momentum > 0),
+    _rules(recipe, "")
+    c, t, o = recipe.convert, recipe.train, recipe.train.optimizer
+    values = {f.name: getattr(c, f.name) for f in dataclasses.fields(c)}
+    _as_options(lambda: ConvertOptions(**values), "convert", values)
+    trainer = {f.name: getattr(t, f.name) for f in dataclasses.fields(TrainerOptions) if f.name not in NOT_IN_RECIPES}
+    _as_options(lambda: TrainerOptions(optimizer=object, **trainer), "train", trainer)
+    rules = [  # what only a recipe can check: its method, its optimizer's settings together, its run's length
+        ("train.optimizer.nesterov", not o.nesterov or (o.name == "sgd" and o.momentum > 0),
          "needs SGD with momentum > 0 (Nesterov's method is a kind of momentum); set train.optimizer.momentum, or "
          "drop nesterov"),
-        ("train.seed", 0 <= t.seed <= MAX_SEED, f"must be a whole number from 0 to {MAX_SEED} (2**63 - 1)"),
-        ("train.schedule.final_lr", 0 <= t.schedule.final_lr <= t.optimizer.lr,
+        ("train.schedule.final_lr", t.schedule.final_lr <= o.lr,
          "must be in [0, train.optimizer.lr]: the learning rate the cosine schedule ends at"),
-        ("data.eval_subset", d.eval_subset is None or d.eval_subset >= 1, "must be >= 1 (the images evaluated)"),
-        ("train.switch_mode_at", t.switch_mode_at is None or t.switch_mode_at >= 0, "must be >= 0"),
-        ("train.refresh_heads_every", t.refresh_heads_every is None or t.refresh_heads_every >= 1, "must be >= 1"),
         ("train.refresh_heads_every", t.refresh_heads_every is None or c.head.startswith("lookahead"),
          f"needs look-ahead heads (convert.head: lookahead or lookahead-layer; it is {c.head!r})"),
-        ("train.refresh_momentum", 0 <= t.refresh_momentum < 1, "must be in [0, 1) (0 copies the weights)"),
-        ("train.refresh_momentum", t.refresh_momentum == 0 or t.refresh_heads_every is not None,
-         "is used only with train.refresh_heads_every (set it, or drop refresh_momentum)"),
         ("train.switch_mode_at", t.switch_mode_at is None or recipe.method == "lfnn",
          "switches lfnnify's training mode, but method is 'bp' (end-to-end backprop has no modes); drop "
          "train.switch_mode_at and train.switch_to, or use method: lfnn"),
         ("train.refresh_heads_every", t.refresh_heads_every is None or recipe.method == "lfnn",
          "refreshes lfnnify's look-ahead heads, but method is 'bp' (no heads); drop it, or use method: lfnn"),
-        ("train.delay_lr_warmup", t.delay_lr_warmup is None or t.delay_lr_warmup >= 1, "must be >= 1"),
         ("train.delay_lr_warmup", t.delay_lr_warmup is None or recipe.method == "lfnn",
          "scales replay's delayed steps, but method is 'bp' (no delays); drop it, or use method: lfnn"),
         ("train.delay_lr_warmup", t.delay_lr_warmup is None or "replay" in (c.mode, t.switch_to),
          f"applies to replay's delayed gradients, but convert.mode is {c.mode!r} with no switch to replay; set "
          f"convert.mode: replay, or drop it"),
-        ("train.switch_to", (t.switch_to is None) == (t.switch_mode_at is None),
-         "and train.switch_mode_at go together: give both or neither"),
         ("train.switch_to", t.switch_to in (None, *({"local", "replay"} - {c.mode})),
          f"must be the other mode than convert.mode ({c.mode!r}); local and replay switch either way"),
     ]
+    flat = recipe_to_dict(recipe)
     for path, ok, rule in rules:
         if not ok:
-            raise RecipeError(f"{path}: {get(path)!r} {rule}")
+            value = flat
+            for part in path.split("."):
+                value = value[part]
+            raise RecipeError(f"{path}: {value!r} {rule}")
     if (t.iterations is None) == (t.epochs is None):
         raise RecipeError(
             f"train: give exactly one of train.iterations (the paper counts iterations) or train.epochs "
             f"(got iterations={t.iterations!r}, epochs={t.epochs!r})"
         )
-    if t.iterations is not None and t.iterations < 1:
-        raise RecipeError(f"train.iterations: {t.iterations!r} must be >= 1")
-    if t.epochs is not None and t.epochs < 1:
-        raise RecipeError(f"train.epochs: {t.epochs!r} must be >= 1")
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:
@@ -293,9 +269,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                 raise RecipeError(f"--set {item!r}: {part} is not a section")
             node = node.setdefault(part, {})
         node[parts[-1]] = value
-        if path.startswith("train.") and parts[-1] in ("iterations", "epochs") and value is not None:
-            other = "epochs" if parts[-1] == "iterations" else "iterations"
-            node[other] = None  # setting one length replaces the other
+        for pair in (("train.iterations", "train.epochs"), ("convert.blocks", "convert.cuts")):
+            if path in pair and value is not None:  # setting one of a pair replaces the other
+                node[pair[1 - pair.index(path)].split(".")[1]] = None
     return data
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import signal
@@ -21,8 +22,9 @@ from ..data import build_datasets, make_loader
 from ..errors import ConfigError, DataError, DataNotFoundError
 from ..plots import plot_curves, plot_leadership
 from ..surgery.conversion import convert
+from ..training.options import TrainerOptions
 from ..training.trainer import Trainer
-from .recipes import Recipe, recipe_to_dict
+from .recipes import NOT_IN_RECIPES, Recipe, recipe_to_dict
 from .zoo import create_model
 
 __all__ = ["train_from_recipe", "main_train"]
@@ -196,13 +198,13 @@ def _build_net(recipe: Recipe, *, chans: int, classes: int, size: int, pretraine
     example = torch.zeros(1, chans, size, size)
     if recipe.method == "bp":  # one block, no heads: exactly backprop, through the same trainer
         return convert(model, blocks=1, example_input=example)
-    c = recipe.convert
-    return convert(
-        model, blocks=c.blocks, cuts=c.cuts, workers=c.workers, leaders=c.leaders, mode=c.mode, head=c.head,
-        follower_weight=c.follower_weight, local_weight=c.local_weight, weight_stashing=c.weight_stashing,
-        weight_prediction=c.weight_prediction, spike_compensation=c.spike_compensation,
-        balance="flops" if world > 1 and c.balance == "time" else c.balance, example_input=example,
-    )
+    settings = _fields(recipe.convert)  # convert's own settings, field for field (recipes.ConvertSection)
+    if world > 1 and settings["balance"] == "time":  # every rank must cut alike: measured times differ by rank
+        settings["balance"] = "flops"
+    return convert(model, **settings, example_input=example)
+
+
+SEND_DTYPES_BY_NAME = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # recipes name them
 
 
 def resolve_device(name: str) -> torch.device:
@@ -233,20 +235,21 @@ def _build_trainer(recipe: Recipe, net, *, total: int, world: int, log_path: Pat
     def cosine(opt):
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=t.schedule.final_lr)
 
-    lfnn_knobs = dict(switch_mode_at=t.switch_mode_at, switch_to=t.switch_to, refresh_heads_every=t.refresh_heads_every,
-                      refresh_momentum=t.refresh_momentum, delay_lr_warmup=t.delay_lr_warmup
-                      ) if recipe.method == "lfnn" else {}
-    common = dict(optimizer=optimizer, scheduler=cosine if t.schedule.name == "cosine" else None, amp=t.amp,
-                  grad_clip=t.grad_clip, head_warmup_steps=t.head_warmup_steps, reselect=t.reselect,
-                  log_path=log_path, progress=progress, **lfnn_knobs)
+    trained = {f.name for f in dataclasses.fields(TrainerOptions)} - set(NOT_IN_RECIPES)  # the trainers' settings
+    common = dict({k: v for k, v in _fields(t).items() if k in trained}, optimizer=optimizer, log_path=log_path,
+                  scheduler=cosine if t.schedule.name == "cosine" else None, progress=progress)
     if world > 1:
         from ..pipeline.trainer import PipelineTrainer  # distributed code only under torchrun
 
-        p = recipe.pipeline
-        return PipelineTrainer(net, max_in_flight=p.max_in_flight, timeout_s=p.timeout_s,
-                               send_dtype=torch.bfloat16 if p.send_dtype == "bf16" else None, threads=t.threads,
-                               backend=backend, device="cpu" if device.type == "cpu" else None, **common)
+        p = _fields(recipe.pipeline)
+        p["send_dtype"] = SEND_DTYPES_BY_NAME.get(p["send_dtype"])
+        p.update(backend=backend, threads=t.threads, device="cpu" if device.type == "cpu" else None)
+        return PipelineTrainer(net, **p, **common)
     return Trainer(net, **common)
+
+
+def _fields(section) -> dict:
+    return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
 
 
 def _steps_per_epoch(batches: int, *, blocks: int, world: int) -> int:

@@ -17,6 +17,7 @@ from .._version import __version__
 from ..errors import CheckpointError
 from ..surgery.facts import describe_model
 from ..surgery.model import LFNNModel
+from ..surgery.options import MODES
 from . import files as fileio
 from . import store
 
@@ -24,7 +25,6 @@ __all__ = ["describe_checkpoint", "read_meta", "check_meta", "WEIGHTS"]
 
 WEIGHTS = "model.safetensors"
 _REQUIRED = ("format", "config", "cuts", "input_shape", "model")
-_MODES = ("local", "lfnn", "replay")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -78,7 +78,7 @@ def check_meta(meta: dict, file: Path) -> None:
     for key, ok, rule in (
         ("workers", is_count(config.get("workers"), 1), "it must be a whole number from 1"),
         ("leaders", is_number(config.get("leaders")) and 0 < config.get("leaders") <= 1, "it must be in (0, 1]"),
-        ("mode", config.get("mode") in _MODES, f"it must be one of {_MODES}"),
+        ("mode", config.get("mode") in MODES, f"it must be one of {MODES}"),
         ("follower_weight", is_number(config.get("follower_weight")) and config.get("follower_weight") >= 0,
          "it must be a number >= 0"),
         ("num_classes", is_count(config.get("num_classes"), 1), "it must be a whole number from 1"),

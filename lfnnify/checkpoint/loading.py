@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -11,8 +12,8 @@ from torch import nn
 from ..errors import CheckpointError
 from ..surgery.conversion import convert
 from ..surgery.facts import rebuild_model
-from ..surgery.heads import HEADS
 from ..surgery.model import LFNNModel
+from ..surgery.options import HEADS, ConvertOptions
 from . import files as fileio
 from . import store
 from .description import WEIGHTS, read_meta
@@ -64,22 +65,10 @@ def load(
             f"the checkpoint was trained with a custom head ({saved_head!r}); pass the same factory: "
             f"lfnnify.load(path, head=...)"
         )
-    net = convert(
-        source,
-        cuts=meta["cuts"],
-        workers=config["workers"],
-        leaders=config["leaders"],
-        mode=config["mode"],
-        follower_weight=config["follower_weight"],
-        local_weight=config.get("local_weight", 0.0),
-        weight_stashing=config.get("weight_stashing", False),
-        weight_prediction=config.get("weight_prediction", False),
-        spike_compensation=config.get("spike_compensation", False),
-        head=head or saved_head,
-        num_classes=config["num_classes"],
-        example_input=torch.zeros(meta["input_shape"]),
-        leaf_modules=leaf_modules,
-    )
+    saved = {f.name: config[f.name] for f in dataclasses.fields(ConvertOptions)
+             if f.name in config and f.name not in ("blocks", "cuts", "head", "num_classes")}
+    net = convert(source, **saved, cuts=meta["cuts"], head=head or saved_head, num_classes=config["num_classes"],
+                  example_input=torch.zeros(meta["input_shape"]), leaf_modules=leaf_modules)
     net.config["model"] = meta["model"]
     missing, unexpected = net.load_state_dict(weights, strict=False)
     if missing or unexpected:
@@ -108,10 +97,11 @@ def load_weights_into(net: LFNNModel, path: str | os.PathLike) -> LFNNModel:
             raise CheckpointError(f"{path} was cut at {meta['cuts']}, this model at {net.plan.cuts}; convert it the "
                                   f"same way")
         weights = read_weights(folder, meta)
-    shard = getattr(net, "_shard", None)
-    if shard is not None:  # a pipeline rank holds only its own block and head
-        weights = shard.own(weights)
+    partial = net.held_blocks != list(range(net.num_blocks))
+    if partial:  # a pipeline rank holds only its own blocks and heads
+        held = tuple(f"{part}.{k}." for k in net.held_blocks for part in ("blocks", "heads"))
+        weights = {k: v for k, v in weights.items() if k.startswith(held)}
     missing, unexpected = net.load_state_dict(weights, strict=False)
-    if unexpected or (shard is None and missing):
+    if unexpected or (not partial and missing):
         raise CheckpointError(f"{path} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return net

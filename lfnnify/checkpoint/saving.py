@@ -24,7 +24,8 @@ def save(net: LFNNModel, path: str | os.PathLike, *, trainer=None) -> Path:
     architecture, a checksum of every file), plus ``trainer.safetensors``/``trainer.json`` when ``trainer``
     is given. A new version is written completely beside the old one and then made current by replacing a
     small pointer file atomically, so a save killed at any moment leaves the previous checkpoint loadable.
-    Under :class:`~lfnnify.PipelineTrainer` every rank calls ``save``; each writes its own block.
+    Under :class:`~lfnnify.PipelineTrainer` every rank calls ``save`` with ``trainer=``: the trainer writes the
+    whole model and every rank's state on rank 0's host (``PipelineTrainer.save_checkpoint``).
 
     Example:
         >>> lfnnify.save(net, "runs/x/ckpt", trainer=trainer)
@@ -35,9 +36,16 @@ def save(net: LFNNModel, path: str | os.PathLike, *, trainer=None) -> Path:
     if not isinstance(net, LFNNModel):
         raise ConfigError(f"save() takes a model from lfnnify.convert, got {type(net).__name__}")
     path = Path(path)
-    shard = getattr(net, "_shard", None)
-    if shard is not None:  # a pipeline rank: the pipeline side writes per-block files
-        return shard.save(net, path, trainer=trainer)
+    writer = getattr(trainer, "save_checkpoint", None)  # a trainer that writes its own checkpoints: the pipeline
+    if writer is not None:
+        if getattr(trainer, "net", None) is not net:
+            raise ConfigError("save(net, path, trainer=...): this trainer trains another model; pass its own, "
+                              "trainer.net")
+        return writer(path)
+    if net.held_blocks != list(range(net.num_blocks)):
+        raise ConfigError(
+            f"this model holds only block(s) {net.held_blocks} (a pipeline rank frees the others), so it cannot be "
+            f"saved alone: save it with its trainer, on every rank together: lfnnify.save(net, path, trainer=trainer)")
     refuse_nonfinite(nonfinite(net.state_dict()), path)
     meta = describe_checkpoint(net)
     meta["fingerprint"] = fingerprint(net, meta["input_shape"])

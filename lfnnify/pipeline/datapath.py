@@ -100,7 +100,8 @@ class DataPath:
         if self.stages[self.stage].expects_grad(t) and self._early_grad is None:
             self._early_grad = self._take_grad()
         flat = self._recv_from_next(WEIGHTS, "weights")
-        self.net.heads[self.stage].refresh_from_flat(flat, self.net.blocks[self.stage + 1], self.refresh_momentum)
+        self.net.heads[self.stage].refresh_from_flat(flat, self.net.blocks[self.stage + 1],
+                                                     self.options.refresh_momentum)
 
     def _end_phase(self) -> None:
         """Take the gradient the next rank sent at its last step (it is for this rank's next step), so that no
@@ -117,7 +118,7 @@ class DataPath:
             raise DataError(f"the training loader has {len(loader)} batches, fewer than block 0's {self.replicas} "
                             f"replicas, so no replica gets a batch; use a smaller batch_size or fewer replicas")
         batches = iter(loader)
-        bar = tqdm(total=rounds, initial=self.step_in_epoch, disable=not self.progress, leave=False,
+        bar = tqdm(total=rounds, initial=self.step_in_epoch, disable=not self.options.progress, leave=False,
                    desc=f"epoch {self.epoch + 1} (pipeline, {self.world} ranks)", unit="batch", dynamic_ncols=True)
         finished = False
         while (max_steps is None or self.step < max_steps) and not self._stop:
@@ -136,7 +137,8 @@ class DataPath:
             self.timing["busy_s"] += self._now() - start
             records.append(self._stage_step(x, y))
             bar.update(1)
-            if records[-1] and self.progress and self.step % self.log_every == 0:  # reading it waits for the device
+            # reading the loss waits for the device: only as often as the bar shows it
+            if records[-1] and self.options.progress and self.step % self.options.log_every == 0:
                 bar.set_postfix(loss=f"{float(records[-1]['loss']):.3f}")
         bar.close()
         reached = max_steps is not None and self.step >= max_steps
@@ -149,7 +151,7 @@ class DataPath:
 
     def _follow(self, records) -> int:
         """Later stages: receive, train, pass on, until the end-of-phase message."""
-        if self.step_in_epoch == 0 and self.reselect == "epoch":
+        if self.step_in_epoch == 0 and self.options.reselect == "epoch":
             self.net.fixed_leaders = [None] * len(self.net.heads)
         while True:
             kind, flag, x, y = self.link.recv(self.prev_rank, dtype=self._dtype())

@@ -211,6 +211,7 @@ def keep_only_stage(net: LFNNModel, stage: int, device: torch.device) -> None:
     """Free the other blocks' parameters on this rank and move its own block and head to ``device``."""
     own = [net.blocks[stage]] + ([net.heads[stage]] if stage < len(net.heads) else [])
     keep = {id(p) for p in _tensors(*own)}
+    net.held_blocks = [stage]
     for k in range(net.num_blocks):
         if k != stage:
             for p in _tensors(net.blocks[k], net.heads[k] if k < len(net.heads) else None):

@@ -88,20 +88,12 @@ class PipelineTrainer(DataPath, TrainerBase):
     where it first happened.
     """
 
-    def __init__(
-        self,
-        net: LFNNModel,
-        *,
-        max_in_flight: int = 2,
-        send_dtype: torch.dtype | None = None,
-        timeout_s: float = 120.0,
-        threads: int | None = None,
-        backend: str | None = None,
-        device: str | None = None,
-        **settings,
-    ):
-        options = TrainerOptions.from_settings("PipelineTrainer", settings)
-        own = PipelineOptions(max_in_flight, send_dtype, timeout_s, threads, backend, device)
+    def __init__(self, net: LFNNModel, **settings):
+        mine = {f.name for f in dataclasses.fields(PipelineOptions)}
+        own = PipelineOptions(**{k: v for k, v in settings.items() if k in mine})
+        options = TrainerOptions.from_settings("PipelineTrainer", {k: v for k, v in settings.items() if k not in mine})
+        max_in_flight, send_dtype, timeout_s = own.max_in_flight, own.send_dtype, own.timeout_s
+        threads, backend, device = own.threads, own.backend, own.device
         if not isinstance(net, LFNNModel):
             raise ConfigError(f"PipelineTrainer needs a model from lfnnify.convert, got {type(net).__name__}")
         own.check_for(net)
@@ -154,7 +146,7 @@ class PipelineTrainer(DataPath, TrainerBase):
         if self.replicas > 1:
             self.updates[self.stage].reduce = self._average
             broadcast_from_first_replica(self.net, self.stage, self.replicas, self.group, self.link.comm_device)
-        net._shard = Shard(stage=self.stage, replica=self.replica, replicas=self.replicas, rank=self.rank,
+        self.shard = Shard(stage=self.stage, replica=self.replica, replicas=self.replicas, rank=self.rank,
                            blocks=blocks, source_shapes=shapes, talking=self.talking, group=self.groups.objects)
 
     def train_step(self, x: Tensor, y: Tensor) -> dict:
@@ -285,7 +277,12 @@ class PipelineTrainer(DataPath, TrainerBase):
             lfnnify.CheckpointError: on every rank, in one line: no checkpoint there, a damaged file, or one saved by
                 another layout (blocks x replicas) or with other cuts.
         """
-        self.net._shard.restore(self.net, self, Path(path))
+        self.shard.restore(self.net, self, Path(path))
+
+    def save_checkpoint(self, path) -> Path:
+        """Save the whole model and every rank's trainer state to ``path`` on rank 0's host (what
+        ``lfnnify.save(net, path, trainer=trainer)`` does under the pipeline). A collective: every rank calls it."""
+        return self.shard.save(self.net, Path(path), trainer=self)
 
     def decide(self, decide):
         """``decide()`` run on rank 0 only, its result (or its error) on every rank: how the ranks act on what only
@@ -314,4 +311,4 @@ class PipelineTrainer(DataPath, TrainerBase):
         self._early_grad = early.to(self.device) if early is not None else None
 
 
-PipelineTrainer.__init__.__signature__ = signature_with_options(PipelineTrainer.__init__)
+PipelineTrainer.__init__.__signature__ = signature_with_options(PipelineTrainer.__init__, PipelineOptions)

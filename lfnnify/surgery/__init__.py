@@ -1,11 +1,29 @@
 """Model surgery: trace a model, choose where to cut it, build the blocks and their heads.
 
 Public here: :func:`convert`, :func:`plan` (with :class:`Plan` and :class:`BlockInfo`) and the converted model,
-:class:`LFNNModel` (with :class:`LocalLosses`). The other modules are this folder's machinery.
+:class:`LFNNModel` (with :class:`LocalLosses`). The other modules are this folder's machinery. The names load on first
+use, so that reading convert's settings (``options``) never imports torch.
 """
 
-from .conversion import convert
-from .model import LFNNModel, LocalLosses
-from .planning import BlockInfo, Plan, plan
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __all__ = ["convert", "plan", "Plan", "BlockInfo", "LFNNModel", "LocalLosses"]
+_HOMES = {"convert": "conversion", "plan": "planning", "Plan": "planning", "BlockInfo": "planning",
+          "LFNNModel": "model", "LocalLosses": "model"}
+
+if TYPE_CHECKING:
+    from .conversion import convert  # noqa: F401
+    from .model import LFNNModel, LocalLosses  # noqa: F401
+    from .planning import BlockInfo, Plan, plan  # noqa: F401
+
+
+def __getattr__(name: str):
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'lfnnify.surgery' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{home}", __name__), name)
+    globals()[name] = value
+    return value

@@ -3,48 +3,34 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from .._checks import is_flag, is_number
 from ..errors import ConfigError
 from .analysis import analyse
 from .cuts import CutPoint
 from .facts import describe_model
 from .headplan import build_site_head
-from .knobs import validate_knobs
 from .model import LFNNModel
+from .options import ConvertOptions, signature_with
 from .partition import dual_block, split_graph
 from .planning import make_plan
 
-__all__ = ["convert", "MODES"]
-
-MODES = ("local", "lfnn", "replay")
+__all__ = ["convert"]
 
 
 def convert(
     model: nn.Module,
     *,
-    blocks: int | None = None,
-    cuts: Sequence[str] | None = None,
-    workers: int = 1,
-    leaders: float = 1.0,
-    mode: str = "local",
-    follower_weight: float = 1.0,
-    local_weight: float = 0.0,
-    weight_stashing: bool = False,
-    weight_prediction: bool = False,
-    spike_compensation: bool = False,
-    head="linear",
-    num_classes: int | None = None,
-    balance: str = "flops",
     example_input: torch.Tensor | None = None,
     leaf_modules: Sequence[type] = (),
     concrete_args: dict | None = None,
     share_parameters: bool = False,
     fallback: bool | str = True,
+    **settings,
 ) -> LFNNModel:
     """Convert ``model`` into a leader-follower network trained with local error signals.
 
@@ -121,59 +107,35 @@ def convert(
         )
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if blocks is None and cuts is None:
-        blocks = 4
-    validate_knobs(blocks=blocks, cuts=cuts, workers=workers, leaders=leaders, balance=balance, head=head)
-    if mode not in MODES:
-        raise ConfigError(
-            f"mode={mode!r} must be 'local' (LFNN-ℓ, BP-free, Eq. 2), 'lfnn' (Eq. 1, with BP) or 'replay' "
-            f"(delayed end-to-end gradients)"
-        )
-    _check_weight("follower_weight", follower_weight, "λ; the paper uses 1")
-    _check_weight("local_weight", local_weight, "the head loss's weight in replay mode")
-    for name, value in (("weight_stashing", weight_stashing), ("weight_prediction", weight_prediction),
-                        ("spike_compensation", spike_compensation)):
-        if not is_flag(value):
-            raise ConfigError(f"{name}={value!r} must be True or False")
+    if settings.get("blocks") is None and settings.get("cuts") is None:
+        settings = {**settings, "blocks": 4}
+    o = ConvertOptions.from_settings("convert", settings)
 
     source = model if share_parameters else copy.deepcopy(model)
     analysis = analyse(source, example_input=example_input, leaf_modules=leaf_modules, concrete_args=concrete_args,
                        fallback=fallback)
-    the_plan = make_plan(source, analysis, blocks=blocks, cuts=cuts, workers=workers, num_classes=num_classes,
-                         head=head, balance=balance, mode=mode,
-                         weight_stashing=weight_stashing)
-    chosen = the_plan._split.chosen  # the plan's own decisions: the cut points and each head's site
-    block_modules = _build_blocks(analysis, chosen)
-    heads = [build_site_head(head, site, analysis, the_plan.num_classes, workers) for site in the_plan._split.sites]
+    the_plan = make_plan(source, analysis, o)
+    block_modules = _build_blocks(analysis, the_plan.split.chosen)  # exactly what the plan chose
+    heads = [build_site_head(o.head, site, analysis, the_plan.num_classes, o.workers) for site in the_plan.split.sites]
     param = next(source.parameters(), None)
     if param is not None:
         for h in heads:
             h.to(device=param.device, dtype=param.dtype if param.is_floating_point() else None)
 
-    config = {
+    config = {  # the settings as the model was built: a checkpoint rebuilds it from them
+        **{f.name: getattr(o, f.name) for f in dataclasses.fields(o)},
         "blocks": len(block_modules),
         "cuts": list(the_plan.cuts),
-        "workers": workers,
-        "leaders": float(leaders),
-        "mode": mode,
-        "follower_weight": float(follower_weight),
-        "local_weight": float(local_weight),
-        "weight_stashing": bool(weight_stashing),
-        "weight_prediction": bool(weight_prediction),
-        "spike_compensation": bool(spike_compensation),
-        "head": head if isinstance(head, str) else getattr(head, "__name__", "custom"),
+        "leaders": float(o.leaders),
+        "follower_weight": float(o.follower_weight),
+        "local_weight": float(o.local_weight),
+        "head": o.head if isinstance(o.head, str) else getattr(o.head, "__name__", "custom"),
         "num_classes": the_plan.num_classes,
-        "balance": balance,
         "model": describe_model(model),
     }
     net = LFNNModel(block_modules, heads, plan=the_plan, config=config, source=source)
     net.train(source.training)
     return net
-
-
-def _check_weight(name: str, value, rule: str) -> None:
-    if not is_number(value) or value < 0:
-        raise ConfigError(f"{name}={value!r} must be a finite number >= 0 ({rule})")
 
 
 def _build_blocks(analysis, chosen: list[CutPoint]) -> list[nn.Module]:
@@ -188,3 +150,6 @@ def _build_blocks(analysis, chosen: list[CutPoint]) -> list[nn.Module]:
     eval_cut_nodes = [eval_nodes.get(traced.qualnames[c.node], c.node) for c in chosen]
     eval_blocks = split_graph(traced.eval_graph_module, eval_cut_nodes)
     return [dual_block(t, e, f"Block{k}") for k, (t, e) in enumerate(zip(train_blocks, eval_blocks))]
+
+
+convert.__signature__ = signature_with(convert)

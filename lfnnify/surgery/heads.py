@@ -13,7 +13,7 @@ from ..errors import ConfigError
 __all__ = ["HEADS", "LinearHeads", "Pool", "build_head", "head_param_count"]
 
 HeadFactory = Callable[[int, int, int], nn.Module]
-HEADS = ("linear", "lookahead", "lookahead-layer")  # built-in heads; look-ahead heads live in lfnnify.surgery.lookahead
+from .options import HEADS  # noqa: E402 - the built-in heads' names, declared with convert's settings
 
 
 class Pool(nn.Module):

@@ -95,6 +95,9 @@ class LFNNModel(nn.Module):
         self.config = dict(config)
         object.__setattr__(self, "_source", source)  # the original architecture, not a submodule
         self.fixed_leaders: list[Tensor | None] = [None] * len(heads)
+        # the blocks (with their heads) whose weights this process holds: all of them, or one on a pipeline rank,
+        # which frees the others (lfnnify.pipeline.shards.keep_only_stage)
+        self.held_blocks: list[int] = list(range(len(blocks)))
 
     @property
     def num_blocks(self) -> int:

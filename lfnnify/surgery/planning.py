@@ -13,7 +13,7 @@ from ..errors import ConfigError
 from .analysis import Analysis, analyse
 from .cuts import CutPoint
 from .facts import resolve_num_classes
-from .knobs import validate_knobs
+from .options import ConvertOptions, signature_with
 from .splitting import BlockInfo, Split, choose_split
 from .traffic import traffic
 
@@ -24,7 +24,9 @@ __all__ = ["Plan", "BlockInfo", "plan", "make_plan"]
 class Plan:
     """The valid cut points of a model and, when blocks or cuts were asked for, the chosen split.
 
-    ``str(plan)`` is a table. ``plan.blocks`` lists :class:`BlockInfo`; ``plan.cuts`` the cut names.
+    ``str(plan)`` is a table. ``plan.blocks`` lists :class:`BlockInfo`; ``plan.cuts`` the cut names;
+    ``plan.split`` the decisions behind them (the cut points and each head's site), which :func:`lfnnify.convert`
+    builds exactly, so that a converted model is the plan it printed.
     """
 
     model_name: str
@@ -39,7 +41,7 @@ class Plan:
     model_params: int = 0
     weight_stashing: bool = False
     traffic: object = None  # a lfnnify.surgery.traffic.Traffic when plan() was given batch_size= or link=
-    _split: Split | None = field(default=None, repr=False, compare=False)  # the decisions, for convert
+    split: Split | None = field(default=None, repr=False, compare=False)  # what was chosen; convert builds exactly it
 
     @property
     def imbalance(self) -> float:
@@ -99,36 +101,29 @@ class Plan:
         return "\n".join(lines)
 
 
-def make_plan(model: nn.Module, analysis: Analysis, *, blocks: int | None, cuts: Sequence[str] | None, workers: int,
-              num_classes: int | None, head, balance: str, mode: str = "local", weight_stashing: bool = False) -> Plan:
-    """The plan of ``model``: its valid cut points and, with ``blocks=`` or ``cuts=``, the chosen split
-    (:func:`~lfnnify.surgery.splitting.choose_split`), whose decisions the plan keeps for :func:`lfnnify.convert`."""
+def make_plan(model: nn.Module, analysis: Analysis, options: ConvertOptions) -> Plan:
+    """The plan of ``model``: its valid cut points and, with ``blocks`` or ``cuts``, the chosen split
+    (:func:`~lfnnify.surgery.splitting.choose_split`), whose decisions the plan keeps (``plan.split``)."""
+    o = options
     name = getattr(model, "default_cfg", {}).get("architecture") if hasattr(model, "default_cfg") else None
     name = name or type(model).__name__
-    result = Plan(name, analysis.cut_points, balance=balance, workers=workers,
-                  input_shape=tuple(analysis.example_input.shape), mode=mode,
+    result = Plan(name, analysis.cut_points, balance=o.balance, workers=o.workers,
+                  input_shape=tuple(analysis.example_input.shape), mode=o.mode,
                   model_params=sum(p.numel() for p in model.parameters()),
-                  weight_stashing=weight_stashing and mode == "replay")
-    if blocks is None and cuts is None:
+                  weight_stashing=o.weight_stashing and o.mode == "replay")
+    if o.blocks is None and o.cuts is None:
         return result
-    result.num_classes = resolve_num_classes(model, num_classes)
-    result._split = choose_split(model, analysis, blocks=blocks, cuts=cuts, workers=workers,
-                                 num_classes=result.num_classes, head=head, balance=balance, mode=mode,
-                                 stashing=result.weight_stashing, name=name)
-    result.blocks, result.cuts = result._split.rows, [c.name for c in result._split.chosen]
+    result.num_classes = resolve_num_classes(model, o.num_classes)
+    result.split = choose_split(model, analysis, blocks=o.blocks, cuts=o.cuts, workers=o.workers,
+                                num_classes=result.num_classes, head=o.head, balance=o.balance, mode=o.mode,
+                                stashing=result.weight_stashing, name=name)
+    result.blocks, result.cuts = result.split.rows, [c.name for c in result.split.chosen]
     return result
 
 
 def plan(
     model: nn.Module,
     *,
-    blocks: int | None = None,
-    cuts: Sequence[str] | None = None,
-    workers: int = 1,
-    num_classes: int | None = None,
-    head="linear",
-    mode: str = "local",
-    balance: str = "flops",
     example_input: torch.Tensor | None = None,
     leaf_modules: Sequence[type] = (),
     concrete_args: dict | None = None,
@@ -136,6 +131,7 @@ def plan(
     batch_size: int | None = None,
     send_dtype: torch.dtype | None = None,
     link: str | None = None,
+    **settings,
 ) -> Plan:
     """List where ``model`` can be cut and, with ``blocks=`` or ``cuts=``, where it will be.
 
@@ -146,6 +142,9 @@ def plan(
 
     Args:
         model: any module torch.fx can trace (with timm's leaf modules).
+        blocks, cuts, workers, head, mode, balance, num_classes, ...: convert's settings (:func:`lfnnify.convert`;
+            those that do not change the plan are checked and left aside). Without ``blocks`` or ``cuts`` the plan
+            lists the valid cut points only.
         blocks: choose ``blocks - 1`` cuts minimising the most expensive block's cost.
         cuts: explicit cut names (see the listing of ``plan(model)``).
         workers: filter-wise workers per head (1 = block-wise).
@@ -179,11 +178,10 @@ def plan(
     if not isinstance(model, nn.Module):
         hint = f" For a timm name, pass timm.create_model({model!r})." if isinstance(model, str) else ""
         raise ConfigError(f"plan() takes a torch.nn.Module, got {type(model).__name__} {model!r:.60}.{hint}")
-    validate_knobs(blocks=blocks, cuts=cuts, workers=workers, leaders=1.0, balance=balance, head=head)
+    options = ConvertOptions.from_settings("plan", settings)
     analysis = analyse(model, example_input=example_input, leaf_modules=leaf_modules, concrete_args=concrete_args,
                        fallback=fallback)
-    result = make_plan(model, analysis, blocks=blocks, cuts=cuts, workers=workers, num_classes=num_classes,
-                       head=head, balance=balance, mode=mode)
+    result = make_plan(model, analysis, options)
     if (batch_size is not None or link is not None) and result.blocks:
         batch = batch_size if batch_size is not None else int(analysis.example_batch.shape[0])
         result.traffic = traffic(result, batch_size=batch, send_dtype=send_dtype, link=link)
@@ -193,3 +191,6 @@ def plan(
 def _size(n: int) -> str:
     """Bytes as people read them: 3.1 KiB, 1.50 MiB."""
     return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+plan.__signature__ = signature_with(plan)

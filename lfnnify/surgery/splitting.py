@@ -17,7 +17,7 @@ from ..errors import ConfigError, CutError
 from .analysis import Analysis, measured_piece_times
 from .cuts import CutPoint, GraphProfile
 from .headplan import HeadSite, build_site_head, head_cost, head_site
-from .heads import HEADS
+from .options import HEADS
 from .partition import balanced_partition, node_params
 
 __all__ = ["BlockInfo", "Split", "choose_split", "staged_cut_points"]

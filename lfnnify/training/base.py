@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -50,17 +49,9 @@ class TrainerBase:
 
     def __init__(self, net: LFNNModel, *, owned: list[int], options: TrainerOptions):
         options.check_for(net)
-        self.options = options
-        optimizer, scheduler, amp, grad_clip = options.optimizer, options.scheduler, options.amp, options.grad_clip
-        head_warmup_steps = options.head_warmup_steps
-        self.refresh_heads_every, self.refresh_momentum = options.refresh_heads_every, float(options.refresh_momentum)
+        self.options = options  # every setting is read from here (nothing copied onto the trainer)
         self.net = net
-        self.amp, self.grad_clip, self.reselect = amp, grad_clip, options.reselect
-        self.head_warmup_steps = head_warmup_steps
-        self.schedule = ModeSchedule(net.mode, options.switch_mode_at, options.switch_to, head_warmup_steps,
-                                     options.delay_lr_warmup)
-        self.log_path = Path(options.log_path) if options.log_path is not None else None
-        self.log_every, self.progress = options.log_every, options.progress
+        self.schedule = ModeSchedule.of(net.mode, options)
         self.device = next((p.device for p in net.blocks[owned[0]].parameters()), torch.device("cpu"))
         self.groups = block_parameters(net)
         self.batch_rules = batch_rules(net)  # what every training and evaluation batch must satisfy
@@ -68,6 +59,7 @@ class TrainerBase:
         keep = {id(p) for p in classifier.parameters()} if classifier is not None else set()
         keep |= {id(p) for head in net.heads for p in head.parameters()}
         # Eq. 1 sends one global loss through every block: one loss scale for all of them
+        amp = options.amp
         shared = torch.amp.GradScaler(self.device.type) if amp == "fp16" and net.mode == "lfnn" else None
         self.scaler = shared
         self.updates: dict[int, BlockUpdate] = {}
@@ -75,8 +67,9 @@ class TrainerBase:
         for k in owned:
             scaler = shared or (torch.amp.GradScaler(self.device.type) if amp == "fp16" else None)
             self.updates[k] = BlockUpdate(
-                self.groups[k], optimizer=optimizer, scheduler=scheduler, scaler=scaler, owns_scaler=shared is None,
-                grad_clip=grad_clip, frozen_in_warmup=[p for p in self.groups[k] if id(p) not in keep], block=k,
+                self.groups[k], optimizer=options.optimizer, scheduler=options.scheduler, scaler=scaler,
+                owns_scaler=shared is None, grad_clip=options.grad_clip,
+                frozen_in_warmup=[p for p in self.groups[k] if id(p) not in keep], block=k,
             )
             self.updates[k].track_updates = bool(net.config.get("weight_prediction", False))
             if net.config.get("spike_compensation") and k < net.num_blocks - 1:  # the last block has no delay
@@ -109,9 +102,9 @@ class TrainerBase:
     # ------------------------------------------------------------------ pieces of a step
 
     def _autocast(self):
-        if self.amp is None:
+        if self.options.amp is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=AMP_DTYPES[self.amp])
+        return torch.autocast(device_type=self.device.type, dtype=AMP_DTYPES[self.options.amp])
 
     def _check_finite(self, k: int, loss: Tensor) -> None:
         """A non-finite loss stops training with an error naming the block: at once on the CPU; on a GPU at the
@@ -155,7 +148,7 @@ class TrainerBase:
 
     def _refresh_due(self, k: int, step: int) -> bool:
         """Whether head ``k`` takes block k+1's weights at ``step`` (as they are after block k+1's step - 1)."""
-        every = self.refresh_heads_every
+        every = self.options.refresh_heads_every
         return bool(every) and step > 0 and step % every == 0 and isinstance(self.net.heads[k], LookaheadHead)
 
     def _count_leaders(self, k: int, leaders: Tensor | None) -> None:
@@ -163,7 +156,7 @@ class TrainerBase:
             return
         self._epoch_counts[k].index_add_(0, leaders.to(self._epoch_counts.device),
                                          torch.ones(len(leaders), dtype=torch.long, device=self._epoch_counts.device))
-        if self.reselect == "epoch" and self.net.fixed_leaders[k] is None:
+        if self.options.reselect == "epoch" and self.net.fixed_leaders[k] is None:
             self.net.fixed_leaders[k] = leaders.detach().clone()
 
     # ------------------------------------------------------------------ epochs
@@ -176,7 +169,7 @@ class TrainerBase:
             sampler.set_epoch(self.epoch)
             if self.step_in_epoch and hasattr(sampler, "skip"):
                 sampler.skip(self.step_in_epoch * replicas * batch_size)
-        if self.step_in_epoch == 0 and self.reselect == "epoch":
+        if self.step_in_epoch == 0 and self.options.reselect == "epoch":
             self.net.fixed_leaders = [None] * len(self.net.heads)
 
     def _end_epoch(self) -> None:
@@ -196,8 +189,8 @@ class TrainerBase:
         return sum(values) / len(values)
 
     def _log(self, record: dict) -> None:
-        if self.log_path is not None:
-            append_jsonl(self.log_path, record)
+        if self.options.log_path is not None:
+            append_jsonl(self.options.log_path, record)
 
     # ------------------------------------------------------------------ state
 

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
-from .._checks import is_count, is_number
+from .._checks import check_rules, count, is_number, one_of, optional, setting
 from ..errors import ConfigError
 from ..surgery.lookahead import LookaheadHead
 from ..surgery.model import LFNNModel
+from ..surgery.options import signature_with
 from .update import OptimizerFactory, SchedulerFactory
 
 __all__ = ["TrainerOptions", "PipelineOptions", "AMP_DTYPES", "SWITCHABLE", "SEND_DTYPES", "MAX_TIMEOUT_S",
@@ -32,21 +33,27 @@ MAX_TIMEOUT_S = 86400.0  # a day: a wait longer than that is a hang, and larger 
 
 @dataclass(frozen=True)
 class TrainerOptions:
-    """What a trainer is asked to do, checked when it is made (every error names the value, the rule, the fix)."""
+    """What a trainer is asked to do, checked when it is made (every error names the value, the rule, the fix).
+
+    Each field is declared once, with its rule (``setting``); a recipe's ``train:`` section is made of the same
+    fields (``lfnnify/app/recipes.py``)."""
 
     optimizer: OptimizerFactory
     scheduler: SchedulerFactory | None = None
-    amp: str | None = None
-    grad_clip: float | None = None
-    head_warmup_steps: int = 0
-    reselect: str = "batch"
-    switch_mode_at: int | None = None
-    switch_to: str | None = None
-    refresh_heads_every: int | None = None
-    refresh_momentum: float = 0.0
-    delay_lr_warmup: int | None = None
+    amp: str | None = setting(None, one_of(None, *AMP_DTYPES), "must be None, 'bf16' or 'fp16'")
+    grad_clip: float | None = setting(None, optional(lambda v: is_number(v) and v > 0),
+                                      "must be a positive number or None")
+    head_warmup_steps: int = setting(0, count(0), "must be an int >= 0")
+    reselect: str = setting("batch", one_of("batch", "epoch"), "must be 'batch' or 'epoch'")
+    switch_mode_at: int | None = setting(None, optional(count(0)), "must be a step count >= 0")
+    switch_to: str | None = setting(None, one_of(None, *SWITCHABLE),
+                                    "must be 'local' or 'replay': the mode to switch to")
+    refresh_heads_every: int | None = setting(None, optional(count(1)), "must be a step count >= 1 or None")
+    refresh_momentum: float = setting(0.0, lambda v: is_number(v) and 0 <= v < 1,
+                                      "must be a number in [0, 1) (0 copies the weights)")
+    delay_lr_warmup: int | None = setting(None, optional(count(1)), "must be a step count >= 1 or None")
     log_path: str | Path | None = None
-    log_every: int = 20
+    log_every: int = setting(20, count(1), "must be an int >= 1")
     progress: bool = True
 
     @classmethod
@@ -57,38 +64,20 @@ class TrainerOptions:
         if unknown:
             raise ConfigError(f"{where} got unknown setting{'s' if len(unknown) > 1 else ''} "
                               f"{', '.join(map(repr, unknown))}; it takes {', '.join(names)}")
-        if "optimizer" not in settings:
+        if settings.get("optimizer") is None:
             raise ConfigError(f"{where} needs optimizer=, a factory: optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1)")
         return cls(**settings)
 
     def __post_init__(self):
-        if self.amp not in (None, *AMP_DTYPES):
-            raise ConfigError(f"amp={self.amp!r} must be None, 'bf16' or 'fp16'")
-        if self.reselect not in ("batch", "epoch"):
-            raise ConfigError(f"reselect={self.reselect!r} must be 'batch' or 'epoch'")
-        if self.grad_clip is not None and (not is_number(self.grad_clip) or not self.grad_clip > 0):
-            raise ConfigError(f"grad_clip={self.grad_clip!r} must be a positive number or None")
-        if not is_count(self.head_warmup_steps, 0):
-            raise ConfigError(f"head_warmup_steps={self.head_warmup_steps!r} must be an int >= 0")
-        if not is_count(self.log_every, 1):
-            raise ConfigError(f"log_every={self.log_every!r} must be an int >= 1")
         if (self.switch_mode_at is None) != (self.switch_to is None):
             raise ConfigError(
                 f"switch_mode_at={self.switch_mode_at!r}, switch_to={self.switch_to!r}: give both (e.g. "
                 f"switch_mode_at=1000, switch_to='replay') or neither"
             )
-        if self.switch_mode_at is not None and not is_count(self.switch_mode_at, 0):
-            raise ConfigError(f"switch_mode_at={self.switch_mode_at!r} must be a step count >= 0")
-        every, momentum = self.refresh_heads_every, self.refresh_momentum
-        if every is None and momentum != 0:
-            raise ConfigError(f"refresh_momentum={momentum!r} is used only with refresh_heads_every=N (the steps "
-                              f"between refreshes); set it, or drop refresh_momentum")
-        if every is not None and not is_count(every, 1):
-            raise ConfigError(f"refresh_heads_every={every!r} must be a step count >= 1 or None")
-        if not is_number(momentum) or not 0 <= momentum < 1:
-            raise ConfigError(f"refresh_momentum={momentum!r} must be a number in [0, 1) (0 copies the weights)")
-        if self.delay_lr_warmup is not None and not is_count(self.delay_lr_warmup, 1):
-            raise ConfigError(f"delay_lr_warmup={self.delay_lr_warmup!r} must be a step count >= 1 or None")
+        check_rules(self)
+        if self.refresh_heads_every is None and self.refresh_momentum != 0:
+            raise ConfigError(f"refresh_momentum={self.refresh_momentum!r} is used only with refresh_heads_every=N "
+                              f"(the steps between refreshes); set it, or drop refresh_momentum")
 
     def check_for(self, net) -> None:
         """The checks that need the model: what it can switch to, replay's precision, heads to refresh."""
@@ -130,29 +119,25 @@ class TrainerOptions:
 class PipelineOptions:
     """The settings only :class:`~lfnnify.PipelineTrainer` takes (documented there), checked when it is made."""
 
-    max_in_flight: int = 2
-    send_dtype: torch.dtype | None = None
-    timeout_s: float = 120.0
-    threads: int | None = None
-    backend: str | None = None
-    device: str | None = None
+    max_in_flight: int = setting(2, count(1), "must be an int >= 1")
+    send_dtype: torch.dtype | None = setting(None, one_of(None, *SEND_DTYPES),
+                                             "must be None (the block's own dtype) or one of torch.float32, "
+                                             "torch.bfloat16, torch.float16: activations and gradients cross as floats "
+                                             "(torch.bfloat16 halves the traffic)")
+    # chosen once, for the API and the recipes: long enough for a neighbour's evaluation or for rank 0 writing a
+    # large checkpoint (a 1 GB one over 100 Mbit/s takes about 80 s), and a dead neighbour is seen at once anyway:
+    # the timeout only bounds how long a hung one goes unnoticed
+    timeout_s: float = setting(300.0, lambda v: is_number(v) and 0 < v <= MAX_TIMEOUT_S,
+                               f"must be a positive number of seconds, at most {MAX_TIMEOUT_S:g} (a day): how long a "
+                               f"rank waits for a neighbour before it says which one stopped")
+    threads: int | None = setting(None, optional(count(1)), "must be an int >= 1 or None")
+    backend: str | None = setting(None, one_of(None, "nccl", "gloo"), "must be 'nccl' or 'gloo' (or None to choose)")
+    device: str | None = setting(None, one_of(None, "cpu"),
+                                 "must be None or 'cpu': the pipeline places each rank on its own GPU (LOCAL_RANK) by "
+                                 "itself; pass device=None, or 'cpu' to keep every block on the CPU")
 
     def __post_init__(self):
-        if not is_count(self.max_in_flight, 1):
-            raise ConfigError(f"max_in_flight={self.max_in_flight!r} must be an int >= 1")
-        if not is_number(self.timeout_s) or not 0 < self.timeout_s <= MAX_TIMEOUT_S:
-            raise ConfigError(f"timeout_s={self.timeout_s!r} must be a positive number of seconds, at most "
-                              f"{MAX_TIMEOUT_S:g} (a day): how long a rank waits for a neighbour before it says which "
-                              f"one stopped")
-        if self.send_dtype is not None and self.send_dtype not in SEND_DTYPES:
-            raise ConfigError(f"send_dtype={self.send_dtype!r} must be None (the block's own dtype) or one of "
-                              f"torch.float32, torch.bfloat16, torch.float16: activations and gradients cross as "
-                              f"floats (torch.bfloat16 halves the traffic)")
-        if self.threads is not None and not is_count(self.threads, 1):
-            raise ConfigError(f"threads={self.threads!r} must be an int >= 1 or None")
-        if self.device not in (None, "cpu"):
-            raise ConfigError(f"device={self.device!r}: the pipeline places each rank on its own GPU (LOCAL_RANK) "
-                              f"by itself; pass device=None, or 'cpu' to keep every block on the CPU")
+        check_rules(self)
 
     def check_for(self, net) -> None:
         if isinstance(net, LFNNModel) and net.mode == "lfnn":
@@ -163,14 +148,7 @@ class PipelineOptions:
             )
 
 
-def signature_with_options(init, *own: str) -> inspect.Signature:
-    """``init``'s signature with ``**settings`` spelled out as :class:`TrainerOptions`' fields, for ``help()``
-    and editors that read ``__signature__``; ``own`` names ``init``'s own keyword parameters, kept first."""
-    params = [p for p in inspect.signature(init).parameters.values() if p.kind != p.VAR_KEYWORD]
-    taken = {p.name for p in params}
-    for f in dataclasses.fields(TrainerOptions):
-        if f.name not in taken:
-            default = inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default
-            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                                            annotation=f.type))
-    return inspect.Signature(params)
+def signature_with_options(init, *own) -> inspect.Signature:
+    """``init``'s signature with ``**settings`` spelled out as the fields of ``own`` (a trainer's own options) and
+    then :class:`TrainerOptions`', for ``help()`` and editors that read ``__signature__``."""
+    return signature_with(init, *own, TrainerOptions)

@@ -35,30 +35,35 @@ __all__ = ["ModeSchedule", "BlockStage"]
 
 @dataclass(frozen=True)
 class ModeSchedule:
-    """Which mode runs at which step: ``mode`` from the start, ``switch_to`` from step ``switch_at`` on.
+    """Which mode runs at which step: ``mode`` from the start, ``switch_to`` from step ``switch_mode_at`` on.
 
-    Steps before ``warmup`` are head warm-up (local, trunks frozen); replay starts after them.
+    Steps before ``head_warmup_steps`` are head warm-up (local, trunks frozen); replay starts after them.
     ``delay_lr_warmup``: see :meth:`lr_scale`.
     """
 
     mode: str
-    switch_at: int | None = None
+    switch_mode_at: int | None = None
     switch_to: str | None = None
-    warmup: int = 0
+    head_warmup_steps: int = 0
     delay_lr_warmup: int | None = None
 
+    @classmethod
+    def of(cls, mode: str, options) -> ModeSchedule:
+        """The schedule a trainer's options (:class:`~lfnnify.training.options.TrainerOptions`) set for ``mode``."""
+        return cls(mode, options.switch_mode_at, options.switch_to, options.head_warmup_steps, options.delay_lr_warmup)
+
     def mode_at(self, step: int) -> str:
-        if step < self.warmup:
+        if step < self.head_warmup_steps:
             return "local"
-        if self.switch_at is not None and step >= self.switch_at:
+        if self.switch_mode_at is not None and step >= self.switch_mode_at:
             return self.switch_to
         return self.mode
 
     def replay_start(self, step: int) -> int:
         """The first step of the replay period ``step`` belongs to (call only where ``mode_at(step)`` is replay)."""
-        if self.switch_at is not None and step >= self.switch_at:
-            return max(self.switch_at, self.warmup)
-        return self.warmup
+        if self.switch_mode_at is not None and step >= self.switch_mode_at:
+            return max(self.switch_mode_at, self.head_warmup_steps)
+        return self.head_warmup_steps
 
     def lr_scale(self, step: int, delay: int) -> float:
         """Delay-aware step size (PipeMare's learning-rate rescheduling, Yang et al. 2021): in the first
@@ -155,7 +160,7 @@ class BlockStage:
 
     def _forward(self, x: Tensor, y: Tensor, step: int) -> Tensor:
         mode = self.schedule.mode_at(step)
-        warmup = step < self.schedule.warmup
+        warmup = step < self.schedule.head_warmup_steps
         if mode != "replay":
             self._line.clear()  # a switch to local mode drops the delayed work
             with self._autocast():
@@ -214,7 +219,7 @@ class BlockStage:
 
     def _learn(self, grad: Tensor | None, step: int) -> tuple[Tensor | None, dict]:
         mode = self.schedule.mode_at(step)
-        warmup = step < self.schedule.warmup
+        warmup = step < self.schedule.head_warmup_steps
         if mode != "replay":
             x, y, out = self._take_current()
             loss, logits, leaders = self._loss(out, y)

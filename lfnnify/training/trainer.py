@@ -77,7 +77,7 @@ class Trainer(TrainerBase):
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         for k, head in enumerate(self.net.heads):  # no block has run this step yet: block k+1 is after step - 1
             if self._refresh_due(k, self.step):
-                head.refresh(self.net.blocks[k + 1], self.refresh_momentum)
+                head.refresh(self.net.blocks[k + 1], self.options.refresh_momentum)
         if self.schedule.mode_at(self.step) == "lfnn":
             record = self._global_step(x, y)
         else:
@@ -143,7 +143,7 @@ class Trainer(TrainerBase):
             self._start_epoch(loader)
             total = len(loader)
             bar = tqdm(
-                total=total, initial=self.step_in_epoch, disable=not self.progress, unit="batch",
+                total=total, initial=self.step_in_epoch, disable=not self.options.progress, unit="batch",
                 desc=f"epoch {self.epoch + 1}/{epochs}", dynamic_ncols=True, leave=False,
             )
             start, seen, running = time.perf_counter(), 0, []
@@ -160,7 +160,7 @@ class Trainer(TrainerBase):
                 rate = seen / max(time.perf_counter() - start, 1e-9)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", samples_s=f"{rate:.0f}")
                 bar.update(1)
-                if self.step % self.log_every == 0:
+                if self.step % self.options.log_every == 0:
                     self._log({"kind": "step", "epoch": self.epoch, **record, "samples_per_s": rate})
             bar.close()
             finished = self.step_in_epoch >= total
