@@ -1,4 +1,5 @@
-"""Every figure README.md and benchmarks/README.md quote from a results file is remade here from that file.
+"""Every figure the documents quote from a results file is remade here from that file: README.md, the benchmarks'
+index (benchmarks/README.md), their full record (benchmarks/HISTORY.md) and the guides in docs/.
 
 Each entry below names a document, the results file its figures come from, and how to write those figures from
 the file, exactly as the document writes them. The test fails when a document no longer says what its source
@@ -17,7 +18,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-README, BENCH = "README.md", "benchmarks/README.md"
+README, BENCH, HISTORY = "README.md", "benchmarks/README.md", "benchmarks/HISTORY.md"
+CHECKPOINTS = "docs/checkpoints.md"
 GIB = 2**30
 
 
@@ -40,9 +42,10 @@ def _pm(values, digits: int = 2) -> str:
 
 def convert_time(d: dict) -> dict[str, list[str]]:
     s = d["convert_s"]
-    return {BENCH: [f"{d['convert_s_median']:.2f} s median ({len(s)} runs, {min(s):.2f}–{max(s):.2f} s)",
+    return {HISTORY: [f"{d['convert_s_median']:.2f} s median ({len(s)} runs, {min(s):.2f}–{max(s):.2f} s)",
                     f"largest block / mean FLOPs = {d['imbalance']:.3f}"],
-            README: [f"{d['convert_s_median']:.2f} s; largest block {d['imbalance']:.3f}× the mean"]}
+            README: [f"{d['convert_s_median']:.2f} s; largest block {d['imbalance']:.3f}× the mean"],
+            BENCH: [f"{d['convert_s_median']:.2f} s; largest block {d['imbalance']:.3f}× the mean"]}
 
 
 def memory(batch: int, allocator: str):
@@ -56,7 +59,11 @@ def memory(batch: int, allocator: str):
             out.append(f"{share}% of what BP needs at batch 16 ({lf_add:.2f} vs {bp_add:.2f} GiB, glibc default"
                        if allocator == "glibc default" else
                        f"{share}%, {lf_add:.2f} vs {bp_add:.2f} GiB, with the mmap threshold")
-        return {BENCH: out}
+        if allocator != "glibc default":
+            return {HISTORY: out}
+        headline = (f"{100 * d['lfnn_over_bp']:.1f}% of BP's at batch 64" if batch == 64
+                    else f"{100 * d['lfnn_over_bp']:.1f}% at batch 16")
+        return {HISTORY: out, README: [headline], BENCH: [headline]}
     return figures
 
 
@@ -68,7 +75,7 @@ def speedup(d: dict) -> dict[str, list[str]]:
             "replay_pipeline": "replay pipeline (recompute)", "lfnn_single": "LFNN-ℓ one-device trainer, 2 threads"}
     fewer = sorted(round(b["ddp"] / b[k]) for k in ("replay_pipeline", "lfnn_pipeline"))
     return {
-        BENCH: [f"| {label} | {m[k]['samples_per_s']:.1f} |" for k, label in rows.items()]
+        HISTORY: [f"| {label} | {m[k]['samples_per_s']:.1f} |" for k, label in rows.items()]
         + [f"| BP GPipe / 1F1B, M=4 | {m['bp_gpipe']['samples_per_s']:.1f} / {m['bp_1f1b']['samples_per_s']:.1f} |",
            f"| LFNN-ℓ pipeline / BP model-parallel | {_x(s['vs_bp_model_parallel'])} (projected "
            f"{_x(p['predicted_speedup_vs_bp_model_parallel'])}) |",
@@ -76,10 +83,12 @@ def speedup(d: dict) -> dict[str, list[str]]:
            f"| LFNN-ℓ pipeline / DDP | {_x(s['vs_ddp'])} (replay: {_x(s['replay_vs_ddp'])}) |",
            f"| LFNN-ℓ pipeline / one-process BP | {_x(s['vs_bp_single'])} (replay: {_x(s['replay_vs_bp_single'])}) |",
            f"{b['ddp'] / 1e6:.1f} MB, {fewer[0]}–{fewer[1]}× less for these small inputs"],
-        README: [f"{_x(s['vs_bp_model_parallel'])} / {_x(s['vs_bp_pipelined'])} (projected "
-                 f"{_x(p['predicted_speedup_vs_bp_model_parallel'])})",
-                 f"{_x(s['vs_bp_single'])} ({_x(s['replay_vs_bp_single'])}) / {_x(s['vs_ddp'])} "
+        README: [f"{_x(s['vs_bp_single'])} ({_x(s['replay_vs_bp_single'])}) / {_x(s['vs_ddp'])} "
                  f"({_x(s['replay_vs_ddp'])})"],
+        BENCH: [f"{_x(s['vs_bp_model_parallel'])} / {_x(s['vs_bp_pipelined'])} (projected "
+                f"{_x(p['predicted_speedup_vs_bp_model_parallel'])})",
+                f"{_x(s['vs_bp_single'])} ({_x(s['replay_vs_bp_single'])}) / {_x(s['vs_ddp'])} "
+                f"({_x(s['replay_vs_ddp'])})"],
     }
 
 
@@ -120,20 +129,10 @@ def multihost(d: dict) -> dict[str, list[str]]:
                 f"{expected['ddp'] / expected['replay_pipeline']:.0f}× less for replay")
     apart = max(abs(x["bytes_measured_over_expected"] - 1) for by_method in r.values() for x in by_method.values())
     rows.append(f"at most {100 * apart:.1f}% apart")
-    lf, ddp = r["1gbit"]["lfnn_pipeline"]["samples_per_s"], r["1gbit"]["ddp"]["samples_per_s"]
-    return {BENCH: rows,
-            README: [f"{_x(ratio['lfnn_pipeline/ddp@1gbit'])} DDP's samples/s at 1 Gbit/s ({lf:.0f} against "
-                     f"{ddp:.0f})",
-                     f"| {_x(ratio['lfnn_pipeline/ddp@1gbit'])} and {_x(ratio['lfnn_pipeline/ddp@100mbit'])} |",
-                     f"| {_x(ratio['replay_pipeline/ddp@1gbit'])} and {_x(ratio['replay_pipeline/ddp@100mbit'])} |",
-                     "| {} to {} |".format(*(_x(f(ratio[f"lfnn_pipeline/bp_1f1b@{rate}"] for rate in rates))
-                                              for f in (min, max))),
-                     "DDP's samples/s on an unshaped link, {}× at 1 Gbit/s and {}× at 100 Mbit/s".format(
-                         *(f"{ratio[f'lfnn_pipeline/ddp@{rate}']:.1f}" for rate in ("1gbit", "100mbit"))),
-                     f"trained {ratio['lfnn_pipeline/ddp@unshaped']:.1f}× DDP's samples/s on an unshaped link",
-                     "and {:.2f}–{:.2f}× backprop pipelined the same way (1F1B)".format(*(f(
-                         r[rate]["replay_pipeline"]["samples_per_s"] / r[rate]["bp_1f1b"]["samples_per_s"]
-                         for rate in rates) for f in (min, max)))]}
+    return {HISTORY: rows,
+            README: [f"| {_x(ratio['lfnn_pipeline/ddp@1gbit'])} and {_x(ratio['lfnn_pipeline/ddp@100mbit'])} |"],
+            BENCH: [f"{_x(ratio['lfnn_pipeline/ddp@1gbit'])} and {_x(ratio['lfnn_pipeline/ddp@100mbit'])} at 1 Gbit/s "
+                    f"and 100 Mbit/s"]}
 
 
 def multihost_tta(d: dict) -> dict[str, list[str]]:
@@ -155,22 +154,24 @@ def multihost_tta(d: dict) -> dict[str, list[str]]:
             + ("1 (own final accuracies " + ", ".join(f"{r['target']:.3f}" for r in per) + ")" if m == "ddp"
                else reached(m)) + " |" for m, label in labels.items()]
     final = {m: s["final_accuracy"][m]["mean"] for m in labels}
-    return {BENCH: rows + [f"on the AMD EPYC (next section): {reached('replay_pipeline')} | missed",
+    return {HISTORY: rows + [f"on the AMD EPYC (next section): {reached('replay_pipeline')} | missed",
                            f"Its final accuracy is {100 * (final['ddp'] - final['replay_pipeline']):.2f} points below",
                            f"replay's seconds per step were {speed('replay_pipeline')} DDP's on the same seed, "
                            f"LFNN-ℓ's {speed('lfnn_pipeline')}",
                            f"ends {100 * (final['ddp'] - final['lfnn_pipeline']):.2f} points below DDP",
                            "(DDP " + " → ".join(f"{r['ddp_seconds_per_step']:.2f}" for r in per) + " s)"],
-            README: [f"replay reached DDP's final accuracy on {s['ratio_to_ddp']['replay_pipeline']['reached']} "
-                     f"({reached('replay_pipeline')}), ending at {pm(s['final_accuracy']['replay_pipeline'], 4)} "
-                     f"against DDP's {pm(s['final_accuracy']['ddp'], 4)}"]}
+            **dict.fromkeys((README, BENCH), [
+                f"replay reached DDP's final accuracy on {s['ratio_to_ddp']['replay_pipeline']['reached']} "
+                f"({reached('replay_pipeline')}), ending at {pm(s['final_accuracy']['replay_pipeline'], 4)} "
+                f"against DDP's {pm(s['final_accuracy']['ddp'], 4)}"])}
 
 
 def time_to_accuracy(d: dict) -> dict[str, list[str]]:
     def row(evals):
         return " | ".join(f"{e['accuracy']:.3f}"[1:] for e in evals)
     bp, pipe = d["bp"]["evaluations"], d["lfnn_pipeline"]["evaluations"]
-    return {BENCH: [f"| backprop, test accuracy | {row(bp)} |", f"| replay K=2 pipeline, test accuracy | {row(pipe)} |",
+    return {HISTORY: [f"| backprop, test accuracy | {row(bp)} |",
+                      f"| replay K=2 pipeline, test accuracy | {row(pipe)} |",
                     f"reaches backprop's final accuracy ({d['target_accuracy']:.4f})"]}
 
 
@@ -192,14 +193,15 @@ def time_to_accuracy_seeds(d: dict) -> dict[str, list[str]]:
     sds = sorted(100 * statistics.stdev(v) for v in final.values())
     slower = statistics.mean(per_step["pipeline"]) / statistics.mean(per_step["bp"])
     mode = d["pipeline_mode"]
-    return {BENCH: [f"| backprop | {pm(final['bp'])} | {pm(per_step['bp'], 2)} |",
+    return {HISTORY: [f"| backprop | {pm(final['bp'])} | {pm(per_step['bp'], 2)} |",
                     f"| {mode} pipeline | {pm(final['pipeline'])} | {pm(per_step['pipeline'], 2)} |",
                     f"reached on {len(reached)} of {len(seeds)} seeds",
                     "backprop reached it at iteration " + ", ".join(map(str, bp_steps)), *rows,
                     f"ended {gap:.2f} points below backprop's final accuracy on average (the spread is "
                     f"{sds[0]:.2f}–{sds[1]:.2f} points)", f"each of its steps took {slower:.1f}× backprop's"],
-            README: [f"reached on {len(reached)} of {len(seeds)} seeds in {d['settings']['epochs']} epochs (final "
-                     f"{pm(final['pipeline'])} against {pm(final['bp'])}; {slower:.1f}× BP's seconds per step)"]}
+            **dict.fromkeys((README, BENCH), [
+                f"reached on {len(reached)} of {len(seeds)} seeds in {d['settings']['epochs']} epochs (final "
+                f"{pm(final['pipeline'])} against {pm(final['bp'])}; {slower:.1f}× BP's seconds per step)"])}
 
 
 def finetune(d: dict) -> dict[str, list[str]]:
@@ -212,8 +214,7 @@ def finetune(d: dict) -> dict[str, list[str]]:
     for k, label in labels.items():
         rows.append(f"| {label} | {m[k]['test_accuracy']:.4f} | −{100 * (bp - m[k]['test_accuracy']):.2f} | "
                     f"{m[k]['seconds']:.0f} |")
-    return {BENCH: rows, README: [f"replay {m['replay']['test_accuracy']:.4f} vs BP {bp:.4f} "
-                                  f"(−{100 * (bp - m['replay']['test_accuracy']):.2f})"]}
+    return {HISTORY: rows}
 
 
 def finetune_seeds(d: dict) -> dict[str, list[str]]:
@@ -228,17 +229,16 @@ def finetune_seeds(d: dict) -> dict[str, list[str]]:
     pairs = zip(d["runs"][best], d["runs"]["bp"])
     seeds = ", ".join(f"{100 * a['test_accuracy']:.2f}% against {100 * b['test_accuracy']:.2f}%" for a, b in pairs)
     versus = f"{pm(test[best])}% against backprop's {pm(test['bp'])}% ({gap:+.2f}"
-    others = [f"Plain weight stashing did as well ({pm(test['replay_stash'])}%)",
-              f"lost {local_loss:.2f} points there ({pm(test['local'])}%)"]
+    lost = f"lost {local_loss:.2f} points there ({pm(test['local'])}%)"
     choice = f"{pm(val[best])}%\n  against plain stashing's {pm(val['replay_stash'])}%"
     loss = f"LFNN-ℓ with the paper's heads loses {local_loss:.2f}"
-    return {BENCH: [*rows, f"per seed, test accuracy {seeds}", versus, choice, loss],
-            README: [versus, *others]}
+    return {HISTORY: [*rows, f"per seed, test accuracy {seeds}", versus, choice, loss], README: [versus, lost],
+            BENCH: [versus]}
 
 
 def leaderboard_one_seed(d: dict) -> dict[str, list[str]]:
     # the 2026-11-29 table, one seed per row: every row's three test errors, in order
-    return {BENCH: ["| " + " | ".join(f"{e:.2f}" for e in m["test_error"]) + " |" for m in d["methods"].values()]}
+    return {HISTORY: ["| " + " | ".join(f"{e:.2f}" for e in m["test_error"]) + " |" for m in d["methods"].values()]}
 
 
 def leaderboard_seeds(d: dict) -> dict[str, list[str]]:
@@ -251,10 +251,8 @@ def leaderboard_seeds(d: dict) -> dict[str, list[str]]:
     last = {name: (statistics.mean(r["test_error"][-1] for r in runs),
                    statistics.stdev(r["test_error"][-1] for r in runs)) for name, runs in d["runs"].items()}
     best = d["chosen_on_validation"]
-    readme = [f"{last[best][0]:.2f} ± {last[best][1]:.2f}% test error against backprop's {last['bp'][0]:.2f} ± "
-              f"{last['bp'][1]:.2f}%"]
     versus = f"{last[best][0]:.2f} ± {last[best][1]:.2f} against {last['bp'][0]:.2f} ± {last['bp'][1]:.2f}"
-    return {BENCH: rows + [versus], README: readme}
+    return {HISTORY: rows + [versus]}
 
 
 def leaderboard_delay_lr(d: dict) -> dict[str, list[str]]:
@@ -263,14 +261,14 @@ def leaderboard_delay_lr(d: dict) -> dict[str, list[str]]:
     figures = leaderboard_seeds(d)
     pairs = zip(*(d["runs"][m] for m in ("replay_stash_delay_lr", "bp")))
     seeds = ", ".join(f"{a['test_error'][-1]:.2f} against {b['test_error'][-1]:.2f}" for a, b in pairs)
-    return {BENCH: figures[BENCH] + [f"per seed, test error after epoch 3: {seeds}"], README: figures[README]}
+    return {HISTORY: figures[HISTORY] + [f"per seed, test error after epoch 3: {seeds}"]}
 
 
 def leaderboard_first_seeds(d: dict) -> dict[str, list[str]]:
     # the first three-seed table (2026-12-02): only its weight-prediction row is still quoted (not re-run since)
     runs = d["runs"]["replay_stash_predict"]
     val, test = (_pm(r[key][-1] for r in runs) for key in ("val_error", "test_error"))
-    return {BENCH: [f"validation {val}, test {test}"]}
+    return {HISTORY: [f"validation {val}, test {test}"]}
 
 
 def leaderboard_xeon(d: dict) -> dict[str, list[str]]:
@@ -282,7 +280,7 @@ def leaderboard_xeon(d: dict) -> dict[str, list[str]]:
     mean = {name: statistics.mean(r["test_error"][-1] for r in runs) for name, runs in d["runs"].items()}
     best = d["chosen_on_validation"]
     row = "; ".join(f"{d['labels'][name]} {test[name]}%" for name in d["runs"])
-    return {BENCH: figures[BENCH] + [
+    return {HISTORY: figures[HISTORY] + [
                 f"chosen on validation, {d['labels'][best]}: {test[best]} against {test['bp']} "
                 f"(+{mean[best] - mean['bp']:.2f})",
                 f"the closest, delay-aware replay, is +{mean['replay_stash_delay_lr'] - mean['bp']:.2f}",
@@ -294,16 +292,11 @@ def leaderboard_xeon(d: dict) -> dict[str, list[str]]:
                 f"({val['local_lookahead_layer']})",
                 f"({test['replay_stash_delay_lr']} against {test['replay_stash']})",
                 f"level on the validation split ({val['replay_stash_delay_lr']} against {val['replay_stash']})"],
-            README: [f"3 seeds, one commit, chosen on validation: {row}",
-                     f"Backprop ends at {test['bp']}% test error",
-                     f"look-ahead heads (next stage) {val['local_lookahead']}%, replay with weight stashing and "
-                     f"delay-aware step sizes {val['replay_stash_delay_lr']}%, plain stashing {val['replay_stash']}% "
-                     f"(backprop {val['bp']}%)",
-                     f"which end at {test[best]}% test error against backprop's {test['bp']}%",
-                     f"test {test['replay_stash_delay_lr']}% against plain stashing's {test['replay_stash']}%",
-                     f"ends at {test['local']}% test error",
-                     f"ends at {test['local_lookahead']}% and `head=\"lookahead-layer\"` (next layer, 1.6 M head "
-                     f"parameters) at {test['local_lookahead_layer']}%"]}
+            README: [f"test {test['replay_stash_delay_lr']}% against backprop's {test['bp']}%",
+                     f"| test {test['local_lookahead']}% |", f"| test {test['local']}%;",
+                     f"backprop {test['bp']}%; best pipeline-capable rows on validation: look-ahead heads "
+                     f"{test['local_lookahead']}%, delay-aware replay {test['replay_stash_delay_lr']}%"],
+            BENCH: [f"3 seeds, one commit, chosen on validation: {row}"]}
 
 
 def delay_lr_pilot(d: dict) -> dict[str, list[str]]:
@@ -315,14 +308,25 @@ def delay_lr_pilot(d: dict) -> dict[str, list[str]]:
             for name, runs in d["runs"].items()]
     pairs = zip(*(d["runs"][m] for m in ("replay_stash", "replay_stash_delay_lr")))
     seeds = ", ".join(f"{b['val_error'][-1]:.2f} against {a['val_error'][-1]:.2f}" for a, b in pairs)
-    return {BENCH: rows + [f"per seed, validation error after epoch 2: {seeds}"]}
+    return {HISTORY: rows + [f"per seed, validation error after epoch 2: {seeds}"]}
+
+
+def checkpoint_cost(d: dict) -> dict[str, list[str]]:
+    # one pipeline save across four hosts: seconds on rank 0 (median, range) and the megabytes sent to rank 0
+    def line(model):
+        r = d["results"][model]
+        lo, hi = r["save_s_range"]
+        return (f"{model} {r['save_s_median']:.1f} s (range {lo:.1f}–{hi:.1f}), {r['bytes_to_rank0_median'] / 1e6:.0f} "
+                f"MB")
+    figures = [line("resnet50") + " sent to rank 0", "; " + line("resnet101")]
+    return {CHECKPOINTS: figures, README: figures, BENCH: figures}
 
 
 def demo_output(text: str) -> dict[str, list[str]]:
     # what the demo printed, line by line, but the picture's and run folder's temporary paths
     lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("picture:")]
     lines = [ln.split(" (set-up excluded)")[0] if ln.startswith("demo time") else ln for ln in lines]
-    return {README: lines}
+    return {HISTORY: lines}
 
 
 SOURCES = {  # results file -> how to write its figures, per document that quotes them
@@ -346,6 +350,7 @@ SOURCES = {  # results file -> how to write its figures, per document that quote
     "accuracy_fashion_mnist-resnet18-k4-delay-lr-pilot-cpu2-2026-12-05.json": delay_lr_pilot,
     "accuracy_fashion_mnist-resnet18-k4-seeds-amd-epyc-2026-12-05.json": leaderboard_delay_lr,
     "accuracy_fashion_mnist-resnet18-k4-seeds-intel-xeon-2026-12-06.json": leaderboard_xeon,
+    "checkpoint_cost-k4-1gbit-2026-12-06.json": checkpoint_cost,
 }
 
 
@@ -367,8 +372,8 @@ def test_every_quoted_figure_matches_its_results_file(name):
 def test_the_check_fails_on_a_changed_figure():
     d = json.loads((RESULTS / "multihost-resnet18-k2-cpu2-2026-12-02.json").read_text())
     d["results"]["1gbit"]["ddp"]["samples_per_s"] *= 1.01  # a figure edited by 1%
-    flat = _flat((ROOT / BENCH).read_text())
-    assert any(_flat(f) not in flat for f in multihost(d)[BENCH])
+    flat = _flat((ROOT / HISTORY).read_text())
+    assert any(_flat(f) not in flat for f in multihost(d)[HISTORY])
 
 
 def test_the_xeon_table_reproduces_the_first_three_seed_table():
