@@ -16,9 +16,9 @@ How the table is made (so that a reviewer can check it):
   horizontal flip, one thread per run, ``--jobs`` runs side by side.
 
 Reproduce (the committed table):
-  python benchmarks/accuracy_fashion_mnist.py --epochs 3 --seeds 0 1 2 --jobs 2 \
+  python -m benchmarks.accuracy_fashion_mnist --epochs 3 --seeds 0 1 2 --jobs 2 \
       --methods bp local local_lookahead local_lookahead_layer replay_stash replay_stash_predict
-Quick look: python benchmarks/accuracy_fashion_mnist.py --epochs 1 --train-subset 2000 --methods bp replay \
+Quick look: python -m benchmarks.accuracy_fashion_mnist --epochs 1 --train-subset 2000 --methods bp replay \
       --runs /tmp/runs --allow-dirty
 Tiny (tests): --model test_resnet --train-subset 128 --eval-subset 64 --batch-size 64
 Clean seconds per epoch (one run alone): --time-steps 20
@@ -38,8 +38,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from .common import (  # noqa: E402
     RESULTS,
     environment,
     hardware_tag,
@@ -219,7 +218,8 @@ def _run_all(todo: list[tuple[str, int]], args) -> None:
             name, seed, *own = queue.pop(0)
             run_args = own[0] if own else args
             out = _run_file(run_args, name, seed)
-            cmd = [sys.executable, __file__, "--child", name, "--child-out", str(out), *_forwarded(run_args, seed)]
+            cmd = [sys.executable, "-m", "benchmarks.accuracy_fashion_mnist", "--child", name, "--child-out", str(out),
+                   *_forwarded(run_args, seed)]
             print(f"{name} seed {seed}: started ({len(queue)} waiting)", flush=True)
             proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
             running.append((name, seed, proc))
@@ -362,7 +362,7 @@ def main() -> None:
         "labels": {m: METHODS[m][0] for m in summary}, "chosen_on_validation": best,
         "one_commit": len(commits) == 1 and not commits[0].endswith("+dirty"), "commits": commits,
         "env": environment(args.threads),
-        "command": " ".join(["python", "benchmarks/accuracy_fashion_mnist.py", *sys.argv[1:]]),
+        "command": " ".join(["python -m benchmarks.accuracy_fashion_mnist", *sys.argv[1:]]),
     }
     stem = args.name or f"accuracy_fashion_mnist-{args.model}-k4-seeds-{hardware_tag()}-{payload['env']['date'][:10]}"
     path = write_json(args.out / f"{stem}.json", payload)

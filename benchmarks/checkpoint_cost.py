@@ -6,7 +6,7 @@ this machine, each its own /tmp), one rank each, joined by links shaped to ``--r
 into 4 blocks, two training steps (so that the optimizer's momentum exists: the trainer state is about the size of
 the weights again), then ``--repeats`` saves, each timed on rank 0 and counted in bytes on every host's link.
 
-Reproduce:  python benchmarks/checkpoint_cost.py --models resnet50 resnet101 --rate 1gbit
+Reproduce:  python -m benchmarks.checkpoint_cost --models resnet50 resnet101 --rate 1gbit
 Tiny (tests): --models test_resnet --repeats 2 --size 32
 """
 
@@ -23,8 +23,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, environment, hosts_ready, refuse_uncommitted, write_json  # noqa: E402
+from .common import RESULTS, environment, hosts_ready, refuse_uncommitted, write_json  # noqa: E402
 
 HOSTS = 4
 
@@ -38,7 +37,7 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     import lfnnify
-    from lfnnify.app.zoo import create_model
+    from lfnnify.app import create_model
     from lfnnify.data import SyntheticImages, make_loader
 
     torch.set_num_threads(1)
@@ -75,13 +74,14 @@ def worker(args) -> None:
 def measure(model: str, args) -> dict:
     import subprocess
 
-    from lfnnify.app.testbed import Hosts
+    from lfnnify.app import Hosts
 
     cores = sorted(os.sched_getaffinity(0))
     with Hosts(HOSTS, rate=args.rate, cores=[[cores[i % len(cores)]] for i in range(HOSTS)]) as hosts, \
             tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / model
-        script = [__file__, "--worker", "--model", model, "--size", str(args.size), "--batch", str(args.batch),
+        script = ["-m", "benchmarks.checkpoint_cost", "--worker", "--model", model, "--size", str(args.size),
+                  "--batch", str(args.batch),
                   "--repeats", str(args.repeats), "--out", str(out)]
         port = 29700 + os.getpid() % 200
         logs = [open(Path(tmp) / f"host{i}.log", "w") for i in range(HOSTS)]  # noqa: SIM115 - closed below
@@ -109,7 +109,7 @@ def measure(model: str, args) -> dict:
 
 
 def hosts_rate(rate: str | None) -> int | None:
-    from lfnnify.app.testbed import parse_rate
+    from lfnnify.app import parse_rate
 
     return parse_rate(rate)
 
@@ -143,7 +143,7 @@ def main() -> None:
               f"{r['bytes_to_rank0_median'] / 1e6:.0f} MB sent to rank 0 ({rate:.0f} Mbit/s)", flush=True)
     payload = {"experiment": "checkpoint_cost", "hosts": HOSTS, "rate": args.rate, "results": rows,
                "env_before": env, "env": environment(1),
-               "command": " ".join(["python", "benchmarks/checkpoint_cost.py", *sys.argv[1:]])}
+               "command": " ".join(["python -m benchmarks.checkpoint_cost", *sys.argv[1:]])}
     stem = args.name or f"checkpoint_cost-k{HOSTS}-{args.rate}-{payload['env']['date'][:10]}"
     print(f"wrote {write_json(args.out / f'{stem}.json', payload)}")
     return None

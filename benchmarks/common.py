@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from lfnnify.app.machine import cpu_name, status_bytes
+from lfnnify.app import cpu_name, status_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -107,7 +107,7 @@ def write_json(path: Path, payload: dict) -> Path:
 def hosts_ready(script: str) -> dict:
     """Before a run across hosts: stop with one line where this machine cannot build them, remove hosts an earlier
     run left behind, and return the environment as it was at the start."""
-    from lfnnify.app.testbed import Hosts, missing
+    from lfnnify.app import Hosts, missing
 
     reason = missing()
     if reason:
@@ -119,7 +119,7 @@ def hosts_ready(script: str) -> dict:
 def time_balanced_plan(model_name: str, *, batch: int, example_shape: tuple[int, ...], link: str, **model_kwargs):
     """The two-block plan balanced by measured time at the training batch, on one thread (as a host runs it)."""
     import lfnnify
-    from lfnnify.app.zoo import create_model
+    from lfnnify.app import create_model
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

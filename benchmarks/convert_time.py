@@ -1,20 +1,18 @@
 """How long lfnnify.convert takes for timm resnet101, K=4 (target: under 2 s on 2 cores).
 
-Reproduce:  python benchmarks/convert_time.py --out benchmarks/results
+Reproduce:  python -m benchmarks.convert_time --out benchmarks/results
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, environment, hardware_tag, write_json  # noqa: E402
+from .common import RESULTS, environment, hardware_tag, write_json  # noqa: E402
 
 
 def main() -> None:
@@ -53,7 +51,7 @@ def main() -> None:
         "cuts": net.plan.cuts,
         "env_before": env_before,
         "env": environment(args.threads),
-        "command": "python benchmarks/convert_time.py --out benchmarks/results",
+        "command": "python -m benchmarks.convert_time --out benchmarks/results",
     }
     path = write_json(
         args.out / f"convert_time-{args.model}-k{args.blocks}-{hardware_tag()}-{env_before['date'][:10]}.json", payload

@@ -15,7 +15,7 @@ leaderboard does (``accuracy_fashion_mnist.py``, whose runs these are: same spli
   sweep can be filled over several sittings. Runs of every length share the ``--jobs`` slots, shortest first.
 
 Reproduce (the committed table; about 10 hours of both cores of the Intel Xeon):
-  python benchmarks/error_vs_length.py --lengths 3 6 12 30 --seeds 0 1 2 --jobs 2 --threads 1
+  python -m benchmarks.error_vs_length --lengths 3 6 12 30 --seeds 0 1 2 --jobs 2 --threads 1
 Tiny (tests): --model test_resnet --cuts layer1 layer2 layer3 --lengths 1 2 --train-subset 128 --eval-subset 64
 """
 
@@ -28,9 +28,8 @@ import math
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import accuracy_fashion_mnist as acc  # noqa: E402
-from common import RESULTS, environment, hardware_tag, refuse_uncommitted, write_json  # noqa: E402
+from . import accuracy_fashion_mnist as acc  # noqa: E402
+from .common import RESULTS, environment, hardware_tag, refuse_uncommitted, write_json  # noqa: E402
 
 ROWS = ["bp", "local", "local_lookahead", "replay_stash_delay_lr"]
 LONGEST_ONLY = ["replay_stash_delay_lr_sc"]
@@ -159,7 +158,7 @@ def main() -> None:
         "runs": {length: rows[length] for length in lengths},
         "one_commit": len(commits) == 1 and not commits[0].endswith("+dirty"), "commits": commits,
         "env": environment(args.threads),
-        "command": " ".join(["python", "benchmarks/error_vs_length.py", *sys.argv[1:]]),
+        "command": " ".join(["python -m benchmarks.error_vs_length", *sys.argv[1:]]),
     }
     stem = args.name or f"error_vs_length-fashion_mnist-{args.model}-k4-{hardware_tag()}-{payload['env']['date'][:10]}"
     path = write_json(args.out / f"{stem}.json", payload)

@@ -16,8 +16,8 @@ Every (method, seed) is one file in ``--runs``, reused when its settings and com
 over several sittings; a run refuses uncommitted changes to lfnnify/ or benchmarks/ (``--allow-dirty`` for quick
 looks, which the table marks).
 
-Reproduce:  python benchmarks/finetune.py --seeds 0 1 2
-Quick look: python benchmarks/finetune.py --pretrain-steps 20 --steps 20 --methods bp replay --seeds 0 --allow-dirty
+Reproduce:  python -m benchmarks.finetune --seeds 0 1 2
+Quick look: python -m benchmarks.finetune --pretrain-steps 20 --steps 20 --methods bp replay --seeds 0 --allow-dirty
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from .common import (  # noqa: E402
     RESULTS,
     commit,
     environment,
@@ -283,7 +282,7 @@ def main() -> None:
         "summary": summary, "chosen": chosen, "verdict": verdict, "commits": commits,
         "one_commit": len(commits) == 1 and not commits[0].endswith("+dirty"),
         "env_before": env_before, "env": environment(args.threads),
-        "command": " ".join(["python", "benchmarks/finetune.py", *sys.argv[1:]]),
+        "command": " ".join(["python -m benchmarks.finetune", *sys.argv[1:]]),
     }
     path = write_json(args.out / f"{stem}.json", payload)
     (args.out / f"{stem}.md").write_text(markdown(payload) + "\n")

@@ -6,7 +6,7 @@
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540)       (device tool)
 # It first installs .whl/ offline if it is there (pip --no-index), and checks, in seconds, that everything it needs
 # imports (torch 2.11 / torchvision 0.26 there, no package index). Then:
-#   - lfnnify's GPU code paths, checked one by one (benchmarks/gpu_paths.py: the trainer on the GPU, the on-device
+#   - lfnnify's GPU code paths, checked one by one (benchmarks.gpu_paths: the trainer on the GPU, the on-device
 #     non-finite check, `lfnnify train` on the GPU, a 2-process pipeline sharing the GPU over gloo);
 # then measures, on one GPU, ResNet-101 and ResNet-152 at 224 px, batch 256, K=4:
 #   - one-process BP, BP on a quarter of the batch (one DDP rank without its all-reduce), the one-device LFNN-ℓ
@@ -90,18 +90,18 @@ then
   pack; exit 3
 fi
 [ "${GPU_CHECK_PREFLIGHT_ONLY:-0}" = 1 ] && { echo "preflight only: done"; pack; exit 0; }
-step "paths" 150 python3 benchmarks/gpu_paths.py --out "$RES/gpu_paths.jsonl" --checks ${GPU_CHECK_PATHS:-trainer nonfinite cli pipeline}
+step "paths" 150 python3 -m benchmarks.gpu_paths --out "$RES/gpu_paths.jsonl" --checks ${GPU_CHECK_PATHS:-trainer nonfinite cli pipeline}
 for model in resnet101 resnet152; do
-  step "projection $model" 90 python3 benchmarks/speedup.py --projection-only --no-cifar --model "$model" \
+  step "projection $model" 90 python3 -m benchmarks.speedup --projection-only --no-cifar --model "$model" \
     --size "$S" --batch "$B" --classes 1000 --blocks 4 --threads 4 --warmup 3 --steps "$N" --balance flops \
     --out "$RES/speedup-$model-k4-gpu" --name "speedup-$model-k4-b$B-gpu"
 done
 for model in resnet101 resnet152; do
-  step "memory $model" 50 python3 benchmarks/memory.py --model "$model" --size "$S" --batch "$B" --blocks 4 --steps 2 \
+  step "memory $model" 50 python3 -m benchmarks.memory --model "$model" --size "$S" --batch "$B" --blocks 4 --steps 2 \
     --balance memory --out "$RES/memory-$model-k4-gpu"
 done
 # the 16 CPU cores, measured for real: K=4 processes x 4 threads, GPUs hidden
-step "cpu16 K=4x4" 120 env CUDA_VISIBLE_DEVICES= python3 benchmarks/speedup.py --model resnet18 --size 32 \
+step "cpu16 K=4x4" 120 env CUDA_VISIBLE_DEVICES= python3 -m benchmarks.speedup --model resnet18 --size 32 \
   --batch 64 --blocks 4 --threads "$T" --warmup 2 --steps "$((N + 2))" --balance flops \
   --out "$RES/speedup-resnet18-k4-cpu16" --name "speedup-resnet18-k4-cpu16"
 date -u

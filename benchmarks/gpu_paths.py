@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import lfnnify  # noqa: E402
 
@@ -103,7 +102,6 @@ def check_cli(out: Path) -> None:
 
 def check_pipeline(out: Path) -> None:
     started = time.perf_counter()
-    sys.path.insert(0, str(ROOT))
     from tests import pipeline_worker as worker
     from tests.launch import torchrun
 

@@ -3,7 +3,7 @@
 CPU: peak resident set size (VmHWM) of a fresh process per method, after a few training steps.
 GPU: torch.cuda.max_memory_allocated. Anchor: InfoPro's K=4 ResNet-110 result, -62.6% against BP.
 
-Reproduce:  python benchmarks/memory.py --out benchmarks/results
+Reproduce:  python -m benchmarks.memory --out benchmarks/results
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, environment, hardware_tag, write_json  # noqa: E402
+from .common import RESULTS, environment, hardware_tag, write_json  # noqa: E402
 
 
 def _peak_rss_bytes() -> int:
@@ -33,9 +32,8 @@ def worker(args) -> dict:
     import torch
     import torch.nn.functional as F
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import lfnnify
-    from lfnnify.app.zoo import create_model
+    from lfnnify.app import create_model
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -100,7 +98,7 @@ def main() -> None:
     env_before = environment(args.threads)
     results = {}
     for method in ("bp", "lfnn"):
-        cmd = [sys.executable, __file__, "--worker", method, *sys.argv[1:]]
+        cmd = [sys.executable, "-m", "benchmarks.memory", "--worker", method, *sys.argv[1:]]
         load = os.getloadavg()
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         if args.mmap_threshold is not None:
@@ -128,7 +126,7 @@ def main() -> None:
                 "which both methods pay; only activations differ",
         "env_before": env_before,
         "env": environment(args.threads),
-        "command": " ".join(["python", "benchmarks/memory.py", *sys.argv[1:]]),
+        "command": " ".join(["python -m benchmarks.memory", *sys.argv[1:]]),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "memory.json", payload)

@@ -1,4 +1,4 @@
-"""Two hosts joined by a shaped link (benchmarks/hosts.py): DDP, backprop pipelines and lfnnify's pipelines.
+"""Two hosts joined by a shaped link (scripts/hosts.py): DDP, backprop pipelines and lfnnify's pipelines.
 
 Two hosts of one core each (network and PID namespaces on this machine, lfnnify/app/testbed.py), a real
 ``torchrun --nnodes 2`` on each, at each link rate (unshaped, 10 Gbit/s, 1 Gbit/s, 100 Mbit/s; tc's token bucket):
@@ -18,8 +18,8 @@ bytes over its own steps, where they are complete; what each host sent is kept t
 should send. A 4-host run would need 4 cores of their own; this machine has 2, so K=4 is projected from
 per-block times and bytes measured in one process (``--projection-k4``).
 
-Reproduce:  python benchmarks/multihost.py --out benchmarks/results
-Quick look: python benchmarks/multihost.py --rates 1gbit --methods ddp lfnn_pipeline --steps 4 --warmup 2 --out /tmp/mh
+Reproduce:  python -m benchmarks.multihost --out benchmarks/results
+Quick look: python -m benchmarks.multihost --rates 1gbit --methods ddp lfnn_pipeline --steps 4 --warmup 2 --out /tmp/mh
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import (  # noqa: E402
+from lfnnify.app import Hosts, parse_rate  # noqa: E402
+
+from .common import (  # noqa: E402
     RESULTS,
     environment,
     hardware_tag,
@@ -45,9 +45,7 @@ from common import (  # noqa: E402
     write_json,
 )
 
-from lfnnify.app.testbed import Hosts, parse_rate  # noqa: E402
-
-WORKER = Path(__file__).resolve().parent / "_speedup_worker.py"
+WORKER = ["-m", "benchmarks.workers.speedup"]
 RATES = ["unshaped", "10gbit", "1gbit", "100mbit"]
 METHODS = {  # name -> worker arguments
     "ddp": ["--method", "ddp"],
@@ -79,7 +77,7 @@ def run_method(hosts: Hosts, name: str, args, port: int) -> dict:
         for attempt in range(2):  # a port taken by another run is the one failure worth a second try
             procs = []
             for i in range(2):
-                script = [str(WORKER), *METHODS[name], "--model", args.model, "--cifar", "--size", str(args.size),
+                script = [*WORKER, *METHODS[name], "--model", args.model, "--cifar", "--size", str(args.size),
                           "--batch", str(args.batch), "--blocks", "2", "--cuts", *args.cuts, "--threads", "1",
                           "--warmup", str(args.warmup), "--steps", str(args.steps), "--iface", hosts.device(i),
                           "--out", str(out)]
@@ -105,7 +103,7 @@ def run_method(hosts: Hosts, name: str, args, port: int) -> dict:
     r = results[0]
     med = statistics.median(r["step_s"])
     r.update(step_s_median=med, samples_per_s=args.batch / med)
-    # what crossed the link: each host's received bytes over its own timed steps (see _speedup_worker._stamp)
+    # what crossed the link: each host's received bytes over its own timed steps (see benchmarks.workers.speedup._stamp)
     received = [h["received"] for h in r.get("link_bytes_per_step", [])]
     r["measured_bytes_per_step"] = sum(b for b in received if b is not None)
     return r
@@ -130,7 +128,7 @@ def project_k4(args) -> dict:
     import torch
 
     import lfnnify
-    from lfnnify.app.zoo import create_model
+    from lfnnify.app import create_model
 
     torch.set_num_threads(1)
     model = create_model(args.model, num_classes=10, cifar=True)
@@ -141,7 +139,7 @@ def project_k4(args) -> dict:
         raw = {}
         for method in ("projection", "bp_shard"):
             out = Path(tmp) / f"{method}.json"
-            subprocess.run([sys.executable, str(WORKER), "--method", method, *common, "--out", str(out)], check=True,
+            subprocess.run([sys.executable, *WORKER, "--method", method, *common, "--out", str(out)], check=True,
                            env={**os.environ, "OMP_NUM_THREADS": "1"})
             raw[method] = json.loads(out.read_text())
     p, shard = raw["projection"], statistics.median(raw["bp_shard"]["step_s"])
@@ -181,7 +179,7 @@ def main() -> None:
     env_before = hosts_ready("multihost.py")
     args.cuts, plan_text = measured_time_cuts(args)
     print(plan_text, flush=True)
-    from lfnnify.app.zoo import create_model
+    from lfnnify.app import create_model
 
     model = create_model(args.model, num_classes=10, cifar=True)
     import torch
@@ -225,7 +223,7 @@ def main() -> None:
                "bytes": {"activation": activation, "labels": labels, "gradients": gradients},
                "results": results, "ratios": ratios, "verdicts": verdicts, "projection_k4": projection,
                "testbed_notes": notes, "env_before": env_before, "env": environment(1),
-               "command": " ".join(["python", "benchmarks/multihost.py", *sys.argv[1:]])}
+               "command": " ".join(["python -m benchmarks.multihost", *sys.argv[1:]])}
     stem = args.name or f"multihost-resnet18-k2-{hardware_tag()}-{env_before['date'][:10]}"
     path = write_json(args.out / f"{stem}.json", payload)
     chart(payload, args.out / f"{stem}.png")

@@ -7,7 +7,7 @@ default recipe's model (timm resnet18, in_chans=1, 28 px) on Fashion-MNIST for o
 the same batches in the same order:
 
 - ``ddp``: torch's DistributedDataParallel, one replica per host, each taking half of every batch
-  (benchmarks/_ddp_fashion_mnist.py, plain PyTorch);
+  (benchmarks.workers.ddp_fashion_mnist, plain PyTorch);
 - ``replay_pipeline``: ``lfnnify train``, delayed end-to-end gradients with weight stashing, one block per host;
 - ``lfnn_pipeline``: ``lfnnify train``, LFNN-ℓ (local losses, the paper's heads), one block per host.
 
@@ -18,8 +18,8 @@ time excludes the evaluations (and checkpoints). For each seed the target is DDP
 training time at which each method first reaches it, against DDP's own. One file per run in ``--runs`` (reused when
 its settings and commit match), so an interrupted sweep goes on where it stopped.
 
-Reproduce:  python benchmarks/multihost_tta.py --seeds 0 1 2 --out benchmarks/results
-Quick look: python benchmarks/multihost_tta.py --model test_resnet --train-subset 512 --eval-subset 256 \\
+Reproduce:  python -m benchmarks.multihost_tta --seeds 0 1 2 --out benchmarks/results
+Quick look: python -m benchmarks.multihost_tta --model test_resnet --train-subset 512 --eval-subset 256 \\
                 --eval-every 2 --seeds 0 --out /tmp/tta
 """
 
@@ -32,9 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import (  # noqa: E402
+from lfnnify.app import Hosts  # noqa: E402
+
+from .common import (  # noqa: E402
     RESULTS,
     environment,
     hardware_tag,
@@ -48,11 +48,9 @@ from common import (  # noqa: E402
     write_json,
 )
 
-from lfnnify.app.testbed import Hosts  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "fashion_mnist_resnet18_k4.yaml"
-DDP = Path(__file__).resolve().parent / "_ddp_fashion_mnist.py"
+DDP = ["-m", "benchmarks.workers.ddp_fashion_mnist"]
 METHODS = {  # name -> recipe overrides of the pipeline (ddp: none, it is plain PyTorch)
     "ddp": [],
     "replay_pipeline": ["convert.mode=replay", "convert.weight_stashing=true"],
@@ -88,7 +86,7 @@ def command(name: str, args, seed: int, out: Path) -> list[str]:
     sets = [*overrides(args, seed), *METHODS[name]]
     flags = [x for s in sets for x in ("--set", s)]
     if name == "ddp":
-        return [str(DDP), str(RECIPE), *flags, "--eval-every", str(args.eval_every), "--out", str(out)]
+        return [*DDP, str(RECIPE), *flags, "--eval-every", str(args.eval_every), "--out", str(out)]
     return ["-m", "lfnnify", "train", str(RECIPE), "--out", str(out), "--no-progress", *flags]
 
 
@@ -178,7 +176,7 @@ def main() -> None:
                "cuts": args.cuts, "cut_choice": "balance='time' at the training batch, one thread, on this machine",
                "runs": runs, "summary": summary, "verdict": verdict, "testbed_notes": notes,
                "env_before": env_before, "env": environment(1),
-               "command": " ".join(["python", "benchmarks/multihost_tta.py", *sys.argv[1:]])}
+               "command": " ".join(["python -m benchmarks.multihost_tta", *sys.argv[1:]])}
     path = write_json(args.out / f"{stem}.json", payload)
     chart(payload, args.out / f"{stem}.png")
     (args.out / f"{stem}.md").write_text(markdown(payload) + "\n")

@@ -17,7 +17,7 @@ ones so the model of the pipeline is checked. Bytes each method moves per step a
 
 Synthetic data (one fixed batch) keeps the input pipeline out of the timing.
 
-Reproduce:  python benchmarks/speedup.py --quick --out benchmarks/results
+Reproduce:  python -m benchmarks.speedup --quick --out benchmarks/results
 """
 
 from __future__ import annotations
@@ -33,10 +33,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, environment, hardware_tag, write_json  # noqa: E402
+from .common import RESULTS, environment, hardware_tag, write_json  # noqa: E402
 
-WORKER = Path(__file__).resolve().parent / "_speedup_worker.py"
+WORKER = ["-m", "benchmarks.workers.speedup"]
 
 
 def _free_port() -> int:
@@ -71,9 +70,9 @@ def _launch(methods: list[str], args, *, nproc: int, threads: int, extra=()) -> 
         if nproc > 1:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
                    "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "--max-restarts", "0",
-                   str(WORKER), *common]
+                   *WORKER, *common]
         else:
-            cmd = [sys.executable, str(WORKER), *common]
+            cmd = [sys.executable, *WORKER, *common]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         load_before = os.getloadavg()
         start = time.perf_counter()
@@ -106,7 +105,7 @@ def choose_cuts(args) -> list[str]:
     import torch
 
     import lfnnify
-    from lfnnify.app.zoo import create_model
+    from lfnnify.app import create_model
 
     torch.set_num_threads(args.threads)
     model = create_model(args.model, num_classes=args.classes, cifar=args.cifar)
@@ -400,7 +399,7 @@ def main() -> None:
         **summarise(args, measured),
         "env_before": env_before,
         "env": environment(args.threads),
-        "command": " ".join(["python", "benchmarks/speedup.py", *sys.argv[1:]]),
+        "command": " ".join(["python -m benchmarks.speedup", *sys.argv[1:]]),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "speedup.json", payload)

@@ -15,8 +15,8 @@ here, at the slowest block's step time measured in one process for a K=4 split (
 against backprop's iterations at its one-process step time (both at --cores threads); K=4 may need more iterations
 than K=2 (longer delays).
 
-Reproduce:  python benchmarks/time_to_accuracy.py --mode replay --stash --seeds 0 1 2 --out benchmarks/results
-Quick look: python benchmarks/time_to_accuracy.py --model test_resnet --train-subset 256 --eval-subset 128 \\
+Reproduce:  python -m benchmarks.time_to_accuracy --mode replay --stash --seeds 0 1 2 --out benchmarks/results
+Quick look: python -m benchmarks.time_to_accuracy --model test_resnet --train-subset 256 --eval-subset 128 \\
                 --batch 64 --epochs 1 --eval-every 2 --seeds 0 --allow-dirty --out /tmp/tta
 """
 
@@ -33,8 +33,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from .common import (  # noqa: E402
     RESULTS,
     environment,
     hardware_tag,
@@ -155,7 +154,7 @@ def main() -> None:
         "projected_k4": projected,
         "env_before": env_before,
         "env": environment(),
-        "command": " ".join(["python", "benchmarks/time_to_accuracy.py", *sys.argv[1:]]),
+        "command": " ".join(["python -m benchmarks.time_to_accuracy", *sys.argv[1:]]),
     }
     path = write_json(args.out / f"{stem}.json", payload)
     (args.out / f"{stem}.md").write_text(markdown(payload) + "\n")
@@ -200,13 +199,13 @@ def block_times(args, folder: Path) -> dict:
             print(f"per-block step times of a K=4 split, measured before: {path}", flush=True)
             return kept["times"]
     import lfnnify
-    from lfnnify.app.zoo import create_model
+    from lfnnify.app import create_model
 
     cuts = lfnnify.plan(create_model(args.model, num_classes=10), blocks=4,
                         example_input=torch.zeros(1, 3, 28, 28)).cuts
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "projection.json"
-        cmd = [sys.executable, str(ROOT / "benchmarks" / "_speedup_worker.py"), "--method", "projection",
+        cmd = [sys.executable, "-m", "benchmarks.workers.speedup", "--method", "projection",
                "--model", args.model, "--size", "28", "--batch", str(args.batch), "--blocks", "4", "--cuts", *cuts,
                "--threads", str(args.cores), "--warmup", "2", "--out", str(out)]
         subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=600,

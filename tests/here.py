@@ -1,4 +1,4 @@
-"""Commands run in the test's own process: the same code as ``lfnnify ...`` or ``python benchmarks/x.py ...``,
+"""Commands run in the test's own process: the same code as ``lfnnify ...`` or ``python -m benchmarks.x ...``,
 without the seconds a new process spends importing torch and timm (about 7 s each on this project's slower machine
 kind). What needs a process of its own (an exit code after a signal, a fresh interpreter, torchrun's workers, the
 processes a benchmark starts) still gets one.
@@ -30,6 +30,22 @@ def cli(capsys, *args) -> tuple[int, str, str]:
     from lfnnify.app.cli import main
 
     code = _exit_code(lambda: main([str(a) for a in args]))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def module(capsys, name: str, *args) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of ``python -m name args`` (a benchmark: ``benchmarks.speedup``), run as
+    ``__main__`` with its own ``sys.argv``."""
+    argv = sys.argv
+    sys.argv = [name, *map(str, args)]
+    imported = sys.modules.pop(name, None)  # as a fresh ``python -m`` would find it; another test may hold it
+    try:
+        code = _exit_code(lambda: runpy.run_module(name, run_name="__main__", alter_sys=True) and 0)
+    finally:
+        sys.argv = argv
+        if imported is not None:
+            sys.modules[name] = imported
     out = capsys.readouterr()
     return code, out.out, out.err
 

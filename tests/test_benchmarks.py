@@ -16,7 +16,7 @@ import torch
 from tests import here
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEEDUP = ROOT / "benchmarks" / "speedup.py"
+SPEEDUP = "benchmarks.speedup"
 
 
 def test_speedup_quick_path_writes_the_documented_json(tmp_path, capsys):
@@ -24,7 +24,7 @@ def test_speedup_quick_path_writes_the_documented_json(tmp_path, capsys):
     # below; the replay pipeline's code path in the pipeline tests); timm's test_resnet, a small ResNet, since the
     # launches, not the model, are what this checks
     chosen = ("ddp", "lfnn_pipeline")
-    code, out, err = here.script(capsys, SPEEDUP, "--quick", "--model", "test_resnet", "--batch", "8", "--size", "32",
+    code, out, err = here.module(capsys, SPEEDUP, "--quick", "--model", "test_resnet", "--batch", "8", "--size", "32",
                                  "--steps", "2", "--warmup", "1", "--balance", "flops", "--out", tmp_path,
                                  "--methods", *chosen)
     assert code == 0, out[-2000:] + err[-3000:]
@@ -55,7 +55,7 @@ def test_speedup_quick_path_writes_the_documented_json(tmp_path, capsys):
 def _cut_shape(result):
     """The activation shape at the speed-up run's cut, for one example (from lfnnify's plan)."""
     import lfnnify
-    from lfnnify.app.zoo import create_model
+    from lfnnify.app import create_model
 
     model = create_model(result["settings"]["model"], num_classes=10, cifar=True)
     plan = lfnnify.plan(model, cuts=result["settings"]["cuts"], example_input=torch.zeros(1, 3, 32, 32))
@@ -65,10 +65,8 @@ def _cut_shape(result):
 def test_the_projection_times_a_blocks_whole_step(monkeypatch):
     # the projection timed hidden blocks from after their forward pass, which flattered LFNN-ℓ. A block whose
     # forward sleeps 30 ms must show that sleep in every per-block time, as in a directly timed step
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import _speedup_worker as worker
-
-    from lfnnify.app.zoo import create_model
+    from benchmarks.workers import speedup as worker
+    from lfnnify.app import create_model
 
     torch.manual_seed(0)
     model = create_model("resnet18", num_classes=10, cifar=True)
@@ -99,7 +97,7 @@ def test_the_projection_times_a_blocks_whole_step(monkeypatch):
 
 def test_speedup_projection_only_path_runs_on_one_device(tmp_path, capsys):
     # what a one-GPU session runs (benchmarks/gpu_check.sh), here on the CPU at tiny sizes
-    code, out, err = here.script(capsys, SPEEDUP, "--projection-only", "--no-cifar", "--model", "test_resnet",
+    code, out, err = here.module(capsys, SPEEDUP, "--projection-only", "--no-cifar", "--model", "test_resnet",
                                  "--blocks", "4", "--batch", "8", "--size", "32", "--steps", "2", "--warmup", "1",
                                  "--balance", "flops", "--out", tmp_path)
     assert code == 0, out[-2000:] + err[-3000:]
@@ -119,12 +117,8 @@ def test_speedup_projection_only_path_runs_on_one_device(tmp_path, capsys):
 
 def test_the_speedup_worker_runs_several_methods_in_one_process_only_where_each_is_a_one_process_method(
         tmp_path, monkeypatch):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("speedup_worker", ROOT / "benchmarks" / "_speedup_worker.py")
-    worker = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(worker)
-    monkeypatch.setattr(sys, "argv", ["_speedup_worker.py", "--method", "bp_single", "ddp", "--cuts", "layer1",
+    from benchmarks.workers import speedup as worker
+    monkeypatch.setattr(sys, "argv", ["speedup.py", "--method", "bp_single", "ddp", "--cuts", "layer1",
                                       "--out", str(tmp_path / "r.json")])
     with pytest.raises(SystemExit, match=r"--method bp_single ddp: several methods .* each must be one of "
                                          r"\['bp_shard', 'bp_single', 'lfnn_single', 'projection'\]"):
@@ -156,11 +150,11 @@ def test_gpu_check_script_dry_run_on_the_cpu(tmp_path):
 def test_the_fine_tuning_benchmark_runs_seeds_on_a_validation_split_and_reuses_its_runs(tmp_path, capsys):
     # benchmarks/finetune.py at a tiny size: one pretrained checkpoint for every run, two methods, two seeds, the
     # choice made on the validation split; a second call reuses the checkpoint and every run
-    args = [ROOT / "benchmarks" / "finetune.py", "--model", "test_resnet", "--pretrain-steps", "3", "--steps", "3",
+    args = ["benchmarks.finetune", "--model", "test_resnet", "--pretrain-steps", "3", "--steps", "3",
             "--head-warmup", "1", "--methods", "bp", "replay_stash_delay_lr", "--seeds", "0", "1", "--validation",
             "200", "--train-subset", "256", "--threads", "1", "--allow-dirty", "--out", tmp_path, "--runs",
             tmp_path / "runs", "--name", "ft"]
-    code, out, err = here.script(capsys, *args)
+    code, out, err = here.module(capsys, *args)
     assert code == 0, out[-2000:] + err[-3000:]
     assert "fine-tuning on 256 images of classes 5-9, 200 held out for validation" in out
     result = json.loads((tmp_path / "ft.json").read_text())
@@ -174,15 +168,15 @@ def test_the_fine_tuning_benchmark_runs_seeds_on_a_validation_split_and_reuses_i
     assert result["chosen"] == "replay_stash_delay_lr" and "chosen on the validation split" in result["verdict"]
     assert result["one_commit"] is False or not result["commits"][0].endswith("+dirty")
     assert "| backprop | 2 |" in (tmp_path / "ft.md").read_text()
-    code, again, _ = here.script(capsys, *args)
+    code, again, _ = here.module(capsys, *args)
     assert code == 0 and again.count("reused") == 5, again[-2000:]  # the checkpoint and the four runs
-    code, alone, err = here.script(capsys, *[a for a in args if a != "bp"])  # a table without bp
+    code, alone, err = here.module(capsys, *[a for a in args if a != "bp"])  # a table without bp
     assert code == 0, alone[-2000:] + err[-3000:]
     assert "no backprop row in this call (add bp to --methods)" in (tmp_path / "ft.md").read_text()
 
 
 def test_memory_script_reports_both_methods(tmp_path, capsys):
-    code, _, err = here.script(capsys, ROOT / "benchmarks" / "memory.py", "--model", "resnet18", "--size", "32",
+    code, _, err = here.module(capsys, "benchmarks.memory", "--model", "resnet18", "--size", "32",
                                "--batch", "2", "--classes", "10", "--steps", "1", "--threads", "1",
                                "--mmap-threshold", "131072", "--out", tmp_path)
     assert code == 0, err[-3000:]
@@ -191,8 +185,7 @@ def test_memory_script_reports_both_methods(tmp_path, capsys):
 
 
 def test_time_to_accuracy_across_hosts_is_measured_against_ddp_of_the_same_seed(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    import multihost_tta as tta
+    from benchmarks import multihost_tta as tta
 
     def run(*points):
         return {"evaluations": [{"step": 10 * (i + 1), "train_seconds": s, "accuracy": a}
@@ -215,11 +208,11 @@ def test_time_to_accuracy_across_hosts_is_measured_against_ddp_of_the_same_seed(
 def test_the_one_machine_time_to_accuracy_benchmark_runs_seeds_and_reuses_its_runs(tmp_path, capsys):
     # benchmarks/time_to_accuracy.py at a tiny size: backprop in one process and the replay pipeline (stashing,
     # delay-aware step sizes) under torchrun, one seed, each run in its own file; a second call trains nothing
-    args = [ROOT / "benchmarks" / "time_to_accuracy.py", "--model", "test_resnet", "--train-subset", "256",
+    args = ["benchmarks.time_to_accuracy", "--model", "test_resnet", "--train-subset", "256",
             "--eval-subset", "128", "--batch", "64", "--epochs", "1", "--eval-every", "2", "--cores", "1", "--stash",
             "--delay-lr-warmup", "2", "--seeds", "0", "--allow-dirty", "--runs", tmp_path / "runs", "--out", tmp_path,
             "--name", "tta"]
-    code, out, err = here.script(capsys, *args)
+    code, out, err = here.module(capsys, *args)
     assert code == 0, out[-2000:] + err[-3000:]
     assert out.count("--set train.delay_lr_warmup=2") == 1  # the pipeline's run only; backprop has no delay
     result = json.loads((tmp_path / "tta.json").read_text())
@@ -232,7 +225,7 @@ def test_the_one_machine_time_to_accuracy_benchmark_runs_seeds_and_reuses_its_ru
     hit = next((e for e in runs["pipeline"] if e["accuracy"] >= seed["target"]), None)
     assert seed["pipeline"]["seconds"] == (hit["train_seconds"] if hit else None)
     assert "| replay-stash-delay-lr pipeline |" in (tmp_path / "tta.md").read_text()
-    code, again, _ = here.script(capsys, *args)
+    code, again, _ = here.module(capsys, *args)
     assert code == 0 and again.count("reused") == 2 and "-m lfnnify train" not in again, again[-2000:]
     assert "per-block step times of a K=4 split, measured before" in again
 
@@ -241,11 +234,11 @@ def test_the_accuracy_table_is_made_from_its_seeded_runs_and_reuses_them(tmp_pat
     # benchmarks/accuracy_fashion_mnist.py at a tiny size: backprop and delay-aware replay, two seeds, one process per
     # run; the table's mean ± sd per epoch is the runs' own, the choice is made on validation error, a second call
     # trains nothing, and a kept run made with other settings is refused by name
-    args = [ROOT / "benchmarks" / "accuracy_fashion_mnist.py", "--model", "test_resnet", "--epochs", "1",
+    args = ["benchmarks.accuracy_fashion_mnist", "--model", "test_resnet", "--epochs", "1",
             "--train-subset", "128", "--eval-subset", "64", "--batch-size", "64", "--seeds", "0", "1",
             "--methods", "bp", "replay_stash_delay_lr", "--jobs", "2", "--allow-dirty", "--runs", tmp_path / "runs",
             "--out", tmp_path, "--name", "acc"]
-    code, out, err = here.script(capsys, *args)
+    code, out, err = here.module(capsys, *args)
     assert code == 0, out[-2000:] + err[-3000:]
     assert out.count("started") == 4
     result = json.loads((tmp_path / "acc.json").read_text())
@@ -264,18 +257,17 @@ def test_the_accuracy_table_is_made_from_its_seeded_runs_and_reuses_them(tmp_pat
     text = (tmp_path / "acc.md").read_text()
     assert "chosen on validation: replay, weight stashing, delay-aware step sizes" in text
     assert (tmp_path / "acc.png").stat().st_size > 0
-    code, again, _ = here.script(capsys, *args)
+    code, again, _ = here.module(capsys, *args)
     assert code == 0 and "started" not in again, again[-2000:]
     assert json.loads((tmp_path / "acc.json").read_text())["summary"] == result["summary"]
     kept = tmp_path / "runs" / "bp-seed1.json"
     kept.write_text(json.dumps({**json.loads(kept.read_text()), "settings": {**result["settings"], "lr": 0.1}}))
-    code, out, err = here.script(capsys, *args)
+    code, out, err = here.module(capsys, *args)
     assert code != 0 and f"{kept} was run with other settings" in out + err
 
 
 def test_a_benchmark_that_makes_a_table_refuses_uncommitted_changes(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    import common
+    from benchmarks import common
 
     monkeypatch.setattr(common, "commit", lambda: "29ab660+dirty")
     with pytest.raises(SystemExit, match=r"time_to_accuracy.py: uncommitted changes .* --allow-dirty"):
@@ -300,5 +292,5 @@ def test_a_benchmark_that_makes_a_table_refuses_uncommitted_changes(monkeypatch)
 def test_benchmarks_refuse_arguments_that_would_hang_or_make_a_table_lie(capsys, script, args, words):
     # before: "2 seeds, 90.62 ± 0.00" from one run counted twice, --jobs 0 waiting forever, a projection faster than
     # an infinite link, or a crash after every measurement; now one line before anything runs
-    code, out, err = here.script(capsys, ROOT / "benchmarks" / script, *args)
+    code, out, err = here.module(capsys, f"benchmarks.{script.removesuffix('.py')}", *args)
     assert code != 0 and words in out + err, out + err

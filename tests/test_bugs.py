@@ -1,7 +1,6 @@
 """One regression test per fixed defect; each failed before its fix."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -92,8 +91,7 @@ def test_the_command_line_reports_its_own_bugs_with_a_traceback(monkeypatch, cap
 
 def test_coverage_counts_only_what_was_checked(tmp_path):
     # docs/coverage.md counted encoders and one-block models as "converted with isolated gradients"
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import zoo_coverage
+    from benchmarks import zoo_coverage
 
     base = {"source": "timm", "family": "x", "fx_traceable": True, "stage": "done"}
     records = [

@@ -200,7 +200,7 @@ def test_the_testbed_refuses_in_one_line_without_root(monkeypatch):
 
 def test_the_hosts_command_line_makes_runs_in_and_removes_hosts():
     def cli(*args):
-        return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hosts.py"), *args], capture_output=True,
+        return subprocess.run([sys.executable, str(ROOT / "scripts" / "hosts.py"), *args], capture_output=True,
                               text=True, timeout=60)
 
     try:
@@ -220,7 +220,7 @@ def test_the_hosts_command_line_makes_runs_in_and_removes_hosts():
 
 def test_the_multihost_benchmark_runs_end_to_end(tmp_path, capsys):
     # benchmarks/multihost.py at a tiny size: its own testbed, two methods, one rate, the JSON, table and picture
-    code, out, err = here.script(capsys, ROOT / "benchmarks" / "multihost.py", "--rates", "100mbit", "--methods",
+    code, out, err = here.module(capsys, "benchmarks.multihost", "--rates", "100mbit", "--methods",
                                  "ddp", "lfnn_pipeline", "--model", "test_resnet", "--steps", "3", "--warmup", "2",
                                  "--no-projection", "--out", tmp_path)
     assert code == 0, out[-2000:] + err[-3000:]
@@ -241,10 +241,10 @@ def test_the_multihost_benchmark_runs_end_to_end(tmp_path, capsys):
 def test_the_time_to_accuracy_benchmark_runs_end_to_end_and_compares_the_same_batches(tmp_path, capsys):
     # benchmarks/multihost_tta.py at a tiny size: DDP (plain PyTorch) and the LFNN-ℓ pipeline across its own two
     # hosts, each run kept in its own file; a second call reuses them (and the sweep's split) instead of training again
-    args = [ROOT / "benchmarks" / "multihost_tta.py", "--model", "test_resnet", "--train-subset", "256",
+    args = ["benchmarks.multihost_tta", "--model", "test_resnet", "--train-subset", "256",
             "--eval-subset", "128", "--eval-every", "2", "--batch", "64", "--seeds", "0", "--methods", "ddp",
             "lfnn_pipeline", "--runs", tmp_path / "runs", "--out", tmp_path]
-    code, out, err = here.script(capsys, *args)
+    code, out, err = here.module(capsys, *args)
     assert code == 0, out[-2000:] + err[-3000:]
     import json
 
@@ -253,6 +253,6 @@ def test_the_time_to_accuracy_benchmark_runs_end_to_end_and_compares_the_same_ba
         run = result["runs"][f"{name}-seed0"]
         assert [e["step"] for e in run["evaluations"]] == [2, 4]  # one epoch of 256 images in batches of 64
         assert run["evaluations"][-1]["train_seconds"] > 0 and min(run["bytes_sent"]) > 0
-    code, again, _ = here.script(capsys, *args)
+    code, again, _ = here.module(capsys, *args)
     assert code == 0 and again.count("reused") == 2, again[-2000:]
     assert "the split of this sweep, measured before:" in again  # not measured again: it could tip the other way

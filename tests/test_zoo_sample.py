@@ -3,17 +3,11 @@
 The full sweep is `benchmarks/zoo_coverage.py`; its committed results are in docs/coverage.md.
 """
 
-import importlib.util
 import warnings
-from pathlib import Path
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location(
-    "zoo_coverage", Path(__file__).resolve().parents[1] / "benchmarks" / "zoo_coverage.py"
-)
-zoo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(zoo)
+from benchmarks import zoo_coverage as zoo
 
 # families not covered by test_convert.py, chosen for the known traps: distillation tokens (deit, levit),
 # SAME padding (tf_*), window attention (swin), in-place ops (nfnet), aux outputs (torchvision googlenet),

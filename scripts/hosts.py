@@ -1,10 +1,10 @@
 """Hosts on this machine, for multi-host runs: network namespaces joined by shaped links (lfnnify/app/testbed.py).
 
-  python benchmarks/hosts.py up --hosts 2 --rate 1gbit       # create them (root, iproute2); prints each address
-  python benchmarks/hosts.py run 1 -- python3 -c "import socket; print(socket.gethostname())"   # inside host 1
-  python benchmarks/hosts.py shape --rate 100mbit             # change every link's rate (unshaped: --rate none)
-  python benchmarks/hosts.py status                           # addresses, rates and bytes sent
-  python benchmarks/hosts.py down                             # remove everything (also: --stale, killed runs')
+  python scripts/hosts.py up --hosts 2 --rate 1gbit       # create them (root, iproute2); prints each address
+  python scripts/hosts.py run 1 -- python3 -c "import socket; print(socket.gethostname())"   # inside host 1
+  python scripts/hosts.py shape --rate 100mbit             # change every link's rate (unshaped: --rate none)
+  python scripts/hosts.py status                           # addresses, rates and bytes sent
+  python scripts/hosts.py down                             # remove everything (also: --stale, killed runs')
 
 Each host is a network namespace with its own loopback and address (10.213.0.1, 10.213.0.2, ...), no default route
 (nothing leaves the machine) and its own PID namespace for the commands run in it, which are pinned to its own
@@ -17,11 +17,8 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lfnnify.app.testbed import Hosts, TestbedError, missing  # noqa: E402
+from lfnnify.app import Hosts, TestbedError, missing
 
 TAG = "lfhcli"
 

@@ -1,4 +1,4 @@
-"""One method of benchmarks/speedup.py, in a fresh process (torchrun for the multi-process ones).
+"""One method of benchmarks.speedup, in a fresh process (torchrun for the multi-process ones).
 
 Every method trains the same model on the same synthetic batch; the process that finishes steps
 (the last stage, or the single process) records the time at which each step completed.
@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -17,10 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import lfnnify  # noqa: E402
-from lfnnify.app.zoo import create_model  # noqa: E402
+from lfnnify.app import create_model  # noqa: E402
 
 DEVICE = torch.device("cpu")  # cuda:LOCAL_RANK when GPUs are present: one GPU per rank
 

@@ -1,5 +1,5 @@
 """Data-parallel backprop on a recipe's data with torch's DistributedDataParallel: the baseline of
-benchmarks/multihost_tta.py, started by torchrun on every host (not a benchmark of its own).
+benchmarks.multihost_tta, started by torchrun on every host (not a benchmark of its own).
 
 It trains what ``lfnnify train <recipe> --set method=bp`` trains, in plain PyTorch: the same model from the same seed,
 the same batches in the same order (every rank reads each batch of ``data.batch_size`` and takes its own slice, so
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -22,10 +21,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lfnnify.app.recipes import load_recipe  # noqa: E402
-from lfnnify.app.zoo import create_model  # noqa: E402
+from lfnnify.app import (
+    create_model,  # noqa: E402
+    load_recipe,  # noqa: E402
+)
 from lfnnify.data import build_datasets, make_loader  # noqa: E402
 
 
