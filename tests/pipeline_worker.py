@@ -31,7 +31,8 @@ LARGE = dict(size=128, channels=64, batch=16, data=32)  # 16 x 64 x 128 x 128 fl
 
 # name -> what it trains: blocks, mode (local | replay | replay-stash), local_weight, switch_at/switch_to, head,
 # refresh_every, predict, delay_lr (delay-aware step sizes over that many steps), bf16, steps, resume_at (save there,
-# load, go on), model (timm: MODEL | plain | large | torchvision); the world size is blocks x replicas
+# load, go on), model (timm: MODEL | plain | large | torchvision), relayout (then resume the same ranks as that many
+# blocks x 1 replica); the world size is blocks x replicas
 SCENARIOS = {
     "2-local": dict(blocks=2),
     "2-replay": dict(blocks=2, mode="replay"),
@@ -49,10 +50,11 @@ SCENARIOS = {
     "3-lookahead-refresh": dict(blocks=3, mode="replay", head="lookahead-layer", refresh_every=2),
     "3-replay-64mib": dict(blocks=3, mode="replay", model="large", steps=3),
     "4-replicas-seeded-apart": dict(blocks=2, replicas=2, mode="replay", model="plain", steps=2),
-    "4-replicas-batchnorm": dict(blocks=2, replicas=2, mode="replay-stash", steps=4),
+    "4-replicas-batchnorm": dict(blocks=2, replicas=2, mode="replay-stash", steps=4, relayout=4),
 }
 DEFAULTS = dict(mode="local", local_weight=0.0, switch_at=None, switch_to=None, head="linear", refresh_every=None,
-                predict=False, delay_lr=None, bf16=False, steps=7, resume_at=None, model="timm", replicas=1)
+                predict=False, delay_lr=None, bf16=False, steps=7, resume_at=None, model="timm", replicas=1,
+                relayout=None)
 
 
 def spec(name: str) -> dict:
@@ -165,6 +167,18 @@ def run(name: str, out: Path) -> None:
                                                                              f"heads.{trainer.stage}."))}
         torch.save(part, out / f"state-rank{rank}.pt")
         torch.save(buffers, out / f"buffers-rank{rank}.pt")
+    if s["relayout"]:  # the same ranks as another layout (4 blocks x 1 replica) resume from that checkpoint
+        torch.manual_seed(0)
+        import timm
+
+        other = lfnnify.convert(timm.create_model(MODEL, in_chans=1, num_classes=10), blocks=s["relayout"],
+                                example_input=torch.zeros(1, 1, SIZE, SIZE))
+        try:
+            _pipeline(other, name).restore(out / "ckpt")
+            said = "restored"
+        except lfnnify.CheckpointError as exc:
+            said = str(exc)
+        (out / f"relayout-rank{rank}.txt").write_text(said)
 
 
 def _record_buffers(trainer) -> list[dict]:

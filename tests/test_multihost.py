@@ -125,8 +125,8 @@ def test_replicas_across_hosts_stop_together_resume_from_host_0_alone_restart_an
     # 2. host 1 loses its folders; --resume, under --max-restarts 1 and the dynamic c10d rendezvous, continues from
     #    host 0's checkpoint alone; host 1's first worker is killed two steps on: torchrun restarts every worker,
     #    and lfnnify train resumes by itself, again from host 0's disk;
-    # 3. the run ends with the weights (and BatchNorm statistics) of the uninterrupted run;
-    # 4. a resume into another layout (one replica per block) is refused on every rank, in one line naming both.
+    # 3. the run ends with the weights (and BatchNorm statistics) of the uninterrupted run.
+    # (A resume into another layout is refused on every rank: test_pipeline's replicas tests, on one host.)
     out, alone = tmp_path / "run", tmp_path / "alone"
     common = ["--set", "convert.mode=replay", "--set", "convert.weight_stashing=true", "--set", "train.iterations=24",
               "--set", "train.checkpoint_every=2", "--set", "pipeline.timeout_s=20"]
@@ -168,12 +168,6 @@ def test_replicas_across_hosts_stop_together_resume_from_host_0_alone_restart_an
     assert any("running_mean" in key for key in uninterrupted)
     for key, value in uninterrupted.items():
         assert torch.equal(restarted[key], value), key
-
-    procs, outputs, _ = on_hosts(hosts, _train_args(out, *common, "--resume"), timeout=200)
-    assert all(p.returncode != 0 for p in procs), outputs[0][-2000:]
-    for output in outputs:  # every rank says the same, in lfnnify's one line (torchrun then exits 1)
-        assert re.search(r"lfnnify: error: \S+ was saved by a run of 2 block\(s\) x 2 replica\(s\), and this pipeline "
-                         r"runs 2 block\(s\) x 1 replica\(s\)", output), output[-2000:]
 
 
 def test_with_a_shared_folder_every_rank_can_load_the_checkpoint_itself(tmp_path):

@@ -151,6 +151,10 @@ def test_replicas_hold_the_same_batchnorm_statistics_after_every_step():
     for key, value in kept[0][-1].items():  # the checkpoint's statistics are the ones every replica used
         part, rest = key.split(".", 1)
         assert torch.equal(saved[f"{part}s.0.{rest}"], value), key
+    for rank in range(4):  # a resume into another layout on the same ranks: refused on every rank, in one line
+        said = (out / f"relayout-rank{rank}.txt").read_text()
+        assert re.search(r"was saved by a run of 2 block\(s\) x 2 replica\(s\), and this pipeline runs 4 block\(s\) x "
+                         r"1 replica\(s\)", said), (rank, said)
 
 
 def test_a_raising_data_loader_stops_every_rank_quickly_and_is_reported_once(tmp_path):
