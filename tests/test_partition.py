@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from lfnnify.surgery.partition import balanced_partition
+from lfnnify.surgery.splitting import balanced_partition
 
 
 def _max_cost(atoms, cut_costs, cuts):

@@ -202,7 +202,7 @@ def test_bad_mode_switches(kwargs, pattern):
 
 
 def test_delay_aware_step_sizes_ramp_from_one_over_the_delay_to_the_full_rate_in_each_replay_period():
-    from lfnnify.training.stage import ModeSchedule
+    from lfnnify.training.step import ModeSchedule
 
     schedule = ModeSchedule("local", switch_mode_at=10, switch_to="replay", delay_lr_warmup=4)
     assert [schedule.lr_scale(10 + s, 3) for s in (0, 2, 4, 9)] == pytest.approx([1 / 3, 3**-0.5, 1, 1])

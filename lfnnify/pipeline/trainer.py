@@ -49,7 +49,7 @@ class PipelineTrainer(DataPath, TrainerBase):
     With world size K×R (K blocks, R replicas), rank ``r`` trains block ``r // R`` as replica
     ``r % R``. The first stage's ranks read the input batches (replica i takes batches i, i+R, ...);
     labels travel with the activations. Block k sends its output to block k+1 right after its forward
-    pass and then runs its own update (:class:`lfnnify.training.stage.BlockStage`, the same code the one-device
+    pass and then runs its own update (:class:`lfnnify.training.step.BlockStep`, the same code the one-device
     trainer runs), so block k works on batch t while block k+1 works on batch t−1. In ``mode="replay"``
     block k+1 also sends back the gradient of each batch's input, which block k applies one step later;
     no rank waits for more than its neighbour's previous step. Replicas of a block average their

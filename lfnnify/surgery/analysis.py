@@ -12,10 +12,10 @@ import torch
 from torch import fx, nn
 
 from ..errors import ConfigError, TraceError
+from .blocks import split_graph
 from .cuts import CutPoint, GraphProfile, find_cut_points, profile_graph
 from .facts import example_input_for
 from .fallback import sequential_children
-from .partition import split_graph
 from .trace import Traced, trace
 
 __all__ = ["Analysis", "analyse", "measured_piece_times", "FALLBACKS"]

@@ -11,12 +11,12 @@ from torch import nn
 
 from ..errors import ConfigError
 from .analysis import analyse
+from .blocks import dual_block, split_graph
 from .cuts import CutPoint
 from .facts import describe_model
 from .headplan import build_site_head
 from .model import LFNNModel
 from .options import ConvertOptions, signature_with
-from .partition import dual_block, split_graph
 from .planning import make_plan
 
 __all__ = ["convert"]

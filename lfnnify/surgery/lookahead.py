@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from .blocks import node_params, subgraph
 from .cuts import CutPoint, GraphProfile, input_dependent_nodes
 from .heads import LinearHeads, Pool
-from .partition import node_params, subgraph
 
 __all__ = ["LOOKAHEADS", "LookaheadHead", "Stage", "next_stage", "build_lookahead_head"]
 

@@ -15,12 +15,12 @@ from torch import fx, nn
 
 from ..errors import ConfigError, CutError
 from .analysis import Analysis, measured_piece_times
+from .blocks import node_params
 from .cuts import CutPoint, GraphProfile
 from .headplan import HeadSite, build_site_head, head_cost, head_site
 from .options import HEADS
-from .partition import balanced_partition, node_params
 
-__all__ = ["BlockInfo", "Split", "choose_split", "staged_cut_points"]
+__all__ = ["BlockInfo", "Split", "choose_split", "balanced_partition", "staged_cut_points"]
 
 INF = float("inf")
 
@@ -261,3 +261,41 @@ def _divisor_near(n: int, k: int) -> int:
     return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - k))
 
 
+def balanced_partition(atom_costs: Sequence[float], cut_costs: Sequence[float], blocks: int) -> list[int]:
+    """Choose ``blocks - 1`` cuts that minimise the cost of the most expensive block.
+
+    ``atom_costs[j]`` is the cost of the piece between candidate cut ``j - 1`` and ``j``
+    (``len(cut_costs) + 1`` pieces). ``cut_costs[j]`` is what a block ending at candidate
+    ``j`` pays on top (its prediction head). Exact O(K·M²) dynamic program over prefixes.
+    Returns the indices of the chosen candidate cuts, ascending.
+    """
+    m = len(atom_costs)
+    if len(cut_costs) != m - 1:
+        raise ValueError(f"need {m - 1} cut costs for {m} pieces, got {len(cut_costs)}")
+    if not 1 <= blocks <= m:
+        raise ValueError(f"blocks={blocks} must be between 1 and {m}")
+    prefix = [0.0]
+    for c in atom_costs:
+        prefix.append(prefix[-1] + c)
+
+    def cost(i: int, j: int) -> float:  # block made of pieces i..j-1
+        extra = cut_costs[j - 1] if j < m else 0.0
+        return prefix[j] - prefix[i] + extra
+
+    inf = float("inf")
+    # best[k][j]: smallest possible max block cost covering pieces 0..j-1 with k blocks
+    best = [[inf] * (m + 1) for _ in range(blocks + 1)]
+    choice = [[0] * (m + 1) for _ in range(blocks + 1)]
+    best[0][0] = 0.0
+    for k in range(1, blocks + 1):
+        for j in range(k, m - (blocks - k) + 1):
+            for i in range(k - 1, j):
+                value = max(best[k - 1][i], cost(i, j))
+                if value < best[k][j]:
+                    best[k][j], choice[k][j] = value, i
+    cuts, j = [], m
+    for k in range(blocks, 0, -1):
+        j = choice[k][j]
+        cuts.append(j)
+    # cuts holds the start piece of blocks K..1; the cut before piece i is candidate i - 1
+    return sorted(i - 1 for i in cuts if i > 0)

@@ -14,7 +14,7 @@ from ..surgery.lookahead import LookaheadHead
 from ..surgery.model import LFNNModel
 from .inputs import batch_rules
 from .options import AMP_DTYPES, TrainerOptions
-from .stage import BlockStage, ModeSchedule
+from .step import BlockStep, ModeSchedule
 from .update import BlockUpdate
 
 __all__ = ["TrainerBase", "block_parameters", "AMP_DTYPES"]
@@ -63,7 +63,7 @@ class TrainerBase:
         shared = torch.amp.GradScaler(self.device.type) if amp == "fp16" and net.mode == "lfnn" else None
         self.scaler = shared
         self.updates: dict[int, BlockUpdate] = {}
-        self.stages: dict[int, BlockStage] = {}
+        self.stages: dict[int, BlockStep] = {}
         for k in owned:
             scaler = shared or (torch.amp.GradScaler(self.device.type) if amp == "fp16" else None)
             self.updates[k] = BlockUpdate(
@@ -74,7 +74,7 @@ class TrainerBase:
             self.updates[k].track_updates = bool(net.config.get("weight_prediction", False))
             if net.config.get("spike_compensation") and k < net.num_blocks - 1:  # the last block has no delay
                 self.updates[k].compensate_spikes(net.blocks[k].parameters(), block=k)
-            self.stages[k] = BlockStage(net, k, self.updates[k], schedule=self.schedule, autocast=self._autocast,
+            self.stages[k] = BlockStep(net, k, self.updates[k], schedule=self.schedule, autocast=self._autocast,
                                         check_finite=self._check_finite)
         self.step = 0  # optimizer steps taken (one per batch; every block steps once)
         self.epoch = 0  # epochs completed

@@ -20,7 +20,7 @@ __all__ = ["Trainer", "block_parameters"]
 class Trainer(TrainerBase):
     """Trains an :class:`~lfnnify.LFNNModel` on one device, one block at a time.
 
-    Each step runs, for every block in turn, the block's part of the step (:class:`lfnnify.training.stage.BlockStage`):
+    Each step runs, for every block in turn, the block's part of the step (:class:`lfnnify.training.step.BlockStep`):
     forward, its loss, backward, optimizer step, then drops the block's graph before the next block runs,
     so peak activation memory is about one block's. Each block has its own optimizer and scheduler (as in
     the pipeline, where each block steps on its own). In ``mode="replay"`` the delayed gradients are

@@ -1,4 +1,6 @@
-"""Balanced K-way contiguous partition, and splitting a graph into block GraphModules."""
+"""Building the blocks of a chosen split: one GraphModule per block (a train and an eval graph where they differ).
+
+Where the cuts go is decided in :mod:`splitting`; the cut points themselves are found in :mod:`cuts`."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from torch import fx, nn
 
 from .cuts import NONE_VALUE, input_dependent_nodes
 
-__all__ = ["node_params", "balanced_partition", "split_graph", "subgraph", "DualGraphModule", "dual_block",
+__all__ = ["node_params", "split_graph", "subgraph", "DualGraphModule", "dual_block",
            "attr_at"]
 
 _MISSING = object()
@@ -43,46 +45,6 @@ def node_params(gm: fx.GraphModule, nodes: Sequence[fx.Node]) -> int:
                 seen.add(id(t))
                 total += t.numel()
     return total
-
-
-def balanced_partition(atom_costs: Sequence[float], cut_costs: Sequence[float], blocks: int) -> list[int]:
-    """Choose ``blocks - 1`` cuts that minimise the cost of the most expensive block.
-
-    ``atom_costs[j]`` is the cost of the piece between candidate cut ``j - 1`` and ``j``
-    (``len(cut_costs) + 1`` pieces). ``cut_costs[j]`` is what a block ending at candidate
-    ``j`` pays on top (its prediction head). Exact O(K·M²) dynamic program over prefixes.
-    Returns the indices of the chosen candidate cuts, ascending.
-    """
-    m = len(atom_costs)
-    if len(cut_costs) != m - 1:
-        raise ValueError(f"need {m - 1} cut costs for {m} pieces, got {len(cut_costs)}")
-    if not 1 <= blocks <= m:
-        raise ValueError(f"blocks={blocks} must be between 1 and {m}")
-    prefix = [0.0]
-    for c in atom_costs:
-        prefix.append(prefix[-1] + c)
-
-    def cost(i: int, j: int) -> float:  # block made of pieces i..j-1
-        extra = cut_costs[j - 1] if j < m else 0.0
-        return prefix[j] - prefix[i] + extra
-
-    inf = float("inf")
-    # best[k][j]: smallest possible max block cost covering pieces 0..j-1 with k blocks
-    best = [[inf] * (m + 1) for _ in range(blocks + 1)]
-    choice = [[0] * (m + 1) for _ in range(blocks + 1)]
-    best[0][0] = 0.0
-    for k in range(1, blocks + 1):
-        for j in range(k, m - (blocks - k) + 1):
-            for i in range(k - 1, j):
-                value = max(best[k - 1][i], cost(i, j))
-                if value < best[k][j]:
-                    best[k][j], choice[k][j] = value, i
-    cuts, j = [], m
-    for k in range(blocks, 0, -1):
-        j = choice[k][j]
-        cuts.append(j)
-    # cuts holds the start piece of blocks K..1; the cut before piece i is candidate i - 1
-    return sorted(i - 1 for i in cuts if i > 0)
 
 
 def _copy_attr(source: nn.Module, target: nn.Module, path: str) -> None:

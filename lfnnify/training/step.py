@@ -30,7 +30,7 @@ from ..errors import DataError
 from ..surgery.model import LFNNModel
 from .update import BlockUpdate
 
-__all__ = ["ModeSchedule", "BlockStage"]
+__all__ = ["ModeSchedule", "BlockStep"]
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ class _Stored:
     out: Tensor | None = None
 
 
-class BlockStage:
+class BlockStep:
     """Block ``k`` of ``net`` in training: forward on a batch, then its update (see the module docstring).
 
     ``forward(x, y, step)`` returns the output to pass on (the caller detaches it). ``expects_grad(step)``
