@@ -251,9 +251,9 @@ def markdown(payload: dict) -> str:
 
 
 def chart(payload: dict, path: Path) -> None:
-    from lfnnify.plots import _pyplot, _save
+    from lfnnify.plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     rates = [r for r in reversed(RATES) if r in payload["results"]]
     for m in METHODS:
@@ -267,7 +267,7 @@ def chart(payload: dict, path: Path) -> None:
     ax.set_title(f"2 hosts x 1 core, timm resnet18 32 px, K=2 ({payload['env']['device'][:40]})", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -202,9 +202,9 @@ def markdown(payload: dict) -> str:
 
 
 def chart(payload: dict, path: Path) -> None:
-    from lfnnify.plots import _pyplot, _save
+    from lfnnify.plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     colors = dict(zip(METHODS, ("tab:gray", "tab:blue", "tab:orange")))
     for key, r in payload["runs"].items():
@@ -220,7 +220,7 @@ def chart(payload: dict, path: Path) -> None:
                  f"seed\n{payload['env']['device'][:60]}", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

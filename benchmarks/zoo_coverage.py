@@ -388,7 +388,6 @@ def main() -> None:
     parser.add_argument("--source", default="timm", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        sys.path.insert(0, str(ROOT))
         record: dict = {}
         try:
             check_model(args.one, args.source, args.cap, record, args.max_params)

@@ -10,7 +10,8 @@ from ._writing import write_regular
 from .errors import ConfigError
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot, drawing to files only (the Agg backend: no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
@@ -19,14 +20,15 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str | Path) -> Path:
-    """Save ``fig`` as the regular file ``path`` (never through a link; a device or a folder there is refused)."""
+def save_figure(fig, path: str | Path) -> Path:
+    """Save ``fig`` as the regular file ``path`` (never through a link; a device or a folder there is refused), and
+    close it. For a picture of your own: ``fig, ax = pyplot().subplots(); ...; save_figure(fig, "out.png")``."""
     import io
 
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, dpi=120, format=Path(path).suffix.lstrip(".") or "png")
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return write_regular(path, buffer.getvalue())
 
 
@@ -38,7 +40,7 @@ def plot_leadership(leadership: Sequence[Sequence[Sequence[int]]], path: str | P
     """
     if not leadership:
         raise ConfigError("no leadership statistics yet: train at least one full epoch first")
-    plt = _pyplot()
+    plt = pyplot()
     epochs = len(leadership)
     blocks = len(leadership[0])
     workers = max((len(b) for b in leadership[0]), default=1)
@@ -57,7 +59,7 @@ def plot_leadership(leadership: Sequence[Sequence[Sequence[int]]], path: str | P
         ax.set_ylim(blocks - 0.5, -0.5)
         ax.tick_params(labelsize=7)
     fig.suptitle("times selected as leader (colour and size)", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_curves(series: dict[str, Sequence[float]], path: str | Path, *, xlabel="epoch", ylabel="test error (%)",
@@ -73,7 +75,7 @@ def plot_curves(series: dict[str, Sequence[float]], path: str | Path, *, xlabel=
             if name not in series or len(values) != len(series[name]):
                 raise ConfigError(f"plot_curves: {what}[{name!r}] has {len(values)} values, but the series of that "
                                   f"name has {len(series.get(name, []))}: give one value per point of a named series")
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.2 + 0.25 * len(series)))
     for name, values in series.items():
         xs = x.get(name, range(1, len(values) + 1))
@@ -89,14 +91,14 @@ def plot_curves(series: dict[str, Sequence[float]], path: str | Path, *, xlabel=
         ax.set_title(textwrap.fill(title, 70), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), frameon=False)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_demo(curves: dict[str, Sequence[dict]], memory: dict | None, path: str | Path, *, title: str = "",
               hosts: dict | None = None, hosts_title: str = "") -> Path:
     """Test accuracy against training seconds, one curve per method; beside it, peak memory as bars, and where two
     hosts were measured, their samples/s as bars labelled with the bytes each method sent per step."""
-    plt = _pyplot()
+    plt = pyplot()
     panels = [("curves", 2.2)] + ([("memory", 1)] if memory else []) + ([("hosts", 1.2)] if hosts else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 + 4.5 * (len(panels) - 1), 4.2), squeeze=False,
                              gridspec_kw={"width_ratios": [w for _, w in panels]})
@@ -130,4 +132,4 @@ def plot_demo(curves: dict[str, Sequence[dict]], memory: dict | None, path: str 
         bars.set_xticks(range(len(names)), [n.replace(" (", "\n(").replace(", ", ",\n") for n in names], fontsize=8)
         bars.set_ylabel("samples/s across the link")
         bars.set_title(hosts_title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)

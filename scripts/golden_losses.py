@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -38,7 +37,6 @@ MODEL = "test_resnet"
 def losses(knobs: dict, steps: int = STEPS) -> list[list[float]]:
     import timm
 
-    sys.path.insert(0, str(ROOT))
     import lfnnify
     from lfnnify.data import FashionMNIST, make_loader
 

@@ -157,3 +157,33 @@ def test_the_readme_layout_names_every_folder_and_what_it_offers():
                                         if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "__all__"))
         line = next(line for line in layout.splitlines() if f"{folder}/" in line)
         assert all(name in line for name in offered), (folder, offered, line)
+
+
+def test_benchmarks_and_scripts_use_only_what_lfnnify_makes_public():
+    # a benchmark is a user of the library: it imports lfnnify, its five folders' __init__ and its top-level
+    # modules (data, plots, errors), never a name with a leading underscore or a module inside a folder; and it
+    # runs as ``python -m benchmarks.x``, so nothing edits sys.path
+    root = PACKAGE.parent
+    offences = []
+    for path in sorted([*(root / "benchmarks").rglob("*.py"), *(root / "scripts").glob("*.py")]):
+        tree = ast.parse(path.read_text())
+        where = path.relative_to(root)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("lfnnify"):
+                parts = node.module.split(".")
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                found = [a.name for a in node.names if a.name.startswith("lfnnify")]
+                if not found:
+                    continue
+                parts, names = found[0].split("."), []
+            elif (isinstance(node, ast.Attribute) and node.attr in ("insert", "append")
+                  and isinstance(node.value, ast.Attribute) and node.value.attr == "path"
+                  and isinstance(node.value.value, ast.Name) and node.value.value.id == "sys"):
+                offences.append(f"{where}:{node.lineno} edits sys.path")
+                continue
+            else:
+                continue
+            if any(p.startswith("_") for p in parts[1:] + names) or len(parts) > 2 and parts[1] in FOLDERS:
+                offences.append(f"{where}:{node.lineno} imports {'.'.join(parts)} {names}")
+    assert not offences, "\n".join(offences)
