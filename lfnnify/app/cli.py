@@ -111,7 +111,8 @@ def make_parser() -> argparse.ArgumentParser:
                "  torchrun --nproc-per-node 4 -m lfnnify train recipes/cifar10_resnet101_k4.yaml --data ~/cifar",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    t.add_argument("recipe", help="a recipe YAML (see recipes/)")
+    t.add_argument("recipe", help="a recipe YAML, or the name of a built-in one (fashion_mnist_resnet18_k4; "
+                                  "lfnnify/recipes/ lists them)")
     t.add_argument("--data", help="dataset folder (overrides data.root)")
     t.add_argument("--out", type=Path, help="run folder (default runs/<recipe>-<time>)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE",

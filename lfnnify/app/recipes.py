@@ -23,7 +23,30 @@ from ..errors import ConfigError, DataNotFoundError, RecipeError
 from ..surgery.options import ConvertOptions
 from ..training.options import PipelineOptions, TrainerOptions
 
-__all__ = ["Recipe", "RecipeError", "load_recipe", "apply_overrides", "recipe_to_dict", "SEND_DTYPE_NAMES"]
+__all__ = ["Recipe", "RecipeError", "load_recipe", "find_recipe", "builtin_recipes", "apply_overrides",
+           "recipe_to_dict", "SEND_DTYPE_NAMES"]
+
+# the paper's experiments, shipped inside the package (a checkout also shows them as recipes/ at its root)
+BUILTIN = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def builtin_recipes() -> dict[str, Path]:
+    """The recipes that come with lfnnify, by name (``fashion_mnist_resnet18_k4``)."""
+    return {p.stem: p for p in sorted(BUILTIN.glob("*.yaml"))}
+
+
+def find_recipe(path: str | Path) -> Path:
+    """The recipe file ``path`` names: the file itself where it exists, else the built-in recipe of that name
+    (``fashion_mnist_resnet18_k4``, or ``recipes/fashion_mnist_resnet18_k4.yaml`` run outside a checkout)."""
+    path = Path(path)
+    if path.exists():
+        return path
+    builtin = builtin_recipes()
+    name = path.stem if path.suffix in (".yaml", ".yml") else path.name
+    if name in builtin and (path.parent == Path(".") or path.parent.name == "recipes"):
+        return builtin[name]
+    raise DataNotFoundError(f"no recipe at {path}; give a recipe YAML, or the name of a built-in one: "
+                            f"{', '.join(builtin)}")
 
 MAX_SEED = 2**63 - 1  # the largest seed torch.manual_seed takes as a signed 64-bit number
 METHODS = ("lfnn", "bp")
@@ -278,9 +301,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def load_recipe(path: str | Path | None = None, *, overrides: list[str] = (), data: dict | None = None) -> Recipe:
     """Read, override and validate a recipe. Raises :class:`RecipeError` with the key path on any problem."""
     if data is None:
-        path = Path(path)
-        if not path.exists():
-            raise DataNotFoundError(f"no recipe at {path}; the recipes/ folder lists the built-in ones")
+        path = find_recipe(path)
         if path.is_dir():
             raise RecipeError(f"{path} is a folder; give a recipe file (a .yaml), e.g. "
                               f"recipes/fashion_mnist_resnet18_k4.yaml")

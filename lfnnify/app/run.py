@@ -362,11 +362,12 @@ def _device_name(device: torch.device) -> str:
 
 
 def main_train(args) -> int:
-    from .recipes import load_recipe
+    from .recipes import find_recipe, load_recipe
 
-    recipe = load_recipe(args.recipe, overrides=args.set or [])
+    path = find_recipe(args.recipe)
+    recipe = load_recipe(path, overrides=args.set or [])
     return train_from_recipe(
-        recipe, recipe_path=Path(args.recipe), out=args.out, data_root=args.data, pretrained=args.pretrained,
+        recipe, recipe_path=path, out=args.out, data_root=args.data, pretrained=args.pretrained,
         resume=args.resume, download=args.download, progress=not args.no_progress and sys.stderr.isatty(),
         device=args.device, backend=args.backend,
     )
