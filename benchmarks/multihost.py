@@ -56,7 +56,7 @@ METHODS = {  # name -> worker arguments
     "lfnn_pipeline_bf16": ["--method", "lfnn_pipeline", "--send-bf16"],  # the same, activations sent in bfloat16
     "replay_pipeline_bf16": ["--method", "lfnn_pipeline", "--mode", "replay", "--stash", "--send-bf16"],
 }
-TARGETS = {  # (method, against, rate) -> the ratio of samples/s issue 19 asks for
+TARGETS = {  # (method, against, rate) -> the ratio of samples/s the project aims for
     ("lfnn_pipeline", "ddp", "100mbit"): 5.0, ("replay_pipeline", "ddp", "100mbit"): 4.0,
     ("lfnn_pipeline", "ddp", "1gbit"): 1.8, ("replay_pipeline", "ddp", "1gbit"): 1.3,
     ("lfnn_pipeline", "ddp", "unshaped"): 1.2,

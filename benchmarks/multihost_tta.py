@@ -56,7 +56,7 @@ METHODS = {  # name -> recipe overrides of the pipeline (ddp: none, it is plain 
     "replay_pipeline": ["convert.mode=replay", "convert.weight_stashing=true"],
     "lfnn_pipeline": ["convert.mode=local"],
 }
-TARGET = ("replay_pipeline", 0.7)  # issue 19: replay reaches DDP's final accuracy in <= 0.7x DDP's training time
+TARGET = ("replay_pipeline", 0.7)  # the target: replay reaches DDP's final accuracy in <= 0.7x DDP's training time
 
 
 def sweep_cuts(args, folder: Path) -> list[str]:

@@ -290,7 +290,7 @@ def test_a_benchmark_that_makes_a_table_refuses_uncommitted_changes(monkeypatch)
 ], ids=["acc-seeds", "acc-jobs-0", "acc-jobs-minus-1", "tta-seeds", "finetune-seeds", "multihost-tta-seeds",
         "length-seeds", "unshaped-negative", "unshaped-zero"])
 def test_benchmarks_refuse_arguments_that_would_hang_or_make_a_table_lie(capsys, script, args, words):
-    # before: "2 seeds, 90.62 ± 0.00" from one run counted twice, --jobs 0 waiting forever, a projection faster than
-    # an infinite link, or a crash after every measurement; now one line before anything runs
+    # what would otherwise give "2 seeds, 90.62 ± 0.00" from one run counted twice, wait forever (--jobs 0), project
+    # faster than an infinite link, or crash after every measurement: refused in one line before anything runs
     code, out, err = here.module(capsys, f"benchmarks.{script.removesuffix('.py')}", *args)
     assert code != 0 and words in out + err, out + err

@@ -170,7 +170,7 @@ def test_train_under_torchrun_uses_the_pipeline(tmp_path):
 
 def test_an_epoch_of_data_parallel_backprop_under_torchrun_is_one_pass_over_the_data(tmp_path):
     # method: bp under torchrun: one block, two replicas; each step takes two batches (one per replica), so one
-    # epoch of 256 images in batches of 32 is 4 steps, not 8 (it used to train two epochs and call them one)
+    # epoch of 256 images in batches of 32 is 4 steps, not 8 (not two epochs called one)
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(free_port()), "-m", "lfnnify", "train", str(FMNIST), "--out", str(out),
@@ -236,8 +236,8 @@ def test_demo_quick(tmp_path, capsys):
 
 
 def test_the_demo_trains_every_method_on_the_same_batches():
-    # backprop used to restart its epoch at every evaluation chunk; now every method runs the trainers' resumable
-    # loop: stopping and going on sees the batches an uninterrupted run sees
+    # every method, backprop included, runs the trainers' resumable loop (an evaluation chunk does not restart the
+    # epoch): stopping and going on sees the batches an uninterrupted run sees
     import torch
     from torch.utils.data import Subset
 

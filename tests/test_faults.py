@@ -95,7 +95,7 @@ def test_a_pipeline_fault_ends_every_rank_in_time_with_one_line(tmp_path, kind, 
 def test_with_three_ranks_and_the_last_stopped_only_the_stopped_one_is_ended_and_each_names_its_own_neighbour(
         tmp_path):
     # rank 2 stops (SIGSTOP); rank 1, waiting on it, ends it; rank 0, waiting on rank 1 (itself waiting, not stuck),
-    # names rank 1 and leaves it alone (it used to blame and kill the healthy rank 1)
+    # names rank 1 and leaves it alone (never blames or ends the healthy rank 1)
     proc, output, after_fault = _pipeline_with_fault(tmp_path, "stop", 2, nproc=3, blocks=3,
                                                      extra=["--set", "convert.mode=replay"])
     assert proc.returncode != 0 and not _survivors(tmp_path)

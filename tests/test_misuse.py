@@ -1,4 +1,4 @@
-"""The faults found by trying lfnnify as a new user would (issue 23): each is now correct, or refused in one line
+"""The faults found by trying lfnnify as a new user would : each is correct, or refused in one line
 that names the value, the rule and the fix. Real files, real processes and real models; nothing mocked."""
 
 import os
@@ -173,8 +173,8 @@ def test_wrong_batches_are_refused_at_the_trainers_door(small_net, x, y, pattern
 
 
 def test_a_batch_of_one_is_refused_only_where_batchnorm_sees_one_value_per_channel(small_net):
-    # 16x16 images: every BatchNorm channel sees 256 values even in a batch of 1, so it trains (it used to be
-    # refused, falsely); a BatchNorm1d after pooling sees 1 value per channel: one line, where and what to do
+    # 16x16 images: every BatchNorm channel sees 256 values even in a batch of 1, so it trains (no false
+    # refusal); a BatchNorm1d after pooling sees 1 value per channel: one line, where and what to do
     one = [(torch.randn(1, 1, 16, 16), torch.zeros(1, dtype=torch.long))]
     trainer = lfnnify.Trainer(small_net, optimizer=_sgd, progress=False)
     trainer.fit(one, epochs=1)
@@ -396,7 +396,7 @@ def test_a_resume_continues_only_its_own_run_and_survives_a_torn_log(tmp_path, c
     code, err = _main(capsys, "train", FMNIST, "--out", out, "--set", "train.iterations=4",
                       "--set", "train.checkpoint_every=2", "--set", "train.optimizer.lr=0.02", *short)
     assert code == 0, err[-2000:]
-    # another length, batch, learning rate: refused, naming the setting (it used to go on silently as another run)
+    # another length, batch, learning rate: refused, naming the setting (never silently as another run)
     for change, key in (("train.iterations=1407", "train.iterations"), ("data.batch_size=128", "data.batch_size"),
                         ("train.optimizer.lr=0.1", "train.optimizer.lr")):
         code, err = _main(capsys, "train", FMNIST, "--out", out, "--resume", "--set", "train.iterations=4",

@@ -173,7 +173,7 @@ def test_a_raising_data_loader_stops_every_rank_quickly_and_is_reported_once(tmp
 
 
 def test_an_evaluation_that_receives_a_training_batch_refuses_it_by_name(tmp_path):
-    # rank 0 trains while rank 1 evaluates: rank 1 used to count the training batches as evaluation batches
+    # rank 0 trains while rank 1 evaluates: rank 1 must not count the training batches as evaluation batches
     proc, _ = torchrun(2, "--scenarios", "out-of-step", "--out", tmp_path, timeout=120)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0

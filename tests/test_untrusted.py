@@ -1,5 +1,5 @@
-"""Nothing lost, nothing read from outside (issue 37): user files beside runs and checkpoints, checkpoints handed
-over by someone else, crafted files. Real files, real devices and pipes, real processes; each case failed before."""
+"""Nothing lost, nothing read from outside: user files beside runs and checkpoints, checkpoints handed
+over by someone else, crafted files. Real files, real devices and pipes, real processes."""
 
 import json
 import os
