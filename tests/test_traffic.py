@@ -40,3 +40,58 @@ def test_bad_link_and_batch():
         lfnnify.plan(model, blocks=2, example_input=torch.zeros(1, 3, 32, 32), link="fast")
     with pytest.raises(lfnnify.ConfigError, match="batch_size=0 must be an int >= 1"):
         lfnnify.plan(model, blocks=2, example_input=torch.zeros(1, 3, 32, 32), batch_size=0)
+
+
+def _all_reduced_elements(model, hook, state, steps: int) -> int:
+    """The elements DDP with ``hook`` really all-reduces in its last of ``steps`` steps: torch's own hook runs, in
+    a one-process gloo group, and every tensor it hands to all_reduce is counted on its way through."""
+    import socket
+
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    counted, real = [], dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        counted.append(tensor.numel())
+        return real(tensor, *args, **kwargs)
+
+    try:
+        dist.all_reduce = counting
+        wrapped = DistributedDataParallel(model)
+        wrapped.register_comm_hook(state, hook)
+        x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+        for _ in range(steps):
+            counted.clear()
+            F.cross_entropy(wrapped(x), y).backward()
+        return sum(counted)
+    finally:
+        dist.all_reduce = real
+        dist.destroy_process_group()
+
+
+def test_what_the_plan_says_powersgd_sends_is_what_torchs_hook_all_reduces():
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=10)
+    plan = lfnnify.plan(model, blocks=2, example_input=torch.zeros(1, 3, 32, 32), batch_size=64, link="100mbit")
+    t = plan.traffic
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    for rank in (1, 4):
+        state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=rank, start_powerSGD_iter=2,
+                                            use_error_feedback=True, warm_start=True)
+        elements = _all_reduced_elements(model, powerSGD_hook.powerSGD_hook, state, steps=3)  # compressing from step 3
+        assert elements == lfnnify.surgery.traffic.powersgd_elements(shapes, rank)
+        assert t.powersgd_bytes[rank] == elements * 4  # two devices: a ring all-reduce sends each byte once
+    assert t.ddp_fp16_bytes == t.ddp_bytes // 2 and t.local_sgd_bytes == {4: t.ddp_bytes // 4, 16: t.ddp_bytes // 16}
+    text = str(plan)
+    assert "DDP with PowerSGD (error feedback, once compressing): rank 1 " in text
+    # at 32 px resnet18's one cut carries more than PowerSGD at rank 1 all-reduces: the plan says which baseline wins
+    assert t.busiest_one_way > t.powersgd_bytes[1]
+    assert "the pipeline's busiest cut sends more than DDP + PowerSGD rank 1" in text

@@ -165,8 +165,9 @@ def plan(
             also accepts a ``forward()`` that branches on its input's values).
         batch_size, send_dtype, link: with a split, also say what each cut sends per step at this training batch
             (in ``send_dtype``, float32 by default; twice in replay mode, the gradient coming back), what
-            data-parallel backprop on as many devices sends, and, at ``link`` (``"1gbit"``), how long each takes
-            (``plan.traffic``; :mod:`lfnnify.surgery.traffic`). ``link`` alone assumes ``example_input``'s batch size.
+            data-parallel backprop on as many devices sends (plain, with the fp16 or PowerSGD communication hook, and
+            local SGD), and, at ``link`` (``"1gbit"``), how long each takes (``plan.traffic``;
+            :mod:`lfnnify.surgery.traffic`). ``link`` alone assumes ``example_input``'s batch size.
 
     Returns:
         A :class:`Plan`; ``str(plan)`` is a table.
@@ -184,7 +185,8 @@ def plan(
     result = make_plan(model, analysis, options)
     if (batch_size is not None or link is not None) and result.blocks:
         batch = batch_size if batch_size is not None else int(analysis.example_batch.shape[0])
-        result.traffic = traffic(result, batch_size=batch, send_dtype=send_dtype, link=link)
+        result.traffic = traffic(result, batch_size=batch, send_dtype=send_dtype, link=link,
+                                 param_shapes=[tuple(p.shape) for p in model.parameters()])
     return result
 
 
