@@ -4,6 +4,11 @@ Two hosts of one core each (network and PID namespaces on this machine, lfnnify/
 ``torchrun --nnodes 2`` on each, at each link rate (unshaped, 10 Gbit/s, 1 Gbit/s, 100 Mbit/s; tc's token bucket):
 
 - ``ddp``: data-parallel backprop (DistributedDataParallel), one replica per host, half the global batch each;
+- ``ddp_fp16``, ``ddp_powersgd_r{1,2,4}``, ``local_sgd_h{4,16}``: the same with what DDP's users turn on for a slow
+  link: the fp16 compression hook; PowerSGD at rank 1, 2 or 4 (error feedback and warm start, compressing from step
+  2, within the warm-up; one gradient bucket, see benchmarks.workers.speedup._register_hook); local SGD averaging the
+  parameters every 4 or 16 steps (``post_localSGD_hook`` and ``PeriodicModelAverager``). These change what the
+  model learns; their accuracy is measured by the time-to-accuracy benchmark, not here;
 - ``bp_gpipe``, ``bp_1f1b``: backprop pipelined with torch.distributed.pipelining, one block per host;
 - ``lfnn_pipeline``: LFNN-ℓ with lfnnify.PipelineTrainer, one block per host;
 - ``replay_pipeline``: delayed end-to-end gradients with weight stashing, one block per host;
@@ -12,10 +17,12 @@ Every pipeline overlaps its sends with compute (asynchronous, at most ``max_in_f
 
 The same model (timm resnet18, CIFAR variant, 32 px), global batch (64), synthetic batch, and cut for every method:
 the K=2 split balanced by *measured time* on this machine (``lfnnify.plan(balance="time")`` at the training batch,
-one thread), since FLOPs misjudge what a block costs here. Samples/s from the median of the timed steps after
-warm-up; the bytes that really crossed the link during those steps (the interfaces' counters: each host's received
-bytes over its own steps, where they are complete; what each host sent is kept too) next to what each method
-should send. A 4-host run would need 4 cores of their own; this machine has 2, so K=4 is projected from
+one thread), since FLOPs misjudge what a block costs here. Each method runs ``--repeats`` times (3 by default), each
+a fresh launch; a run's samples/s come from the median of its timed steps after warm-up, and a cell gives the median
+of the runs with their range. "A beats B" is said only where the ranges do not overlap. Next to it, the bytes that
+really crossed the link during the timed steps (the interfaces' counters: each host's received bytes over its own
+steps, where they are complete; what each host sent is kept too), against what each method should send. A 4-host
+run would need 4 cores of their own; this machine has 2, so K=4 is projected from
 per-block times and bytes measured in one process (``--projection-k4``).
 
 Reproduce:  python -m benchmarks.multihost --out benchmarks/results
@@ -49,6 +56,9 @@ WORKER = ["-m", "benchmarks.workers.speedup"]
 RATES = ["unshaped", "10gbit", "1gbit", "100mbit"]
 METHODS = {  # name -> worker arguments
     "ddp": ["--method", "ddp"],
+    "ddp_fp16": ["--method", "ddp", "--hook", "fp16"],
+    **{f"ddp_powersgd_r{r}": ["--method", "ddp", "--hook", "powersgd", "--powersgd-rank", str(r)] for r in (1, 2, 4)},
+    **{f"local_sgd_h{h}": ["--method", "ddp", "--hook", "local_sgd", "--local-sgd-every", str(h)] for h in (4, 16)},
     "bp_gpipe": ["--method", "bp_pipelined", "--schedule", "gpipe", "--microbatches", "4"],
     "bp_1f1b": ["--method", "bp_pipelined", "--schedule", "1f1b", "--microbatches", "4"],
     "lfnn_pipeline": ["--method", "lfnn_pipeline"],
@@ -56,7 +66,10 @@ METHODS = {  # name -> worker arguments
     "lfnn_pipeline_bf16": ["--method", "lfnn_pipeline", "--send-bf16"],  # the same, activations sent in bfloat16
     "replay_pipeline_bf16": ["--method", "lfnn_pipeline", "--mode", "replay", "--stash", "--send-bf16"],
 }
+DDP_VARIANTS = [m for m in METHODS if m.startswith(("ddp", "local_sgd"))]
+BEST_DDP = "best_ddp"  # in TARGETS: the DDP variant with the most samples/s at that rate
 TARGETS = {  # (method, against, rate) -> the ratio of samples/s the project aims for
+    ("lfnn_pipeline", BEST_DDP, "100mbit"): 1.3, ("replay_pipeline", BEST_DDP, "100mbit"): 1.0,
     ("lfnn_pipeline", "ddp", "100mbit"): 5.0, ("replay_pipeline", "ddp", "100mbit"): 4.0,
     ("lfnn_pipeline", "ddp", "1gbit"): 1.8, ("replay_pipeline", "ddp", "1gbit"): 1.3,
     ("lfnn_pipeline", "ddp", "unshaped"): 1.2,
@@ -68,6 +81,18 @@ def measured_time_cuts(args) -> tuple[list[str], str]:
     plan = time_balanced_plan(args.model, batch=args.batch, example_shape=(3, args.size, args.size), link="1gbit",
                               cifar=True)
     return plan.cuts, str(plan)
+
+
+def run_repeated(hosts: Hosts, name: str, args, port: int) -> dict:
+    """``--repeats`` runs of ``name``, each a fresh launch: every run's figures, and the cell's median and range."""
+    runs = [run_method(hosts, name, args, port + 2 * i) for i in range(args.repeats)]
+    good = [r for r in runs if not r.get("failed")]
+    if len(good) < len(runs):
+        return {"failed": True, "failed_runs": len(runs) - len(good), "runs": runs}
+    rates = sorted(r["samples_per_s"] for r in good)
+    received = [r["measured_bytes_per_step"] for r in good]
+    return {"runs": good, "samples_per_s": statistics.median(rates), "samples_per_s_range": [rates[0], rates[-1]],
+            "measured_bytes_per_step": statistics.median(received), "hook": good[0].get("hook")}
 
 
 def run_method(hosts: Hosts, name: str, args, port: int) -> dict:
@@ -109,13 +134,21 @@ def run_method(hosts: Hosts, name: str, args, port: int) -> dict:
     return r
 
 
-def expected_bytes(name: str, activation: int, labels: int, gradients: int) -> int:
-    """What the two hosts together should send per step (payload only; TCP/IP adds its headers)."""
+def expected_bytes(name: str, activation: int, labels: int, traffic, buffers: int) -> int:
+    """What the two hosts together should send per step (payload only; TCP/IP adds its headers), from
+    ``plan().traffic``; every DDP variant also broadcasts the first host's ``buffers`` (BatchNorm statistics) at
+    each forward."""
     if name.endswith("_bf16"):
         activation //= 2
         name = name.removesuffix("_bf16")
     if name == "ddp":
-        return 2 * gradients  # a ring all-reduce of two: each host sends the whole gradient once
+        return 2 * traffic.ddp_bytes + buffers  # a ring all-reduce of two: each host sends the whole gradient once
+    if name == "ddp_fp16":
+        return 2 * traffic.ddp_fp16_bytes + buffers
+    if name.startswith("ddp_powersgd_r"):
+        return 2 * traffic.powersgd_bytes[int(name.removeprefix("ddp_powersgd_r"))] + buffers
+    if name.startswith("local_sgd_h"):
+        return 2 * traffic.local_sgd_bytes[int(name.removeprefix("local_sgd_h"))] + buffers
     if name == "lfnn_pipeline":
         return activation + labels
     return 2 * activation + (labels if name == "replay_pipeline" else 0)  # the gradient comes back
@@ -168,13 +201,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each method, each a fresh launch")
     parser.add_argument("--timeout", type=float, default=600, help="seconds one method may take")
     parser.add_argument("--unshaped-gbit", type=float, default=10.0, help="the unshaped link's rate in projections")
     parser.add_argument("--no-projection", action="store_true", help="skip the K=4 projection")
     parser.add_argument("--name", default=None)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    refuse_bad_arguments("multihost.py", args, counts=("steps", "warmup", "batch", "size"),
+    refuse_bad_arguments("multihost.py", args, counts=("steps", "warmup", "batch", "size", "repeats"),
                          positives=("unshaped_gbit", "timeout"))
     env_before = hosts_ready("multihost.py")
     args.cuts, plan_text = measured_time_cuts(args)
@@ -191,52 +225,84 @@ def main() -> None:
     activation = plan.traffic.cut_bytes[0] - args.batch * 8
     labels = args.batch * 8
     gradients = plan.traffic.gradient_bytes
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    if not plan.traffic.powersgd_bytes or any(f"local_sgd_h{h}" in METHODS and h not in plan.traffic.local_sgd_bytes
+                                              for h in (4, 16)):
+        raise SystemExit("multihost.py: plan() did not report DDP's hooks; this benchmark needs them")
     results: dict[str, dict] = {}
-    port = 29600
+    port = 29600 - 2 * args.repeats
     with Hosts(2) as hosts:
         for rate in args.rates:
             hosts.shape(None if rate == "unshaped" else rate)
             results[rate] = {}
             for name in args.methods:
-                port += 3
-                r = run_method(hosts, name, args, port)
+                port += 2 * args.repeats
+                r = run_repeated(hosts, name, args, port)
                 if not r.get("failed"):
-                    r["expected_bytes_per_step"] = expected_bytes(name, activation, labels, gradients)
+                    r["expected_bytes_per_step"] = expected_bytes(name, activation, labels, plan.traffic, buffers)
                     r["bytes_measured_over_expected"] = r["measured_bytes_per_step"] / r["expected_bytes_per_step"]
-                    print(f"  {rate:>8} {name:<16} {r['samples_per_s']:7.1f} samples/s  sent "
-                          f"{r['measured_bytes_per_step'] / 1e6:7.2f} MB/step (expected "
+                    low, high = r["samples_per_s_range"]
+                    print(f"  {rate:>8} {name:<20} {r['samples_per_s']:7.1f} samples/s ({low:.1f}-{high:.1f}, "
+                          f"{args.repeats} runs)  sent {r['measured_bytes_per_step'] / 1e6:7.2f} MB/step (expected "
                           f"{r['expected_bytes_per_step'] / 1e6:7.2f})", flush=True)
                 results[rate][name] = r
         notes = hosts.notes
-    ratios, verdicts = {}, []
-    for (method, against, rate), target in TARGETS.items():
-        row = results.get(rate, {})
-        if method in row and against in row and "samples_per_s" in row[method] and "samples_per_s" in row[against]:
-            value = row[method]["samples_per_s"] / row[against]["samples_per_s"]
-            ratios[f"{method}/{against}@{rate}"] = value
-            verdicts.append(f"{method} / {against} at {rate}: {value:.2f}x (target {target}x: "
-                            f"{'met' if value >= target else 'MISSED'})")
+    ratios, verdicts = verdicts_of(results)
     projection = None if args.no_projection else project_k4(args)
     payload = {"experiment": "multihost", "settings": {k: str(v) if isinstance(v, Path) else v
                                                        for k, v in vars(args).items()},
                "cuts": args.cuts, "cut_choice": "balance='time' at the training batch, one thread, on this machine",
-               "bytes": {"activation": activation, "labels": labels, "gradients": gradients},
+               "bytes": {"activation": activation, "labels": labels, "gradients": gradients, "buffers": buffers},
                "results": results, "ratios": ratios, "verdicts": verdicts, "projection_k4": projection,
                "testbed_notes": notes, "env_before": env_before, "env": environment(1),
                "command": " ".join(["python -m benchmarks.multihost", *sys.argv[1:]])}
-    stem = args.name or f"multihost-resnet18-k2-{hardware_tag()}-{env_before['date'][:10]}"
+    stem = args.name or f"multihost-{args.model}-k2-{hardware_tag()}-{env_before['date'][:10]}"
     path = write_json(args.out / f"{stem}.json", payload)
     chart(payload, args.out / f"{stem}.png")
     (args.out / f"{stem}.md").write_text(markdown(payload) + "\n")
     print("\n".join(verdicts) + f"\nwrote {path}")
 
 
+def best_ddp(row: dict) -> str | None:
+    """The DDP variant with the most samples/s in ``row`` (one rate's results)."""
+    measured = [m for m in DDP_VARIANTS if "samples_per_s" in row.get(m, {})]
+    return max(measured, key=lambda m: row[m]["samples_per_s"], default=None)
+
+
+def verdicts_of(results: dict) -> tuple[dict, list[str]]:
+    """Each target's ratio of medians, met or missed, and whether the method's range lies wholly above (or below)
+    the other's: only then does one beat the other."""
+    ratios, verdicts = {}, []
+    for (method, against, rate), target in TARGETS.items():
+        row = results.get(rate, {})
+        other = best_ddp(row) if against == BEST_DDP else against
+        if other is None or "samples_per_s" not in row.get(method, {}) or "samples_per_s" not in row.get(other, {}):
+            continue
+        a, b = row[method], row[other]
+        value = a["samples_per_s"] / b["samples_per_s"]
+        label = f"{method}/{against}@{rate}"
+        ratios[label] = value
+        if min(len(a["runs"]), len(b["runs"])) < 3:
+            order = "fewer than 3 runs each: too few to say which is faster"
+        elif a["samples_per_s_range"][0] > b["samples_per_s_range"][1]:
+            order = f"{method} beats {other} (ranges apart)"
+        elif a["samples_per_s_range"][1] < b["samples_per_s_range"][0]:
+            order = f"{other} beats {method} (ranges apart)"
+        else:
+            order = "ranges overlap: neither beats the other"
+        which = f" (the best DDP variant here: {other})" if against == BEST_DDP else ""
+        verdicts.append(f"{method} / {against}{which} at {rate}: {value:.2f}x, {order} (target {target}x: "
+                        f"{'met' if value >= target else 'MISSED'})")
+    return ratios, verdicts
+
+
 def markdown(payload: dict) -> str:
     rates = list(payload["results"])
     methods = sorted({m for row in payload["results"].values() for m in row}, key=list(METHODS).index)
     lines = [f"2 hosts x 1 core ({payload['env']['device']}), timm resnet18 (CIFAR variant, 32 px), batch "
-             f"{payload['settings']['batch']}, cut {payload['cuts']} (measured time); samples/s, and MB sent per step "
-             f"measured / expected", "", "| method | " + " | ".join(rates) + " |", "|---|" + "---|" * len(rates)]
+             f"{payload['settings']['batch']}, cut {payload['cuts']} (measured time); samples/s, the median of "
+             f"{payload['settings']['repeats']} runs (their range), and MB sent per step measured / expected", "",
+             "| method | " + " | ".join(rates) + " |", "|---|" + "---|" * len(rates)]
     for m in methods:
         cells = []
         for rate in rates:
@@ -245,7 +311,8 @@ def markdown(payload: dict) -> str:
                 cells.append("failed" if r else "–")
                 continue
             sent, expected = r["measured_bytes_per_step"] / 1e6, r["expected_bytes_per_step"] / 1e6
-            cells.append(f"{r['samples_per_s']:.1f} ({sent:.1f} / {expected:.1f})")
+            low, high = r["samples_per_s_range"]
+            cells.append(f"{r['samples_per_s']:.1f} ({low:.1f}–{high:.1f}; {sent:.2f} / {expected:.2f} MB)")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines + [""] + [f"- {v}" for v in payload["verdicts"]])
 

@@ -239,7 +239,8 @@ def projection(args, model, x, y):
 
 
 def ddp(args, model, x, y):
-    """Data-parallel backprop: K processes, each on 1/K of the same global batch, gradients all-reduced by DDP."""
+    """Data-parallel backprop: K processes, each on 1/K of the same global batch, gradients all-reduced by DDP;
+    with ``--hook``, as DDP's users cut that all-reduce on a slow link (see ``_register_hook``)."""
     from torch.nn.parallel import DistributedDataParallel
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -248,15 +249,67 @@ def ddp(args, model, x, y):
     share = args.batch // world
     xs, ys = x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share]
     model.to(DEVICE).train()
-    wrapped = DistributedDataParallel(model, device_ids=[DEVICE.index] if DEVICE.type == "cuda" else None)
+    gradient_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    # PowerSGD: one bucket (see _register_hook); every other method: DDP's default buckets
+    bucket = {"bucket_cap_mb": gradient_mb + 1} if args.hook == "powersgd" else {}
+    wrapped = DistributedDataParallel(model, device_ids=[DEVICE.index] if DEVICE.type == "cuda" else None, **bucket)
+    averager = _register_hook(wrapped, args)
     opt = _sgd(wrapped.parameters())
     stamps = []
     for _ in range(args.warmup + args.steps):
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(wrapped(xs), ys).backward()  # DDP all-reduces the gradients during the backward
         opt.step()
+        if averager is not None:
+            averager.average_parameters(wrapped.parameters())  # local SGD: every --local-sgd-every steps
         stamps.append(_stamp())
-    return {"stamps": stamps, "gradient_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+    return {"stamps": stamps, "gradient_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+            "hook": _hook_settings(args)}
+
+
+def _hook_settings(args) -> dict:
+    if args.hook == "powersgd":
+        return {"hook": "powersgd", "rank": args.powersgd_rank, "start_iter": args.hook_start, "error_feedback": True,
+                "warm_start": True, "one_bucket": True}
+    if args.hook == "local_sgd":
+        return {"hook": "local_sgd", "period": args.local_sgd_every, "start_iter": args.hook_start}
+    return {"hook": args.hook}
+
+
+def _register_hook(wrapped, args):
+    """DDP's communication hook of ``--hook``, set up as torch's documentation says; returns local SGD's averager.
+
+    - ``fp16``: ``fp16_compress_hook`` (the bf16 hook does not run on gloo: pytorch/pytorch#111131).
+    - ``powersgd``: ``powerSGD_hook`` at ``--powersgd-rank`` with error feedback and warm start, compressing from
+      step ``--hook-start`` (torch's default, 1,000, would never compress in a short run; it must be > 1). DDP gets
+      one gradient bucket: the hook starts its P and Q all-reduces from the callbacks of earlier ones, so with
+      several buckets in flight each process can start the next bucket's all-reduce and a callback's in another
+      order, and gloo pairs collectives by the order they start in ("Received data size doesn't match expected
+      size"); one bucket makes the order one chain on every process. It gives up the overlap of the all-reduce
+      with the backward, which a host of one core has little of anyway.
+    - ``local_sgd``: ``post_localSGD_hook`` (plain DDP until ``--hook-start``, then all-reduces only within each
+      host's processes) with a ``PeriodicModelAverager`` averaging the parameters every ``--local-sgd-every`` steps.
+    """
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, post_localSGD_hook, powerSGD_hook
+    from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
+
+    if args.hook == "none":
+        return None
+    if args.hook == "fp16":
+        wrapped.register_comm_hook(None, default_hooks.fp16_compress_hook)
+        return None
+    if args.hook == "powersgd":
+        state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=args.powersgd_rank,
+                                            start_powerSGD_iter=args.hook_start, use_error_feedback=True,
+                                            warm_start=True)
+        wrapped.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+        return None
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))  # this host's processes
+    subgroup, _ = dist.new_subgroups(group_size=local)
+    state = post_localSGD_hook.PostLocalSGDState(process_group=None, subgroup=subgroup,
+                                                 start_localSGD_iter=args.hook_start)
+    wrapped.register_comm_hook(state, post_localSGD_hook.post_localSGD_hook)
+    return PeriodicModelAverager(period=args.local_sgd_every, warmup_steps=args.hook_start)
 
 
 def bp_shard(args, model, x, y):
@@ -329,6 +382,13 @@ def main():
     parser.add_argument("--stash", action="store_true", help="replay with weight stashing")
     parser.add_argument("--send-bf16", action="store_true", help="pipelines send activations in bfloat16")
     parser.add_argument("--iface", default=None, help="count the bytes this host sends on this interface")
+    parser.add_argument("--hook", default="none", choices=["none", "fp16", "powersgd", "local_sgd"],
+                        help="ddp: DDP's communication hook (or local SGD)")
+    parser.add_argument("--powersgd-rank", type=int, default=1)
+    parser.add_argument("--local-sgd-every", type=int, default=4)
+    parser.add_argument("--hook-start", type=int, default=2,
+                        help="the step from which PowerSGD compresses and local SGD stops all-reducing (> 1; within "
+                             "the warm-up, so every timed step is compressed)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     global DEVICE, IFACE
