@@ -116,15 +116,17 @@ def hosts_ready(script: str) -> dict:
     return environment(1)
 
 
-def time_balanced_plan(model_name: str, *, batch: int, example_shape: tuple[int, ...], link: str, **model_kwargs):
-    """The two-block plan balanced by measured time at the training batch, on one thread (as a host runs it)."""
+def time_balanced_plan(model_name: str, *, batch: int, example_shape: tuple[int, ...], link: str, blocks: int = 2,
+                       **model_kwargs):
+    """The plan of ``blocks`` blocks balanced by measured time at the training batch, on one thread (as a host
+    runs it)."""
     import lfnnify
     from lfnnify.app import create_model
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = create_model(model_name, num_classes=10, **model_kwargs)
-    return lfnnify.plan(model, blocks=2, balance="time", example_input=torch.randn(batch, *example_shape),
+    return lfnnify.plan(model, blocks=blocks, balance="time", example_input=torch.randn(batch, *example_shape),
                         batch_size=batch, link=link)
 
 

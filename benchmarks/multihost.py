@@ -18,10 +18,10 @@ Every pipeline overlaps its sends with compute (asynchronous, at most ``max_in_f
 The same model (timm resnet18, CIFAR variant, 32 px), global batch (64), synthetic batch, and cut for every method:
 the K=2 split balanced by *measured time* on this machine (``lfnnify.plan(balance="time")`` at the training batch,
 one thread), since FLOPs misjudge what a block costs here. Each method runs ``--repeats`` times (3 by default), each
-a fresh launch; a run's samples/s come from the median of its timed steps after warm-up, and a cell gives the median
-of the runs with their range. "A beats B" is said only where the ranges do not overlap. Next to it, the bytes that
-really crossed the link during the timed steps (the interfaces' counters: each host's received bytes over its own
-steps, where they are complete; what each host sent is kept too), against what each method should send. A 4-host
+a fresh launch; a run's samples/s are its timed steps' samples over their seconds (after warm-up), and a cell gives
+the median of the runs with their range. "A beats B" is said only where the ranges do not overlap. Next to it, the
+bytes that really crossed the link during the timed steps (the interfaces' counters: each host's received bytes over
+its own steps, where they are complete; what each host sent is kept too), against what each method should send. A 4-host
 run would need 4 cores of their own; this machine has 2, so K=4 is projected from
 per-block times and bytes measured in one process (``--projection-k4``).
 
@@ -44,6 +44,7 @@ from lfnnify.app import Hosts, parse_rate  # noqa: E402
 
 from .common import (  # noqa: E402
     RESULTS,
+    commit,
     environment,
     hardware_tag,
     hosts_ready,
@@ -61,6 +62,10 @@ METHODS = {  # name -> worker arguments
     **{f"local_sgd_h{h}": ["--method", "ddp", "--hook", "local_sgd", "--local-sgd-every", str(h)] for h in (4, 16)},
     "bp_gpipe": ["--method", "bp_pipelined", "--schedule", "gpipe", "--microbatches", "4"],
     "bp_1f1b": ["--method", "bp_pipelined", "--schedule", "1f1b", "--microbatches", "4"],
+    # every exact schedule torch 2.14 ships, at 2, 4 and 8 micro-batches; the interleaved and V schedules hold two
+    # stages per host, so the model is cut in four (args.cuts4, chosen like the two-stage split)
+    **{f"bp_{s}_m{m}": ["--method", "bp_pipelined", "--schedule", s, "--microbatches", str(m)]
+       for s in ("gpipe", "1f1b", "interleaved1f1b", "interleaved_zb", "zbv", "dualpipev") for m in (2, 4, 8)},
     "lfnn_pipeline": ["--method", "lfnn_pipeline"],
     "replay_pipeline": ["--method", "lfnn_pipeline", "--mode", "replay", "--stash"],
     "lfnn_pipeline_bf16": ["--method", "lfnn_pipeline", "--send-bf16"],  # the same, activations sent in bfloat16
@@ -77,17 +82,39 @@ TARGETS = {  # (method, against, rate) -> the ratio of samples/s the project aim
 }
 
 
-def measured_time_cuts(args) -> tuple[list[str], str]:
+FOUR_STAGES = ("interleaved1f1b", "interleaved_zb", "zbv", "dualpipev")
+
+
+def measured_time_cuts(args, blocks: int = 2) -> tuple[list[str], str]:
     plan = time_balanced_plan(args.model, batch=args.batch, example_shape=(3, args.size, args.size), link="1gbit",
-                              cifar=True)
+                              blocks=blocks, cifar=True)
     return plan.cuts, str(plan)
+
+
+def four_stages(name: str) -> bool:
+    """Whether method ``name`` holds two stages per host (the model cut in four, at ``args.cuts4``)."""
+    return any(name.startswith(f"bp_{s}_") for s in FOUR_STAGES)
 
 
 def run_repeated(hosts: Hosts, name: str, args, port: int) -> dict:
     """``--repeats`` runs of ``name``, each a fresh launch: every run's figures, and the cell's median and range."""
-    runs = [run_method(hosts, name, args, port + 2 * i) for i in range(args.repeats)]
-    good = [r for r in runs if not r.get("failed")]
-    if len(good) < len(runs):
+    return cell([run_method(hosts, name, args, port + 2 * i) for i in range(args.repeats)], args.batch)
+
+
+def run_figures(run: dict, batch: int) -> dict:
+    """A run's samples/s, from its raw step times: the global batch times the timed steps over their seconds (not
+    the median step: local SGD's averaging steps are the slow ones, one in H), and the bytes that crossed the link:
+    each host's received bytes over its own timed steps (see benchmarks.workers.speedup._stamp)."""
+    steps = run["step_s"]
+    received = [h["received"] for h in run.get("link_bytes_per_step", [])]
+    return {**run, "step_s_median": statistics.median(steps), "samples_per_s": batch * len(steps) / sum(steps),
+            "measured_bytes_per_step": sum(b for b in received if b is not None)}
+
+
+def cell(runs: list[dict], batch: int) -> dict:
+    """One table cell from its runs: the median of the runs' samples/s, and their range."""
+    good = [run_figures(r, batch) for r in runs if not r.get("failed")]
+    if len(good) < len(runs) or not good:
         return {"failed": True, "failed_runs": len(runs) - len(good), "runs": runs}
     rates = sorted(r["samples_per_s"] for r in good)
     received = [r["measured_bytes_per_step"] for r in good]
@@ -103,7 +130,8 @@ def run_method(hosts: Hosts, name: str, args, port: int) -> dict:
             procs = []
             for i in range(2):
                 script = [*WORKER, *METHODS[name], "--model", args.model, "--cifar", "--size", str(args.size),
-                          "--batch", str(args.batch), "--blocks", "2", "--cuts", *args.cuts, "--threads", "1",
+                          "--batch", str(args.batch), "--blocks", "2", "--threads", "1", "--cuts",
+                          *(args.cuts4 if four_stages(name) else args.cuts),
                           "--warmup", str(args.warmup), "--steps", str(args.steps), "--iface", hosts.device(i),
                           "--out", str(out)]
                 log = open(Path(tmp) / f"host{i}.log", "w")  # noqa: SIM115 - closed below
@@ -125,13 +153,7 @@ def run_method(hosts: Hosts, name: str, args, port: int) -> dict:
             print(f"  {name}: failed (exit {codes}), attempt {attempt + 1}\n{tail}", flush=True)
         if not results:
             return {"failed": True}
-    r = results[0]
-    med = statistics.median(r["step_s"])
-    r.update(step_s_median=med, samples_per_s=args.batch / med)
-    # what crossed the link: each host's received bytes over its own timed steps (see benchmarks.workers.speedup._stamp)
-    received = [h["received"] for h in r.get("link_bytes_per_step", [])]
-    r["measured_bytes_per_step"] = sum(b for b in received if b is not None)
-    return r
+    return results[0]
 
 
 def expected_bytes(name: str, activation: int, labels: int, traffic, buffers: int) -> int:
@@ -207,12 +229,22 @@ def main() -> None:
     parser.add_argument("--no-projection", action="store_true", help="skip the K=4 projection")
     parser.add_argument("--name", default=None)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--summarize", type=Path, metavar="JSON",
+                        help="measure nothing: remake the table, verdicts and picture of a kept result from its raw "
+                             "step times (with this commit's summary), as --name in --out")
     args = parser.parse_args()
+    if args.summarize:
+        summarize(args)
+        return
     refuse_bad_arguments("multihost.py", args, counts=("steps", "warmup", "batch", "size", "repeats"),
                          positives=("unshaped_gbit", "timeout"))
     env_before = hosts_ready("multihost.py")
     args.cuts, plan_text = measured_time_cuts(args)
     print(plan_text, flush=True)
+    args.cuts4 = None
+    if any(four_stages(m) for m in args.methods):
+        args.cuts4, plan4 = measured_time_cuts(args, blocks=4)
+        print(plan4, flush=True)
     from lfnnify.app import create_model
 
     model = create_model(args.model, num_classes=10, cifar=True)
@@ -251,16 +283,46 @@ def main() -> None:
     projection = None if args.no_projection else project_k4(args)
     payload = {"experiment": "multihost", "settings": {k: str(v) if isinstance(v, Path) else v
                                                        for k, v in vars(args).items()},
-               "cuts": args.cuts, "cut_choice": "balance='time' at the training batch, one thread, on this machine",
+               "cuts": args.cuts, "cuts4": args.cuts4,
+               "cut_choice": "balance='time' at the training batch, one thread, on this machine",
                "bytes": {"activation": activation, "labels": labels, "gradients": gradients, "buffers": buffers},
                "results": results, "ratios": ratios, "verdicts": verdicts, "projection_k4": projection,
                "testbed_notes": notes, "env_before": env_before, "env": environment(1),
                "command": " ".join(["python -m benchmarks.multihost", *sys.argv[1:]])}
     stem = args.name or f"multihost-{args.model}-k2-{hardware_tag()}-{env_before['date'][:10]}"
-    path = write_json(args.out / f"{stem}.json", payload)
-    chart(payload, args.out / f"{stem}.png")
-    (args.out / f"{stem}.md").write_text(markdown(payload) + "\n")
-    print("\n".join(verdicts) + f"\nwrote {path}")
+    publish(payload, args.out, stem)
+
+
+def publish(payload: dict, out: Path, stem: str) -> None:
+    path = write_json(out / f"{stem}.json", payload)
+    chart(payload, out / f"{stem}.png")
+    (out / f"{stem}.md").write_text(markdown(payload) + "\n")
+    print("\n".join(payload["verdicts"]) + f"\nwrote {path}")
+
+
+def summarize(args) -> None:
+    """A kept result's cells, verdicts, table and picture remade from its raw runs, measuring nothing."""
+    if not args.name:
+        raise SystemExit("multihost.py: --summarize needs --name (the remade files' name; the kept one stays)")
+    kept = json.loads(args.summarize.read_text())
+    batch = kept["settings"]["batch"]
+    results = {}
+    for rate, row in kept["results"].items():
+        results[rate] = {}
+        for name, old in row.items():
+            new = cell(old.get("runs", []), batch)
+            for key in ("expected_bytes_per_step",):
+                if key in old:
+                    new[key] = old[key]
+            if not new.get("failed") and "expected_bytes_per_step" in new:
+                new["bytes_measured_over_expected"] = new["measured_bytes_per_step"] / new["expected_bytes_per_step"]
+            results[rate][name] = new
+    ratios, verdicts = verdicts_of(results)
+    payload = {**kept, "results": results, "ratios": ratios, "verdicts": verdicts,
+               "summarized": {"from": str(args.summarize), "measured_at": kept["env"].get("commit"),
+                              "summary_by": commit(), "command": " ".join(["python -m benchmarks.multihost",
+                                                                           *sys.argv[1:]])}}
+    publish(payload, args.out, args.name)
 
 
 def best_ddp(row: dict) -> str | None:

@@ -175,13 +175,39 @@ def test_the_fine_tuning_benchmark_runs_seeds_on_a_validation_split_and_reuses_i
     assert "no backprop row in this call (add bp to --methods)" in (tmp_path / "ft.md").read_text()
 
 
-def test_memory_script_reports_both_methods(tmp_path, capsys):
+def test_memory_script_reports_every_method(tmp_path, capsys):
     code, _, err = here.module(capsys, "benchmarks.memory", "--model", "resnet18", "--size", "32",
-                               "--batch", "2", "--classes", "10", "--steps", "1", "--threads", "1",
+                               "--batch", "2", "--classes", "10", "--steps", "2", "--threads", "1",
                                "--mmap-threshold", "131072", "--out", tmp_path)
     assert code == 0, err[-3000:]
     result = json.loads((tmp_path / "memory.json").read_text())
-    assert set(result["peak_bytes"]) == {"bp", "lfnn"} and all(v > 0 for v in result["peak_bytes"].values())
+    assert set(result["peak_bytes"]) == {"bp", "bp_checkpointed", "lfnn"}
+    assert all(v > 0 for v in result["peak_bytes"].values())
+    assert all(len(r["step_s"]) == 2 and r["step_s_median"] == r["step_s"][1] for r in result["methods"].values())
+
+
+def test_checkpointed_backprop_at_the_plans_cuts_computes_backprops_gradients():
+    # the baseline is exact backprop: the same loss and gradients as the original model, only recomputed
+    import copy
+
+    import timm
+    import torch
+    import torch.nn.functional as F
+
+    import lfnnify
+    from benchmarks.memory import checkpointed_forward
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=10)
+    reference = copy.deepcopy(model)
+    net = lfnnify.convert(model, blocks=4, example_input=torch.zeros(1, 3, 32, 32), share_parameters=True)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    F.cross_entropy(checkpointed_forward(list(net.blocks), x), y).backward()
+    F.cross_entropy(reference(x), y).backward()
+    ours = dict(model.named_parameters())
+    assert len(ours) == len(dict(reference.named_parameters()))
+    for name, p in reference.named_parameters():
+        assert torch.allclose(ours[name].grad, p.grad, atol=1e-6), name
 
 
 def test_time_to_accuracy_across_hosts_is_measured_against_ddp_of_the_same_seed(monkeypatch):

@@ -155,29 +155,62 @@ def bp_model_parallel(args, model, x, y):
     return {"stamps": stamps, "stage_timings": timings}
 
 
-def bp_pipelined(args, model, x, y):
-    """Backprop pipelined with torch.distributed.pipelining (GPipe or 1F1B, M micro-batches)."""
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+SINGLE_STAGE = ("gpipe", "1f1b")  # one stage per process
+LOOP_STAGES = ("interleaved1f1b", "interleaved_zb")  # two stages per process: r and r + world
+V_STAGES = ("zbv", "dualpipev")  # two stages per process in a V: r and 2 * world - 1 - r
+SCHEDULES = (*SINGLE_STAGE, *LOOP_STAGES, *V_STAGES)
 
+
+def stages_of(schedule: str, rank: int, world: int) -> list[int]:
+    """The pipeline stages process ``rank`` holds under ``schedule`` (the model cut into one stage per process,
+    or two for the interleaved and V schedules, as torch.distributed.pipelining places them)."""
+    if schedule in SINGLE_STAGE:
+        return [rank]
+    if schedule in LOOP_STAGES:
+        return [rank, rank + world]
+    return [rank, 2 * world - 1 - rank]
+
+
+def bp_pipelined(args, model, x, y):
+    """Backprop pipelined with torch.distributed.pipelining: exact gradients, M micro-batches, the schedule of
+    ``--schedule``: GPipe, 1F1B, or, with the model cut into two stages per process (``--cuts`` then names
+    2 x world - 1 cuts), Interleaved 1F1B, Interleaved Zero Bubble, ZBV Zero Bubble or DualPipeV."""
+    from torch.distributed.pipelining import PipelineStage, schedules
+
+    classes = {"gpipe": schedules.ScheduleGPipe, "1f1b": schedules.Schedule1F1B,
+               "interleaved1f1b": schedules.ScheduleInterleaved1F1B,
+               "interleaved_zb": schedules.ScheduleInterleavedZeroBubble, "zbv": schedules.ScheduleZBVZeroBubble,
+               "dualpipev": schedules.ScheduleDualPipeV}
     net = _convert(model, args)
     rank, world = dist.get_rank(), dist.get_world_size()
-    block = net.blocks[rank].to(DEVICE)
-    stage = PipelineStage(block, rank, world, DEVICE)
-    schedule_cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[args.schedule]
-    schedule = schedule_cls(stage, n_microbatches=args.microbatches, loss_fn=lambda o, t: F.cross_entropy(o, t))
-    opt = _sgd(block.parameters())
+    mine = stages_of(args.schedule, rank, world)
+    count = world * (1 if args.schedule in SINGLE_STAGE else 2)
+    if net.num_blocks != count:
+        raise SystemExit(f"--schedule {args.schedule} on {world} processes needs the model in {count} stages: "
+                         f"--cuts names {net.num_blocks - 1} cut(s), give {count - 1}")
+    stages = [PipelineStage(net.blocks[k].to(DEVICE), k, count, DEVICE) for k in mine]
+    loss = lambda out, target: F.cross_entropy(out, target)  # noqa: E731
+    if args.schedule in SINGLE_STAGE:
+        schedule = classes[args.schedule](stages[0], n_microbatches=args.microbatches, loss_fn=loss)
+    else:
+        schedule = classes[args.schedule](stages, n_microbatches=args.microbatches, loss_fn=loss)
+    params = [p for k in mine for p in net.blocks[k].parameters()]
+    opt = _sgd(params)
+    first, last = 0 in mine, count - 1 in mine
     stamps = []
     for _ in range(args.warmup + args.steps):
-        if rank == 0:
+        if first and last:
+            schedule.step(x, target=y, losses=[])
+        elif first:
             schedule.step(x)
-        elif rank == world - 1:
+        elif last:
             schedule.step(target=y, losses=[])
         else:
             schedule.step()
         opt.step()
         opt.zero_grad(set_to_none=True)
         stamps.append(_stamp())
-    return {"stamps": stamps}
+    return {"stamps": stamps, "schedule": args.schedule, "microbatches": args.microbatches, "stages": mine}
 
 
 def projection(args, model, x, y):
@@ -377,7 +410,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--microbatches", type=int, default=4)
-    parser.add_argument("--schedule", default="gpipe", choices=["gpipe", "1f1b"])
+    parser.add_argument("--schedule", default="gpipe", choices=SCHEDULES)
     parser.add_argument("--in-flight", type=int, default=2)
     parser.add_argument("--stash", action="store_true", help="replay with weight stashing")
     parser.add_argument("--send-bf16", action="store_true", help="pipelines send activations in bfloat16")
