@@ -320,3 +320,20 @@ def test_benchmarks_refuse_arguments_that_would_hang_or_make_a_table_lie(capsys,
     # faster than an infinite link, or crash after every measurement: refused in one line before anything runs
     code, out, err = here.module(capsys, f"benchmarks.{script.removesuffix('.py')}", *args)
     assert code != 0 and words in out + err, out + err
+
+
+def test_each_exact_schedule_holds_the_stages_torch_places_on_its_process():
+    # the split-model baseline builds on each process the stages torch's schedule expects there; a wrong placement
+    # would hang or train another model
+    from torch.distributed.pipelining.schedules import generate_stage_to_rank_mapping
+
+    from benchmarks.workers.speedup import LOOP_STAGES, SINGLE_STAGE, V_STAGES, stages_of
+
+    for world in (2, 3, 4):
+        for schedule in (*SINGLE_STAGE, *LOOP_STAGES, *V_STAGES):
+            count = world * (1 if schedule in SINGLE_STAGE else 2)
+            style = "v" if schedule in V_STAGES else "loop"
+            torch_places = generate_stage_to_rank_mapping(world, count, style=style)
+            for rank in range(world):
+                assert sorted(stages_of(schedule, rank, world)) == sorted(
+                    s for s, r in torch_places.items() if r == rank), (schedule, world, rank)
