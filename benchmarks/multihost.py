@@ -64,8 +64,10 @@ METHODS = {  # name -> worker arguments
     "bp_1f1b": ["--method", "bp_pipelined", "--schedule", "1f1b", "--microbatches", "4"],
     # every exact schedule torch 2.14 ships, at 2, 4 and 8 micro-batches; the interleaved and V schedules hold two
     # stages per host, so the model is cut in four (args.cuts4, chosen like the two-stage split)
+    # (DualPipeV needs at least as many micro-batches as stages: 4 and 8 only)
     **{f"bp_{s}_m{m}": ["--method", "bp_pipelined", "--schedule", s, "--microbatches", str(m)]
-       for s in ("gpipe", "1f1b", "interleaved1f1b", "interleaved_zb", "zbv", "dualpipev") for m in (2, 4, 8)},
+       for s in ("gpipe", "1f1b", "interleaved1f1b", "interleaved_zb", "zbv", "dualpipev") for m in (2, 4, 8)
+       if not (s == "dualpipev" and m < 4)},
     "lfnn_pipeline": ["--method", "lfnn_pipeline"],
     "replay_pipeline": ["--method", "lfnn_pipeline", "--mode", "replay", "--stash"],
     "lfnn_pipeline_bf16": ["--method", "lfnn_pipeline", "--send-bf16"],  # the same, activations sent in bfloat16
