@@ -161,10 +161,31 @@ def run_method(hosts: Hosts, name: str, args, port: int) -> dict:
     return results[0]
 
 
-def expected_bytes(name: str, activation: int, labels: int, traffic, buffers: int) -> int:
+def four_stage_activations(model, args) -> list[int] | None:
+    """The activation bytes at each cut of the four-stage split (``args.cuts4``), at the training batch."""
+    if not args.cuts4:
+        return None
+    import torch
+
+    import lfnnify
+
+    plan = lfnnify.plan(model, cuts=args.cuts4, example_input=torch.zeros(1, 3, args.size, args.size),
+                        batch_size=args.batch)
+    return [b - args.batch * 8 for b in plan.traffic.cut_bytes]  # without the labels: the schedules send none
+
+
+def expected_bytes(name: str, activation: int, labels: int, traffic, buffers: int,
+                   activations4: list[int] | None = None) -> int:
     """What the two hosts together should send per step (payload only; TCP/IP adds its headers), from
     ``plan().traffic``; every DDP variant also broadcasts the first host's ``buffers`` (BatchNorm statistics) at
-    each forward."""
+    each forward. A four-stage schedule sends each cut's activation and its gradient across the link wherever the
+    two stages it joins sit on different hosts (``activations4``: the four-stage split's activation bytes)."""
+    if four_stages(name):
+        from .workers.speedup import stages_of
+
+        schedule = METHODS[name][METHODS[name].index("--schedule") + 1]
+        host = {stage: rank for rank in range(2) for stage in stages_of(schedule, rank, 2)}
+        return sum(2 * a for c, a in enumerate(activations4) if host[c] != host[c + 1])
     if name.endswith("_bf16"):
         activation //= 2
         name = name.removesuffix("_bf16")
@@ -263,6 +284,7 @@ def main() -> None:
     labels = args.batch * 8
     gradients = plan.traffic.gradient_bytes
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    activations4 = four_stage_activations(model, args)
     if not plan.traffic.powersgd_bytes or any(f"local_sgd_h{h}" in METHODS and h not in plan.traffic.local_sgd_bytes
                                               for h in (4, 16)):
         raise SystemExit("multihost.py: plan() did not report DDP's hooks; this benchmark needs them")
@@ -276,7 +298,8 @@ def main() -> None:
                 port += 2 * args.repeats
                 r = run_repeated(hosts, name, args, port)
                 if not r.get("failed"):
-                    r["expected_bytes_per_step"] = expected_bytes(name, activation, labels, plan.traffic, buffers)
+                    r["expected_bytes_per_step"] = expected_bytes(name, activation, labels, plan.traffic, buffers,
+                                                                  activations4)
                     r["bytes_measured_over_expected"] = r["measured_bytes_per_step"] / r["expected_bytes_per_step"]
                     low, high = r["samples_per_s_range"]
                     print(f"  {rate:>8} {name:<20} {r['samples_per_s']:7.1f} samples/s ({low:.1f}-{high:.1f}, "
@@ -311,14 +334,20 @@ def summarize(args) -> None:
         raise SystemExit("multihost.py: --summarize needs --name (the remade files' name; the kept one stays)")
     kept = json.loads(args.summarize.read_text())
     batch = kept["settings"]["batch"]
+    activations4 = None
+    if kept.get("cuts4"):  # four-stage schedules' bytes, from their own split
+        from lfnnify.app import create_model
+
+        settings = argparse.Namespace(**{**kept["settings"], "cuts4": kept["cuts4"]})
+        activations4 = four_stage_activations(create_model(settings.model, num_classes=10, cifar=True), settings)
     results = {}
     for rate, row in kept["results"].items():
         results[rate] = {}
         for name, old in row.items():
             new = cell(old.get("runs", []), batch)
-            for key in ("expected_bytes_per_step",):
-                if key in old:
-                    new[key] = old[key]
+            if "expected_bytes_per_step" in old:
+                new["expected_bytes_per_step"] = (expected_bytes(name, 0, 0, None, 0, activations4)
+                                                  if four_stages(name) else old["expected_bytes_per_step"])
             if not new.get("failed") and "expected_bytes_per_step" in new:
                 new["bytes_measured_over_expected"] = new["measured_bytes_per_step"] / new["expected_bytes_per_step"]
             results[rate][name] = new

@@ -337,3 +337,27 @@ def test_each_exact_schedule_holds_the_stages_torch_places_on_its_process():
             for rank in range(world):
                 assert sorted(stages_of(schedule, rank, world)) == sorted(
                     s for s, r in torch_places.items() if r == rank), (schedule, world, rank)
+
+
+def test_one_method_beats_another_only_where_their_ranges_are_apart():
+    from benchmarks.multihost import cell, verdicts_of
+
+    def runs(*per_run):  # each run: 4 steps of a global batch of 64 at that many samples/s
+        return cell([{"step_s": [64 / v] * 4} for v in per_run], 64)
+
+    row = {"ddp": runs(10, 11, 12), "ddp_powersgd_r1": runs(100, 104, 108), "local_sgd_h16": runs(90, 95, 99),
+           "lfnn_pipeline": runs(105, 110, 115), "replay_pipeline": runs(109, 112, 120)}
+    assert row["lfnn_pipeline"]["samples_per_s"] == pytest.approx(110)
+    assert row["lfnn_pipeline"]["samples_per_s_range"] == pytest.approx([105, 115])
+    ratios, verdicts = verdicts_of({"100mbit": row})
+    said = {v.split(":")[0]: v for v in verdicts}
+    lfnn = said["lfnn_pipeline / best_ddp (the best DDP variant here"]  # overlapping ranges: no winner
+    assert "ddp_powersgd_r1" in lfnn and "neither beats the other" in lfnn and "target 1.3x: MISSED" in lfnn
+    assert ratios["lfnn_pipeline/best_ddp@100mbit"] == pytest.approx(110 / 104)
+    replay = [v for v in verdicts if v.startswith("replay_pipeline / best_ddp")][0]
+    assert "replay_pipeline beats ddp_powersgd_r1 (ranges apart)" in replay
+    # local SGD's slow averaging steps count: throughput is samples over all timed seconds, not the median step
+    periodic = cell([{"step_s": [0.1, 0.1, 0.1, 0.9]}] * 3, 64)
+    assert periodic["samples_per_s"] == pytest.approx(64 * 4 / 1.2)
+    _, few = verdicts_of({"100mbit": {**row, "lfnn_pipeline": runs(500)}})
+    assert "too few to say which is faster" in [v for v in few if v.startswith("lfnn_pipeline / ddp ")][0]

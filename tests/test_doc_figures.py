@@ -129,10 +129,38 @@ def multihost(d: dict) -> dict[str, list[str]]:
                 f"{expected['ddp'] / expected['replay_pipeline']:.0f}× less for replay")
     apart = max(abs(x["bytes_measured_over_expected"] - 1) for by_method in r.values() for x in by_method.values())
     rows.append(f"at most {100 * apart:.1f}% apart")
-    return {HISTORY: rows,
-            README: [f"| {_x(ratio['lfnn_pipeline/ddp@1gbit'])} and {_x(ratio['lfnn_pipeline/ddp@100mbit'])} |"],
-            BENCH: [f"{_x(ratio['lfnn_pipeline/ddp@1gbit'])} and {_x(ratio['lfnn_pipeline/ddp@100mbit'])} at 1 Gbit/s "
-                    f"and 100 Mbit/s"]}
+    return {HISTORY: rows}
+
+
+def _samples(cell: dict) -> str:
+    low, high = cell["samples_per_s_range"]
+    return f"{cell['samples_per_s']:.1f} ({low:.1f}–{high:.1f})"
+
+
+DDP_VARIANT_NAMES = {"ddp": "plain DDP", "ddp_fp16": "DDP with the fp16 hook",
+                     **{f"ddp_powersgd_r{k}": f"DDP with PowerSGD at rank {k}" for k in (1, 2, 4)},
+                     **{f"local_sgd_h{h}": f"local SGD every {h} steps" for h in (4, 16)}}
+
+
+def multihost_hooks(d: dict) -> dict[str, list[str]]:
+    # two hosts against DDP's hooks: medians of 3 runs with their ranges, and the ratios to the best DDP variant
+    from benchmarks.multihost import best_ddp
+
+    r, ratio = d["results"], d["ratios"]
+    slow = r["100mbit"]
+    best_slow, best_fast = best_ddp(slow), best_ddp(r["1gbit"])
+    headline = (f"LFNN-ℓ pipeline {_samples(slow['lfnn_pipeline'])} samples/s against "
+                f"{DDP_VARIANT_NAMES[best_slow]}, the best DDP variant, {_samples(slow[best_slow])}: "
+                f"{_x(ratio['lfnn_pipeline/best_ddp@100mbit'])}; replay {_samples(slow['replay_pipeline'])}, "
+                f"{_x(ratio['replay_pipeline/best_ddp@100mbit'])}")
+    rest = (f"with bfloat16 sends {_x(ratio['lfnn_pipeline_bf16/best_ddp@100mbit'])} and "
+            f"{_x(ratio['replay_pipeline_bf16/best_ddp@100mbit'])}; at 1 Gbit/s "
+            f"{_x(ratio['lfnn_pipeline/best_ddp@1gbit'])} and {_x(ratio['replay_pipeline/best_ddp@1gbit'])} the best "
+            f"variant there ({DDP_VARIANT_NAMES[best_fast]}); plain DDP {_x(ratio['lfnn_pipeline/ddp@100mbit'])} and "
+            f"{_x(ratio['lfnn_pipeline/ddp@1gbit'])}")
+    short = (f"{_x(ratio['lfnn_pipeline/best_ddp@100mbit'])} (replay "
+             f"{_x(ratio['replay_pipeline/best_ddp@100mbit'])}) the best DDP variant's samples/s at 100 Mbit/s")
+    return {README: [headline, rest, short], BENCH: [headline, rest]}
 
 
 def multihost_tta(d: dict) -> dict[str, list[str]]:
@@ -338,6 +366,7 @@ SOURCES = {  # results file -> how to write its figures, per document that quote
     "speedup-resnet18-k2-cpu2-2026-11-29.json": speedup,
     "multihost-resnet18-k2-cpu2-2026-12-02.json": multihost,
     "multihost_tta-fashion_mnist-resnet18-k2-1gbit-cpu2-2026-12-05.json": multihost_tta,
+    "multihost-hooks-resnet18-k2-intel-xeon-2026-12-06-summary.json": multihost_hooks,
     "time_to_accuracy-fashion_mnist-resnet18-k2-replay-stash-cpu2-2026-11-29.json": time_to_accuracy,
     ("time_to_accuracy-fashion_mnist-resnet18-k2-replay-stash-delay-lr-"
      "intel-xeon-2026-12-06.json"): time_to_accuracy_seeds,
