@@ -6,7 +6,7 @@ Two hosts of one core each (network and PID namespaces on this machine, lfnnify/
 - ``ddp``: data-parallel backprop (DistributedDataParallel), one replica per host, half the global batch each;
 - ``ddp_fp16``, ``ddp_powersgd_r{1,2,4}``, ``local_sgd_h{4,16}``: the same with what DDP's users turn on for a slow
   link: the fp16 compression hook; PowerSGD at rank 1, 2 or 4 (error feedback and warm start, compressing from step
-  2, within the warm-up; one gradient bucket, see benchmarks.workers.speedup._register_hook); local SGD averaging the
+  2, within the warm-up; one gradient bucket, see benchmarks.workers.speedup.register_hook); local SGD averaging the
   parameters every 4 or 16 steps (``post_localSGD_hook`` and ``PeriodicModelAverager``). These change what the
   model learns; their accuracy is measured by the time-to-accuracy benchmark, not here;
 - ``bp_gpipe``, ``bp_1f1b``: backprop pipelined with torch.distributed.pipelining, one block per host;
@@ -75,12 +75,15 @@ METHODS = {  # name -> worker arguments
 }
 DDP_VARIANTS = [m for m in METHODS if m.startswith(("ddp", "local_sgd"))]
 BEST_DDP = "best_ddp"  # in TARGETS: the DDP variant with the most samples/s at that rate
+EXACT = [m for m in METHODS if m.startswith("bp_")]  # backprop split over the hosts: exact gradients
+BEST_EXACT = "best_exact"  # in TARGETS: the exact schedule (and micro-batch count) with the most samples/s there
 TARGETS = {  # (method, against, rate) -> the ratio of samples/s the project aims for
     ("lfnn_pipeline", BEST_DDP, "100mbit"): 1.3, ("replay_pipeline", BEST_DDP, "100mbit"): 1.0,
     ("lfnn_pipeline", "ddp", "100mbit"): 5.0, ("replay_pipeline", "ddp", "100mbit"): 4.0,
     ("lfnn_pipeline", "ddp", "1gbit"): 1.8, ("replay_pipeline", "ddp", "1gbit"): 1.3,
     ("lfnn_pipeline", "ddp", "unshaped"): 1.2,
     **{("lfnn_pipeline", "bp_1f1b", r): 1.5 for r in RATES},
+    **{(m, BEST_EXACT, r): 1.5 for m in ("lfnn_pipeline", "replay_pipeline") for r in RATES},
 }
 # and, without a target, each pipeline (bf16 sends included) against the best DDP variant at every rate
 TARGETS = {**{(m, BEST_DDP, r): None for m in ("lfnn_pipeline", "replay_pipeline", "lfnn_pipeline_bf16",
@@ -361,7 +364,16 @@ def summarize(args) -> None:
 
 def best_ddp(row: dict) -> str | None:
     """The DDP variant with the most samples/s in ``row`` (one rate's results)."""
-    measured = [m for m in DDP_VARIANTS if "samples_per_s" in row.get(m, {})]
+    return _best(row, DDP_VARIANTS)
+
+
+def best_exact(row: dict) -> str | None:
+    """The exact backprop schedule (with its micro-batch count) with the most samples/s in ``row``."""
+    return _best(row, EXACT)
+
+
+def _best(row: dict, among: list[str]) -> str | None:
+    measured = [m for m in among if "samples_per_s" in row.get(m, {})]
     return max(measured, key=lambda m: row[m]["samples_per_s"], default=None)
 
 
@@ -371,7 +383,8 @@ def verdicts_of(results: dict) -> tuple[dict, list[str]]:
     ratios, verdicts = {}, []
     for (method, against, rate), target in TARGETS.items():
         row = results.get(rate, {})
-        other = best_ddp(row) if against == BEST_DDP else against
+        pick = {BEST_DDP: best_ddp, BEST_EXACT: best_exact}.get(against)
+        other = pick(row) if pick else against
         if other is None or "samples_per_s" not in row.get(method, {}) or "samples_per_s" not in row.get(other, {}):
             continue
         a, b = row[method], row[other]
@@ -386,7 +399,8 @@ def verdicts_of(results: dict) -> tuple[dict, list[str]]:
             order = f"{other} beats {method} (ranges apart)"
         else:
             order = "ranges overlap: neither beats the other"
-        which = f" (the best DDP variant here: {other})" if against == BEST_DDP else ""
+        which = {BEST_DDP: f" (the best DDP variant here: {other})",
+                 BEST_EXACT: f" (the best exact schedule here: {other})"}.get(against, "")
         aim = "no target" if target is None else f"target {target}x: {'met' if value >= target else 'MISSED'}"
         verdicts.append(f"{method} / {against}{which} at {rate}: {value:.2f}x, {order} ({aim})")
     return ratios, verdicts

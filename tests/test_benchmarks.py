@@ -361,3 +361,30 @@ def test_one_method_beats_another_only_where_their_ranges_are_apart():
     assert periodic["samples_per_s"] == pytest.approx(64 * 4 / 1.2)
     _, few = verdicts_of({"100mbit": {**row, "lfnn_pipeline": runs(500)}})
     assert "too few to say which is faster" in [v for v in few if v.startswith("lfnn_pipeline / ddp ")][0]
+
+
+def test_backprops_linear_probe_warm_up_trains_only_the_classifier_then_everything():
+    # fine-tuning's equal budget: backprop gets lfnnify's head warm-up as a linear probe before its trunk steps
+    import timm
+    import torch
+
+    from benchmarks.finetune import _bp_steps
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", in_chans=1, num_classes=5)
+    data = [(torch.randn(8, 1, 28, 28), torch.randint(0, 5, (8,))) for _ in range(3)]
+
+    class Loader(list):
+        sampler = type("Sampler", (), {"set_epoch": staticmethod(lambda epoch: None)})()
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _bp_steps(model, Loader(data), 0, 0.1, probe=2)
+    classifier = {f"{model.default_cfg['classifier']}.{n}" for n, _ in model.get_classifier().named_parameters()}
+    after = model.state_dict()
+    moved = {k for k, p in model.named_parameters() if not torch.equal(before[k], after[k])}
+    assert moved == classifier  # the probe: only the new classifier learned
+    assert any(not torch.equal(before[k], after[k]) for k in after if "running_mean" in k)  # BatchNorm moved
+    assert all(p.requires_grad for p in model.parameters())  # and the trunk trains again afterwards
+    _bp_steps(model, Loader(data), 2, 0.1, probe=1)
+    assert any(not torch.equal(before[k], model.state_dict()[k]) for k in before if k not in classifier
+               and "running" not in k and "num_batches" not in k)

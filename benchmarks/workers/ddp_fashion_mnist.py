@@ -27,6 +27,8 @@ from lfnnify.app import (
 )
 from lfnnify.data import build_datasets, make_loader  # noqa: E402
 
+from .speedup import add_hook_arguments, bucket_settings, register_hook  # noqa: E402
+
 
 @torch.no_grad()
 def evaluate(model, loader) -> float:
@@ -45,6 +47,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="recipe overrides, as lfnnify train takes them")
     parser.add_argument("--eval-every", type=int, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    add_hook_arguments(parser)  # what DDP's users turn on for a slow link; plain DDP by default
     args = parser.parse_args()
     recipe = load_recipe(args.recipe, overrides=args.set)
     t, o = recipe.train, recipe.train.optimizer
@@ -55,7 +58,8 @@ def main() -> None:
     train_set, test_set, chans, classes, _ = build_datasets(recipe)
     model = create_model(recipe.model.name, num_classes=recipe.model.num_classes or classes,
                          in_chans=recipe.model.in_chans or (chans if chans != 3 else None), cifar=recipe.model.cifar)
-    ddp = DistributedDataParallel(model)  # rank 0's weights are broadcast to every rank here
+    ddp = DistributedDataParallel(model, **bucket_settings(model, args))  # rank 0's weights reach every rank here
+    averager = register_hook(ddp, args)
     loader = make_loader(train_set, batch_size=recipe.data.batch_size, seed=t.seed, workers=recipe.data.workers)
     test = make_loader(test_set, batch_size=recipe.data.eval_batch_size, shuffle=False, workers=recipe.data.workers)
     total = t.iterations if t.iterations is not None else int(t.epochs * len(loader))
@@ -85,6 +89,8 @@ def main() -> None:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if averager is not None:  # local SGD: the replicas' parameters averaged every --local-sgd-every steps
+                averager.average_parameters(ddp.parameters())
             sched.step()
             step += 1
         trained_s += time.perf_counter() - chunk

@@ -273,7 +273,7 @@ def projection(args, model, x, y):
 
 def ddp(args, model, x, y):
     """Data-parallel backprop: K processes, each on 1/K of the same global batch, gradients all-reduced by DDP;
-    with ``--hook``, as DDP's users cut that all-reduce on a slow link (see ``_register_hook``)."""
+    with ``--hook``, as DDP's users cut that all-reduce on a slow link (see ``register_hook``)."""
     from torch.nn.parallel import DistributedDataParallel
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -282,11 +282,9 @@ def ddp(args, model, x, y):
     share = args.batch // world
     xs, ys = x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share]
     model.to(DEVICE).train()
-    gradient_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    # PowerSGD: one bucket (see _register_hook); every other method: DDP's default buckets
-    bucket = {"bucket_cap_mb": gradient_mb + 1} if args.hook == "powersgd" else {}
-    wrapped = DistributedDataParallel(model, device_ids=[DEVICE.index] if DEVICE.type == "cuda" else None, **bucket)
-    averager = _register_hook(wrapped, args)
+    wrapped = DistributedDataParallel(model, device_ids=[DEVICE.index] if DEVICE.type == "cuda" else None,
+                                      **bucket_settings(model, args))
+    averager = register_hook(wrapped, args)
     opt = _sgd(wrapped.parameters())
     stamps = []
     for _ in range(args.warmup + args.steps):
@@ -297,10 +295,27 @@ def ddp(args, model, x, y):
             averager.average_parameters(wrapped.parameters())  # local SGD: every --local-sgd-every steps
         stamps.append(_stamp())
     return {"stamps": stamps, "gradient_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
-            "hook": _hook_settings(args)}
+            "hook": hook_settings(args)}
 
 
-def _hook_settings(args) -> dict:
+def add_hook_arguments(parser) -> None:
+    """The command-line settings of DDP's communication hook (``register_hook``)."""
+    parser.add_argument("--hook", default="none", choices=["none", "fp16", "powersgd", "local_sgd"],
+                        help="ddp: DDP's communication hook (or local SGD)")
+    parser.add_argument("--powersgd-rank", type=int, default=1)
+    parser.add_argument("--local-sgd-every", type=int, default=4)
+    parser.add_argument("--hook-start", type=int, default=2,
+                        help="the step from which PowerSGD compresses and local SGD stops all-reducing (> 1)")
+
+
+def bucket_settings(model, args) -> dict:
+    """DDP's bucket setting for ``--hook``: one bucket for PowerSGD (see ``register_hook``), else DDP's default."""
+    if args.hook != "powersgd":
+        return {}
+    return {"bucket_cap_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20 + 1}
+
+
+def hook_settings(args) -> dict:
     if args.hook == "powersgd":
         return {"hook": "powersgd", "rank": args.powersgd_rank, "start_iter": args.hook_start, "error_feedback": True,
                 "warm_start": True, "one_bucket": True}
@@ -309,7 +324,7 @@ def _hook_settings(args) -> dict:
     return {"hook": args.hook}
 
 
-def _register_hook(wrapped, args):
+def register_hook(wrapped, args):
     """DDP's communication hook of ``--hook``, set up as torch's documentation says; returns local SGD's averager.
 
     - ``fp16``: ``fp16_compress_hook`` (the bf16 hook does not run on gloo: pytorch/pytorch#111131).
@@ -415,13 +430,7 @@ def main():
     parser.add_argument("--stash", action="store_true", help="replay with weight stashing")
     parser.add_argument("--send-bf16", action="store_true", help="pipelines send activations in bfloat16")
     parser.add_argument("--iface", default=None, help="count the bytes this host sends on this interface")
-    parser.add_argument("--hook", default="none", choices=["none", "fp16", "powersgd", "local_sgd"],
-                        help="ddp: DDP's communication hook (or local SGD)")
-    parser.add_argument("--powersgd-rank", type=int, default=1)
-    parser.add_argument("--local-sgd-every", type=int, default=4)
-    parser.add_argument("--hook-start", type=int, default=2,
-                        help="the step from which PowerSGD compresses and local SGD stops all-reducing (> 1; within "
-                             "the warm-up, so every timed step is compressed)")
+    add_hook_arguments(parser)  # --hook-start 2: within the warm-up, so every timed step is compressed
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     global DEVICE, IFACE
