@@ -220,8 +220,13 @@ def test_time_to_accuracy_across_hosts_is_measured_against_ddp_of_the_same_seed(
     runs = {"ddp-seed0": run((10, 0.70), (20, 0.80)), "replay_pipeline-seed0": run((8, 0.75), (16, 0.81)),
             "lfnn_pipeline-seed0": run((5, 0.60), (10, 0.79)),
             "ddp-seed1": run((10, 0.82), (20, 0.80)), "replay_pipeline-seed1": run((12, 0.81), (24, 0.83)),
-            "lfnn_pipeline-seed1": run((5, 0.90), (10, 0.91))}
-    summary = tta.summarise(runs, [0, 1])
+            "lfnn_pipeline-seed1": run((5, 0.90), (10, 0.91)),
+            "ddp_powersgd_r1-seed0": run((6, 0.80), (12, 0.82)), "ddp_powersgd_r1-seed1": run((6, 0.70), (12, 0.75))}
+    summary = tta.summarise(runs, [0, 1], ["lfnn_pipeline", "ddp", "ddp_powersgd_r1", "replay_pipeline"])
+    # the methods in the benchmark's own order, each measured against plain DDP of its seed; local SGD was not run
+    assert list(summary["final_accuracy"]) == ["ddp", "ddp_powersgd_r1", "replay_pipeline", "lfnn_pipeline"]
+    assert summary["per_seed"][0]["ddp_powersgd_r1"]["ratio_to_ddp"] == 6 / 20
+    assert summary["ratio_to_ddp"]["ddp_powersgd_r1"]["reached"] == "1 of 2 seeds"
     # seed 0: DDP reaches its final 0.80 at 20 s; replay at 16 s (0.8x); LFNN-ℓ never
     assert summary["per_seed"][0]["replay_pipeline"]["ratio_to_ddp"] == 16 / 20
     assert summary["per_seed"][0]["lfnn_pipeline"]["seconds"] is None

@@ -163,6 +163,31 @@ def multihost_hooks(d: dict) -> dict[str, list[str]]:
     return {README: [headline, rest, short], BENCH: [headline, rest]}
 
 
+SCHEDULE_NAMES = {"gpipe": "GPipe", "1f1b": "1F1B", "interleaved1f1b": "Interleaved 1F1B",
+                  "interleaved_zb": "Interleaved Zero Bubble", "zbv": "ZBV Zero Bubble", "dualpipev": "DualPipeV"}
+
+
+def _schedule(name: str) -> str:
+    schedule, micro = name.removeprefix("bp_").rsplit("_m", 1)
+    return f"{SCHEDULE_NAMES[schedule]} at {micro} micro-batches"
+
+
+def multihost_schedules(d: dict) -> dict[str, list[str]]:
+    # a model split over two hosts: the pipelines against the best exact schedule (and micro-batch count) at each rate
+    from benchmarks.multihost import best_exact
+
+    r, ratio = d["results"], d["ratios"]
+    near, far = r["unshaped"], r["1gbit"]
+    best_near, best_far = best_exact(near), best_exact(far)
+    text = (f"unshaped link: LFNN-ℓ pipeline {_samples(near['lfnn_pipeline'])} samples/s against the best exact "
+            f"schedule, {_schedule(best_near)}, {_samples(near[best_near])}: "
+            f"{_x(ratio['lfnn_pipeline/best_exact@unshaped'])}; replay "
+            f"{_x(ratio['replay_pipeline/best_exact@unshaped'])}; at 1 Gbit/s "
+            f"{_x(ratio['lfnn_pipeline/best_exact@1gbit'])} and {_x(ratio['replay_pipeline/best_exact@1gbit'])} "
+            f"against {_schedule(best_far)}")
+    return {README: [text], BENCH: [text]}
+
+
 def multihost_tta(d: dict) -> dict[str, list[str]]:
     s, seeds = d["summary"], d["seeds"]
     per = [s["per_seed"][str(seed)] for seed in seeds]

@@ -3,6 +3,7 @@ used from a folder outside the checkout, where an editable install cannot hide a
 
 import os
 import shutil
+import site
 import subprocess
 import sys
 import venv
@@ -21,11 +22,19 @@ def test_the_wheel_installs_whole_and_runs_outside_the_checkout(tmp_path):
     assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("lfnnify-*.whl")
 
-    env_dir = tmp_path / "venv"  # torch, timm and the rest from this machine's own installation, no index needed
-    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    # A fresh environment that sees this machine's torch, timm and the rest (no index needed) as a plain folder on
+    # its path, after its own site-packages. Not through system_site_packages: that would also run the .pth files
+    # of the checkout's editable install, whose import hook can hand out the checkout instead of the wheel.
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=False).create(env_dir)
     python = env_dir / "bin" / "python"
+    own = subprocess.run([python, "-c", "import site; print(site.getsitepackages()[0])"], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    Path(own, "machine.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    # --ignore-installed: pip sees the editable install's metadata in that folder and would call the wheel
+    # "already satisfied"
     installed = subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps",
-                                "--no-index", wheel], capture_output=True, text=True, timeout=300)
+                                "--ignore-installed", "--no-index", wheel], capture_output=True, text=True, timeout=300)
     assert installed.returncode == 0, installed.stdout[-2000:] + installed.stderr[-2000:]
 
     outside = tmp_path / "elsewhere"
