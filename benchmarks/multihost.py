@@ -68,6 +68,7 @@ METHODS = {  # name -> worker arguments
     **{f"bp_{s}_m{m}": ["--method", "bp_pipelined", "--schedule", s, "--microbatches", str(m)]
        for s in ("gpipe", "1f1b", "interleaved1f1b", "interleaved_zb", "zbv", "dualpipev") for m in (2, 4, 8)
        if not (s == "dualpipev" and m < 4)},
+    "fsdp": ["--method", "fsdp"],  # backprop sharded over the hosts (FSDP2): exact gradients, 1/2 of the weights each
     "lfnn_pipeline": ["--method", "lfnn_pipeline"],
     "replay_pipeline": ["--method", "lfnn_pipeline", "--mode", "replay", "--stash"],
     "lfnn_pipeline_bf16": ["--method", "lfnn_pipeline", "--send-bf16"],  # the same, activations sent in bfloat16
@@ -75,8 +76,8 @@ METHODS = {  # name -> worker arguments
 }
 DDP_VARIANTS = [m for m in METHODS if m.startswith(("ddp", "local_sgd"))]
 BEST_DDP = "best_ddp"  # in TARGETS: the DDP variant with the most samples/s at that rate
-EXACT = [m for m in METHODS if m.startswith("bp_")]  # backprop split over the hosts: exact gradients
-BEST_EXACT = "best_exact"  # in TARGETS: the exact schedule (and micro-batch count) with the most samples/s there
+EXACT = [m for m in METHODS if m.startswith("bp_") or m == "fsdp"]  # backprop split over the hosts: exact gradients
+BEST_EXACT = "best_exact"  # in TARGETS: the exact method (schedule and micro-batch count) with the most samples/s
 TARGETS = {  # (method, against, rate) -> the ratio of samples/s the project aims for
     ("lfnn_pipeline", BEST_DDP, "100mbit"): 1.3, ("replay_pipeline", BEST_DDP, "100mbit"): 1.0,
     ("lfnn_pipeline", "ddp", "100mbit"): 5.0, ("replay_pipeline", "ddp", "100mbit"): 4.0,
@@ -200,6 +201,8 @@ def expected_bytes(name: str, activation: int, labels: int, traffic, buffers: in
         return 2 * traffic.powersgd_bytes[int(name.removeprefix("ddp_powersgd_r"))] + buffers
     if name.startswith("local_sgd_h"):
         return 2 * traffic.local_sgd_bytes[int(name.removeprefix("local_sgd_h"))] + buffers
+    if name == "fsdp":  # per step, each host sends its half of the weights twice (all-gathered in the forward and
+        return 3 * traffic.gradient_bytes  # again in the backward) and half of the gradients (reduce-scattered)
     if name == "lfnn_pipeline":
         return activation + labels
     return 2 * activation + (labels if name == "replay_pipeline" else 0)  # the gradient comes back

@@ -211,7 +211,7 @@ def test_checkpointed_backprop_at_the_plans_cuts_computes_backprops_gradients():
 
 
 def test_time_to_accuracy_across_hosts_is_measured_against_ddp_of_the_same_seed(monkeypatch):
-    from benchmarks import multihost_tta as tta
+    from benchmarks.time_to_accuracy import across_hosts as tta
 
     def run(*points):
         return {"evaluations": [{"step": 10 * (i + 1), "train_seconds": s, "accuracy": a}
@@ -237,8 +237,9 @@ def test_time_to_accuracy_across_hosts_is_measured_against_ddp_of_the_same_seed(
 
 
 def test_the_one_machine_time_to_accuracy_benchmark_runs_seeds_and_reuses_its_runs(tmp_path, capsys):
-    # benchmarks/time_to_accuracy.py at a tiny size: backprop in one process and the replay pipeline (stashing,
-    # delay-aware step sizes) under torchrun, one seed, each run in its own file; a second call trains nothing
+    # benchmarks.time_to_accuracy on one machine at a tiny size: backprop in one process and the replay pipeline
+    # (stashing, delay-aware step sizes) under torchrun, one seed, each run in its own file; a second call trains
+    # nothing
     args = ["benchmarks.time_to_accuracy", "--model", "test_resnet", "--train-subset", "256",
             "--eval-subset", "128", "--batch", "64", "--epochs", "1", "--eval-every", "2", "--cores", "1", "--stash",
             "--delay-lr-warmup", "2", "--seeds", "0", "--allow-dirty", "--runs", tmp_path / "runs", "--out", tmp_path,
@@ -314,11 +315,14 @@ def test_a_benchmark_that_makes_a_table_refuses_uncommitted_changes(monkeypatch)
     ("accuracy_fashion_mnist.py", ["--jobs", "-1"], "--jobs -1: must be at least 1"),
     ("time_to_accuracy.py", ["--seeds", "0", "0"], "a seed is named twice"),
     ("finetune.py", ["--seeds", "1", "1"], "a seed is named twice"),
-    ("multihost_tta.py", ["--seeds", "2", "2"], "a seed is named twice"),
+    ("time_to_accuracy.py", ["--hosts", "2", "--seeds", "2", "2"], "a seed is named twice"),
+    ("time_to_accuracy.py", ["--rate", "100mbit"], "--rate applies to --hosts 2 only, and this run has --hosts 1"),
+    ("time_to_accuracy.py", ["--hosts", "2", "--stash"], "--stash applies to --hosts 1 only"),
     ("error_vs_length.py", ["--seeds", "0", "0"], "a seed is named twice"),
     ("multihost.py", ["--unshaped-gbit", "-1"], "--unshaped-gbit -1.0: must be more than 0"),
     ("multihost.py", ["--unshaped-gbit", "0"], "--unshaped-gbit 0.0: must be more than 0"),
 ], ids=["acc-seeds", "acc-jobs-0", "acc-jobs-minus-1", "tta-seeds", "finetune-seeds", "multihost-tta-seeds",
+        "tta-rate-on-one-machine", "tta-stash-across-hosts",
         "length-seeds", "unshaped-negative", "unshaped-zero"])
 def test_benchmarks_refuse_arguments_that_would_hang_or_make_a_table_lie(capsys, script, args, words):
     # what would otherwise give "2 seeds, 90.62 ± 0.00" from one run counted twice, wait forever (--jobs 0), project

@@ -227,10 +227,12 @@ def test_demo_quick(tmp_path, capsys):
 
     if missing() is None:  # two hosts: each method's bytes were counted on the link
         hosts = result["hosts"]
-        assert set(hosts) == {"LFNN-ℓ pipeline, K=2", "data-parallel backprop (DDP)"}, hosts
-        assert hosts["data-parallel backprop (DDP)"]["bytes_per_step"] > 10 * hosts["LFNN-ℓ pipeline, K=2"][
-            "bytes_per_step"] > 0
-        assert "- across two hosts at 1gbit:" in summary
+        ddp, powersgd = "data-parallel backprop (DDP)", "DDP with PowerSGD, rank 1"
+        assert set(hosts) == {"LFNN-ℓ pipeline, K=2", ddp, powersgd}, hosts
+        assert hosts[ddp]["bytes_per_step"] > 10 * hosts["LFNN-ℓ pipeline, K=2"]["bytes_per_step"] > 0
+        assert hosts[ddp]["bytes_per_step"] > 10 * hosts[powersgd]["bytes_per_step"] > 0  # PowerSGD compressed
+        fastest = max(hosts, key=lambda n: hosts[n]["samples_per_s"])
+        assert f"- across two hosts at 1gbit, {fastest} trained the most samples/s;" in summary, summary
     else:
         assert "4. two hosts joined by a 1gbit link: skipped (" in out
 

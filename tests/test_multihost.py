@@ -239,12 +239,13 @@ def test_the_multihost_benchmark_runs_end_to_end(tmp_path, capsys):
 
 
 def test_the_time_to_accuracy_benchmark_runs_end_to_end_and_compares_the_same_batches(tmp_path, capsys):
-    # benchmarks/multihost_tta.py at a tiny size: DDP (plain PyTorch, and with PowerSGD compressing from step 2) and
-    # the LFNN-ℓ pipeline across its own two hosts, each run kept in its own file; a second call reuses them (and the
-    # sweep's split) instead of training again
-    args = ["benchmarks.multihost_tta", "--model", "test_resnet", "--train-subset", "256",
-            "--eval-subset", "128", "--eval-every", "2", "--batch", "64", "--seeds", "0", "--methods", "ddp",
-            "ddp_powersgd_r1", "lfnn_pipeline", "--hook-start", "2", "--runs", tmp_path / "runs", "--out", tmp_path]
+    # benchmarks.time_to_accuracy --hosts 2 at a tiny size: DDP (plain PyTorch, and with PowerSGD compressing from
+    # step 2) and the LFNN-ℓ pipeline across its own two hosts, each run kept in its own file; a second call reuses
+    # them (and the sweep's split) instead of training again
+    args = ["benchmarks.time_to_accuracy", "--hosts", "2", "--allow-dirty", "--model", "test_resnet",
+            "--train-subset", "256", "--eval-subset", "128", "--eval-every", "2", "--batch", "64", "--seeds", "0",
+            "--methods", "ddp", "ddp_powersgd_r1", "lfnn_pipeline", "--hook-start", "2", "--runs", tmp_path / "runs",
+            "--out", tmp_path]
     code, out, err = here.module(capsys, *args)
     assert code == 0, out[-2000:] + err[-3000:]
     import json

@@ -298,6 +298,36 @@ def ddp(args, model, x, y):
             "hook": hook_settings(args)}
 
 
+def fsdp(args, model, x, y):
+    """Backprop sharded over the processes (FSDP2, ``torch.distributed.fsdp.fully_shard``), what a user whose model
+    must be split but who wants exact gradients also picks: each process keeps 1/K of every parameter, gathers each
+    top-level module's parameters for its forward and backward, and reduce-scatters its gradients; each process
+    takes 1/K of the global batch. Each top-level module with parameters is one unit (its own all-gather), then
+    the root, as FSDP's documentation shards a model layer by layer."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if args.batch % world:
+        raise SystemExit(f"--batch {args.batch} is not divisible by {world} processes")
+    share = args.batch // world
+    xs, ys = x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share]
+    model.to(DEVICE).train()
+    mesh = init_device_mesh(DEVICE.type, (world,))
+    for child in model.children():
+        if any(p.requires_grad for p in child.parameters()):
+            fully_shard(child, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = _sgd(model.parameters())
+    stamps = []
+    for _ in range(args.warmup + args.steps):
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(xs), ys).backward()  # all-gathers in the forward and backward, reduce-scatters
+        opt.step()
+        stamps.append(_stamp())
+    return {"stamps": stamps, "gradient_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}  # global
+
+
 def add_hook_arguments(parser) -> None:
     """The command-line settings of DDP's communication hook (``register_hook``)."""
     parser.add_argument("--hook", default="none", choices=["none", "fp16", "powersgd", "local_sgd"],
@@ -391,6 +421,7 @@ METHODS = {
     "bp_pipelined": bp_pipelined,
     "projection": projection,
     "ddp": ddp,
+    "fsdp": fsdp,
     "bp_shard": bp_shard,
 }
 

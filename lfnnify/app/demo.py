@@ -13,7 +13,8 @@ result in half a minute (timm resnet18 at 28 px learns little in that time on th
 
 Then peak training memory of backprop against the one-device trainer for a larger model (resnet50), and, where
 the machine allows it (root, iproute2), two hosts joined by a 1 Gbit/s link: the LFNN-ℓ pipeline against
-data-parallel backprop, side by side, with the bytes each really sent. Adding a method is one line in ``METHODS``.
+data-parallel backprop, plain and with PowerSGD, side by side, with the bytes each really sent. Adding a method is
+one line in ``METHODS``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from .demo_hosts import RATE, cross_host
+from .demo_hosts import RATE, cross_host, verdict
 from .machine import cpu_name, status_bytes
 
 __all__ = ["run_demo", "METHODS"]
@@ -304,8 +305,6 @@ def run_demo(*, quick: bool = False, out: str | None = None, budget: float | Non
         print(f"- memory: the one-device trainer peaks at {lf_peak / bp_peak:.2f}x backprop's ({mem['model']}); "
               f"pipelines split it further, one block per device")
     if not isinstance(hosts, str):
-        (pipe, p), (ddp, d) = hosts.items()
-        print(f"- across two hosts at {RATE}: the {pipe} trains {p['samples_per_s'] / d['samples_per_s']:.2f}x as many "
-              f"samples/s as {ddp}, sending {d['bytes_per_step'] / max(p['bytes_per_step'], 1):.0f}x fewer bytes")
+        print(f"- {verdict(hosts)}")
     print(f"\ndemo time {time.perf_counter() - started:.0f} s (set-up excluded); everything is in {out_dir}/")
     return 0

@@ -1,5 +1,6 @@
 """The demo's cross-host part: two hosts on this machine joined by a 1 Gbit/s link, the LFNN-ℓ pipeline against
-data-parallel backprop, each for a few steps, with the bytes each really sent (not a public module)."""
+data-parallel backprop, plain and with PowerSGD (what DDP's users turn on for a slow link), each for a few steps,
+with the bytes each really sent (not a public module)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["cross_host", "RATE"]
+__all__ = ["cross_host", "verdict", "PIPELINE", "RATE"]
 
 RATE = "1gbit"
-METHODS = {"LFNN-ℓ pipeline, K=2": "pipeline", "data-parallel backprop (DDP)": "ddp"}
+PIPELINE = "LFNN-ℓ pipeline, K=2"
+METHODS = {PIPELINE: "pipeline", "data-parallel backprop (DDP)": "ddp", "DDP with PowerSGD, rank 1": "ddp_powersgd"}
 
 
 def _port() -> int:
@@ -54,6 +56,25 @@ def cross_host(*, steps: int, model: str, batch: int, timeout: float = 240) -> d
         return str(exc)
     results = {name: measured[method] for name, method in METHODS.items()}
     return results
+
+
+def verdict(hosts: dict) -> str:
+    """The demo's line on the runs across hosts: which method trained the most samples/s, and what the pipeline ran
+    and sent against each DDP. A few steps each: a first look, not a benchmark (benchmarks.multihost repeats)."""
+    fastest = max(hosts, key=lambda n: hosts[n]["samples_per_s"])
+    ours, against = hosts[PIPELINE], []
+    for name, r in hosts.items():
+        if name != PIPELINE:
+            speed = ours["samples_per_s"] / r["samples_per_s"]
+            against.append(f"{speed:.2f}x the samples/s of {name}, sending "
+                           f"{_bytes_ratio(ours['bytes_per_step'], r['bytes_per_step'])}")
+    return f"across two hosts at {RATE}, {fastest} trained the most samples/s; the {PIPELINE} ran {'; '.join(against)}"
+
+
+def _bytes_ratio(ours: float, theirs: float) -> str:
+    if ours <= theirs:
+        return f"{theirs / max(ours, 1):.1f}x fewer bytes"
+    return f"{ours / max(theirs, 1):.1f}x more bytes"
 
 
 if __name__ == "__main__":  # a quick look: python -m lfnnify.app.demo_hosts

@@ -1,8 +1,9 @@
 """One rank of ``lfnnify demo``'s multi-process runs (started by torch.distributed.run; not a public module).
 
 ``--knobs`` (a JSON list): pipelines that train on Fashion-MNIST against the clock, one after another (the demo's
-curves). ``--hosts-methods`` (``pipeline``, ``ddp``): a few steps each of a fixed synthetic batch across the demo's two
-hosts, timing the steps and counting the bytes this host sends on its link (``GLOO_SOCKET_IFNAME``).
+curves). ``--hosts-methods`` (``pipeline``, ``ddp``, ``ddp_powersgd``): a few steps each of a fixed synthetic batch
+across the demo's two hosts, timing the steps and counting the bytes this host sends on its link
+(``GLOO_SOCKET_IFNAME``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def main() -> None:
     parser.add_argument("--evals", type=int)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--hosts-methods", nargs="+", choices=["pipeline", "ddp"])
+    parser.add_argument("--hosts-methods", nargs="+", choices=["pipeline", "ddp", "ddp_powersgd"])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--batch", type=int, default=64, help="the global batch of the runs across hosts")
@@ -81,6 +82,22 @@ def across_hosts(args) -> None:
     dist.destroy_process_group()
 
 
+def _powersgd(model):
+    """DDP with PowerSGD as its documentation sets it up for a slow link: rank 1, error feedback and warm start,
+    compressing from the first step after the warm-up (torch's default, step 1,000, would never compress here).
+    One gradient bucket: the hook starts its P and Q all-reduces from callbacks, and with several buckets in flight
+    gloo can pair collectives that two processes started in different orders."""
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
+    from torch.nn.parallel import DistributedDataParallel
+
+    one_bucket = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20 + 1
+    wrapped = DistributedDataParallel(model, bucket_cap_mb=one_bucket)
+    state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=1,
+                                        start_powerSGD_iter=HOSTS_WARMUP, use_error_feedback=True, warm_start=True)
+    wrapped.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+    return wrapped
+
+
 def _across_hosts(method: str, steps: int, model_name: str, batch: int) -> dict:
     import lfnnify
     from lfnnify.app.zoo import create_model
@@ -91,12 +108,15 @@ def _across_hosts(method: str, steps: int, model_name: str, batch: int) -> dict:
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)
     stamps: list[float] = []  # the end of every step: the rate is the steady one, between timed steps
-    if method == "ddp":
+    if method in ("ddp", "ddp_powersgd"):
         from torch.nn.parallel import DistributedDataParallel
 
         share = batch // world
         xs, ys = x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share]
-        wrapped = DistributedDataParallel(model)
+        if method == "ddp_powersgd":
+            wrapped = _powersgd(model)
+        else:
+            wrapped = DistributedDataParallel(model)
         opt = torch.optim.SGD(wrapped.parameters(), lr=0.01, momentum=0.9)
 
         def train(n):

@@ -1,4 +1,4 @@
-"""Time to accuracy on Fashion-MNIST on one machine: backprop (one process, all cores) against an lfnnify pipeline
+"""Time to accuracy on one machine (``--hosts 1``): backprop (one process, all cores) against an lfnnify pipeline
 (K processes), over several seeds.
 
 Both methods run `lfnnify train` on the same recipe (timm resnet18, in_chans=1; for a seed, the same
@@ -9,20 +9,14 @@ target is backprop's final accuracy on that seed; the result is the training tim
 the pipeline first reaches it, against backprop's own, per seed and as mean ± sd over the seeds that reached it.
 Speed that costs accuracy is not speed.
 
-Every (method, seed) is one file in --runs, reused when its settings and commit match, so a sweep can be spread
-over several sittings. It also projects a K=4 run on four devices for each seed: the iterations the pipeline needed
-here, at the slowest block's step time measured in one process for a K=4 split (once per sweep, kept in --runs),
-against backprop's iterations at its one-process step time (both at --cores threads); K=4 may need more iterations
-than K=2 (longer delays).
-
-Reproduce:  python -m benchmarks.time_to_accuracy --mode replay --stash --seeds 0 1 2 --out benchmarks/results
-Quick look: python -m benchmarks.time_to_accuracy --model test_resnet --train-subset 256 --eval-subset 128 \\
-                --batch 64 --epochs 1 --eval-every 2 --seeds 0 --allow-dirty --out /tmp/tta
+It also projects a K=4 run on four devices for each seed: the iterations the pipeline needed here, at the slowest
+block's step time measured in one process for a K=4 split (once per sweep, kept in --runs), against backprop's
+iterations at its one-process step time (both at --cores threads); K=4 may need more iterations than K=2 (longer
+delays).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
@@ -33,21 +27,10 @@ from pathlib import Path
 
 import torch
 
-from .common import (  # noqa: E402
-    RESULTS,
-    environment,
-    hardware_tag,
-    kept_run,
-    mean_sd,
-    mean_sd_text,
-    ratios_text,
-    refuse_bad_arguments,
-    refuse_uncommitted,
-    time_to_target,
-    write_json,
-)
+from ..common import environment, hardware_tag, mean_sd, mean_sd_text, ratios_text, time_to_target, write_json
+from . import sweep
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "fashion_mnist_resnet18_k4.yaml"
 METHODS = ("bp", "pipeline")
 
@@ -98,31 +81,8 @@ def run(name: str, args, seed: int) -> dict:
             "load_before": load}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--eval-every", type=int, default=100)
-    parser.add_argument("--blocks", type=int, default=2)
-    parser.add_argument("--cores", type=int, default=os.cpu_count() or 2)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--mode", default="replay", choices=["local", "replay"], help="the pipeline's mode")
-    parser.add_argument("--stash", action="store_true", help="replay with weight stashing")
-    parser.add_argument("--delay-lr-warmup", type=int, default=None,
-                        help="replay: delay-aware step sizes over this many iterations (PipeMare)")
-    parser.add_argument("--model", default="resnet18", help="a timm model (tests: test_resnet)")
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--train-subset", type=int, default=None)
-    parser.add_argument("--eval-subset", type=int, default=None, help="test images each evaluation reads")
-    parser.add_argument("--runs", type=Path, default=None, help="folder of per-run files (default: OUT/NAME-runs)")
-    parser.add_argument("--allow-dirty", action="store_true", help="run with uncommitted changes (quick looks only)")
-    parser.add_argument("--name", default=None, help="result file stem (default: experiment, mode, hardware, date)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
-    refuse_bad_arguments("time_to_accuracy.py", args, counts=("delay_lr_warmup",))
-    if args.delay_lr_warmup is not None and args.mode != "replay":
-        raise SystemExit(f"time_to_accuracy.py: --delay-lr-warmup {args.delay_lr_warmup} needs --mode replay "
-                         f"(delay-aware step sizes scale a delayed gradient; --mode {args.mode} has no delay)")
-    refuse_uncommitted("time_to_accuracy.py", args.allow_dirty)
+def measure(args) -> None:
+    """The sweep, its summary and its files (``args`` as ``benchmarks.time_to_accuracy`` settled them)."""
     env_before = environment()
     mode = args.mode + ("-stash" if args.stash else "") + ("-delay-lr" if args.delay_lr_warmup else "")
     stem = args.name or (f"time_to_accuracy-fashion_mnist-{args.model}-k{args.blocks}-{mode}-{hardware_tag()}-"
@@ -130,17 +90,8 @@ def main() -> None:
     folder = args.runs or args.out / f"{stem}-runs"
     folder.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("runs", "name", "out", "seeds", "allow_dirty")}
-    runs = {}
-    for seed in args.seeds:
-        for name in METHODS:
-            key = f"{name}-seed{seed}"
-            path = folder / f"{key}.json"
-            runs[key] = kept_run(path, settings, env_before["commit"])
-            if runs[key]:
-                continue
-            runs[key] = {"settings": settings, "commit": env_before["commit"], "method": name, "seed": seed,
-                         **run(name, args, seed)}
-            write_json(path, runs[key])
+    runs = sweep(folder, settings, env_before["commit"], args.seeds, list(METHODS),
+                 lambda name, seed: run(name, args, seed))
     summary = time_to_target(runs, args.seeds, list(METHODS), baseline="bp")
     projected = project_k4(args, summary, args.seeds, block_times(args, folder))
     payload = {
@@ -232,7 +183,3 @@ def project_k4(args, summary: dict, seeds: list[int], times: dict) -> dict:
             "note": f"the pipeline's iterations at the slowest K=4 block's {slowest * 1e3:.0f} ms against backprop's "
                     f"at {bp_step * 1e3:.0f} ms, per-block times at {args.cores} threads, transfers not counted; "
                     f"iterations from this K={args.blocks} run (K=4 delays are longer)"}
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,5 @@
-"""Time to accuracy across a shaped link: data-parallel backprop (DDP) against lfnnify's pipelines on two hosts.
+"""Time to accuracy across a shaped link (``--hosts 2``): data-parallel backprop (DDP) against lfnnify's pipelines on
+two hosts.
 
 Two hosts of one core each (network and PID namespaces on this machine, lfnnify/app/testbed.py) joined by a link of
 ``--rate`` (1 Gbit/s by default, tc's token bucket), a real ``torchrun --nnodes 2`` on each. Every method trains the
@@ -20,38 +21,32 @@ Both pipelines cut where a K=2 split balanced by measured time puts the cut on t
 time excludes the evaluations (and checkpoints). For each seed the target is DDP's final accuracy; the result is the
 training time at which each method first reaches it, against DDP's own. One file per run in ``--runs`` (reused when
 its settings and commit match), so an interrupted sweep goes on where it stopped.
-
-Reproduce:  python -m benchmarks.multihost_tta --seeds 0 1 2 --out benchmarks/results
-Quick look: python -m benchmarks.multihost_tta --model test_resnet --train-subset 512 --eval-subset 256 \\
-                --eval-every 2 --seeds 0 --out /tmp/tta
 """
 
 from __future__ import annotations
 
-import argparse
+import itertools
 import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from lfnnify.app import Hosts  # noqa: E402
+from lfnnify.app import Hosts
 
-from .common import (  # noqa: E402
-    RESULTS,
+from ..common import (
     environment,
     hardware_tag,
     hosts_ready,
-    kept_run,
     mean_sd_text,
     ratios_text,
-    refuse_bad_arguments,
     time_balanced_plan,
     time_to_target,
     write_json,
 )
+from . import sweep
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "fashion_mnist_resnet18_k4.yaml"
 DDP = ["-m", "benchmarks.workers.ddp_fashion_mnist"]
 METHODS = {  # name -> recipe overrides of the pipeline; the DDP variants' hook settings (plain PyTorch)
@@ -134,53 +129,32 @@ def summarise(runs: dict, seeds: list[int], methods: list[str]) -> dict:
     return time_to_target(runs, seeds, [m for m in METHODS if m in methods], baseline="ddp")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rate", default="1gbit", help="the link's rate, as tc writes it (default 1gbit)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--model", default="resnet18")
-    parser.add_argument("--hook-start", type=int, default=10,
-                        help="the step from which PowerSGD compresses and local SGD averages only every H steps (> 1)")
-    parser.add_argument("--train-subset", type=int, default=19200, help="training images in the one epoch")
-    parser.add_argument("--eval-subset", type=int, default=2000, help="test images each evaluation reads")
-    parser.add_argument("--eval-every", type=int, default=15, help="steps between evaluations")
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--timeout", type=float, default=3600, help="seconds one run may take")
-    parser.add_argument("--runs", type=Path, default=None, help="folder of per-run files (default: OUT/NAME-runs)")
-    parser.add_argument("--name", default=None)
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
-    refuse_bad_arguments("multihost_tta.py", args, counts=("eval_every",))
-    if args.hook_start < 2:
-        raise SystemExit(f"multihost_tta.py: --hook-start {args.hook_start}: PowerSGD with error feedback starts "
-                         f"compressing at step 2 at the earliest; give 2 or more")
+def measure(args) -> None:
+    """The sweep, its summary and its files (``args`` as ``benchmarks.time_to_accuracy`` settled them)."""
     if "ddp" not in args.methods:
-        raise SystemExit("multihost_tta.py: --methods must include ddp, whose final accuracy is the target")
-    env_before = hosts_ready("multihost_tta.py")
+        raise SystemExit("time_to_accuracy: --methods must include ddp, whose final accuracy is the target")
+    if args.hook_start < 2:
+        raise SystemExit(f"time_to_accuracy: --hook-start {args.hook_start}: PowerSGD with error feedback starts "
+                         f"compressing at step 2 at the earliest; give 2 or more")
+    env_before = hosts_ready("time_to_accuracy")
     stem = args.name or (f"multihost_tta-fashion_mnist-{args.model}-k2-{args.rate}-{hardware_tag()}-"
                          f"{env_before['date'][:10]}")
     folder = args.runs or args.out / f"{stem}-runs"
     folder.mkdir(parents=True, exist_ok=True)
     args.cuts = sweep_cuts(args, folder)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
-                if k not in ("runs", "name", "out", "seeds", "methods", "timeout")}
-    runs, port = {}, 29700
+                if k not in ("runs", "name", "out", "seeds", "methods", "timeout", "allow_dirty")}
+    ports = itertools.count(29701)
     with Hosts(2, rate=args.rate) as hosts:
-        for seed in args.seeds:
-            for name in args.methods:
-                key, port = f"{name}-seed{seed}", port + 1
-                runs[key] = kept_run(folder / f"{key}.json", settings, env_before["commit"])
-                if runs[key]:
-                    continue
-                print(f"{key}: training across {hosts.rate}", flush=True)
-                result = run(hosts, name, args, seed, port)
-                runs[key] = {"settings": settings, "commit": env_before["commit"], "method": name, "seed": seed,
-                             **result}
-                write_json(folder / f"{key}.json", runs[key])
-                last = result["evaluations"][-1]
-                print(f"  {last['step']} steps in {last['train_seconds']:.0f} s of training "
-                      f"({result['wall_seconds']:.0f} s in all): test accuracy {last['accuracy']:.4f}", flush=True)
+        def train(name: str, seed: int) -> dict:
+            print(f"{name}-seed{seed}: training across {hosts.rate}", flush=True)
+            result = run(hosts, name, args, seed, next(ports))
+            last = result["evaluations"][-1]
+            print(f"  {last['step']} steps in {last['train_seconds']:.0f} s of training "
+                  f"({result['wall_seconds']:.0f} s in all): test accuracy {last['accuracy']:.4f}", flush=True)
+            return result
+
+        runs = sweep(folder, settings, env_before["commit"], args.seeds, args.methods, train)
         notes = hosts.notes
     summary = summarise(runs, args.seeds, args.methods)
     verdict = None
@@ -193,7 +167,7 @@ def main() -> None:
                "cuts": args.cuts, "cut_choice": "balance='time' at the training batch, one thread, on this machine",
                "runs": runs, "summary": summary, "verdict": verdict, "testbed_notes": notes,
                "env_before": env_before, "env": environment(1),
-               "command": " ".join(["python -m benchmarks.multihost_tta", *sys.argv[1:]])}
+               "command": " ".join(["python -m benchmarks.time_to_accuracy", *sys.argv[1:]])}
     path = write_json(args.out / f"{stem}.json", payload)
     chart(payload, args.out / f"{stem}.png")
     (args.out / f"{stem}.md").write_text(markdown(payload) + "\n")
@@ -238,7 +212,3 @@ def chart(payload: dict, path: Path) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     save_figure(fig, path)
-
-
-if __name__ == "__main__":
-    main()
