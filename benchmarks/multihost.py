@@ -402,8 +402,10 @@ def verdicts_of(results: dict) -> tuple[dict, list[str]]:
             order = f"{other} beats {method} (ranges apart)"
         else:
             order = "ranges overlap: neither beats the other"
-        which = {BEST_DDP: f" (the best DDP variant here: {other})",
-                 BEST_EXACT: f" (the best exact schedule here: {other})"}.get(against, "")
+        among = DDP_VARIANTS if against == BEST_DDP else EXACT
+        count = sum("samples_per_s" in row.get(m, {}) for m in among)
+        which = {BEST_DDP: f" (the best of the {count} DDP variants measured here: {other})",
+                 BEST_EXACT: f" (the best of the {count} exact methods measured here: {other})"}.get(against, "")
         aim = "no target" if target is None else f"target {target}x: {'met' if value >= target else 'MISSED'}"
         verdicts.append(f"{method} / {against}{which} at {rate}: {value:.2f}x, {order} ({aim})")
     return ratios, verdicts

@@ -173,18 +173,21 @@ def _schedule(name: str) -> str:
 
 
 def multihost_schedules(d: dict) -> dict[str, list[str]]:
-    # a model split over two hosts: the pipelines against the best exact schedule (and micro-batch count) at each rate
+    # a model split over two hosts: the pipelines against the best exact schedule (and micro-batch count) at each
+    # rate, and against the best of the two schedules measured before (GPipe and 1F1B)
     from benchmarks.multihost import best_exact
 
     r, ratio = d["results"], d["ratios"]
     near, far = r["unshaped"], r["1gbit"]
     best_near, best_far = best_exact(near), best_exact(far)
+    old = max((m for m in near if m.startswith(("bp_gpipe_", "bp_1f1b_"))), key=lambda m: near[m]["samples_per_s"])
     text = (f"unshaped link: LFNN-ℓ pipeline {_samples(near['lfnn_pipeline'])} samples/s against the best exact "
             f"schedule, {_schedule(best_near)}, {_samples(near[best_near])}: "
             f"{_x(ratio['lfnn_pipeline/best_exact@unshaped'])}; replay "
             f"{_x(ratio['replay_pipeline/best_exact@unshaped'])}; at 1 Gbit/s "
             f"{_x(ratio['lfnn_pipeline/best_exact@1gbit'])} and {_x(ratio['replay_pipeline/best_exact@1gbit'])} "
-            f"against {_schedule(best_far)}")
+            f"against {_schedule(best_far)}; against the best of GPipe and 1F1B ({_schedule(old)}, unshaped) "
+            f"{_x(near['lfnn_pipeline']['samples_per_s'] / near[old]['samples_per_s'])}")
     return {README: [text], BENCH: [text]}
 
 
@@ -392,6 +395,7 @@ SOURCES = {  # results file -> how to write its figures, per document that quote
     "multihost-resnet18-k2-cpu2-2026-12-02.json": multihost,
     "multihost_tta-fashion_mnist-resnet18-k2-1gbit-cpu2-2026-12-05.json": multihost_tta,
     "multihost-hooks-resnet18-k2-intel-xeon-2026-12-06-summary.json": multihost_hooks,
+    "multihost-schedules-resnet18-k2-intel-xeon-2026-12-06-summary.json": multihost_schedules,
     "time_to_accuracy-fashion_mnist-resnet18-k2-replay-stash-cpu2-2026-11-29.json": time_to_accuracy,
     ("time_to_accuracy-fashion_mnist-resnet18-k2-replay-stash-delay-lr-"
      "intel-xeon-2026-12-06.json"): time_to_accuracy_seeds,
