@@ -201,8 +201,11 @@ def expected_bytes(name: str, activation: int, labels: int, traffic, buffers: in
         return 2 * traffic.powersgd_bytes[int(name.removeprefix("ddp_powersgd_r"))] + buffers
     if name.startswith("local_sgd_h"):
         return 2 * traffic.local_sgd_bytes[int(name.removeprefix("local_sgd_h"))] + buffers
-    if name == "fsdp":  # per step, each host sends its half of the weights twice (all-gathered in the forward and
-        return 3 * traffic.gradient_bytes  # again in the backward) and half of the gradients (reduce-scattered)
+    if name == "fsdp":  # per step the weights are all-gathered twice (forward, and again in the backward: each host
+        # sends its half each time) and the gradients reduce-scattered; gloo's reduce_scatter_tensor moves what an
+        # all-reduce moves (each host sends the whole gradient: measured on loopback, 2.0x the tensor's bytes for two
+        # processes, as for all_reduce), where a ring reduce-scatter (NCCL) would send half of it
+        return 2 * traffic.gradient_bytes + 2 * traffic.gradient_bytes
     if name == "lfnn_pipeline":
         return activation + labels
     return 2 * activation + (labels if name == "replay_pipeline" else 0)  # the gradient comes back
@@ -351,9 +354,13 @@ def summarize(args) -> None:
         results[rate] = {}
         for name, old in row.items():
             new = cell(old.get("runs", []), batch)
-            if "expected_bytes_per_step" in old:
-                new["expected_bytes_per_step"] = (expected_bytes(name, 0, 0, None, 0, activations4)
-                                                  if four_stages(name) else old["expected_bytes_per_step"])
+            if "expected_bytes_per_step" in old:  # remade where it comes from the model alone
+                if four_stages(name):
+                    old["expected_bytes_per_step"] = expected_bytes(name, 0, 0, None, 0, activations4)
+                elif name == "fsdp":
+                    weights = argparse.Namespace(gradient_bytes=kept["bytes"]["gradients"])
+                    old["expected_bytes_per_step"] = expected_bytes(name, 0, 0, weights, 0)
+                new["expected_bytes_per_step"] = old["expected_bytes_per_step"]
             if not new.get("failed") and "expected_bytes_per_step" in new:
                 new["bytes_measured_over_expected"] = new["measured_bytes_per_step"] / new["expected_bytes_per_step"]
             results[rate][name] = new
