@@ -67,6 +67,20 @@ def memory(batch: int, allocator: str):
     return figures
 
 
+def memory_checkpointed(d: dict) -> dict[str, list[str]]:
+    # one device: the LFNN-ℓ trainer against backprop with activation checkpointing at the same cuts, and plain BP
+    def at(m):
+        r = d["methods"][m]
+        low, high = r["step_s_range"]
+        return f"{r['peak_rss_bytes'] / GIB:.2f} GiB, {r['step_s_median']:.1f} s per step ({low:.1f}–{high:.1f})"
+
+    text = (f"LFNN-ℓ {at('lfnn')}; backprop checkpointed at the same cuts {at('bp_checkpointed')}; plain backprop "
+            f"{at('bp')}")
+    short = (f"peaked at {d['lfnn_over_bp_checkpointed']:.2f}× checkpointed backprop's memory and took "
+             f"{_x(d['lfnn_step_over_bp_checkpointed_step'])} its step time")
+    return {README: [text, short], BENCH: [text]}
+
+
 def speedup(d: dict) -> dict[str, list[str]]:
     m, s, p, b = d["methods"], d["speedup"], d["projection"], d["bytes_per_step"]
     rows = {"bp_single": "BP, one process, 2 threads", "ddp": "DDP, 2 processes × 1 thread, 32 examples each",
@@ -193,6 +207,24 @@ def multihost_schedules(d: dict) -> dict[str, list[str]]:
              f"link, {_x(ratio['lfnn_pipeline/best_exact@1gbit'])} ({_x(ratio['replay_pipeline/best_exact@1gbit'])}) "
              f"at 1 Gbit/s")
     return {README: [text, short], BENCH: [text]}
+
+
+def multihost_fsdp(d: dict) -> dict[str, list[str]]:
+    # the same split model sharded with FSDP2 across the two hosts, beside the best exact schedule at each rate
+    from benchmarks.multihost import best_exact
+
+    r, ratio = d["results"], d["ratios"]
+    fsdp = {rate: r[rate]["fsdp"] for rate in ("unshaped", "1gbit", "100mbit")}
+    slow = best_exact(r["100mbit"])
+    slow_row = r["100mbit"]
+    more = slow_row["bp_interleaved_zb_m2"]["expected_bytes_per_step"] / slow_row[slow]["expected_bytes_per_step"]
+    text = (f"FSDP (`fully_shard`) {_samples(fsdp['unshaped'])} samples/s unshaped, {_samples(fsdp['1gbit'])} at "
+            f"1 Gbit/s, {_samples(fsdp['100mbit'])} at 100 Mbit/s, sending "
+            f"{fsdp['1gbit']['measured_bytes_per_step'] / 1e6:.0f} MB per step; at 100 Mbit/s the best exact method "
+            f"measured is {_schedule(slow)} (the four-stage schedules send {more:.1f}× more), and the pipelines ran "
+            f"{_x(ratio['lfnn_pipeline/best_exact@100mbit'])} (replay "
+            f"{_x(ratio['replay_pipeline/best_exact@100mbit'])}) it")
+    return {README: [text], BENCH: [text]}
 
 
 def multihost_tta(d: dict) -> dict[str, list[str]]:
@@ -394,12 +426,14 @@ SOURCES = {  # results file -> how to write its figures, per document that quote
     "memory-resnet101-k4-b64-memory-cpu2-2026-11-27.json": memory(64, "glibc default"),
     "memory-resnet101-k4-b64-memory-mmap-cpu2-2026-11-27.json": memory(64, "`--mmap-threshold 131072`"),
     "memory-resnet101-k4-b16-memory-cpu2-2026-11-27.json": memory(16, "glibc default"),
+    "memory-resnet101-k4-b64-memory-cpu2-2026-12-06.json": memory_checkpointed,
     "memory-resnet101-k4-b16-memory-mmap-cpu2-2026-11-27.json": memory(16, "`--mmap-threshold 131072`"),
     "speedup-resnet18-k2-cpu2-2026-11-29.json": speedup,
     "multihost-resnet18-k2-cpu2-2026-12-02.json": multihost,
     "multihost_tta-fashion_mnist-resnet18-k2-1gbit-cpu2-2026-12-05.json": multihost_tta,
     "multihost-hooks-resnet18-k2-intel-xeon-2026-12-06-summary.json": multihost_hooks,
     "multihost-schedules-resnet18-k2-intel-xeon-2026-12-06-summary.json": multihost_schedules,
+    "multihost-fsdp-resnet18-k2-intel-xeon-2026-12-06.json": multihost_fsdp,
     "time_to_accuracy-fashion_mnist-resnet18-k2-replay-stash-cpu2-2026-11-29.json": time_to_accuracy,
     ("time_to_accuracy-fashion_mnist-resnet18-k2-replay-stash-delay-lr-"
      "intel-xeon-2026-12-06.json"): time_to_accuracy_seeds,
