@@ -27,6 +27,15 @@ def test_each_cut_sends_its_activation_and_labels_and_ddp_its_ring_all_reduce():
     assert "traffic per step at batch 8, bfloat16 activations, link 1 Gbit/s" in text and "DDP on 3 devices" in text
 
 
+def test_without_batch_size_the_traffic_is_for_the_example_inputs_batch():
+    # plan(..., link=) with an example of 7 images and no batch_size= reports a step of 7, as its docstring says
+    model = timm.create_model("test_resnet", num_classes=10)
+    seven = lfnnify.plan(model, blocks=2, example_input=torch.zeros(7, 3, 32, 32), link="1gbit").traffic
+    one = lfnnify.plan(model, blocks=2, example_input=torch.zeros(1, 3, 32, 32), link="1gbit").traffic
+    assert seven.batch_size == 7 and one.batch_size == 1
+    assert seven.cut_bytes == [7 * b for b in one.cut_bytes] and one.cut_bytes[0] > 8  # activations and labels
+
+
 def test_at_imagenet_size_an_early_cut_moves_more_than_ddp_and_the_plan_says_so():
     plan = lfnnify.plan(timm.create_model("resnet50"), cuts=["layer1"], example_input=torch.zeros(1, 3, 224, 224),
                         batch_size=256, send_dtype=torch.bfloat16)
