@@ -272,16 +272,21 @@ def projection(args, model, x, y):
             "activation_bytes": sizes, "gradient_bytes": params, "block_peak_bytes": peaks or None}
 
 
+def _my_share(args, x, y):
+    """This process's 1/K of the global batch, for the data-parallel methods (DDP and FSDP)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if args.batch % world:
+        raise SystemExit(f"--batch {args.batch} is not divisible by {world} processes")
+    share = args.batch // world
+    return x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share]
+
+
 def ddp(args, model, x, y):
     """Data-parallel backprop: K processes, each on 1/K of the same global batch, gradients all-reduced by DDP;
     with ``--hook``, as DDP's users cut that all-reduce on a slow link (see ``register_hook``)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if args.batch % world:
-        raise SystemExit(f"--batch {args.batch} is not divisible by {world} processes")
-    share = args.batch // world
-    xs, ys = x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share]
+    xs, ys = _my_share(args, x, y)
     model.to(DEVICE).train()
     wrapped = DistributedDataParallel(model, device_ids=[DEVICE.index] if DEVICE.type == "cuda" else None,
                                       **bucket_settings(model, args))
@@ -308,13 +313,9 @@ def fsdp(args, model, x, y):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if args.batch % world:
-        raise SystemExit(f"--batch {args.batch} is not divisible by {world} processes")
-    share = args.batch // world
-    xs, ys = x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share]
+    xs, ys = _my_share(args, x, y)
     model.to(DEVICE).train()
-    mesh = init_device_mesh(DEVICE.type, (world,))
+    mesh = init_device_mesh(DEVICE.type, (dist.get_world_size(),))
     for child in model.children():
         if any(p.requires_grad for p in child.parameters()):
             fully_shard(child, mesh=mesh)
