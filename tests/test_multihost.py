@@ -216,8 +216,9 @@ def test_the_multihost_benchmark_runs_end_to_end(tmp_path, capsys):
     # benchmarks/multihost.py at a tiny size: its own testbed, plain DDP, DDP with PowerSGD, FSDP and the LFNN-ℓ
     # pipeline, one rate, one run each, the JSON, table and picture
     code, out, err = here.module(capsys, "benchmarks.multihost", "--rates", "100mbit", "--methods",
-                                 "ddp", "ddp_powersgd_r1", "fsdp", "lfnn_pipeline", "--model", "test_resnet", "--steps", "3",
-                                 "--warmup", "2", "--repeats", "1", "--no-projection", "--out", tmp_path)
+                                 "ddp", "ddp_powersgd_r1", "fsdp", "lfnn_pipeline", "--model", "test_resnet",
+                                 "--steps", "3", "--warmup", "2", "--repeats", "1", "--no-projection", "--out",
+                                 tmp_path)
     assert code == 0, out[-2000:] + err[-3000:]
     import json
 

@@ -54,6 +54,7 @@ def test_bad_link_and_batch():
 def _all_reduced_elements(model, hook, state, steps: int) -> int:
     """The elements DDP with ``hook`` really all-reduces in its last of ``steps`` steps: torch's own hook runs, in
     a one-process gloo group, and every tensor it hands to all_reduce is counted on its way through."""
+    import gc
     import socket
 
     import torch.distributed as dist
@@ -70,6 +71,7 @@ def _all_reduced_elements(model, hook, state, steps: int) -> int:
         counted.append(tensor.numel())
         return real(tensor, *args, **kwargs)
 
+    wrapped = None
     try:
         dist.all_reduce = counting
         wrapped = DistributedDataParallel(model)
@@ -81,6 +83,10 @@ def _all_reduced_elements(model, hook, state, steps: int) -> int:
         return sum(counted)
     finally:
         dist.all_reduce = real
+        # DDP (its reducer and the hook's state) goes before its process group: collected after it, during the next
+        # call's DDP, it aborted this process once ("Fatal Python error: Aborted")
+        del wrapped
+        gc.collect()
         dist.destroy_process_group()
 
 
