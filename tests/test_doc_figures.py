@@ -224,7 +224,10 @@ def multihost_fsdp(d: dict) -> dict[str, list[str]]:
             f"measured is {_schedule(slow)} (the four-stage schedules send {more:.1f}× more), and the pipelines ran "
             f"{_x(ratio['lfnn_pipeline/best_exact@100mbit'])} (replay "
             f"{_x(ratio['replay_pipeline/best_exact@100mbit'])}) it")
-    return {README: [text], BENCH: [text]}
+    name = SCHEDULE_NAMES[slow.removeprefix("bp_").rsplit("_m", 1)[0]]
+    short = (f"{_x(ratio['lfnn_pipeline/best_exact@100mbit'])} ({_x(ratio['replay_pipeline/best_exact@100mbit'])}) "
+             f"{name} at 100 Mbit/s")
+    return {README: [text, short], BENCH: [text]}
 
 
 def multihost_tta(d: dict) -> dict[str, list[str]]:
