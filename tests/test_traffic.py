@@ -55,16 +55,14 @@ def _all_reduced_elements(model, hook, state, steps: int) -> int:
     """The elements DDP with ``hook`` really all-reduces in its last of ``steps`` steps: torch's own hook runs, in
     a one-process gloo group, and every tensor it hands to all_reduce is counted on its way through."""
     import gc
-    import socket
 
     import torch.distributed as dist
     import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    # an in-memory store: no TCP server thread or port in the test process, which a later stray connection or the
+    # group's end could reach from a native thread and abort the whole test worker
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     counted, real = [], dist.all_reduce
 
     def counting(tensor, *args, **kwargs):
