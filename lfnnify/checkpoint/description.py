@@ -12,14 +12,15 @@ import math
 import re
 from pathlib import Path
 
+import lfnnify.checkpoint.files as fileio
+import lfnnify.checkpoint.store as store
+
 from .._checks import is_count, is_flag, is_int, is_number
 from .._version import __version__
 from ..errors import CheckpointError
 from ..surgery.facts import describe_model
 from ..surgery.model import LFNNModel
 from ..surgery.options import MODES
-from . import files as fileio
-from . import store
 
 __all__ = ["describe_checkpoint", "read_meta", "check_meta", "WEIGHTS"]
 

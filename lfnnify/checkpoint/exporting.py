@@ -11,12 +11,13 @@ import torch
 from safetensors.torch import save as save_bytes
 from torch import nn
 
+import lfnnify.checkpoint.files as fileio
+import lfnnify.checkpoint.store as store
+
 from .._writing import write_regular
 from ..errors import CheckpointError, DataNotFoundError
 from ..surgery.facts import classifier_parameter_names, find_classifier
 from ..surgery.model import LFNNModel
-from . import files as fileio
-from . import store
 
 __all__ = ["export", "load_pretrained", "original_state_dict"]
 

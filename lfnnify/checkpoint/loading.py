@@ -9,13 +9,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import lfnnify.checkpoint.files as fileio
+import lfnnify.checkpoint.store as store
+
 from ..errors import CheckpointError
 from ..surgery.conversion import convert
 from ..surgery.facts import rebuild_model
 from ..surgery.model import LFNNModel
 from ..surgery.options import HEADS, ConvertOptions
-from . import files as fileio
-from . import store
 from .description import WEIGHTS, read_meta
 from .saving import fingerprint
 

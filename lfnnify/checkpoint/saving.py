@@ -7,10 +7,11 @@ from pathlib import Path
 
 import torch
 
+import lfnnify.checkpoint.files as fileio
+import lfnnify.checkpoint.store as store
+
 from ..errors import CheckpointError, ConfigError
 from ..surgery.model import LFNNModel, main_output
-from . import files as fileio
-from . import store
 from .description import WEIGHTS, describe_checkpoint
 from .trainer_state import trainer_blobs, trainer_names
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import lfnnify.checkpoint.files as fileio
+import lfnnify.checkpoint.store as store
+
 from ..errors import CheckpointError
-from . import files as fileio
-from . import store
 from .description import read_meta
 
 __all__ = ["trainer_names", "trainer_blobs", "parse_trainer_state", "read_trainer_blobs", "read_trainer_state"]
