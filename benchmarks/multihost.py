@@ -12,7 +12,8 @@ Two hosts of one core each (network and PID namespaces on this machine, lfnnify/
 - ``bp_gpipe``, ``bp_1f1b``: backprop pipelined with torch.distributed.pipelining, one block per host;
 - ``lfnn_pipeline``: LFNN-ℓ with lfnnify.PipelineTrainer, one block per host;
 - ``replay_pipeline``: delayed end-to-end gradients with weight stashing, one block per host;
-- ``*_bf16``: the same two, sending activations (and replay's gradients) in bfloat16 (``send_dtype``).
+- ``*_bf16``, ``*_int8``: the same two, sending activations (and replay's gradients) in bfloat16, or as int8 with a
+  float32 scale per channel (``send_dtype``; lfnnify.pipeline.quantize).
 Every pipeline overlaps its sends with compute (asynchronous, at most ``max_in_flight=2`` pending).
 
 The same model (timm resnet18, CIFAR variant, 32 px), global batch (64), synthetic batch, and cut for every method:
@@ -54,7 +55,8 @@ from .common import (  # noqa: E402
 )
 
 WORKER = ["-m", "benchmarks.workers.speedup"]
-RATES = ["unshaped", "10gbit", "1gbit", "100mbit"]
+RATES = ["unshaped", "10gbit", "1gbit", "100mbit", "10mbit"]
+SENT_AS = ("bf16", "int8")  # the pipelines' send_dtype variants (float32 without a suffix)
 METHODS = {  # name -> worker arguments
     "ddp": ["--method", "ddp"],
     "ddp_fp16": ["--method", "ddp", "--hook", "fp16"],
@@ -71,8 +73,10 @@ METHODS = {  # name -> worker arguments
     "fsdp": ["--method", "fsdp"],  # backprop sharded over the hosts (FSDP2): exact gradients, 1/2 of the weights each
     "lfnn_pipeline": ["--method", "lfnn_pipeline"],
     "replay_pipeline": ["--method", "lfnn_pipeline", "--mode", "replay", "--stash"],
-    "lfnn_pipeline_bf16": ["--method", "lfnn_pipeline", "--send-bf16"],  # the same, activations sent in bfloat16
-    "replay_pipeline_bf16": ["--method", "lfnn_pipeline", "--mode", "replay", "--stash", "--send-bf16"],
+    # the same, activations (and replay's gradients) sent in bfloat16, or in int8 with a scale per channel
+    **{f"{m}_{d}": [*args, "--send-dtype", d] for d in SENT_AS for m, args in
+       (("lfnn_pipeline", ["--method", "lfnn_pipeline"]),
+        ("replay_pipeline", ["--method", "lfnn_pipeline", "--mode", "replay", "--stash"]))},
 }
 DDP_VARIANTS = [m for m in METHODS if m.startswith(("ddp", "local_sgd"))]
 BEST_DDP = "best_ddp"  # in TARGETS: the DDP variant with the most samples/s at that rate
@@ -86,9 +90,9 @@ TARGETS = {  # (method, against, rate) -> the ratio of samples/s the project aim
     **{("lfnn_pipeline", "bp_1f1b", r): 1.5 for r in RATES},
     **{(m, BEST_EXACT, r): 1.5 for m in ("lfnn_pipeline", "replay_pipeline") for r in RATES},
 }
-# and, without a target, each pipeline (bf16 sends included) against the best DDP variant at every rate
-TARGETS = {**{(m, BEST_DDP, r): None for m in ("lfnn_pipeline", "replay_pipeline", "lfnn_pipeline_bf16",
-                                               "replay_pipeline_bf16") for r in RATES}, **TARGETS}
+# and, without a target, each pipeline (bf16 and int8 sends included) against the best DDP variant at every rate
+TARGETS = {**{(f"{m}{d}", BEST_DDP, r): None for m in ("lfnn_pipeline", "replay_pipeline")
+              for d in ("", *(f"_{d}" for d in SENT_AS)) for r in RATES}, **TARGETS}
 
 
 FOUR_STAGES = ("interleaved1f1b", "interleaved_zb", "zbv", "dualpipev")
@@ -178,11 +182,12 @@ def four_stage_activations(model, args) -> list[int] | None:
     return [b - args.batch * 8 for b in plan.traffic.cut_bytes]  # without the labels: the schedules send none
 
 
-def expected_bytes(name: str, activation: int, labels: int, traffic, buffers: int,
+def expected_bytes(name: str, activation: dict[str, int], labels: int, traffic, buffers: int,
                    activations4: list[int] | None = None) -> int:
     """What the two hosts together should send per step (payload only; TCP/IP adds its headers), from
     ``plan().traffic``; every DDP variant also broadcasts the first host's ``buffers`` (BatchNorm statistics) at
-    each forward. A four-stage schedule sends each cut's activation and its gradient across the link wherever the
+    each forward. ``activation``: the cut's activation bytes per step as each pipeline sends it (fp32, bf16, int8
+    with its scales). A four-stage schedule sends each cut's activation and its gradient across the link wherever the
     two stages it joins sit on different hosts (``activations4``: the four-stage split's activation bytes)."""
     if four_stages(name):
         from .workers.speedup import stages_of
@@ -190,9 +195,9 @@ def expected_bytes(name: str, activation: int, labels: int, traffic, buffers: in
         schedule = METHODS[name][METHODS[name].index("--schedule") + 1]
         host = {stage: rank for rank in range(2) for stage in stages_of(schedule, rank, 2)}
         return sum(2 * a for c, a in enumerate(activations4) if host[c] != host[c + 1])
-    if name.endswith("_bf16"):
-        activation //= 2
-        name = name.removesuffix("_bf16")
+    sent_as = next((d for d in SENT_AS if name.endswith(f"_{d}")), "fp32")
+    activation = activation.get(sent_as, 0)
+    name = name.removesuffix(f"_{sent_as}")
     if name == "ddp":
         return 2 * traffic.ddp_bytes + buffers  # a ring all-reduce of two: each host sends the whole gradient once
     if name == "ddp_fp16":
@@ -287,10 +292,15 @@ def main() -> None:
 
     import lfnnify
 
+    from .workers.speedup import SEND_DTYPES
+
     plan = lfnnify.plan(model, cuts=args.cuts, example_input=torch.zeros(1, 3, args.size, args.size),
                         batch_size=args.batch)
-    activation = plan.traffic.cut_bytes[0] - args.batch * 8
     labels = args.batch * 8
+    example = torch.zeros(1, 3, args.size, args.size)
+    activation = {d: lfnnify.plan(model, cuts=args.cuts, example_input=example, batch_size=args.batch,
+                                  send_dtype=SEND_DTYPES[d]).traffic.cut_bytes[0] - labels
+                  for d in ("fp32", *SENT_AS)}
     gradients = plan.traffic.gradient_bytes
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     activations4 = four_stage_activations(model, args)
@@ -322,7 +332,8 @@ def main() -> None:
                                                        for k, v in vars(args).items()},
                "cuts": args.cuts, "cuts4": args.cuts4,
                "cut_choice": "balance='time' at the training batch, one thread, on this machine",
-               "bytes": {"activation": activation, "labels": labels, "gradients": gradients, "buffers": buffers},
+               "bytes": {"activation": activation["fp32"], "activation_sent_as": activation,
+                         "labels": labels, "gradients": gradients, "buffers": buffers},
                "results": results, "ratios": ratios, "verdicts": verdicts, "projection_k4": projection,
                "testbed_notes": notes, "env_before": env_before, "env": environment(1),
                "command": " ".join(["python -m benchmarks.multihost", *sys.argv[1:]])}

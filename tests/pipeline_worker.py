@@ -30,13 +30,14 @@ SIZE, BATCH, DATA = 16, 16, 72  # 72 images: the last batch of each epoch has 8,
 LARGE = dict(size=128, channels=64, batch=16, data=32)  # 16 x 64 x 128 x 128 floats: 64 MiB per message
 
 # name -> what it trains: blocks, mode (local | replay | replay-stash), local_weight, switch_at/switch_to, head,
-# refresh_every, predict, delay_lr (delay-aware step sizes over that many steps), bf16, steps, resume_at (save there,
-# load, go on), model (timm: MODEL | plain | large | torchvision), relayout (then resume the same ranks as that many
-# blocks x 1 replica); the world size is blocks x replicas
+# refresh_every, predict, delay_lr (delay-aware step sizes over that many steps), send (send_dtype: bf16 | int8),
+# steps, resume_at (save there, load, go on), model (timm: MODEL | plain | large | torchvision), relayout (then
+# resume the same ranks as that many blocks x 1 replica); the world size is blocks x replicas
 SCENARIOS = {
     "2-local": dict(blocks=2),
     "2-replay": dict(blocks=2, mode="replay"),
-    "2-local-bf16": dict(blocks=2, bf16=True, steps=3),
+    "2-local-bf16": dict(blocks=2, send="bf16", steps=3),
+    "2-replay-int8": dict(blocks=2, mode="replay", send="int8", steps=3),
     "2-local-resume": dict(blocks=2, resume_at=3),
     "2-replay-resume": dict(blocks=2, mode="replay", resume_at=3),
     "2-torchvision": dict(blocks=2, model="torchvision", steps=2),
@@ -53,7 +54,7 @@ SCENARIOS = {
     "4-replicas-batchnorm": dict(blocks=2, replicas=2, mode="replay-stash", steps=4, relayout=4),
 }
 DEFAULTS = dict(mode="local", local_weight=0.0, switch_at=None, switch_to=None, head="linear", refresh_every=None,
-                predict=False, delay_lr=None, bf16=False, steps=7, resume_at=None, model="timm", replicas=1,
+                predict=False, delay_lr=None, send=None, steps=7, resume_at=None, model="timm", replicas=1,
                 relayout=None)
 
 
@@ -134,7 +135,8 @@ def loaders(name: str, *, batch_scale: int = 1):
 def _pipeline(net, name, **extra):
     s = spec(name)
     return lfnnify.PipelineTrainer(net, threads=1, timeout_s=30, max_in_flight=2,
-                                   send_dtype=torch.bfloat16 if s["bf16"] else None, **trainer_knobs(name), **extra)
+                                   send_dtype={"bf16": torch.bfloat16, "int8": torch.int8}.get(s["send"]),
+                                   **trainer_knobs(name), **extra)
 
 
 def run(name: str, out: Path) -> None:

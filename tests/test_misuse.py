@@ -371,7 +371,7 @@ def test_the_largest_seed_trains_and_orders_the_data():
 
 
 @pytest.mark.parametrize("knobs,words", [
-    (dict(send_dtype=torch.int8), "send_dtype=torch.int8 must be None (the block's own dtype) or one of"),
+    (dict(send_dtype=torch.int16), "send_dtype=torch.int16 must be None (the block's own dtype) or one of"),
     (dict(send_dtype="bf16"), "send_dtype='bf16' must be None"),
     (dict(timeout_s=float("inf")), "timeout_s=inf must be a positive number of seconds, at most 86400"),
     (dict(timeout_s=1e12), "timeout_s=1000000000000.0 must be a positive number of seconds, at most 86400"),

@@ -213,10 +213,11 @@ def test_the_hosts_command_line_makes_runs_in_and_removes_hosts():
 
 
 def test_the_multihost_benchmark_runs_end_to_end(tmp_path, capsys):
-    # benchmarks/multihost.py at a tiny size: its own testbed, plain DDP, DDP with PowerSGD, FSDP and the LFNN-ℓ
-    # pipeline, one rate, one run each, the JSON, table and picture
+    # benchmarks/multihost.py at a tiny size: its own testbed, plain DDP, DDP with PowerSGD, FSDP and the replay
+    # pipeline sending float32 and int8, one rate, one run each, the JSON, table and picture
     code, out, err = here.module(capsys, "benchmarks.multihost", "--rates", "100mbit", "--methods",
-                                 "ddp", "ddp_powersgd_r1", "fsdp", "lfnn_pipeline", "--model", "test_resnet",
+                                 "ddp", "ddp_powersgd_r1", "fsdp", "replay_pipeline", "replay_pipeline_int8",
+                                 "--model", "test_resnet",
                                  "--steps", "3", "--warmup", "2", "--repeats", "1", "--no-projection", "--out",
                                  tmp_path)
     assert code == 0, out[-2000:] + err[-3000:]
@@ -224,16 +225,20 @@ def test_the_multihost_benchmark_runs_end_to_end(tmp_path, capsys):
 
     result = json.loads(next(tmp_path.glob("multihost-*.json")).read_text())
     row = result["results"]["100mbit"]
-    assert set(row) == {"ddp", "ddp_powersgd_r1", "fsdp", "lfnn_pipeline"}
+    assert set(row) == {"ddp", "ddp_powersgd_r1", "fsdp", "replay_pipeline", "replay_pipeline_int8"}
     assert all(len(r["runs"]) == 1 and len(r["runs"][0]["step_s"]) == 3 for r in row.values())
     # the bytes the link counted are the bytes each method sends, TCP/IP headers and all (within 15%): FSDP on gloo
-    # sends 4x the weights (two all-gathers, and a reduce-scatter that moves what an all-reduce moves)
+    # sends 4x the weights (two all-gathers, and a reduce-scatter that moves what an all-reduce moves); int8 sends
+    # a quarter of the activations and gradients, and a scale per channel
     for name, r in row.items():
         assert abs(r["bytes_measured_over_expected"] - 1) < 0.15, (name, r["measured_bytes_per_step"],
                                                                    r["expected_bytes_per_step"])
     assert row["ddp_powersgd_r1"]["hook"] == {"hook": "powersgd", "rank": 1, "start_iter": 2, "error_feedback": True,
                                               "warm_start": True, "one_bucket": True}
-    assert result["ratios"]["lfnn_pipeline/ddp@100mbit"] > 0
+    assert result["ratios"]["replay_pipeline/ddp@100mbit"] > 0
+    sent = result["bytes"]["activation_sent_as"]
+    assert sent["int8"] < sent["fp32"] / 3.5 and row["replay_pipeline_int8"]["expected_bytes_per_step"] < (
+        row["replay_pipeline"]["expected_bytes_per_step"] / 3)
     # one run each: no verdict says which is faster
     assert all("too few to say which is faster" in v for v in result["verdicts"]), result["verdicts"]
     assert next(tmp_path.glob("multihost-*.png")).read_bytes()[:4] == b"\x89PNG"

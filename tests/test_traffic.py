@@ -27,6 +27,21 @@ def test_each_cut_sends_its_activation_and_labels_and_ddp_its_ring_all_reduce():
     assert "traffic per step at batch 8, bfloat16 activations, link 1 Gbit/s" in text and "DDP on 3 devices" in text
 
 
+def test_int8_sends_a_byte_per_value_and_a_float32_scale_per_channel():
+    from lfnnify.pipeline.quantize import quantize
+
+    model = timm.create_model("test_resnet", num_classes=10)
+    plan = lfnnify.plan(model, blocks=2, example_input=torch.zeros(1, 3, 32, 32), batch_size=8,
+                        send_dtype=torch.int8)
+    net = lfnnify.convert(model, cuts=plan.cuts, example_input=torch.zeros(1, 3, 32, 32))
+    with torch.no_grad():
+        values, scales = quantize(net.blocks[0](torch.randn(8, 3, 32, 32)))  # what the pipeline's Link sends
+    assert plan.traffic.cut_bytes == [values.numel() * values.element_size() + scales.numel() * 4 + 8 * 8]
+    assert "int8 activations" in str(plan)
+    with pytest.raises(lfnnify.ConfigError, match="send_dtype=torch.int16 must be None"):
+        lfnnify.plan(model, blocks=2, example_input=torch.zeros(1, 3, 32, 32), batch_size=8, send_dtype=torch.int16)
+
+
 def test_without_batch_size_the_traffic_is_for_the_example_inputs_batch():
     # plan(..., link=) with an example of 7 images and no batch_size= reports a step of 7, as its docstring says
     model = timm.create_model("test_resnet", num_classes=10)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import lfnnify  # noqa: E402
 from lfnnify.app import create_model  # noqa: E402
 
+SEND_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}  # the pipelines' --send-dtype
 DEVICE = torch.device("cpu")  # cuda:LOCAL_RANK when GPUs are present: one GPU per rank
 
 
@@ -99,7 +100,7 @@ def lfnn_pipeline(args, model, x, y):
                    weight_stashing=args.stash)
     trainer = lfnnify.PipelineTrainer(net, optimizer=_sgd, threads=args.threads, progress=False,
                                       max_in_flight=args.in_flight, timeout_s=300,
-                                      send_dtype=torch.bfloat16 if args.send_bf16 else None)
+                                      send_dtype=SEND_DTYPES[args.send_dtype])
     stamps = []
     step = trainer._stage_step
 
@@ -461,7 +462,8 @@ def main():
     parser.add_argument("--schedule", default="gpipe", choices=SCHEDULES)
     parser.add_argument("--in-flight", type=int, default=2)
     parser.add_argument("--stash", action="store_true", help="replay with weight stashing")
-    parser.add_argument("--send-bf16", action="store_true", help="pipelines send activations in bfloat16")
+    parser.add_argument("--send-dtype", default="fp32", choices=list(SEND_DTYPES),
+                        help="pipelines send activations (and replay's gradients) as (int8: a scale per channel)")
     parser.add_argument("--iface", default=None, help="count the bytes this host sends on this interface")
     add_hook_arguments(parser)  # --hook-start 2: within the warm-up, so every timed step is compressed
     parser.add_argument("--out", type=Path, required=True)

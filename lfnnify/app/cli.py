@@ -12,6 +12,7 @@ from pathlib import Path
 from .._version import __version__
 from ..errors import ConfigError, LfnnifyError
 from ..surgery.options import BALANCES, HEADS, MODES, ConvertOptions
+from ..training.options import SEND_DTYPES_BY_NAME
 
 EPILOG = """examples:
   lfnnify demo
@@ -39,7 +40,7 @@ def _cmd_plan(args) -> int:
         example = torch.randn(1, input_channels(model), args.input_size, args.input_size)
     result = plan(model, blocks=args.blocks, cuts=args.cuts, workers=args.workers, balance=args.balance,
                   head=args.head, mode=args.mode, example_input=example, batch_size=args.batch_size, link=args.link,
-                  send_dtype=torch.bfloat16 if args.send_dtype == "bf16" else None)
+                  send_dtype=SEND_DTYPES_BY_NAME[args.send_dtype])
     print(result)
     return 0
 
@@ -100,7 +101,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=int, help="square input size (default: the model's pretrained_cfg)")
     p.add_argument("--batch-size", type=int, help="training batch: report what each cut and DDP send per step")
     p.add_argument("--link", help="a link rate (1gbit, 100mbit, 10gbit): also report how long each transfer takes")
-    p.add_argument("--send-dtype", choices=["fp32", "bf16"], default="fp32", help="activations sent as (default fp32)")
+    p.add_argument("--send-dtype", choices=list(SEND_DTYPES_BY_NAME), default="fp32",
+                   help="activations (and replay's gradients) sent as (default fp32; int8: a scale per channel)")
     p.set_defaults(func=_cmd_plan)
 
     t = sub.add_parser(

@@ -21,7 +21,7 @@ import yaml
 from .._checks import broken_rule, count, is_flag, is_int, is_number, one_of, optional, setting
 from ..errors import ConfigError, DataNotFoundError, RecipeError
 from ..surgery.options import ConvertOptions
-from ..training.options import PipelineOptions, TrainerOptions
+from ..training.options import SEND_DTYPES_BY_NAME, PipelineOptions, TrainerOptions
 
 __all__ = ["Recipe", "RecipeError", "load_recipe", "find_recipe", "builtin_recipes", "apply_overrides",
            "recipe_to_dict", "SEND_DTYPE_NAMES"]
@@ -51,7 +51,7 @@ def find_recipe(path: str | Path) -> Path:
 MAX_SEED = 2**63 - 1  # the largest seed torch.manual_seed takes as a signed 64-bit number
 METHODS = ("lfnn", "bp")
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
-SEND_DTYPE_NAMES = ("bf16", "fp16", "fp32")  # how a recipe names PipelineOptions.send_dtype
+SEND_DTYPE_NAMES = tuple(SEND_DTYPES_BY_NAME)  # how a recipe names PipelineOptions.send_dtype
 
 
 def _device(v) -> bool:

@@ -22,7 +22,7 @@ from ..data import build_datasets, make_loader
 from ..errors import ConfigError, DataError, DataNotFoundError
 from ..plots import plot_curves, plot_leadership
 from ..surgery.conversion import convert
-from ..training.options import TrainerOptions
+from ..training.options import SEND_DTYPES_BY_NAME, TrainerOptions
 from ..training.trainer import Trainer
 from .recipes import NOT_IN_RECIPES, Recipe, recipe_to_dict
 from .zoo import create_model
@@ -202,9 +202,6 @@ def _build_net(recipe: Recipe, *, chans: int, classes: int, size: int, pretraine
     if world > 1 and settings["balance"] == "time":  # every rank must cut alike: measured times differ by rank
         settings["balance"] = "flops"
     return convert(model, **settings, example_input=example)
-
-
-SEND_DTYPES_BY_NAME = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # recipes name them
 
 
 def resolve_device(name: str) -> torch.device:

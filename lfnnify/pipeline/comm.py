@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .. import errors
 from ..errors import PipelineError
+from . import quantize
 
 __all__ = ["Link", "PeerError", "TRAIN", "EVAL", "END", "GRAD", "WEIGHTS", "EPOCH_DONE", "EVALUATE", "init_distributed",
            "choose_backend", "peer_failures", "is_peer_failure", "host_name", "machine_identity",
@@ -26,8 +27,8 @@ __all__ = ["Link", "PeerError", "TRAIN", "EVAL", "END", "GRAD", "WEIGHTS", "EPOC
 # message kinds in the header
 TRAIN, EVAL, END, GRAD, WEIGHTS = 1, 2, 3, 4, 5  # WEIGHTS: a block's weights for the previous block's head
 EPOCH_DONE, EVALUATE = 1, 2  # flags of an END message after a training phase
-_HEADER = 16  # int64 slots: kind, flag, ndim, dims[8], dtype code, labels, unused
-_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.uint8]
+_HEADER = 16  # int64 slots: kind, flag, ndim, dims[8], dtype code, labels, int8 sends' float dtype code + 1, unused
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.uint8, torch.int8]
 
 
 class PeerError(PipelineError):
@@ -115,8 +116,13 @@ class Link:
         header[0], header[1] = kind, flag
         payload = []
         if tensor is not None:
+            scales = None
             if self.send_dtype is not None and tensor.is_floating_point() and kind != WEIGHTS:  # weights: exact
-                tensor = tensor.to(self.send_dtype)
+                if self.send_dtype == torch.int8:
+                    header[13] = _DTYPES.index(tensor.dtype) + 1  # what the receiver gets back
+                    tensor, scales = quantize.quantize(tensor)
+                else:
+                    tensor = tensor.to(self.send_dtype)
             tensor = tensor.detach().contiguous()
             if tensor.dim() > 8:
                 raise PipelineError(f"cannot send a {tensor.dim()}-d activation (at most 8 dimensions)")
@@ -124,7 +130,8 @@ class Link:
             header[3 : 3 + tensor.dim()] = torch.tensor(tensor.shape)
             header[11] = _DTYPES.index(tensor.dtype)
             header[12] = -1 if labels is None else len(labels)
-            payload = [tensor] + ([labels.to(torch.int64).contiguous()] if labels is not None else [])
+            payload = [tensor] + ([scales] if scales is not None else [])
+            payload += [labels.to(torch.int64).contiguous()] if labels is not None else []
         messages = [header.to(self.comm_device), *(t.to(self.comm_device) for t in payload)]
         try:
             group = self.channels.get((self.rank, dst))
@@ -148,6 +155,11 @@ class Link:
         shape = header[3 : 3 + int(header[2])].tolist()
         tensor = torch.empty(shape, dtype=_DTYPES[int(header[11])], device=self.comm_device)
         self._recv_into(tensor, src)
+        if int(header[13]) > 0:  # int8 values, then their scales: one per channel (see quantize)
+            scales = torch.empty(tensor.shape[1] if tensor.dim() >= 2 else 1, dtype=torch.float32,
+                                 device=self.comm_device)
+            self._recv_into(scales, src)
+            tensor = quantize.dequantize(tensor, scales, _DTYPES[int(header[13]) - 1])
         labels = None
         if int(header[12]) >= 0:
             labels = torch.empty(int(header[12]), dtype=torch.int64, device=self.comm_device)

@@ -69,7 +69,10 @@ class PipelineTrainer(DataPath, TrainerBase):
             :class:`~lfnnify.Trainer`
             (block k+1's rank sends its weights to block k's head when it starts a refresh step).
         max_in_flight: outgoing messages allowed in flight before a stage waits (memory bound).
-        send_dtype: send activations and gradients in this dtype (``torch.bfloat16`` halves traffic).
+        send_dtype: send activations and gradients in this dtype (``torch.bfloat16`` halves traffic);
+            ``torch.int8`` sends a quarter: int8 values with one float32 scale per channel, each value within half
+            a step (1/254 of its channel's largest magnitude) of what was sent (:mod:`lfnnify.pipeline.quantize`).
+            Weights a refresh sends are always exact.
         timeout_s: how long a rank waits for a neighbour before giving up; a failed rank's neighbours
             stop within this bound (torchrun also stops the others when one process exits with an error).
         threads: torch threads for this process (set it: oversubscribed cores are very slow).

@@ -23,7 +23,13 @@ import torch
 from .._checks import is_count, is_number
 from ..errors import ConfigError
 
-__all__ = ["Traffic", "traffic", "parse_link", "POWERSGD_RANKS", "LOCAL_SGD_PERIODS", "powersgd_elements"]
+__all__ = ["Traffic", "traffic", "parse_link", "POWERSGD_RANKS", "LOCAL_SGD_PERIODS", "powersgd_elements",
+           "SEND_DTYPES", "SEND_DTYPES_BY_NAME"]
+
+# what a pipeline can send activations and gradients as: floats, or int8 with a float32 scale per channel
+# (lfnnify.pipeline.quantize); PipelineOptions.send_dtype takes these, and recipes and the command line their names
+SEND_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
+SEND_DTYPES_BY_NAME = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
 
 POWERSGD_RANKS = (1, 2, 4)  # what a plan reports; Vogels et al. (2019) match SGD on ResNet-18 at rank 2
 LOCAL_SGD_PERIODS = (4, 16)
@@ -156,12 +162,17 @@ def traffic(plan, *, batch_size: int, send_dtype: torch.dtype | None = None, lin
         raise ConfigError(f"batch_size={batch_size!r} must be an int >= 1 (the training batch)")
     if not plan.blocks:
         raise ConfigError("traffic needs a split: plan(model, blocks=K) or cuts=[...]")
+    if send_dtype is not None and send_dtype not in SEND_DTYPES:
+        raise ConfigError(f"send_dtype={send_dtype!r} must be None (float32) or one of "
+                          f"{', '.join(map(str, SEND_DTYPES))}: what the pipeline sends activations as")
     dtype = send_dtype or torch.float32
     item = torch.empty((), dtype=dtype).element_size()
     cut_bytes = []
     for b in plan.blocks[:-1]:
         numel = torch.Size(b.output_shape[1:]).numel()
-        cut_bytes.append(batch_size * numel * item + batch_size * 8)  # activations and int64 labels
+        # int8 sends carry a float32 scale per channel (dim 1; one for a 1-d output) with the values
+        scales = 4 * (b.output_shape[1] if len(b.output_shape) >= 2 else 1) if dtype == torch.int8 else 0
+        cut_bytes.append(batch_size * numel * item + scales + batch_size * 8)  # activations and int64 labels
     k = len(plan.blocks)
     gradient = plan.model_params * 4  # DDP all-reduces float32 gradients
     ring = 2 * (k - 1) / k  # what each device sends in a ring all-reduce, per byte all-reduced

@@ -20,14 +20,16 @@ from ..errors import ConfigError
 from ..surgery.lookahead import LookaheadHead
 from ..surgery.model import LFNNModel
 from ..surgery.options import signature_with
+from ..surgery.traffic import SEND_DTYPES, SEND_DTYPES_BY_NAME
 from .update import OptimizerFactory, SchedulerFactory
 
-__all__ = ["TrainerOptions", "PipelineOptions", "AMP_DTYPES", "SWITCHABLE", "SEND_DTYPES", "MAX_TIMEOUT_S",
+__all__ = ["TrainerOptions", "PipelineOptions", "AMP_DTYPES", "SWITCHABLE", "SEND_DTYPES",
+           "SEND_DTYPES_BY_NAME", "MAX_TIMEOUT_S",
            "signature_with_options"]
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SWITCHABLE = ("local", "replay")
-SEND_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # activations and gradients cross as floats
+
 MAX_TIMEOUT_S = 86400.0  # a day: a wait longer than that is a hang, and larger values overflow the backends' clocks
 
 
@@ -122,8 +124,9 @@ class PipelineOptions:
     max_in_flight: int = setting(2, count(1), "must be an int >= 1")
     send_dtype: torch.dtype | None = setting(None, one_of(None, *SEND_DTYPES),
                                              "must be None (the block's own dtype) or one of torch.float32, "
-                                             "torch.bfloat16, torch.float16: activations and gradients cross as floats "
-                                             "(torch.bfloat16 halves the traffic)")
+                                             "torch.bfloat16, torch.float16, torch.int8: activations and gradients "
+                                             "cross as floats (torch.bfloat16 halves the traffic) or as int8 with a "
+                                             "scale per channel (a quarter)")
     # chosen once, for the API and the recipes: long enough for a neighbour's evaluation or for rank 0 writing a
     # large checkpoint (a 1 GB one over 100 Mbit/s takes about 80 s), and a dead neighbour is seen at once anyway:
     # the timeout only bounds how long a hung one goes unnoticed
