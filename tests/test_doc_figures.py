@@ -230,6 +230,29 @@ def multihost_fsdp(d: dict) -> dict[str, list[str]]:
     return {README: [text, short], BENCH: [text]}
 
 
+def multihost_int8(d: dict) -> dict[str, list[str]]:
+    # the pipelines sending float32, bfloat16 and int8 against the best DDP variant measured, at 100 and 10 Mbit/s
+    from benchmarks.multihost import best_ddp
+
+    r, ratio = d["results"], d["ratios"]
+
+    def at(rate, words):
+        best = best_ddp(r[rate])
+        sends = {m: " / ".join(_x(ratio[f"{m}{s}/best_ddp@{rate}"]) for s in ("", "_bf16", "_int8"))
+                 for m in ("lfnn_pipeline", "replay_pipeline")}
+        return (f"at {words} against {DDP_VARIANT_NAMES[best]}, the best DDP variant measured there, "
+                f"{_samples(r[rate][best])} samples/s: LFNN-ℓ {sends['lfnn_pipeline']}, replay "
+                f"{sends['replay_pipeline']} (float32 / bfloat16 / int8 sends); int8 LFNN-ℓ "
+                f"{_samples(r[rate]['lfnn_pipeline_int8'])}, int8 replay {_samples(r[rate]['replay_pipeline_int8'])}")
+
+    text = f"{at('100mbit', '100 Mbit/s')}; {at('10mbit', '10 Mbit/s')}"
+    short = (f"with int8 sends {_x(ratio['lfnn_pipeline_int8/best_ddp@100mbit'])} (replay "
+             f"{_x(ratio['replay_pipeline_int8/best_ddp@100mbit'])}) the best DDP variant's samples/s at 100 Mbit/s, "
+             f"{_x(ratio['lfnn_pipeline_int8/best_ddp@10mbit'])} ({_x(ratio['replay_pipeline_int8/best_ddp@10mbit'])})"
+             f" at 10 Mbit/s")
+    return {README: [text, short], BENCH: [text]}
+
+
 def multihost_tta(d: dict) -> dict[str, list[str]]:
     s, seeds = d["summary"], d["seeds"]
     per = [s["per_seed"][str(seed)] for seed in seeds]
@@ -437,6 +460,7 @@ SOURCES = {  # results file -> how to write its figures, per document that quote
     "multihost-hooks-resnet18-k2-intel-xeon-2026-12-06-summary.json": multihost_hooks,
     "multihost-schedules-resnet18-k2-intel-xeon-2026-12-06-summary.json": multihost_schedules,
     "multihost-fsdp-resnet18-k2-intel-xeon-2026-12-06.json": multihost_fsdp,
+    "multihost-int8-resnet18-k2-intel-xeon-2026-12-06.json": multihost_int8,
     "time_to_accuracy-fashion_mnist-resnet18-k2-replay-stash-cpu2-2026-11-29.json": time_to_accuracy,
     ("time_to_accuracy-fashion_mnist-resnet18-k2-replay-stash-delay-lr-"
      "intel-xeon-2026-12-06.json"): time_to_accuracy_seeds,
