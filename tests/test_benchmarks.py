@@ -372,6 +372,50 @@ def test_one_method_beats_another_only_where_their_ranges_are_apart():
     assert "too few to say which is faster" in [v for v in few if v.startswith("lfnn_pipeline / ddp ")][0]
 
 
+def test_the_speed_map_sets_each_pipeline_against_the_best_choice_of_its_case(tmp_path):
+    from benchmarks.multihost import cell
+    from benchmarks.speed_map import main, merge, speed_map
+
+    def runs(*per_run):
+        return cell([{"step_s": [64 / v] * 4} for v in per_run], 64)
+
+    fast = {"unshaped": {"ddp": runs(300, 310, 320), "bp_interleaved_zb_m2": runs(200, 205, 210),
+                         "lfnn_pipeline": runs(240, 245, 250), "replay_pipeline_int8": runs(190, 207, 215)}}
+    slow = {"100mbit": {"ddp_powersgd_r1": runs(170, 175, 180), "bp_1f1b_m2": runs(100, 110, 111),
+                        "fsdp": runs(5, 6, 7),
+                        "lfnn_pipeline_int8": runs(230, 236, 240), "lfnn_pipeline": runs(190, 200, 210),
+                        "replay_pipeline_int8": runs(160, 176, 190)}}
+
+    def payload(results, commit="abc1234"):
+        return {"results": results, "env_before": {"commit": commit}, "env": {"device": "cpu (test)"},
+                "settings": {"batch": 64}}
+
+    rows, commit = merge([payload(fast), payload(slow)])
+    m = speed_map(rows)
+    assert list(m) == ["100mbit", "unshaped"] and commit == "abc1234"
+    # fits: every method is a choice (plain DDP is the best unshaped); split: only the exact schedules and FSDP
+    assert m["unshaped"]["fits"]["baseline"] == "ddp" and m["unshaped"]["split"]["baseline"] == "bp_interleaved_zb_m2"
+    lfnn = m["unshaped"]["fits"]["families"]["LFNN-ℓ"]
+    assert lfnn["ratio"] == pytest.approx(245 / 310) and lfnn["verdict"] == "ddp wins (ranges apart)"
+    assert m["unshaped"]["split"]["families"]["LFNN-ℓ"]["verdict"] == "lfnn_pipeline wins (ranges apart)"
+    assert m["unshaped"]["split"]["families"]["replay"]["verdict"] == "level (ranges overlap)"
+    slow_fits = m["100mbit"]["fits"]
+    assert slow_fits["baseline"] == "ddp_powersgd_r1"
+    assert slow_fits["families"]["LFNN-ℓ"]["method"] == "lfnn_pipeline_int8"
+    assert m["100mbit"]["split"]["baseline"] == "bp_1f1b_m2"
+    with pytest.raises(SystemExit, match="commits abc1234, def5678"):
+        merge([payload(fast), payload(slow, "def5678")])
+    with pytest.raises(SystemExit, match="unshaped is measured in two"):
+        merge([payload(fast), payload(fast)])
+    files = []
+    for i, results in enumerate((fast, slow)):
+        files.append(tmp_path / f"f{i}.json")
+        files[-1].write_text(json.dumps(payload(results)))
+    main([*map(str, files), "--name", "map", "--out", str(tmp_path)])
+    assert "| 100 Mbit/s | fits | ddp_powersgd_r1 175.0 (170.0–180.0) |" in (tmp_path / "map.md").read_text()
+    assert (tmp_path / "map.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_backprops_linear_probe_warm_up_trains_only_the_classifier_then_everything():
     # fine-tuning's equal budget: backprop gets lfnnify's head warm-up as a linear probe before its trunk steps
     import timm

@@ -13,7 +13,8 @@ the same batches in the same order:
   warm start, compressing from step ``--hook-start``, 10 by default; one gradient bucket) or local SGD (plain DDP
   until that step, then the parameters averaged every 4 or 16 steps; rank 0's replica is the one evaluated);
 - ``replay_pipeline``: ``lfnnify train``, delayed end-to-end gradients with weight stashing, one block per host;
-- ``lfnn_pipeline``: ``lfnnify train``, LFNN-ℓ (local losses, the paper's heads), one block per host.
+- ``lfnn_pipeline``: ``lfnnify train``, LFNN-ℓ (local losses, the paper's heads), one block per host;
+- ``*_int8``: the two pipelines sending int8 with a scale per channel (``pipeline.send_dtype=int8``).
 
 Both pipelines cut where a K=2 split balanced by measured time puts the cut on this machine
 (``plan(balance="time")`` at the training batch, one thread), measured once per sweep and kept in ``--runs``
@@ -56,6 +57,9 @@ METHODS = {  # name -> recipe overrides of the pipeline; the DDP variants' hook 
     **{f"local_sgd_h{h}": ["--hook", "local_sgd", "--local-sgd-every", str(h)] for h in (4, 16)},
     "replay_pipeline": ["convert.mode=replay", "convert.weight_stashing=true"],
     "lfnn_pipeline": ["convert.mode=local"],
+    # the same, sending activations (and replay's gradients) as int8 with a scale per channel
+    "replay_pipeline_int8": ["convert.mode=replay", "convert.weight_stashing=true", "pipeline.send_dtype=int8"],
+    "lfnn_pipeline_int8": ["convert.mode=local", "pipeline.send_dtype=int8"],
 }
 TARGET = ("replay_pipeline", 0.7)  # the target: replay reaches DDP's final accuracy in <= 0.7x DDP's training time
 
