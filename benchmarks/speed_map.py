@@ -9,6 +9,7 @@ and one that must be split, from ``benchmarks.multihost`` results of one commit.
 In both cases the LFNN-ℓ pipelines (``lfnn_pipeline*``) and the replay pipelines (``replay_pipeline*``: delayed
 end-to-end gradients, weight stashing) are set against that baseline: the best of each family at that rate (over
 the send dtypes measured), their ratio of medians, and whether their ranges are apart ("A beats B" only then).
+Files measured at several commits are merged only where git shows the same lfnnify/ and benchmarks/ code at each.
 Every cell is measured on the two-host testbed (10 Mbit/s to an unshaped link); nothing here is projected.
 Samples/s only: the pipelines' gradients are not backprop's, and what that costs in accuracy per second is the
 time-to-accuracy benchmark's question.
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 from pathlib import Path
 
 from .common import RESULTS, write_json
@@ -50,20 +52,34 @@ def is_choice(name: str, case: str) -> bool:
     return case == "fits" or name.startswith("bp_") or name == "fsdp"
 
 
+MEASURED_CODE = ["lfnnify", "benchmarks/*.py", "benchmarks/**/*.py", "benchmarks/*.sh"]  # what a commit() dirties
+
+
+def same_measured_code(commits: list[str]) -> bool:
+    """Whether these commits hold the same lfnnify/ and benchmarks/ code (git says their diff there is empty): files
+    measured at two of them measured the same thing, whatever else (documents, tests) changed in between."""
+    root = Path(__file__).resolve().parents[1]
+    return all(subprocess.run(["git", "diff", "--quiet", commits[0], c, "--", *MEASURED_CODE], cwd=root).returncode == 0
+               for c in commits[1:])
+
+
 def merge(payloads: list[dict]) -> tuple[dict, str]:
-    """Every rate's cells from results files of one commit; refuses files of several commits or a rate measured
-    twice (which of the two would the map show?)."""
+    """Every rate's cells from results files of one commit, or of commits whose measured code is the same
+    (:func:`same_measured_code`); refuses any other mix, a dirty or unknown commit, and a rate measured twice (which
+    of the two would the map show?)."""
     commits = sorted({p["env_before"]["commit"] for p in payloads})
-    if len(commits) != 1 or commits[0].endswith("+dirty") or commits[0] == "unknown":
+    clean = not any(c.endswith("+dirty") or c == "unknown" for c in commits)
+    if not clean or (len(commits) > 1 and not same_measured_code(commits)):
         raise SystemExit(f"speed_map.py: the files come from commits {', '.join(commits)}; a map comes from one clean "
-                         f"commit: measure every rate there")
+                         f"commit (or commits whose lfnnify/ and benchmarks/ code is the same): measure every rate "
+                         f"there")
     rows: dict[str, dict] = {}
     for p in payloads:
         for rate, row in p["results"].items():
             if rate in rows:
                 raise SystemExit(f"speed_map.py: {rate} is measured in two of the files; give each rate once")
             rows[rate] = {m: c for m, c in row.items() if "samples_per_s" in c}
-    return rows, commits[0]
+    return rows, ", ".join(commits)
 
 
 def _best(row: dict, names) -> str | None:

@@ -403,8 +403,29 @@ def test_the_speed_map_sets_each_pipeline_against_the_best_choice_of_its_case(tm
     assert slow_fits["baseline"] == "ddp_powersgd_r1"
     assert slow_fits["families"]["LFNN-ℓ"]["method"] == "lfnn_pipeline_int8"
     assert m["100mbit"]["split"]["baseline"] == "bp_1f1b_m2"
-    with pytest.raises(SystemExit, match="commits abc1234, def5678"):
+    with pytest.raises(SystemExit, match="commits abc1234, def5678"):  # not commits of this repository
         merge([payload(fast), payload(slow, "def5678")])
+    with pytest.raises(SystemExit, match="commits 1234567, 1234567\\+dirty"):
+        merge([payload(fast, "1234567"), payload(slow, "1234567+dirty")])
+    # two commits whose lfnnify/ and benchmarks/ code is the same (a later one changed only documents) merge; a
+    # commit that changed the measured code does not
+    root = Path(__file__).resolve().parents[1]
+
+    def first_commit_changing(*, changed: bool):
+        log = subprocess.run(["git", "log", "--format=%h", "-n", "40"], capture_output=True, text=True,
+                             cwd=root).stdout.split()
+        for a, b in zip(log[1:], log):
+            code = subprocess.run(["git", "diff", "--quiet", a, b, "--", "lfnnify", "benchmarks/*.py",
+                                   "benchmarks/**/*.py", "benchmarks/*.sh"], cwd=root).returncode != 0
+            if code == changed:
+                return a, b
+        pytest.skip("no such pair of commits in the last 40")
+
+    same = first_commit_changing(changed=False)
+    assert merge([payload(fast, same[0]), payload(slow, same[1])])[1] == ", ".join(sorted(same))
+    other = first_commit_changing(changed=True)
+    with pytest.raises(SystemExit, match="a map comes from one clean commit"):
+        merge([payload(fast, other[0]), payload(slow, other[1])])
     with pytest.raises(SystemExit, match="unshaped is measured in two"):
         merge([payload(fast), payload(fast)])
     files = []
