@@ -253,6 +253,29 @@ def multihost_int8(d: dict) -> dict[str, list[str]]:
     return {README: [text, short], BENCH: [text]}
 
 
+def speed_map(d: dict) -> dict[str, list[str]]:
+    # where the pipelines win on samples/s: per case, each rate's best baseline and each family's ratio to it
+    from benchmarks.speed_map import RATE_NAMES
+
+    def outcome(f):
+        verdict = f["verdict"]
+        if verdict.startswith(("lfnn_pipeline", "replay_pipeline")):
+            return "wins"
+        return "level" if verdict.startswith("level") else "loses"
+
+    lines = {}
+    for case in ("fits", "split"):
+        cells = []
+        for rate, cases in d["map"].items():
+            c = cases[case]
+            fam = c["families"]
+            cells.append(f"{RATE_NAMES[rate]}: against {c['baseline']}, LFNN-ℓ {_x(fam['LFNN-ℓ']['ratio'])} "
+                         f"({outcome(fam['LFNN-ℓ'])}), replay {_x(fam['replay']['ratio'])} ({outcome(fam['replay'])})")
+        lines[case] = "; ".join(cells)
+    text = f"model fits each host: {lines['fits']}. Model split: {lines['split']}"
+    return {README: [text], BENCH: [text]}
+
+
 def multihost_tta(d: dict) -> dict[str, list[str]]:
     s, seeds = d["summary"], d["seeds"]
     per = [s["per_seed"][str(seed)] for seed in seeds]
@@ -347,7 +370,6 @@ def finetune_seeds(d: dict) -> dict[str, list[str]]:
     pairs = zip(d["runs"][best], d["runs"]["bp"])
     seeds = ", ".join(f"{100 * a['test_accuracy']:.2f}% against {100 * b['test_accuracy']:.2f}%" for a, b in pairs)
     versus = f"{pm(test[best])}% against backprop's {pm(test['bp'])}% ({gap:+.2f}"
-    lost = f"lost {local_loss:.2f} points there ({pm(test['local'])}%)"
     choice = f"{pm(val[best])}%\n  against plain stashing's {pm(val['replay_stash'])}%"
     loss = f"LFNN-ℓ with the paper's heads loses {local_loss:.2f}"
     return {HISTORY: [*rows, f"per seed, test accuracy {seeds}", versus, choice, loss]}
@@ -480,6 +502,7 @@ SOURCES = {  # results file -> how to write its figures, per document that quote
     "multihost-schedules-resnet18-k2-intel-xeon-2026-12-06-summary.json": multihost_schedules,
     "multihost-fsdp-resnet18-k2-intel-xeon-2026-12-06.json": multihost_fsdp,
     "multihost-int8-resnet18-k2-intel-xeon-2026-12-06.json": multihost_int8,
+    "speed_map-resnet18-k2-intel-xeon-2026-12-06.json": speed_map,
     "time_to_accuracy-fashion_mnist-resnet18-k2-replay-stash-cpu2-2026-11-29.json": time_to_accuracy,
     ("time_to_accuracy-fashion_mnist-resnet18-k2-replay-stash-delay-lr-"
      "intel-xeon-2026-12-06.json"): time_to_accuracy_seeds,
