@@ -20,6 +20,16 @@ from lfnnify.app import cpu_name, status_bytes
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+MEASURED_CODE = ["../lfnnify", "*.py", "*.sh"]  # relative to benchmarks/: what a measurement runs, all of it
+
+
+def same_measured_code(commits: list[str]) -> bool:
+    """Whether these commits hold the same :data:`MEASURED_CODE` (git says their diff there is empty): files measured
+    at two of them measured the same thing, whatever else (documents, tests) changed in between."""
+    return all(subprocess.run(["git", "diff", "--quiet", commits[0], c, "--", *MEASURED_CODE],
+                              cwd=Path(__file__).parent).returncode == 0 for c in commits[1:])
+
+
 def commit() -> str:
     try:
         out = subprocess.run(
@@ -30,7 +40,7 @@ def commit() -> str:
             cwd=Path(__file__).parent,
         )
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "../lfnnify", "*.py", "*.sh"], capture_output=True, text=True,
+            ["git", "status", "--porcelain", "--", *MEASURED_CODE], capture_output=True, text=True,
                 cwd=Path(__file__).parent
         ).stdout.strip()
         return out.stdout.strip() + ("+dirty" if dirty else "")

@@ -294,13 +294,11 @@ def main() -> None:
 
     from .workers.speedup import SEND_DTYPES
 
-    plan = lfnnify.plan(model, cuts=args.cuts, example_input=torch.zeros(1, 3, args.size, args.size),
-                        batch_size=args.batch)
-    labels = args.batch * 8
     example = torch.zeros(1, 3, args.size, args.size)
-    activation = {d: lfnnify.plan(model, cuts=args.cuts, example_input=example, batch_size=args.batch,
-                                  send_dtype=SEND_DTYPES[d]).traffic.cut_bytes[0] - labels
-                  for d in ("fp32", *SENT_AS)}
+    plans = {d: lfnnify.plan(model, cuts=args.cuts, example_input=example, batch_size=args.batch,
+                             send_dtype=SEND_DTYPES[d]) for d in ("fp32", *SENT_AS)}  # what each pipeline sends
+    plan, labels = plans["fp32"], args.batch * 8
+    activation = {d: each.traffic.cut_bytes[0] - labels for d, each in plans.items()}
     gradients = plan.traffic.gradient_bytes
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     activations4 = four_stage_activations(model, args)

@@ -29,10 +29,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 from pathlib import Path
 
-from .common import RESULTS, write_json
+from .common import RESULTS, same_measured_code, write_json
 
 FAMILIES = {"LFNN-ℓ": "lfnn_pipeline", "replay": "replay_pipeline"}
 CASES = ("fits", "split")
@@ -50,17 +49,6 @@ def is_choice(name: str, case: str) -> bool:
     if is_pipeline(name):
         return False
     return case == "fits" or name.startswith("bp_") or name == "fsdp"
-
-
-MEASURED_CODE = ["lfnnify", "benchmarks/*.py", "benchmarks/**/*.py", "benchmarks/*.sh"]  # what a commit() dirties
-
-
-def same_measured_code(commits: list[str]) -> bool:
-    """Whether these commits hold the same lfnnify/ and benchmarks/ code (git says their diff there is empty): files
-    measured at two of them measured the same thing, whatever else (documents, tests) changed in between."""
-    root = Path(__file__).resolve().parents[1]
-    return all(subprocess.run(["git", "diff", "--quiet", commits[0], c, "--", *MEASURED_CODE], cwd=root).returncode == 0
-               for c in commits[1:])
 
 
 def merge(payloads: list[dict]) -> tuple[dict, str]:
@@ -121,10 +109,8 @@ def speed_map(rows: dict) -> dict:
     return out
 
 
-def _cell(c: dict) -> str:
-    low, high = c["range"] if "range" in c else c["baseline_range"]
-    value = c["samples_per_s"] if "samples_per_s" in c else c["baseline_samples_per_s"]
-    return f"{value:.1f} ({low:.1f}–{high:.1f})"
+def _cell(value: float, spread: list[float]) -> str:
+    return f"{value:.1f} ({spread[0]:.1f}–{spread[1]:.1f})"
 
 
 def markdown(payload: dict) -> str:
@@ -140,8 +126,10 @@ def markdown(payload: dict) -> str:
             cells = []
             for family in FAMILIES:
                 f = fam.get(family)
-                cells += ([f"{f['method']} {_cell(f)}", f"{f['ratio']:.2f}× ({f['verdict']})"] if f else ["–", "–"])
-            lines.append(f"| {RATE_NAMES[rate]} | {case} | {c['baseline']} {_cell(c)} | " + " | ".join(cells) + " |")
+                cells += ([f"{f['method']} {_cell(f['samples_per_s'], f['range'])}",
+                           f"{f['ratio']:.2f}× ({f['verdict']})"] if f else ["–", "–"])
+            baseline = f"{c['baseline']} {_cell(c['baseline_samples_per_s'], c['baseline_range'])}"
+            lines.append(f"| {RATE_NAMES[rate]} | {case} | {baseline} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -156,8 +156,7 @@ class Link:
         tensor = torch.empty(shape, dtype=_DTYPES[int(header[11])], device=self.comm_device)
         self._recv_into(tensor, src)
         if int(header[13]) > 0:  # int8 values, then their scales: one per channel (see quantize)
-            scales = torch.empty(tensor.shape[1] if tensor.dim() >= 2 else 1, dtype=torch.float32,
-                                 device=self.comm_device)
+            scales = torch.empty(quantize.scale_count(tensor.shape), dtype=torch.float32, device=self.comm_device)
             self._recv_into(scales, src)
             tensor = quantize.dequantize(tensor, scales, _DTYPES[int(header[13]) - 1])
         labels = None

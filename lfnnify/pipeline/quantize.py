@@ -15,25 +15,32 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["quantize", "dequantize", "LEVELS"]
+__all__ = ["quantize", "dequantize", "scale_count", "LEVELS"]
 
 LEVELS = 127  # symmetric: -127..127 (int8's -128 is never used, so that x and -x round alike)
 
 
-def _reduce_dims(t: Tensor) -> tuple[int, ...]:
-    return tuple(d for d in range(t.dim()) if d != 1)
+def scale_count(shape) -> int:
+    """How many scales a tensor of ``shape`` is sent with: one per index of dim 1, or one for a 0-d or 1-d tensor."""
+    return shape[1] if len(shape) >= 2 else 1
+
+
+def _per_channel(t: Tensor) -> list[int]:
+    """The shape that lines the scales up with ``t``'s dim 1 (or with all of a 0-d or 1-d tensor)."""
+    return [1, -1] + [1] * (t.dim() - 2) if t.dim() >= 2 else [-1] * t.dim()
 
 
 def quantize(t: Tensor) -> tuple[Tensor, Tensor]:
     """(int8 values of ``t``'s shape, float32 scales): one scale per index of dim 1, or one for a 0-d or 1-d
     tensor."""
     x = t.detach().float()
-    if x.dim() >= 2:
-        absmax = x.abs().amax(dim=_reduce_dims(x)) if x.numel() else x.new_zeros(x.shape[1])
-        shape = [1, -1] + [1] * (x.dim() - 2)
+    if not x.numel():
+        absmax = x.new_zeros(scale_count(x.shape))
+    elif x.dim() >= 2:
+        absmax = x.abs().amax(dim=[d for d in range(x.dim()) if d != 1])
     else:
-        absmax = x.abs().amax().reshape(1) if x.numel() else x.new_zeros(1)
-        shape = [-1] if x.dim() == 1 else []
+        absmax = x.abs().amax().reshape(1)
+    shape = _per_channel(x)
     finite = torch.isfinite(absmax)
     scales = torch.where(finite, absmax / LEVELS, torch.full_like(absmax, float("nan")))
     divisor = torch.where(finite & (absmax > 0), scales, torch.ones_like(scales))
@@ -43,9 +50,4 @@ def quantize(t: Tensor) -> tuple[Tensor, Tensor]:
 
 def dequantize(values: Tensor, scales: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """What :func:`quantize` was given, within half a scale step per value, in ``dtype``."""
-    if values.dim() >= 2:
-        shape = [1, -1] + [1] * (values.dim() - 2)
-    else:
-        shape = [-1] if values.dim() == 1 else []
-    scale = scales.reshape(shape) if values.dim() >= 1 else scales.reshape(())
-    return (values.float() * scale).to(dtype)
+    return (values.float() * scales.reshape(_per_channel(values))).to(dtype)
