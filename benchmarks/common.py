@@ -170,15 +170,15 @@ def ratios_text(values: list) -> str:
     return ", ".join("never" if v is None else f"{v:.2f}x" for v in values)
 
 
-def time_to_target(runs: dict, seeds: list[int], methods: list[str], baseline: str) -> dict:
-    """Per seed: the baseline's final accuracy as the target, and the training time at which each method first
-    reached it, against the baseline's own; then over seeds (mean ± sd of the ratios that exist, and of the final
-    accuracies and seconds per step). ``runs`` maps ``<method>-seed<N>`` to ``{"evaluations": [...]}``."""
+def time_to_target(runs: dict, seeds: list[int], methods: list[str], baseline: str, margin: float = 0.0) -> dict:
+    """Per seed: the baseline's final accuracy less ``margin`` as the target, and the training time at which each
+    method first reached it, against the baseline's own; then over seeds (mean ± sd of the ratios that exist, and of
+    the final accuracies and seconds per step). ``runs`` maps ``<method>-seed<N>`` to ``{"evaluations": [...]}``."""
     others = [m for m in methods if m != baseline]
     per_seed, ratios = {}, {m: [] for m in others}
     for seed in seeds:
         base = runs[f"{baseline}-seed{seed}"]["evaluations"]
-        target = base[-1]["accuracy"]
+        target = base[-1]["accuracy"] - margin
         first = first_reaching(base, target)
         base_time = first["train_seconds"]
         row = {"target": target, f"{baseline}_seconds": base_time, f"{baseline}_step": first["step"]}

@@ -169,17 +169,35 @@ def run_method(hosts: Hosts, name: str, args, port: int) -> dict:
     return results[0]
 
 
-def four_stage_activations(model, args) -> list[int] | None:
-    """The activation bytes at each cut of the four-stage split (``args.cuts4``), at the training batch."""
-    if not args.cuts4:
+def four_stage_activations(model, example, cuts4: list[str] | None, batch: int) -> list[int] | None:
+    """The activation bytes at each cut of the four-stage split (``cuts4``), at the training batch."""
+    if not cuts4:
         return None
-    import torch
-
     import lfnnify
 
-    plan = lfnnify.plan(model, cuts=args.cuts4, example_input=torch.zeros(1, 3, args.size, args.size),
-                        batch_size=args.batch)
-    return [b - args.batch * 8 for b in plan.traffic.cut_bytes]  # without the labels: the schedules send none
+    plan = lfnnify.plan(model, cuts=cuts4, example_input=example, batch_size=batch)
+    return [b - batch * 8 for b in plan.traffic.cut_bytes]  # without the labels: the schedules send none
+
+
+def expected_bytes_of(names: list[str], model, example, *, cuts: list[str], cuts4: list[str] | None, batch: int):
+    """What each method of ``names`` should send per step (``expected_bytes``) for ``model`` cut at ``cuts`` (and
+    ``cuts4`` for the four-stage schedules) at the global ``batch``: ({name: bytes}, the float32 plan, the cut's
+    activation bytes per send dtype)."""
+    import lfnnify
+
+    from .workers.speedup import SEND_DTYPES
+
+    plans = {d: lfnnify.plan(model, cuts=cuts, example_input=example, batch_size=batch, send_dtype=SEND_DTYPES[d])
+             for d in ("fp32", *SENT_AS)}  # what each pipeline sends
+    plan, labels = plans["fp32"], batch * 8
+    if not plan.traffic.powersgd_bytes or any(f"local_sgd_h{h}" in METHODS and h not in plan.traffic.local_sgd_bytes
+                                              for h in (4, 16)):
+        raise SystemExit("multihost.py: plan() did not report DDP's hooks; this benchmark needs them")
+    activation = {d: each.traffic.cut_bytes[0] - labels for d, each in plans.items()}
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    activations4 = four_stage_activations(model, example, cuts4, batch)
+    return ({name: expected_bytes(name, activation, labels, plan.traffic, buffers, activations4) for name in names},
+            plan, activation)
 
 
 def expected_bytes(name: str, activation: dict[str, int], labels: int, traffic, buffers: int,
@@ -285,26 +303,15 @@ def main() -> None:
     if any(four_stages(m) for m in args.methods):
         args.cuts4, plan4 = measured_time_cuts(args, blocks=4)
         print(plan4, flush=True)
+    import torch
+
     from lfnnify.app import create_model
 
     model = create_model(args.model, num_classes=10, cifar=True)
-    import torch
-
-    import lfnnify
-
-    from .workers.speedup import SEND_DTYPES
-
     example = torch.zeros(1, 3, args.size, args.size)
-    plans = {d: lfnnify.plan(model, cuts=args.cuts, example_input=example, batch_size=args.batch,
-                             send_dtype=SEND_DTYPES[d]) for d in ("fp32", *SENT_AS)}  # what each pipeline sends
-    plan, labels = plans["fp32"], args.batch * 8
-    activation = {d: each.traffic.cut_bytes[0] - labels for d, each in plans.items()}
+    expected, plan, activation = expected_bytes_of(args.methods, model, example, cuts=args.cuts, cuts4=args.cuts4,
+                                                   batch=args.batch)
     gradients = plan.traffic.gradient_bytes
-    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    activations4 = four_stage_activations(model, args)
-    if not plan.traffic.powersgd_bytes or any(f"local_sgd_h{h}" in METHODS and h not in plan.traffic.local_sgd_bytes
-                                              for h in (4, 16)):
-        raise SystemExit("multihost.py: plan() did not report DDP's hooks; this benchmark needs them")
     results: dict[str, dict] = {}
     port = 29600 - 2 * args.repeats
     with Hosts(2) as hosts:
@@ -315,8 +322,7 @@ def main() -> None:
                 port += 2 * args.repeats
                 r = run_repeated(hosts, name, args, port)
                 if not r.get("failed"):
-                    r["expected_bytes_per_step"] = expected_bytes(name, activation, labels, plan.traffic, buffers,
-                                                                  activations4)
+                    r["expected_bytes_per_step"] = expected[name]
                     r["bytes_measured_over_expected"] = r["measured_bytes_per_step"] / r["expected_bytes_per_step"]
                     low, high = r["samples_per_s_range"]
                     print(f"  {rate:>8} {name:<20} {r['samples_per_s']:7.1f} samples/s ({low:.1f}-{high:.1f}, "
@@ -331,7 +337,8 @@ def main() -> None:
                "cuts": args.cuts, "cuts4": args.cuts4,
                "cut_choice": "balance='time' at the training batch, one thread, on this machine",
                "bytes": {"activation": activation["fp32"], "activation_sent_as": activation,
-                         "labels": labels, "gradients": gradients, "buffers": buffers},
+                         "labels": args.batch * 8, "gradients": gradients,
+                         "buffers": sum(b.numel() * b.element_size() for b in model.buffers())},
                "results": results, "ratios": ratios, "verdicts": verdicts, "projection_k4": projection,
                "testbed_notes": notes, "env_before": env_before, "env": environment(1),
                "command": " ".join(["python -m benchmarks.multihost", *sys.argv[1:]])}
@@ -354,10 +361,13 @@ def summarize(args) -> None:
     batch = kept["settings"]["batch"]
     activations4 = None
     if kept.get("cuts4"):  # four-stage schedules' bytes, from their own split
+        import torch
+
         from lfnnify.app import create_model
 
-        settings = argparse.Namespace(**{**kept["settings"], "cuts4": kept["cuts4"]})
-        activations4 = four_stage_activations(create_model(settings.model, num_classes=10, cifar=True), settings)
+        size = kept["settings"]["size"]
+        activations4 = four_stage_activations(create_model(kept["settings"]["model"], num_classes=10, cifar=True),
+                                              torch.zeros(1, 3, size, size), kept["cuts4"], batch)
     results = {}
     for rate, row in kept["results"].items():
         results[rate] = {}

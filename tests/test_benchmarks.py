@@ -234,6 +234,20 @@ def test_time_to_accuracy_across_hosts_is_measured_against_ddp_of_the_same_seed(
     assert summary["per_seed"][1]["ddp_seconds"] == 10 and summary["per_seed"][1]["replay_pipeline"]["seconds"] == 12
     assert summary["ratio_to_ddp"]["lfnn_pipeline"]["reached"] == "1 of 2 seeds"
     assert summary["final_accuracy"]["ddp"]["mean"] == 0.80
+    # one point lower (0.79 on seed 0): DDP first reaches it at 20 s, replay at 16 s, LFNN-ℓ now at 10 s
+    lower = summary["minus_one_point"]["per_seed"][0]
+    assert lower["ddp_seconds"] == 20 and lower["lfnn_pipeline"]["ratio_to_ddp"] == 10 / 20
+    assert lower["replay_pipeline"]["ratio_to_ddp"] == 16 / 20
+    # the budget of seed 0 is its shortest whole run (LFNN-ℓ's 10 s): each method's accuracy at its last evaluation
+    # within 10 s of training
+    budget = summary["at_budget"]["per_seed"][0]
+    assert budget["seconds"] == 10
+    assert budget["accuracy"] == {"ddp": 0.70, "ddp_powersgd_r1": 0.80, "replay_pipeline": 0.75,
+                                  "lfnn_pipeline": 0.79}
+    # seed 1's budget is 10 s too, where replay had no evaluation yet (its first came at 12 s): no mean for it
+    assert summary["at_budget"]["per_seed"][1]["accuracy"]["replay_pipeline"] is None
+    assert summary["at_budget"]["accuracy"]["replay_pipeline"] is None
+    assert summary["at_budget"]["accuracy"]["ddp"]["values"] == [0.70, 0.82]
 
 
 def test_the_one_machine_time_to_accuracy_benchmark_runs_seeds_and_reuses_its_runs(tmp_path, capsys):
@@ -446,3 +460,64 @@ def test_backprops_linear_probe_warm_up_trains_only_the_classifier_then_everythi
     _bp_steps(model, Loader(data), 2, 0.1, probe=1)
     assert any(not torch.equal(before[k], model.state_dict()[k]) for k in before if k not in classifier
                and "running" not in k and "num_batches" not in k)
+
+
+def _exact_worker(tmp_path, name: str, recipe: Path, *flags) -> dict:
+    """The final weights of ``benchmarks.workers.exact_fashion_mnist`` trained by 2 processes of torchrun."""
+    from safetensors.torch import load_file
+
+    from tests.launch import free_port
+
+    out = tmp_path / name
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2", "--master-addr",
+           "127.0.0.1", "--master-port", str(free_port()), "--max-restarts", "0", "-m",
+           "benchmarks.workers.exact_fashion_mnist", str(recipe), "--eval-every", "2", "--out", str(out), "--save",
+           str(out / "weights.safetensors"), *flags]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    evals = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [2, 4]
+    return load_file(str(out / "weights.safetensors"))
+
+
+def test_the_exact_baselines_of_the_two_host_time_to_accuracy_apply_the_whole_batchs_gradient(tmp_path):
+    # The baselines' worker, as DDP (each process on half of each batch) and as torch's 1F1B schedule over two stages
+    # and two micro-batches, against backprop on one process written here from the definition: each batch in two
+    # halves, forward each (BatchNorm sees a half at a time), the mean of the two halves' mean losses, the recipe's
+    # SGD and cosine schedule. 4 steps of 32 synthetic images, test_resnet.
+    from lfnnify.app import create_model, load_recipe
+    from lfnnify.data import build_datasets, make_loader
+
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text((ROOT / "recipes" / "fashion_mnist_resnet18_k4.yaml").read_text())
+    sets = ["model.name=test_resnet", "data.dataset=synthetic", "data.input_size=28", "data.train_subset=128",
+            "data.eval_subset=64", "data.batch_size=32", "data.augment=false", "train.epochs=1", "train.threads=1",
+            "train.seed=3"]
+    flags = [x for s in sets for x in ("--set", s)]
+    ddp = _exact_worker(tmp_path, "ddp", recipe, *flags)
+    piped = _exact_worker(tmp_path, "1f1b", recipe, *flags, "--schedule", "1f1b", "--microbatches", "2",
+                          "--stage-cuts", '["layer2"]')
+
+    r = load_recipe(recipe, overrides=sets)
+    o = r.train.optimizer
+    torch.manual_seed(r.train.seed)
+    train_set, _, chans, classes, _ = build_datasets(r)
+    model = create_model("test_resnet", num_classes=classes, in_chans=chans)
+    loader = make_loader(train_set, batch_size=32, seed=r.train.seed)
+    loader.sampler.set_epoch(0)
+    opt = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=len(loader), eta_min=r.train.schedule.final_lr)
+    for x, y in loader:
+        opt.zero_grad()
+        for xs, ys in zip(x.chunk(2), y.chunk(2)):
+            (torch.nn.functional.cross_entropy(model(xs), ys) / 2).backward()
+        opt.step()
+        sched.step()
+    ref = model.state_dict()
+    params = dict(model.named_parameters())
+    assert set(piped) == set(ref) and set(params) <= set(ddp)
+    for name, t in ref.items():  # the split model's every weight and BatchNorm statistic
+        assert torch.allclose(piped[name].float(), t.float(), atol=1e-5), name
+    for name in params:  # DDP: the weights (rank 0's BatchNorm statistics come from its own half of each batch)
+        assert torch.allclose(ddp[name], params[name], atol=1e-5), name

@@ -251,20 +251,26 @@ def test_the_time_to_accuracy_benchmark_runs_end_to_end_and_compares_the_same_ba
     # them (and the sweep's split) instead of training again
     args = ["benchmarks.time_to_accuracy", "--hosts", "2", "--allow-dirty", "--model", "test_resnet",
             "--train-subset", "256", "--eval-subset", "128", "--eval-every", "2", "--batch", "64", "--seeds", "0",
-            "--methods", "ddp", "ddp_powersgd_r1", "lfnn_pipeline", "--hook-start", "2", "--runs", tmp_path / "runs",
+            "--methods", "ddp", "ddp_powersgd_r1", "bp_1f1b_m2", "lfnn_pipeline", "--hook-start", "2", "--runs",
+            tmp_path / "runs",
             "--out", tmp_path]
     code, out, err = here.module(capsys, *args)
     assert code == 0, out[-2000:] + err[-3000:]
     import json
 
     result = json.loads(next(tmp_path.glob("multihost_tta-*.json")).read_text())
-    for name in ("ddp", "ddp_powersgd_r1", "lfnn_pipeline"):
+    for name in ("ddp", "ddp_powersgd_r1", "bp_1f1b_m2", "lfnn_pipeline"):
         run = result["runs"][f"{name}-seed0"]
         assert [e["step"] for e in run["evaluations"]] == [2, 4]  # one epoch of 256 images in batches of 64
         assert run["evaluations"][-1]["train_seconds"] > 0 and min(run["bytes_sent"]) > 0
     plain, compressed = (sum(result["runs"][f"{n}-seed0"]["bytes_sent"]) for n in ("ddp", "ddp_powersgd_r1"))
     assert compressed < 0.6 * plain, (compressed, plain)  # PowerSGD really compressed its later steps
-    assert "| ddp_powersgd_r1 |" in next(tmp_path.glob("multihost_tta-*.md")).read_text()
+    # bytes per training sample from plan(): PowerSGD's below plain DDP's; 1F1B sends the activation and its
+    # gradient, LFNN-ℓ the activation and the labels
+    sent = result["bytes_per_sample"]
+    assert sent["ddp_powersgd_r1"] < sent["ddp"] and sent["bp_1f1b_m2"] > sent["lfnn_pipeline"] > 0
+    table = next(tmp_path.glob("multihost_tta-*.md")).read_text()
+    assert "| ddp_powersgd_r1 |" in table and "| bp_1f1b_m2 |" in table and "test accuracy at the budget" in table
     code, again, _ = here.module(capsys, *args)
-    assert code == 0 and again.count("reused") == 3, again[-2000:]
-    assert "the split of this sweep, measured before:" in again  # not measured again: it could tip the other way
+    assert code == 0 and again.count("reused") == 4, again[-2000:]
+    assert "the 2-way split of this sweep, measured before:" in again  # not measured again: it could tip the other way

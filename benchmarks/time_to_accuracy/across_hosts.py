@@ -8,10 +8,14 @@ default recipe's model (timm resnet18, in_chans=1, 28 px) on Fashion-MNIST for o
 the same batches in the same order:
 
 - ``ddp``: torch's DistributedDataParallel, one replica per host, each taking half of every batch
-  (benchmarks.workers.ddp_fashion_mnist, plain PyTorch);
+  (benchmarks.workers.exact_fashion_mnist, plain PyTorch);
 - ``ddp_fp16``, ``ddp_powersgd_r{1,2}``, ``local_sgd_h{4,16}``: the same with the fp16 hook, PowerSGD (error feedback,
   warm start, compressing from step ``--hook-start``, 10 by default; one gradient bucket) or local SGD (plain DDP
   until that step, then the parameters averaged every 4 or 16 steps; rank 0's replica is the one evaluated);
+- ``bp_<schedule>_m<M>``: backprop with exact gradients, the model split over the hosts and run by a
+  ``torch.distributed.pipelining`` schedule over M micro-batches (GPipe and 1F1B: one stage per host, at the
+  pipelines' cut; Interleaved 1F1B and Interleaved Zero Bubble: two stages per host, at a four-stage split chosen the
+  same way); the same worker, plain PyTorch, rank 0 gathering the stages to evaluate (untimed);
 - ``replay_pipeline``: ``lfnnify train``, delayed end-to-end gradients with weight stashing, one block per host;
 - ``lfnn_pipeline``: ``lfnnify train``, LFNN-ℓ (local losses, the paper's heads), one block per host;
 - ``*_int8``: the two pipelines sending int8 with a scale per channel (``pipeline.send_dtype=int8``).
@@ -39,6 +43,7 @@ from ..common import (
     environment,
     hardware_tag,
     hosts_ready,
+    mean_sd,
     mean_sd_text,
     ratios_text,
     time_balanced_plan,
@@ -49,12 +54,14 @@ from . import sweep
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "fashion_mnist_resnet18_k4.yaml"
-DDP = ["-m", "benchmarks.workers.ddp_fashion_mnist"]
+EXACT = ["-m", "benchmarks.workers.exact_fashion_mnist"]
 METHODS = {  # name -> recipe overrides of the pipeline; the DDP variants' hook settings (plain PyTorch)
     "ddp": [],
     "ddp_fp16": ["--hook", "fp16"],
     **{f"ddp_powersgd_r{r}": ["--hook", "powersgd", "--powersgd-rank", str(r)] for r in (1, 2)},
     **{f"local_sgd_h{h}": ["--hook", "local_sgd", "--local-sgd-every", str(h)] for h in (4, 16)},
+    **{f"bp_{s}_m{m}": ["--schedule", s, "--microbatches", str(m)]
+       for s in ("gpipe", "1f1b", "interleaved1f1b", "interleaved_zb") for m in (2, 4)},
     "replay_pipeline": ["convert.mode=replay", "convert.weight_stashing=true"],
     "lfnn_pipeline": ["convert.mode=local"],
     # the same, sending activations (and replay's gradients) as int8 with a scale per channel
@@ -64,20 +71,32 @@ METHODS = {  # name -> recipe overrides of the pipeline; the DDP variants' hook 
 TARGET = ("replay_pipeline", 0.7)  # the target: replay reaches DDP's final accuracy in <= 0.7x DDP's training time
 
 
-def sweep_cuts(args, folder: Path) -> list[str]:
-    """The split every run of a sweep uses: measured once (balance='time' at the training batch, one thread) and
-    kept in the runs folder with what it was measured for, so a resumed sweep trains on the same split. A time
-    balance can tip either way between two measurements, and runs on different splits are not the same runs."""
+FOUR_STAGES = ("interleaved1f1b", "interleaved_zb")  # two stages per host: the model cut in four
+
+
+def four_stages(name: str) -> bool:
+    return name.startswith("bp_") and METHODS[name][1] in FOUR_STAGES
+
+
+def sweep_cuts(args, folder: Path) -> tuple[list[str], list[str] | None]:
+    """The splits every run of a sweep uses: in two (every method but the four-stage schedules) and, where a
+    four-stage schedule runs, in four; each measured once (balance='time' at the training batch, one thread) and kept
+    in the runs folder with what it was measured for, so a resumed sweep trains on the same split. A time balance
+    can tip either way between two measurements, and runs on different splits are not the same runs."""
     path, measured_for = folder / "cuts.json", {"model": args.model, "batch": args.batch, "rate": args.rate}
-    if path.exists():
-        kept = json.loads(path.read_text())
-        if kept["measured_for"] == measured_for:
-            print(f"the split of this sweep, measured before: {kept['cuts']} (from {path})", flush=True)
-            return kept["cuts"]
-    plan = time_balanced_plan(args.model, batch=args.batch, example_shape=(1, 28, 28), link=args.rate, in_chans=1)
-    print(plan, flush=True)
-    write_json(path, {"cuts": plan.cuts, "measured_for": measured_for, "plan": str(plan)})
-    return plan.cuts
+    kept = json.loads(path.read_text()) if path.exists() else {}
+    if kept.get("measured_for") != measured_for:
+        kept = {"measured_for": measured_for}
+    for key, blocks in (("cuts", 2), ("cuts4", 4)):
+        if key in kept:
+            print(f"the {blocks}-way split of this sweep, measured before: {kept[key]} (from {path})", flush=True)
+        elif blocks == 2 or any(four_stages(m) for m in args.methods):
+            plan = time_balanced_plan(args.model, batch=args.batch, example_shape=(1, 28, 28), link=args.rate,
+                                      blocks=blocks, in_chans=1)
+            print(plan, flush=True)
+            kept |= {key: plan.cuts, f"plan{blocks}": str(plan)}
+            write_json(path, kept)
+    return kept["cuts"], kept.get("cuts4")
 
 
 def overrides(args, seed: int) -> list[str]:
@@ -88,17 +107,20 @@ def overrides(args, seed: int) -> list[str]:
 
 
 def command(name: str, args, seed: int, out: Path) -> list[str]:
-    if is_ddp(name):
+    if is_exact(name):
         flags = [x for s in overrides(args, seed) for x in ("--set", s)]
-        return [*DDP, str(RECIPE), *flags, *METHODS[name], "--hook-start", str(args.hook_start), "--eval-every",
-                str(args.eval_every), "--out", str(out)]
+        stage_cuts = (["--stage-cuts", json.dumps(args.cuts4 if four_stages(name) else args.cuts)]
+                      if name.startswith("bp_") else ["--hook-start", str(args.hook_start)])
+        return [*EXACT, str(RECIPE), *flags, *METHODS[name], *stage_cuts, "--eval-every", str(args.eval_every),
+                "--out", str(out)]
     flags = [x for s in [*overrides(args, seed), *METHODS[name]] for x in ("--set", s)]
     return ["-m", "lfnnify", "train", str(RECIPE), "--out", str(out), "--no-progress", *flags]
 
 
-def is_ddp(name: str) -> bool:
-    """Whether ``name`` is plain PyTorch DDP (with or without a communication hook), not lfnnify."""
-    return name.startswith(("ddp", "local_sgd"))
+def is_exact(name: str) -> bool:
+    """Whether ``name`` is exact-gradient backprop in plain PyTorch (DDP with or without a communication hook, or a
+    pipelining schedule), not lfnnify."""
+    return name.startswith(("ddp", "local_sgd", "bp_"))
 
 
 def run(hosts: Hosts, name: str, args, seed: int, port: int) -> dict:
@@ -129,8 +151,43 @@ def run(hosts: Hosts, name: str, args, seed: int, port: int) -> dict:
 
 
 def summarise(runs: dict, seeds: list[int], methods: list[str]) -> dict:
-    """Per seed: DDP's final accuracy as the target, and when each method first reached it; then over seeds."""
-    return time_to_target(runs, seeds, [m for m in METHODS if m in methods], baseline="ddp")
+    """Per seed: DDP's final accuracy as the target, and when each method first reached it; then over seeds. Also
+    (``minus_one_point``) the same for DDP's final accuracy less one point, and (``at_budget``) each method's test
+    accuracy at the last evaluation within a budget of training time: the shortest whole run of that seed, so that
+    every method had that long."""
+    ordered = [m for m in METHODS if m in methods]
+    summary = time_to_target(runs, seeds, ordered, baseline="ddp")
+    lower = time_to_target(runs, seeds, ordered, baseline="ddp", margin=0.01)
+    summary["minus_one_point"] = {"per_seed": lower["per_seed"], "ratio_to_ddp": lower["ratio_to_ddp"]}
+    budgets = {}
+    for seed in seeds:
+        evals = {m: runs[f"{m}-seed{seed}"]["evaluations"] for m in ordered}
+        budget = min(e[-1]["train_seconds"] for e in evals.values())
+        within = {m: [r for r in e if r["train_seconds"] <= budget * (1 + 1e-9)] for m, e in evals.items()}
+        budgets[seed] = {"seconds": budget, "accuracy": {m: w[-1]["accuracy"] if w else None for m, w in
+                                                         within.items()}}
+    reached = {m: [b["accuracy"][m] for b in budgets.values()] for m in ordered}
+    summary["at_budget"] = {"per_seed": budgets, "accuracy": {m: mean_sd(a) if None not in a else None
+                                                              for m, a in reached.items()}}
+    return summary
+
+
+def bytes_per_sample(args) -> dict[str, float]:
+    """What each method sends across the link per training sample, both hosts together, from ``plan()``'s traffic
+    (as benchmarks.multihost computes it, and measures it within 15%): training only, where the runs' own byte
+    counts also hold their evaluations (a pipeline's test set crosses the link; a split model's weights are gathered
+    for each evaluation)."""
+    import torch
+
+    from lfnnify.app import create_model
+
+    from ..multihost import expected_bytes_of
+
+    torch.manual_seed(0)
+    model = create_model(args.model, num_classes=10, in_chans=1)
+    expected, _, _ = expected_bytes_of(args.methods, model, torch.zeros(1, 1, 28, 28), cuts=args.cuts,
+                                       cuts4=args.cuts4, batch=args.batch)
+    return {m: b / args.batch for m, b in expected.items()}
 
 
 def measure(args) -> None:
@@ -145,9 +202,9 @@ def measure(args) -> None:
                          f"{env_before['date'][:10]}")
     folder = args.runs or args.out / f"{stem}-runs"
     folder.mkdir(parents=True, exist_ok=True)
-    args.cuts = sweep_cuts(args, folder)
+    args.cuts, args.cuts4 = sweep_cuts(args, folder)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
-                if k not in ("runs", "name", "out", "seeds", "methods", "timeout", "allow_dirty")}
+                if k not in ("runs", "name", "out", "seeds", "methods", "timeout", "allow_dirty", "cuts4")}
     ports = itertools.count(29701)
     with Hosts(2, rate=args.rate) as hosts:
         def train(name: str, seed: int) -> dict:
@@ -168,7 +225,8 @@ def measure(args) -> None:
         verdict = (f"{m} reaches DDP's final accuracy in {ratios_text(ratios)} DDP's training time "
                    f"(target <= {bound}x: {'met' if all(r is not None and r <= bound for r in ratios) else 'MISSED'})")
     payload = {"experiment": "multihost_time_to_accuracy", "settings": settings, "seeds": args.seeds,
-               "cuts": args.cuts, "cut_choice": "balance='time' at the training batch, one thread, on this machine",
+               "cuts": args.cuts, "cuts4": args.cuts4, "bytes_per_sample": bytes_per_sample(args),
+               "cut_choice": "balance='time' at the training batch, one thread, on this machine",
                "runs": runs, "summary": summary, "verdict": verdict, "testbed_notes": notes,
                "env_before": env_before, "env": environment(1),
                "command": " ".join(["python -m benchmarks.time_to_accuracy", *sys.argv[1:]])}
@@ -179,21 +237,43 @@ def measure(args) -> None:
 
 
 def markdown(payload: dict) -> str:
-    s, summary = payload["settings"], payload["summary"]
+    s, summary, seeds = payload["settings"], payload["summary"], payload["seeds"]
     head = (f"2 hosts x 1 core ({payload['env']['device']}) joined by a {s['rate']} link; Fashion-MNIST, timm "
             f"{s['model']}, one epoch of {s['train_subset']} training images, batch {s['batch']}, K=2 cut after "
             f"{payload['cuts']} (measured time); test accuracy on {s['eval_subset']} test images every "
-            f"{s['eval_every']} steps; seeds {payload['seeds']}; commit {payload['env_before']['commit']}")
+            f"{s['eval_every']} steps; seeds {seeds}; commit {payload['env_before']['commit']}")
     if not summary:
         return head
-    lines = [head, "", "| method | final test accuracy | s per step (training) | time to DDP's final accuracy, "
-             "/ DDP's |", "|---|---|---|---|"]
+    lower, budget = summary.get("minus_one_point"), summary.get("at_budget")
+    sent = payload.get("bytes_per_sample") or {}
+    columns = ["method", "final test accuracy", "s per step (training)", "time to DDP's final accuracy, / DDP's"]
+    if lower:
+        columns += ["time to DDP's final accuracy - 1 point, / DDP's", "test accuracy at the budget",
+                    "kB per sample (plan)"]
+    lines = [head, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+    def ratios(per_seed, m):
+        return ratios_text([per_seed[seed][m]["ratio_to_ddp"] for seed in seeds]) + " (per seed)"
+
     for m in [m for m in METHODS if m in summary["final_accuracy"]]:
         acc, speed = summary["final_accuracy"][m], summary["seconds_per_step"][m]
-        ratio = "1 (the target is its own final accuracy)" if m == "ddp" else (
-            ratios_text([summary["per_seed"][seed][m]["ratio_to_ddp"] for seed in payload["seeds"]]) + " (per seed)")
-        lines.append(f"| {m} | {mean_sd_text(acc)} | {mean_sd_text(speed, 2)} | {ratio} |")
-    return "\n".join(lines + ["", f"- {payload['verdict']}"])
+        cells = [m, mean_sd_text(acc), mean_sd_text(speed, 2),
+                 "1 (the target is its own final accuracy)" if m == "ddp" else ratios(summary["per_seed"], m)]
+        if lower:
+            at = budget["accuracy"][m]
+            cells += ["1" if m == "ddp" else ratios(lower["per_seed"], m),
+                      mean_sd_text(at) if at else "no evaluation within it",
+                      f"{sent[m] / 1e3:.1f}" if m in sent else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = [f"- {payload['verdict']}"] if payload.get("verdict") else []
+    if budget:
+        notes.append("- The budget: each seed's shortest whole run, " + ", ".join(
+            f"{budget['per_seed'][seed]['seconds']:.0f} s" for seed in seeds) + " of training; accuracy at the last "
+            "evaluation within it.")
+    if sent:
+        notes.append("- kB per sample: both hosts' sends per training sample, from plan()'s traffic (training only; "
+                     "the runs' byte counts, in the JSON, also hold their evaluations).")
+    return "\n".join(lines + [""] + notes)
 
 
 def chart(payload: dict, path: Path) -> None:
