@@ -248,6 +248,16 @@ def test_time_to_accuracy_across_hosts_is_measured_against_ddp_of_the_same_seed(
     assert summary["at_budget"]["per_seed"][1]["accuracy"]["replay_pipeline"] is None
     assert summary["at_budget"]["accuracy"]["replay_pipeline"] is None
     assert summary["at_budget"]["accuracy"]["ddp"]["values"] == [0.70, 0.82]
+    # who got to DDP's final accuracy less one point first: those that reached it on every seed by mean time (LFNN-ℓ
+    # 5 and 10 s, replay 16 and 12 s, DDP 20 and 10 s), then PowerSGD (seed 0 only); each pipeline against DDP, the
+    # first exact-gradient method on every seed, and no schedule ran
+    first = tta.first_to_target(summary, [0, 1])["minus_one_point"]
+    assert first["order"] == ["lfnn_pipeline", "replay_pipeline", "ddp", "ddp_powersgd_r1"]
+    assert first["reached"]["ddp_powersgd_r1"] == 1 and first["best_exact"]["method"] == "ddp"
+    assert first["best_exact"]["pipelines"] == {"replay_pipeline": 14 / 15, "lfnn_pipeline": 7.5 / 15}
+    assert first["split"]["method"] is None
+    assert tta.first_text(first, 2).startswith("lfnn_pipeline 8 s, replay_pipeline 14 s, ddp 15 s; not on every seed: "
+                                                "ddp_powersgd_r1 (1 of 2); against the first exact-gradient method (ddp)")
 
 
 def test_the_one_machine_time_to_accuracy_benchmark_runs_seeds_and_reuses_its_runs(tmp_path, capsys):

@@ -307,6 +307,40 @@ def multihost_tta(d: dict) -> dict[str, list[str]]:
                 f"against DDP's {pm(s['final_accuracy']['ddp'], 4)}"])}
 
 
+def multihost_tta_strongest(d: dict) -> dict[str, list[str]]:
+    """The two-host time to accuracy against the strongest baselines, one file per link rate: its table and who
+    reached each target first (HISTORY), and one summary per rate (README, benchmarks/README)."""
+    from benchmarks.time_to_accuracy.across_hosts import first_text, first_to_target, markdown, seed_keys
+
+    rate = {"100mbit": "100 Mbit/s", "1gbit": "1 Gbit/s"}[d["settings"]["rate"]]
+    summary, seeds = seed_keys(d["summary"]), d["seeds"]
+    table = [ln for ln in markdown(d).splitlines() if ln.startswith("| ") or ln.startswith("- First")]
+    first = first_to_target(summary, seeds)
+    budget = summary["at_budget"]
+    seconds = [budget["per_seed"][s]["seconds"] for s in seeds]
+    finals = ", ".join(f"{m} {summary['final_accuracy'][m]['mean']:.4f}" for m in summary["final_accuracy"])
+    at = ", ".join(f"{m} {a['mean']:.4f}" for m, a in budget["accuracy"].items() if a)
+    line = (f"at {rate}, final test accuracy (mean of {len(seeds)} seeds): {finals}; first to DDP's final accuracy "
+            f"less one point: {first_text(first['minus_one_point'], len(seeds))}; test accuracy after "
+            f"{min(seconds):.0f}–{max(seconds):.0f} s of training (each seed's shortest run): {at}")
+    # seed by seed, the first to that target and its time against the split-model schedule's
+    schedule = next(m for m in summary["final_accuracy"] if m.startswith("bp_"))
+    lower = first["minus_one_point"]["seconds"]
+    per_seed = []
+    for i, seed in enumerate(seeds):
+        reached = {m: v[i] for m, v in lower.items() if v[i] is not None}
+        m = min(reached, key=reached.get)
+        per_seed.append(f"seed {seed}: {m} {_x(reached[m] / lower[schedule][i])}")
+    step = {m: summary["seconds_per_step"][m]["mean"] / summary["seconds_per_step"][schedule]["mean"]
+            for m in ("replay_pipeline", "lfnn_pipeline")}
+    gap = {m: 100 * (summary["final_accuracy"][schedule]["mean"] - summary["final_accuracy"][m]["mean"])
+           for m in ("replay_pipeline", "lfnn_pipeline")}
+    seeds_line = (f"{rate}: " + ", ".join(per_seed) + f" the time of {schedule}; seconds per step replay "
+                  f"{_x(step['replay_pipeline'])}, LFNN-ℓ {_x(step['lfnn_pipeline'])} the schedule's; final accuracy "
+                  f"{gap['replay_pipeline']:.2f} and {gap['lfnn_pipeline']:.2f} points below it")
+    return {HISTORY: table + [seeds_line], README: [line, seeds_line], BENCH: [line]}
+
+
 def time_to_accuracy(d: dict) -> dict[str, list[str]]:
     def row(evals):
         return " | ".join(f"{e['accuracy']:.3f}"[1:] for e in evals)
@@ -498,6 +532,8 @@ SOURCES = {  # results file -> how to write its figures, per document that quote
     "speedup-resnet18-k2-cpu2-2026-11-29.json": speedup,
     "multihost-resnet18-k2-cpu2-2026-12-02.json": multihost,
     "multihost_tta-fashion_mnist-resnet18-k2-1gbit-cpu2-2026-12-05.json": multihost_tta,
+    "multihost_tta-fashion_mnist-resnet18-k2-100mbit-intel-xeon-2026-12-06.json": multihost_tta_strongest,
+    "multihost_tta-fashion_mnist-resnet18-k2-1gbit-intel-xeon-2026-12-06.json": multihost_tta_strongest,
     "multihost-hooks-resnet18-k2-intel-xeon-2026-12-06-summary.json": multihost_hooks,
     "multihost-schedules-resnet18-k2-intel-xeon-2026-12-06-summary.json": multihost_schedules,
     "multihost-fsdp-resnet18-k2-intel-xeon-2026-12-06.json": multihost_fsdp,
