@@ -7,7 +7,8 @@ process per host of one core, a link of --rate between them (root, iproute2); th
 accuracy.
 
 Reproduce:  python -m benchmarks.time_to_accuracy --mode replay --stash --delay-lr-warmup 469 --seeds 0 1 2
-            python -m benchmarks.time_to_accuracy --hosts 2 --rate 1gbit --seeds 0 1 2
+            python -m benchmarks.time_to_accuracy --hosts 2 --rate 100mbit --eval-subset 10000 --eval-every 25 \
+                --methods ddp ddp_powersgd_r1 local_sgd_h16 bp_1f1b_m2 replay_pipeline lfnn_pipeline
 Quick look: python -m benchmarks.time_to_accuracy --model test_resnet --train-subset 256 --eval-subset 128 \\
                 --batch 64 --epochs 1 --eval-every 2 --seeds 0 --allow-dirty --out /tmp/tta
             python -m benchmarks.time_to_accuracy --hosts 2 --model test_resnet --train-subset 512 \\

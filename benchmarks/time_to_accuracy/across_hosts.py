@@ -24,8 +24,10 @@ Both pipelines cut where a K=2 split balanced by measured time puts the cut on t
 (``plan(balance="time")`` at the training batch, one thread), measured once per sweep and kept in ``--runs``
 (``cuts.json``). Test accuracy on the first ``--eval-subset`` test images every ``--eval-every`` steps; training
 time excludes the evaluations (and checkpoints). For each seed the target is DDP's final accuracy; the result is the
-training time at which each method first reaches it, against DDP's own. One file per run in ``--runs`` (reused when
-its settings and commit match), so an interrupted sweep goes on where it stopped.
+training time at which each method first reaches it, against DDP's own; then the same for that accuracy less one
+point, who got to each target first (``first_to_target``), each method's accuracy at a common budget of training time
+(the seed's shortest whole run) and the bytes each sends per training sample (from ``plan()``). One file per run in
+``--runs`` (reused when its settings and commit match), so an interrupted sweep goes on where it stopped.
 """
 
 from __future__ import annotations
