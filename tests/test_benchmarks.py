@@ -256,8 +256,9 @@ def test_time_to_accuracy_across_hosts_is_measured_against_ddp_of_the_same_seed(
     assert first["reached"]["ddp_powersgd_r1"] == 1 and first["best_exact"]["method"] == "ddp"
     assert first["best_exact"]["pipelines"] == {"replay_pipeline": 14 / 15, "lfnn_pipeline": 7.5 / 15}
     assert first["split"]["method"] is None
-    assert tta.first_text(first, 2).startswith("lfnn_pipeline 8 s, replay_pipeline 14 s, ddp 15 s; not on every seed: "
-                                                "ddp_powersgd_r1 (1 of 2); against the first exact-gradient method (ddp)")
+    assert tta.first_text(first, 2).startswith(
+        "lfnn_pipeline 8 s, replay_pipeline 14 s, ddp 15 s; not on every seed: ddp_powersgd_r1 (1 of 2); against the "
+        "first exact-gradient method (ddp)")
 
 
 def test_the_one_machine_time_to_accuracy_benchmark_runs_seeds_and_reuses_its_runs(tmp_path, capsys):
