@@ -341,6 +341,25 @@ def multihost_tta_strongest(d: dict) -> dict[str, list[str]]:
     return {HISTORY: table + [seeds_line], README: [line, seeds_line], BENCH: [line]}
 
 
+def multihost_tta_int8(d: dict) -> dict[str, list[str]]:
+    """The pipelines sending int8 in the two-host time to accuracy (1 Gbit/s), against their float32 runs of the
+    same seeds in the sweep against the strongest baselines (accuracy per step does not depend on the link)."""
+    fp32 = json.loads((RESULTS / "multihost_tta-fashion_mnist-resnet18-k2-1gbit-intel-xeon-2026-12-06.json")
+                      .read_text())
+    ddp_same = all(d["runs"][f"ddp-seed{s}"]["evaluations"][i]["accuracy"] == e["accuracy"]
+                   for s in d["seeds"] for i, e in enumerate(fp32["runs"][f"ddp-seed{s}"]["evaluations"]))
+
+    def acc(payload, m):
+        a = payload["summary"]["final_accuracy"][m]
+        return f"{a['mean']:.4f} ± {a['sd']:.4f}"
+
+    line = (f"int8 sends, final test accuracy over {len(d['seeds'])} seeds: replay {acc(d, 'replay_pipeline_int8')} "
+            f"(float32 sends {acc(fp32, 'replay_pipeline')}), LFNN-ℓ {acc(d, 'lfnn_pipeline_int8')} (float32 sends "
+            f"{acc(fp32, 'lfnn_pipeline')}); DDP's evaluations {'identical to' if ddp_same else 'differ from'} "
+            f"the float32 sweep's")
+    return {HISTORY: [line], README: [line], BENCH: [line]}
+
+
 def time_to_accuracy(d: dict) -> dict[str, list[str]]:
     def row(evals):
         return " | ".join(f"{e['accuracy']:.3f}"[1:] for e in evals)
@@ -534,6 +553,7 @@ SOURCES = {  # results file -> how to write its figures, per document that quote
     "multihost_tta-fashion_mnist-resnet18-k2-1gbit-cpu2-2026-12-05.json": multihost_tta,
     "multihost_tta-fashion_mnist-resnet18-k2-100mbit-intel-xeon-2026-12-06.json": multihost_tta_strongest,
     "multihost_tta-fashion_mnist-resnet18-k2-1gbit-intel-xeon-2026-12-06.json": multihost_tta_strongest,
+    "multihost_tta-int8-fashion_mnist-resnet18-k2-1gbit-intel-xeon-2026-12-06.json": multihost_tta_int8,
     "multihost-hooks-resnet18-k2-intel-xeon-2026-12-06-summary.json": multihost_hooks,
     "multihost-schedules-resnet18-k2-intel-xeon-2026-12-06-summary.json": multihost_schedules,
     "multihost-fsdp-resnet18-k2-intel-xeon-2026-12-06.json": multihost_fsdp,
