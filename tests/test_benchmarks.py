@@ -92,7 +92,9 @@ def test_the_projection_times_a_blocks_whole_step(monkeypatch):
     direct = statistics.median(times[1:])
     assert result["block_lfnn_step_s"][0] >= 0.03 and result["block_fwd_bwd_s"][0] >= 0.03
     assert result["block_replay_step_s"][0] >= 0.06  # two forward passes: the one that goes on, the recompute
-    assert 0.5 < result["block_lfnn_step_s"][0] / direct < 2.0
+    # not below a directly timed step (the bug timed from after the forward); no upper bound: a loaded machine
+    # stretches one timing more than the other (a ratio of 2.15 under a busy CI run)
+    assert result["block_lfnn_step_s"][0] / direct > 0.5
 
 
 def test_speedup_projection_only_path_runs_on_one_device(tmp_path, capsys):
