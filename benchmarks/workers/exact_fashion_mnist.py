@@ -33,7 +33,7 @@ import lfnnify
 from lfnnify.app import create_model, load_recipe
 from lfnnify.data import build_datasets, make_loader
 
-from .speedup import SCHEDULES, add_hook_arguments, bucket_settings, register_hook, stages_of
+from .speedup import SCHEDULES, add_hook_arguments, bucket_settings, register_hook, schedule_class, stages_of
 
 
 @torch.no_grad()
@@ -77,12 +77,8 @@ class Pipelined:
     stage(s) and runs its part of every step."""
 
     def __init__(self, model, args, example):
-        from torch.distributed.pipelining import PipelineStage, schedules
+        from torch.distributed.pipelining import PipelineStage
 
-        classes = {"gpipe": schedules.ScheduleGPipe, "1f1b": schedules.Schedule1F1B,
-                   "interleaved1f1b": schedules.ScheduleInterleaved1F1B,
-                   "interleaved_zb": schedules.ScheduleInterleavedZeroBubble,
-                   "zbv": schedules.ScheduleZBVZeroBubble, "dualpipev": schedules.ScheduleDualPipeV}
         rank, world = dist.get_rank(), dist.get_world_size()
         self.mine = stages_of(args.schedule, rank, world)
         count = world * (1 if len(self.mine) == 1 else 2)
@@ -93,7 +89,7 @@ class Pipelined:
         self.net = lfnnify.convert(model, cuts=args.stage_cuts, example_input=example)
         stages = [PipelineStage(self.net.blocks[k], k, count, torch.device("cpu")) for k in self.mine]
         loss = lambda out, target: F.cross_entropy(out, target)  # noqa: E731 - the mean over a micro-batch
-        kind = classes[args.schedule]
+        kind = schedule_class(args.schedule)
         self.schedule = kind(stages[0] if len(stages) == 1 else stages, n_microbatches=args.microbatches, loss_fn=loss)
         self.first, self.last = 0 in self.mine, count - 1 in self.mine
         self.params = [p for k in self.mine for p in self.net.blocks[k].parameters()]

@@ -173,16 +173,22 @@ def stages_of(schedule: str, rank: int, world: int) -> list[int]:
     return [rank, 2 * world - 1 - rank]
 
 
+def schedule_class(name: str):
+    """The ``torch.distributed.pipelining`` schedule class of ``name`` (one of SCHEDULES)."""
+    from torch.distributed.pipelining import schedules
+
+    return {"gpipe": schedules.ScheduleGPipe, "1f1b": schedules.Schedule1F1B,
+            "interleaved1f1b": schedules.ScheduleInterleaved1F1B,
+            "interleaved_zb": schedules.ScheduleInterleavedZeroBubble, "zbv": schedules.ScheduleZBVZeroBubble,
+            "dualpipev": schedules.ScheduleDualPipeV}[name]
+
+
 def bp_pipelined(args, model, x, y):
     """Backprop pipelined with torch.distributed.pipelining: exact gradients, M micro-batches, the schedule of
     ``--schedule``: GPipe, 1F1B, or, with the model cut into two stages per process (``--cuts`` then names
     2 x world - 1 cuts), Interleaved 1F1B, Interleaved Zero Bubble, ZBV Zero Bubble or DualPipeV."""
-    from torch.distributed.pipelining import PipelineStage, schedules
+    from torch.distributed.pipelining import PipelineStage
 
-    classes = {"gpipe": schedules.ScheduleGPipe, "1f1b": schedules.Schedule1F1B,
-               "interleaved1f1b": schedules.ScheduleInterleaved1F1B,
-               "interleaved_zb": schedules.ScheduleInterleavedZeroBubble, "zbv": schedules.ScheduleZBVZeroBubble,
-               "dualpipev": schedules.ScheduleDualPipeV}
     net = _convert(model, args)
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = stages_of(args.schedule, rank, world)
@@ -193,9 +199,9 @@ def bp_pipelined(args, model, x, y):
     stages = [PipelineStage(net.blocks[k].to(DEVICE), k, count, DEVICE) for k in mine]
     loss = lambda out, target: F.cross_entropy(out, target)  # noqa: E731
     if args.schedule in SINGLE_STAGE:
-        schedule = classes[args.schedule](stages[0], n_microbatches=args.microbatches, loss_fn=loss)
+        schedule = schedule_class(args.schedule)(stages[0], n_microbatches=args.microbatches, loss_fn=loss)
     else:
-        schedule = classes[args.schedule](stages, n_microbatches=args.microbatches, loss_fn=loss)
+        schedule = schedule_class(args.schedule)(stages, n_microbatches=args.microbatches, loss_fn=loss)
     params = [p for k in mine for p in net.blocks[k].parameters()]
     opt = _sgd(params)
     first, last = 0 in mine, count - 1 in mine
