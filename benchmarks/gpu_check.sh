@@ -64,9 +64,10 @@ PY
 fi
 
 date -u; nvidia-smi -L 2>/dev/null || echo "(no nvidia-smi)"; nproc
-# preflight: everything this script needs, in seconds, with the reason when something is missing
-timeout 45 python3 - <<'PY' || { echo "!!! preflight failed: nothing was measured (see the line above)"; pack; exit 2; }
-import importlib, sys
+# preflight: everything this script needs, in seconds, with the reason when something is missing; then whether a
+# GPU is visible (exit 3 when none is and no dry run was asked for), in the same process: one import of torch
+timeout 45 python3 - <<'PY'
+import importlib, os, sys
 missing = []
 for name in ("torch", "torchvision", "timm", "safetensors", "yaml", "tqdm", "matplotlib"):
     try:
@@ -82,13 +83,14 @@ net = lfnnify.convert(timm.create_model("resnet18", num_classes=10), blocks=2, e
 print(f"preflight ok: python {sys.version.split()[0]}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
       f"timm {timm.__version__}, lfnnify {lfnnify.__version__}, cuda {torch.cuda.is_available()}"
       + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""))
+if os.environ.get("GPU_CHECK_DRY_RUN", "0") != "1" and not torch.cuda.is_available():
+    print("gpu_check: no CUDA device is visible here (torch.cuda.is_available() is False), so nothing was measured; "
+          "run it on the GPU machine, or set GPU_CHECK_DRY_RUN=1 to try the script on the CPU")
+    sys.exit(3)
 PY
-if [ "${GPU_CHECK_DRY_RUN:-0}" != 1 ] && ! timeout 60 python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())"
-then
-  echo "gpu_check: no CUDA device is visible here (torch.cuda.is_available() is False), so nothing was measured; run it" \
-       "on the GPU machine, or set GPU_CHECK_DRY_RUN=1 to try the script on the CPU"
-  pack; exit 3
-fi
+preflight=$?
+[ "$preflight" = 3 ] && { pack; exit 3; }
+[ "$preflight" = 0 ] || { echo "!!! preflight failed: nothing was measured (see the line above)"; pack; exit 2; }
 [ "${GPU_CHECK_PREFLIGHT_ONLY:-0}" = 1 ] && { echo "preflight only: done"; pack; exit 0; }
 step "paths" 150 python3 -m benchmarks.gpu_paths --out "$RES/gpu_paths.jsonl" --checks ${GPU_CHECK_PATHS:-trainer nonfinite cli pipeline}
 for model in resnet101 resnet152; do

@@ -20,10 +20,10 @@ SPEEDUP = "benchmarks.speedup"
 
 
 def test_speedup_quick_path_writes_the_documented_json(tmp_path, capsys):
-    # DDP and the LFNN-ℓ pipeline, and their ratio (one-process backprop and bp_shard run in the projection-only test
-    # below; the replay pipeline's code path in the pipeline tests); timm's test_resnet, a small ResNet, since the
-    # launches, not the model, are what this checks
-    chosen = ("ddp", "lfnn_pipeline")
+    # the LFNN-ℓ pipeline and the projection (one-process backprop and bp_shard run in the projection-only test
+    # below; the worker's DDP in test_multihost's benchmark test, with PowerSGD; the replay pipeline's code path in the
+    # pipeline tests); timm's test_resnet, a small ResNet, since the launches, not the model, are what this checks
+    chosen = ("lfnn_pipeline",)
     code, out, err = here.module(capsys, SPEEDUP, "--quick", "--model", "test_resnet", "--batch", "8", "--size", "32",
                                  "--steps", "2", "--warmup", "1", "--balance", "flops", "--out", tmp_path,
                                  "--methods", *chosen)
@@ -37,8 +37,7 @@ def test_speedup_quick_path_writes_the_documented_json(tmp_path, capsys):
         assert method["step_s_median"] == pytest.approx(statistics.median(method["step_s"]))
         assert method["samples_per_s"] == pytest.approx(8 / method["step_s_median"])  # the global batch over the step
     s = result["speedup"]
-    assert s["vs_ddp"] == pytest.approx(methods["lfnn_pipeline"]["samples_per_s"] / methods["ddp"]["samples_per_s"])
-    assert s["vs_bp_single"] is None  # not measured: said, not guessed
+    assert s["vs_ddp"] is None and s["vs_bp_single"] is None  # not measured: said, not guessed
     assert set(result["env"]) >= {"commit", "torch", "device", "cores", "threads", "date"}
     p, moved = result["projection"], result["bytes_per_step"]
     assert p["predicted_speedup_vs_bp_model_parallel"] == pytest.approx(
@@ -492,6 +491,26 @@ def _exact_worker(tmp_path, name: str, recipe: Path, *flags) -> dict:
     evals = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [2, 4]
     return load_file(str(out / "weights.safetensors"))
+
+
+def test_the_two_host_time_to_accuracy_reports_each_methods_bytes_per_sample_from_the_models_own_shapes():
+    # bytes per training sample for the summary: 1F1B over two stages sends the cut's activation and its gradient,
+    # LFNN-ℓ the activation and the label, Interleaved Zero Bubble (stages 0 and 2 on host 0, 1 and 3 on host 1)
+    # each of the three cuts' activation and gradient; the shapes come from forward hooks on the timm model here,
+    # not from plan()
+    from benchmarks.time_to_accuracy.across_hosts import bytes_per_sample
+    from lfnnify.app import create_model
+
+    model, shapes = create_model("test_resnet", num_classes=10, in_chans=1), {}
+    for name in ("layer1", "layer2", "layer3"):
+        getattr(model, name).register_forward_hook(lambda m, i, o, name=name: shapes.__setitem__(name, o[0].numel()))
+    model.eval()(torch.zeros(1, 1, 28, 28))
+    args = argparse.Namespace(model="test_resnet", methods=["bp_1f1b_m2", "bp_interleaved_zb_m2", "lfnn_pipeline"],
+                              cuts=["layer2"], cuts4=["layer1", "layer2", "layer3"], batch=64)
+    sent = bytes_per_sample(args)
+    assert sent["bp_1f1b_m2"] == 2 * 4 * shapes["layer2"]
+    assert sent["lfnn_pipeline"] == 4 * shapes["layer2"] + 8
+    assert sent["bp_interleaved_zb_m2"] == 2 * 4 * sum(shapes.values())
 
 
 def test_the_exact_baselines_of_the_two_host_time_to_accuracy_apply_the_whole_batchs_gradient(tmp_path):

@@ -213,10 +213,11 @@ def test_the_hosts_command_line_makes_runs_in_and_removes_hosts():
 
 
 def test_the_multihost_benchmark_runs_end_to_end(tmp_path, capsys):
-    # benchmarks/multihost.py at a tiny size: its own testbed, plain DDP, DDP with PowerSGD, FSDP and the replay
-    # pipeline sending float32 and int8, one rate, one run each, the JSON, table and picture
+    # benchmarks/multihost.py at a tiny size: its own testbed, DDP with PowerSGD, FSDP and the replay pipeline
+    # sending int8, one rate, one run each, the JSON, table and picture (plain DDP's and float32 sends' bytes are
+    # counted on the link in the time-to-accuracy test below and in the demo's test)
     code, out, err = here.module(capsys, "benchmarks.multihost", "--rates", "100mbit", "--methods",
-                                 "ddp", "ddp_powersgd_r1", "fsdp", "replay_pipeline", "replay_pipeline_int8",
+                                 "ddp_powersgd_r1", "fsdp", "replay_pipeline_int8",
                                  "--model", "test_resnet",
                                  "--steps", "3", "--warmup", "2", "--repeats", "1", "--no-projection", "--out",
                                  tmp_path)
@@ -225,7 +226,7 @@ def test_the_multihost_benchmark_runs_end_to_end(tmp_path, capsys):
 
     result = json.loads(next(tmp_path.glob("multihost-*.json")).read_text())
     row = result["results"]["100mbit"]
-    assert set(row) == {"ddp", "ddp_powersgd_r1", "fsdp", "replay_pipeline", "replay_pipeline_int8"}
+    assert set(row) == {"ddp_powersgd_r1", "fsdp", "replay_pipeline_int8"}
     assert all(len(r["runs"]) == 1 and len(r["runs"][0]["step_s"]) == 3 for r in row.values())
     # the bytes the link counted are the bytes each method sends, TCP/IP headers and all (within 15%): FSDP on gloo
     # sends 4x the weights (two all-gathers, and a reduce-scatter that moves what an all-reduce moves); int8 sends
@@ -235,23 +236,23 @@ def test_the_multihost_benchmark_runs_end_to_end(tmp_path, capsys):
                                                                    r["expected_bytes_per_step"])
     assert row["ddp_powersgd_r1"]["hook"] == {"hook": "powersgd", "rank": 1, "start_iter": 2, "error_feedback": True,
                                               "warm_start": True, "one_bucket": True}
-    assert result["ratios"]["replay_pipeline/ddp@100mbit"] > 0
+    assert result["ratios"]["replay_pipeline_int8/best_ddp@100mbit"] > 0  # against the best DDP variant run
     sent = result["bytes"]["activation_sent_as"]
-    assert sent["int8"] < sent["fp32"] / 3.5 and row["replay_pipeline_int8"]["expected_bytes_per_step"] < (
-        row["replay_pipeline"]["expected_bytes_per_step"] / 3)
+    assert sent["int8"] < sent["fp32"] / 3.5
     # one run each: no verdict says which is faster
     assert all("too few to say which is faster" in v for v in result["verdicts"]), result["verdicts"]
     assert next(tmp_path.glob("multihost-*.png")).read_bytes()[:4] == b"\x89PNG"
-    assert "| ddp |" in next(tmp_path.glob("multihost-*.md")).read_text()
+    assert "| fsdp |" in next(tmp_path.glob("multihost-*.md")).read_text()
 
 
 def test_the_time_to_accuracy_benchmark_runs_end_to_end_and_compares_the_same_batches(tmp_path, capsys):
     # benchmarks.time_to_accuracy --hosts 2 at a tiny size: DDP (plain PyTorch, and with PowerSGD compressing from
     # step 2) and the LFNN-ℓ pipeline across its own two hosts, each run kept in its own file; a second call reuses
-    # them (and the sweep's split) instead of training again
+    # them (and the sweep's split) instead of training again. (Its exact schedules' worker is checked against backprop
+    # in test_benchmarks, on one machine; their bytes per sample there too.)
     args = ["benchmarks.time_to_accuracy", "--hosts", "2", "--allow-dirty", "--model", "test_resnet",
             "--train-subset", "256", "--eval-subset", "128", "--eval-every", "2", "--batch", "64", "--seeds", "0",
-            "--methods", "ddp", "ddp_powersgd_r1", "bp_1f1b_m2", "lfnn_pipeline", "--hook-start", "2", "--runs",
+            "--methods", "ddp", "ddp_powersgd_r1", "lfnn_pipeline", "--hook-start", "2", "--runs",
             tmp_path / "runs",
             "--out", tmp_path]
     code, out, err = here.module(capsys, *args)
@@ -259,18 +260,17 @@ def test_the_time_to_accuracy_benchmark_runs_end_to_end_and_compares_the_same_ba
     import json
 
     result = json.loads(next(tmp_path.glob("multihost_tta-*.json")).read_text())
-    for name in ("ddp", "ddp_powersgd_r1", "bp_1f1b_m2", "lfnn_pipeline"):
+    for name in ("ddp", "ddp_powersgd_r1", "lfnn_pipeline"):
         run = result["runs"][f"{name}-seed0"]
         assert [e["step"] for e in run["evaluations"]] == [2, 4]  # one epoch of 256 images in batches of 64
         assert run["evaluations"][-1]["train_seconds"] > 0 and min(run["bytes_sent"]) > 0
     plain, compressed = (sum(result["runs"][f"{n}-seed0"]["bytes_sent"]) for n in ("ddp", "ddp_powersgd_r1"))
     assert compressed < 0.6 * plain, (compressed, plain)  # PowerSGD really compressed its later steps
-    # bytes per training sample from plan(): PowerSGD's below plain DDP's; 1F1B sends the activation and its
-    # gradient, LFNN-ℓ the activation and the labels
+    # bytes per training sample from plan(): PowerSGD's below plain DDP's
     sent = result["bytes_per_sample"]
-    assert sent["ddp_powersgd_r1"] < sent["ddp"] and sent["bp_1f1b_m2"] > sent["lfnn_pipeline"] > 0
+    assert sent["ddp_powersgd_r1"] < sent["ddp"] and sent["lfnn_pipeline"] > 0
     table = next(tmp_path.glob("multihost_tta-*.md")).read_text()
-    assert "| ddp_powersgd_r1 |" in table and "| bp_1f1b_m2 |" in table and "test accuracy at the budget" in table
+    assert "| ddp_powersgd_r1 |" in table and "| lfnn_pipeline |" in table and "test accuracy at the budget" in table
     code, again, _ = here.module(capsys, *args)
-    assert code == 0 and again.count("reused") == 4, again[-2000:]
+    assert code == 0 and again.count("reused") == 3, again[-2000:]
     assert "the 2-way split of this sweep, measured before:" in again  # not measured again: it could tip the other way

@@ -5,7 +5,8 @@ Public here: :func:`main` (the command line, ``python -m lfnnify``); what script
 :func:`create_model` (timm or ``torchvision/<name>`` models by name), :func:`load_recipe` and
 :func:`builtin_recipes` (the recipes shipped in the package), the testbed
 (:class:`Hosts`, :class:`TestbedError`, :func:`missing`, :func:`parse_rate`) and :func:`cpu_name`, :func:`status_bytes`
-(what a result file says of the machine). The other names load on first use, so the command line starts fast.
+(what a result file says of the machine). Every name loads on first use, so the command line starts fast and the
+testbed's scripts (``scripts/hosts.py``) never import torch.
 """
 
 from __future__ import annotations
@@ -13,15 +14,14 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from .cli import main
-
 __all__ = ["main", "create_model", "load_recipe", "builtin_recipes", "Hosts", "TestbedError", "missing", "parse_rate",
            "cpu_name", "status_bytes"]
-_HOMES = {"create_model": "zoo", "load_recipe": "recipes", "builtin_recipes": "recipes", "Hosts": "testbed",
-          "TestbedError": "testbed", "missing": "testbed", "parse_rate": "testbed",
+_HOMES = {"main": "cli", "create_model": "zoo", "load_recipe": "recipes", "builtin_recipes": "recipes",
+          "Hosts": "testbed", "TestbedError": "testbed", "missing": "testbed", "parse_rate": "testbed",
           "cpu_name": "machine", "status_bytes": "machine"}
 
 if TYPE_CHECKING:
+    from .cli import main  # noqa: F401
     from .machine import cpu_name, status_bytes  # noqa: F401
     from .recipes import builtin_recipes, load_recipe  # noqa: F401
     from .testbed import Hosts, TestbedError, missing, parse_rate  # noqa: F401
