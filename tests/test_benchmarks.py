@@ -553,3 +553,95 @@ def test_the_exact_baselines_of_the_two_host_time_to_accuracy_apply_the_whole_ba
         assert torch.allclose(piped[name].float(), t.float(), atol=1e-5), name
     for name in params:  # DDP: the weights (rank 0's BatchNorm statistics come from its own half of each batch)
         assert torch.allclose(ddp[name], params[name], atol=1e-5), name
+
+
+def _tta_payload(rate: str, curves: dict, seconds_per_step: dict, seeds=(0, 1), hook_start=2, ddp_step=None):
+    """A two-host time-to-accuracy result file: ``curves`` method -> seed -> accuracies at steps 2, 4, ...; each
+    step taking ``seconds_per_step[method]`` (a hooked method's first ``hook_start`` steps plain DDP's)."""
+    runs = {}
+    for method, by_seed in curves.items():
+        for seed in seeds:
+            evals = []
+            for i, accuracy in enumerate(by_seed[seed]):
+                step = 2 * (i + 1)
+                plain = min(step, hook_start) if method.startswith(("ddp_", "local_sgd")) else 0
+                spent = plain * seconds_per_step["ddp"] + (step - plain) * seconds_per_step[method]
+                evals.append({"step": step, "train_seconds": spent, "accuracy": accuracy})
+            runs[f"{method}-seed{seed}"] = {"evaluations": evals}
+    return {"settings": {"model": "m", "batch": 8, "train_subset": 64, "eval_subset": 16, "eval_every": 2,
+                         "rate": rate, "hook_start": hook_start, "cuts": ["x"]},
+            "seeds": list(seeds), "runs": runs, "env": {"device": "cpu"}, "env_before": {"commit": "abc"}}
+
+
+def test_the_rate_map_carries_each_methods_steps_to_a_target_to_other_rates_at_their_seconds_per_step(tmp_path):
+    # Two whole runs (100 Mbit/s and 1 Gbit/s: the same evaluations, other times) and short runs at 10 Mbit/s and
+    # 1 Gbit/s. Worked by hand: DDP ends at 0.8 (seed 0) and 0.7 (seed 1); PowerSGD reaches 0.8 at step 6 on seed 0
+    # and 0.7 at step 4 on seed 1; the LFNN-ℓ pipeline reaches 0.8 at step 4 and never reaches 0.7 (seed 1);
+    # 1F1B reaches them at step 8 and 6.
+    from benchmarks.time_to_accuracy import rate_map
+
+    curves = {"ddp": {0: [0.5, 0.6, 0.7, 0.8], 1: [0.4, 0.5, 0.6, 0.7]},
+              "ddp_powersgd_r1": {0: [0.5, 0.7, 0.8, 0.8], 1: [0.5, 0.7, 0.7, 0.7]},
+              "bp_1f1b_m2": {0: [0.5, 0.6, 0.7, 0.8], 1: [0.4, 0.6, 0.7, 0.7]},
+              "lfnn_pipeline": {0: [0.6, 0.8, 0.8, 0.8], 1: [0.5, 0.6, 0.6, 0.65]}}
+    slow = {"ddp": 10.0, "ddp_powersgd_r1": 2.0, "bp_1f1b_m2": 1.5, "lfnn_pipeline": 1.0}
+    fast = {"ddp": 1.0, "ddp_powersgd_r1": 0.8, "bp_1f1b_m2": 0.5, "lfnn_pipeline": 0.4}
+    ten = {"ddp": 100.0, "ddp_powersgd_r1": 5.0, "bp_1f1b_m2": 6.0, "lfnn_pipeline": 3.0}
+    wholes = [_tta_payload("100mbit", curves, slow), _tta_payload("1gbit", curves, fast)]
+    shorts = [_tta_payload("10mbit", curves, ten, seeds=(0,)),
+              _tta_payload("1gbit", curves, {**fast, "lfnn_pipeline": 0.44}, seeds=(0,))]
+    result = rate_map.rate_map(wholes, shorts)
+    cells = result["cells"]
+    # measured where a whole run exists: its own seconds
+    assert cells["100mbit"]["final"]["ddp_powersgd_r1"]["seconds"] == [2 * 10 + 4 * 2.0, 2 * 10 + 2 * 2.0]
+    assert cells["100mbit"]["final"]["ddp_powersgd_r1"]["kind"] == "measured"
+    # projected at 10 Mbit/s: PowerSGD's first 2 steps at plain DDP's step time, the rest at its own
+    ten_cells = cells["10mbit"]["final"]
+    assert ten_cells["ddp_powersgd_r1"]["seconds"] == [2 * 100 + 4 * 5.0, 2 * 100 + 2 * 5.0]
+    assert ten_cells["ddp_powersgd_r1"]["kind"] == "projected"
+    assert ten_cells["ddp"]["seconds"] == [800.0, 800.0] and ten_cells["bp_1f1b_m2"]["seconds"] == [48.0, 36.0]
+    assert ten_cells["lfnn_pipeline"]["seconds"] == [12.0, None] and ten_cells["lfnn_pipeline"]["mean_seconds"] is None
+    # the map: 1F1B first of the choices at 10 Mbit/s in both cases; the pipeline reached it on 1 of 2 seeds, and
+    # was first on seed 0
+    fits = result["map"]["10mbit"]["final"]["fits"]
+    assert fits["baseline"] == "bp_1f1b_m2" and fits["baseline_seconds"] == 42.0
+    assert fits["families"]["LFNN-ℓ"] == {"method": "lfnn_pipeline", "seconds": None, "kind": "projected",
+                                          "reached": "1 of 2 seeds"}
+    assert [f and f["method"] for f in fits["first_per_seed"]] == ["lfnn_pipeline", "bp_1f1b_m2"]
+    assert result["map"]["100mbit"]["final"]["split"]["baseline"] == "bp_1f1b_m2"
+    # at 1 Gbit/s both exist: the projection is checked against the measurement (0.44 against 0.4 s per step)
+    errors = [e for e in result["projection_errors"] if e["method"] == "lfnn_pipeline"]
+    assert errors and all(e["relative_error"] == pytest.approx(0.1) for e in errors)
+    assert result["max_abs_projection_error"] == pytest.approx(0.1)
+    # files, a table that says which cells are projected, a picture
+    for name, payload in (("w100", wholes[0]), ("w1g", wholes[1]), ("s10", shorts[0]), ("s1g", shorts[1])):
+        (tmp_path / f"{name}.json").write_text(json.dumps(payload))
+    rate_map.main([str(tmp_path / "w100.json"), str(tmp_path / "w1g.json"), "--steps-from", str(tmp_path / "s10.json"),
+                   str(tmp_path / "s1g.json"), "--name", "map", "--out", str(tmp_path)])
+    table = (tmp_path / "map.md").read_text()
+    assert "| 10 Mbit/s | final | fits | bp_1f1b_m2 42 s (projected) |" in table
+    assert "within 10% of the measurement" in table
+    assert (tmp_path / "map.png").read_bytes()[:4] == b"\x89PNG"
+    # the projection rests on equal evaluations at every rate: files that differ are refused
+    other = _tta_payload("1gbit", {**curves, "lfnn_pipeline": {0: [0.6, 0.8, 0.8, 0.9], 1: curves["lfnn_pipeline"][1]}},
+                         fast)
+    with pytest.raises(SystemExit, match="lfnn_pipeline seed 0 evaluated differently"):
+        rate_map.rate_map([wholes[0], other], shorts)
+
+
+def test_step_time_runs_for_the_rate_map_need_no_ddp_and_write_each_methods_seconds_per_step(tmp_path, capsys):
+    from benchmarks.time_to_accuracy import across_hosts
+
+    args = argparse.Namespace(methods=["lfnn_pipeline"], step_times=False, hook_start=10)
+    with pytest.raises(SystemExit, match="must include ddp.*--step-times"):
+        across_hosts.measure(args)
+    # the files of a --step-times sweep, from its runs (here made by hand: 2 s per step before the first evaluation,
+    # then 1 s per step: the steps before it are not counted)
+    evals = [{"step": s, "train_seconds": t, "accuracy": 0.1} for s, t in ((8, 16.0), (16, 24.0), (24, 32.0))]
+    args = argparse.Namespace(rate="10mbit", seeds=[0], cuts=["layer1"], cuts4=None, out=tmp_path)
+    settings = {"rate": "10mbit", "hook_start": 10, "step_times": True}
+    across_hosts.step_times_files(args, "steps", settings, {"lfnn_pipeline-seed0": {"evaluations": evals}}, [],
+                                  {"commit": "abc"})
+    result = json.loads((tmp_path / "steps.json").read_text())
+    assert result["step_seconds"]["lfnn_pipeline"] == {"seconds_per_step": 1.0, "steps": [8, 24], "hook_start": 10}
+    assert "| lfnn_pipeline | 1.000 | 8–24 |" in (tmp_path / "steps.md").read_text()

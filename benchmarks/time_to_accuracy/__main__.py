@@ -9,6 +9,9 @@ accuracy.
 Reproduce:  python -m benchmarks.time_to_accuracy --mode replay --stash --delay-lr-warmup 469 --seeds 0 1 2
             python -m benchmarks.time_to_accuracy --hosts 2 --rate 100mbit --eval-subset 10000 --eval-every 25 \
                 --methods ddp ddp_powersgd_r1 local_sgd_h16 bp_1f1b_m2 replay_pipeline lfnn_pipeline
+Step times for the rate map (one seed, 48 steps, timed from step 16 to 48, at another rate):
+            python -m benchmarks.time_to_accuracy --hosts 2 --rate 10mbit --step-times --seeds 0 --hook-start 2 \
+                --train-subset 6144 --eval-every 16 --eval-subset 128 --methods ddp_powersgd_r1 lfnn_pipeline ...
 Quick look: python -m benchmarks.time_to_accuracy --model test_resnet --train-subset 256 --eval-subset 128 \\
                 --batch 64 --epochs 1 --eval-every 2 --seeds 0 --allow-dirty --out /tmp/tta
             python -m benchmarks.time_to_accuracy --hosts 2 --model test_resnet --train-subset 512 \\
@@ -29,7 +32,7 @@ SCRIPT = "time_to_accuracy"
 ONE_MACHINE = {"epochs": 2, "blocks": 2, "cores": os.cpu_count() or 2, "mode": "replay", "stash": False,
                "delay_lr_warmup": None, "eval_every": 100, "train_subset": None, "eval_subset": None}
 ACROSS_HOSTS = {"rate": "1gbit", "methods": list(across_hosts.METHODS), "hook_start": 10, "timeout": 3600.0,
-                "eval_every": 15, "train_subset": 19200, "eval_subset": 2000}
+                "eval_every": 15, "train_subset": 19200, "eval_subset": 2000, "step_times": False}
 SHARED = {"eval_every", "train_subset", "eval_subset"}
 
 
@@ -65,6 +68,9 @@ def parser() -> argparse.ArgumentParser:
                      help="the step from which PowerSGD compresses and local SGD averages only every H steps "
                           "(default 10)")
     two.add_argument("--timeout", type=float, default=None, help="seconds one run may take (default 3600)")
+    two.add_argument("--step-times", action="store_const", const=True, default=None,
+                     help="short runs for the rate map (benchmarks.time_to_accuracy.rate_map): each method's seconds "
+                          "per step at --rate, no target (--methods need not include ddp)")
     return p
 
 

@@ -248,14 +248,15 @@ def bytes_per_sample(args) -> dict[str, float]:
 
 def measure(args) -> None:
     """The sweep, its summary and its files (``args`` as ``benchmarks.time_to_accuracy`` settled them)."""
-    if "ddp" not in args.methods:
-        raise SystemExit("time_to_accuracy: --methods must include ddp, whose final accuracy is the target")
+    if "ddp" not in args.methods and not args.step_times:
+        raise SystemExit("time_to_accuracy: --methods must include ddp, whose final accuracy is the target (or pass "
+                         "--step-times for short runs that only time the steps)")
     if args.hook_start < 2:
         raise SystemExit(f"time_to_accuracy: --hook-start {args.hook_start}: PowerSGD with error feedback starts "
                          f"compressing at step 2 at the earliest; give 2 or more")
     env_before = hosts_ready("time_to_accuracy")
-    stem = args.name or (f"multihost_tta-fashion_mnist-{args.model}-k2-{args.rate}-{hardware_tag()}-"
-                         f"{env_before['date'][:10]}")
+    kind = "multihost_tta_steps" if args.step_times else "multihost_tta"
+    stem = args.name or f"{kind}-fashion_mnist-{args.model}-k2-{args.rate}-{hardware_tag()}-{env_before['date'][:10]}"
     folder = args.runs or args.out / f"{stem}-runs"
     folder.mkdir(parents=True, exist_ok=True)
     args.cuts, args.cuts4 = sweep_cuts(args, folder)
@@ -273,6 +274,8 @@ def measure(args) -> None:
 
         runs = sweep(folder, settings, env_before["commit"], args.seeds, args.methods, train)
         notes = hosts.notes
+    if args.step_times:
+        return step_times_files(args, stem, settings, runs, notes, env_before)
     summary = summarise(runs, args.seeds, args.methods)
     verdict = None
     if TARGET[0] in args.methods:
@@ -290,6 +293,26 @@ def measure(args) -> None:
     chart(payload, args.out / f"{stem}.png")
     (args.out / f"{stem}.md").write_text(markdown(payload) + "\n")
     print(markdown(payload) + f"\nwrote {path}")
+
+
+def step_times_files(args, stem: str, settings: dict, runs: dict, notes: list, env_before: dict) -> None:
+    """``--step-times``: the runs and each method's seconds per step from its first evaluation to its last (what
+    ``benchmarks.time_to_accuracy.rate_map`` carries whole runs' steps to this rate with)."""
+    from .rate_map import step_seconds
+
+    payload = {"experiment": "multihost_time_to_accuracy_step_times", "settings": settings, "seeds": args.seeds,
+               "cuts": args.cuts, "cuts4": args.cuts4, "runs": runs, "testbed_notes": notes,
+               "env_before": env_before, "env": environment(1),
+               "command": " ".join(["python -m benchmarks.time_to_accuracy", *sys.argv[1:]])}
+    payload["step_seconds"] = step_seconds([payload])[args.rate]
+    path = write_json(args.out / f"{stem}.json", payload)
+    lines = [f"Seconds per training step across {args.rate} ({payload['env']['device']}), from each run's first "
+             f"evaluation to its last (seed {args.seeds[0]}), commit {env_before['commit']}", "",
+             "| method | s per step | over steps |", "|---|---|---|"]
+    lines += [f"| {m} | {c['seconds_per_step']:.3f} | {c['steps'][0]}–{c['steps'][1]} |"
+              for m, c in payload["step_seconds"].items()]
+    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines) + f"\nwrote {path}")
 
 
 def markdown(payload: dict) -> str:
