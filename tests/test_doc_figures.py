@@ -276,6 +276,24 @@ def speed_map(d: dict) -> dict[str, list[str]]:
     return {README: [text], BENCH: [text]}
 
 
+def tta_map(d: dict) -> dict[str, list[str]]:
+    # who reached DDP's final accuracy less one point first, at every link rate: measured or projected
+    from benchmarks.speed_map import RATE_NAMES
+
+    cells = []
+    for rate, targets in d["map"].items():
+        fits, split = targets["minus_one_point"]["fits"], targets["minus_one_point"]["split"]
+        each = ", ".join(f"{f['method']} {f['seconds']:.0f} s" if f else "none" for f in fits["first_per_seed"])
+        cell = (f"{RATE_NAMES[rate]} ({fits['baseline_kind']}): on every seed first {fits['baseline']} "
+                f"{fits['baseline_seconds']:.0f} s")
+        if split["baseline"] != fits["baseline"]:
+            cell += f" (of the schedules {split['baseline']} {split['baseline_seconds']:.0f} s)"
+        cells.append(cell + f"; first on each seed {each}")
+    text = "to DDP's final accuracy less one point, " + "; ".join(cells)
+    error = f"the projection was within {d['max_abs_projection_error']:.0%} of the measurement"
+    return {README: [text, error], BENCH: [text, error]}
+
+
 def multihost_tta(d: dict) -> dict[str, list[str]]:
     s, seeds = d["summary"], d["seeds"]
     per = [s["per_seed"][str(seed)] for seed in seeds]
@@ -559,6 +577,7 @@ SOURCES = {  # results file -> how to write its figures, per document that quote
     "multihost-fsdp-resnet18-k2-intel-xeon-2026-12-06.json": multihost_fsdp,
     "multihost-int8-resnet18-k2-intel-xeon-2026-12-06.json": multihost_int8,
     "speed_map-resnet18-k2-intel-xeon-2026-12-06.json": speed_map,
+    "tta_map-fashion_mnist-resnet18-k2-intel-xeon-2026-12-06.json": tta_map,
     "time_to_accuracy-fashion_mnist-resnet18-k2-replay-stash-cpu2-2026-11-29.json": time_to_accuracy,
     ("time_to_accuracy-fashion_mnist-resnet18-k2-replay-stash-delay-lr-"
      "intel-xeon-2026-12-06.json"): time_to_accuracy_seeds,
