@@ -219,7 +219,9 @@ def markdown(payload: dict) -> str:
              f"less one point; measured at the whole runs' rates, projected elsewhere (the steps each method needed "
              f"times its seconds per step in a short run there). "
              + ("No rate has both, so the projection is unchecked." if err is None else
-                f"Where a rate has both, the projection was within {err:.0%} of the measurement."), "",
+                f"Where a rate has both, the projection was within {err:.0%} of the measurement.")
+             + " Whole runs at " + ", ".join(payload["commits"]["whole_runs"]) + "; short runs at "
+             + (", ".join(payload["commits"]["short_runs"]) or "none") + ".", "",
              "| link | target | case | first baseline | LFNN-ℓ (first) | / baseline | replay (first) | / baseline | "
              "first on each seed |", "|---|---|---|---|---|---|---|---|---|"]
     for rate, targets in payload["map"].items():
@@ -296,7 +298,8 @@ def main(argv: list[str] | None = None) -> None:
                "device": wholes[0]["env"]["device"],
                "setting": f"timm {s['model']}, batch {s['batch']}, {s['train_subset']} training images, "
                           f"{s['eval_subset']} test images every {s['eval_every']} steps",
-               "commits": sorted({p["env_before"]["commit"] for p in wholes + shorts}),
+               "commits": {"whole_runs": sorted({p["env_before"]["commit"] for p in wholes}),
+                           "short_runs": sorted({p["env_before"]["commit"] for p in shorts})},
                "sources": [str(p) for p in args.wholes], "steps_from": [str(p) for p in args.steps_from]}
     args.out.mkdir(parents=True, exist_ok=True)
     path = write_json(args.out / f"{args.name}.json", payload)
