@@ -9,7 +9,7 @@ the same batches in the same order:
 
 - ``ddp``: torch's DistributedDataParallel, one replica per host, each taking half of every batch
   (benchmarks.workers.exact_fashion_mnist, plain PyTorch);
-- ``ddp_fp16``, ``ddp_powersgd_r{1,2}``, ``local_sgd_h{4,16}``: the same with the fp16 hook, PowerSGD (error feedback,
+- ``ddp_fp16``, ``ddp_powersgd_r{1,2,4}``, ``local_sgd_h{4,16}``: the same with the fp16 hook, PowerSGD (error feedback,
   warm start, compressing from step ``--hook-start``, 10 by default; one gradient bucket) or local SGD (plain DDP
   until that step, then the parameters averaged every 4 or 16 steps; rank 0's replica is the one evaluated);
 - ``bp_<schedule>_m<M>``: backprop with exact gradients, the model split over the hosts and run by a
@@ -61,7 +61,7 @@ EXACT = ["-m", "benchmarks.workers.exact_fashion_mnist"]
 METHODS = {  # name -> recipe overrides of the pipeline; the DDP variants' hook settings (plain PyTorch)
     "ddp": [],
     "ddp_fp16": ["--hook", "fp16"],
-    **{f"ddp_powersgd_r{r}": ["--hook", "powersgd", "--powersgd-rank", str(r)] for r in (1, 2)},
+    **{f"ddp_powersgd_r{r}": ["--hook", "powersgd", "--powersgd-rank", str(r)] for r in (1, 2, 4)},
     **{f"local_sgd_h{h}": ["--hook", "local_sgd", "--local-sgd-every", str(h)] for h in (4, 16)},
     **{f"bp_{s}_m{m}": ["--schedule", s, "--microbatches", str(m)]
        for s in ("gpipe", "1f1b", "interleaved1f1b", "interleaved_zb") for m in (2, 4)},
