@@ -75,7 +75,8 @@ def steps_to_targets(wholes: list[dict]) -> tuple[dict, list[int]]:
 
 
 def measured_seconds(wholes: list[dict]) -> dict[str, dict[str, dict]]:
-    """rate -> method -> target -> seed -> the measured training seconds to the target (the whole runs' own)."""
+    """rate -> method -> target -> seed -> the measured training seconds to the target (the whole runs' own; where
+    two files at one rate hold the same method, as each sweep's DDP, the first file's)."""
     out: dict[str, dict] = {}
     for p in wholes:
         rate, runs = p["settings"]["rate"], _runs_by_method(p)
@@ -85,7 +86,7 @@ def measured_seconds(wholes: list[dict]) -> dict[str, dict[str, dict]]:
                 for method, by_seed in runs.items():
                     hit = first_reaching(by_seed[seed], goal)
                     cell = out.setdefault(rate, {}).setdefault(method, {}).setdefault(target, {})
-                    cell[seed] = hit["train_seconds"] if hit else None
+                    cell.setdefault(seed, hit["train_seconds"] if hit else None)
     return out
 
 
