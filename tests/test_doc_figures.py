@@ -294,6 +294,17 @@ def tta_map(d: dict) -> dict[str, list[str]]:
     return {README: [text, error], BENCH: [text, error]}
 
 
+def multihost_tta_powersgd(d: dict) -> dict[str, list[str]]:
+    # PowerSGD at ranks 2 and 4 in the two-host time to accuracy, beside the same sweep's DDP
+    s = d["summary"]
+    acc, lower = s["final_accuracy"], s["minus_one_point"]["ratio_to_ddp"]
+    text = (f"PowerSGD at rank 2 ended at {_pm(acc['ddp_powersgd_r2']['values'], 4)} test accuracy and at rank 4 at "
+            f"{_pm(acc['ddp_powersgd_r4']['values'], 4)}, against DDP's {_pm(acc['ddp']['values'], 4)}; DDP's final "
+            f"accuracy less one point was reached on {lower['ddp_powersgd_r2']['reached']} at rank 2 and "
+            f"{lower['ddp_powersgd_r4']['reached']} at rank 4")
+    return {README: [text], BENCH: [text]}
+
+
 def multihost_tta(d: dict) -> dict[str, list[str]]:
     s, seeds = d["summary"], d["seeds"]
     per = [s["per_seed"][str(seed)] for seed in seeds]
@@ -578,6 +589,7 @@ SOURCES = {  # results file -> how to write its figures, per document that quote
     "multihost-int8-resnet18-k2-intel-xeon-2026-12-06.json": multihost_int8,
     "speed_map-resnet18-k2-intel-xeon-2026-12-06.json": speed_map,
     "tta_map-fashion_mnist-resnet18-k2-intel-xeon-2026-12-06.json": tta_map,
+    "multihost_tta-powersgd-fashion_mnist-resnet18-k2-1gbit-intel-xeon-2026-12-06.json": multihost_tta_powersgd,
     "time_to_accuracy-fashion_mnist-resnet18-k2-replay-stash-cpu2-2026-11-29.json": time_to_accuracy,
     ("time_to_accuracy-fashion_mnist-resnet18-k2-replay-stash-delay-lr-"
      "intel-xeon-2026-12-06.json"): time_to_accuracy_seeds,
