@@ -54,6 +54,7 @@ from ..common import (
     write_json,
 )
 from . import sweep
+from .rate_map import step_seconds
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "fashion_mnist_resnet18_k4.yaml"
@@ -298,8 +299,6 @@ def measure(args) -> None:
 def step_times_files(args, stem: str, settings: dict, runs: dict, notes: list, env_before: dict) -> None:
     """``--step-times``: the runs and each method's seconds per step from its first evaluation to its last (what
     ``benchmarks.time_to_accuracy.rate_map`` carries whole runs' steps to this rate with)."""
-    from .rate_map import step_seconds
-
     payload = {"experiment": "multihost_time_to_accuracy_step_times", "settings": settings, "seeds": args.seeds,
                "cuts": args.cuts, "cuts4": args.cuts4, "runs": runs, "testbed_notes": notes,
                "env_before": env_before, "env": environment(1),

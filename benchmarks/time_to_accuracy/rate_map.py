@@ -47,6 +47,18 @@ def _runs_by_method(payload: dict) -> dict[str, dict[int, list[dict]]]:
     return out
 
 
+def _first_hits(runs: dict[str, dict[int, list[dict]]], seeds) -> dict[str, dict[str, dict]]:
+    """method -> target -> seed -> the first evaluation at or above the target (None: never), the target being DDP's
+    final accuracy of that seed less the target's margin."""
+    out: dict[str, dict] = {}
+    for target, margin in TARGETS.items():
+        for seed in seeds:
+            goal = runs["ddp"][seed][-1]["accuracy"] - margin
+            for method, by_seed in runs.items():
+                out.setdefault(method, {}).setdefault(target, {})[seed] = first_reaching(by_seed[seed], goal)
+    return out
+
+
 def steps_to_targets(wholes: list[dict]) -> tuple[dict, list[int]]:
     """method -> target -> seed -> the step at which it first reached the target (None: never), from the whole runs;
     refuses files whose evaluations of the same method and seed differ (the projection rests on their equality)."""
@@ -56,22 +68,17 @@ def steps_to_targets(wholes: list[dict]) -> tuple[dict, list[int]]:
                 for p in wholes}
     if len(settings) > 1:
         raise SystemExit("rate_map: the whole runs differ in more than their link rate; give files of one setting")
-    curves: dict[str, dict[int, list]] = {}
+    runs: dict[str, dict[int, list[dict]]] = {}
     for p in wholes:
         for method, by_seed in _runs_by_method(p).items():
             for seed, evals in by_seed.items():
-                points = [(e["step"], e["accuracy"]) for e in evals]
-                if curves.setdefault(method, {}).setdefault(seed, points) != points:
+                kept = runs.setdefault(method, {}).setdefault(seed, evals)
+                if [(e["step"], e["accuracy"]) for e in kept] != [(e["step"], e["accuracy"]) for e in evals]:
                     raise SystemExit(f"rate_map: {method} seed {seed} evaluated differently in two files: the runs "
                                      f"are not deterministic here, so steps cannot be carried to another rate")
-    out: dict[str, dict] = {}
-    for target, margin in TARGETS.items():
-        for seed in seeds:
-            goal = curves["ddp"][seed][-1][1] - margin
-            for method, by_seed in curves.items():
-                hit = next((step for step, acc in by_seed[seed] if acc >= goal), None)
-                out.setdefault(method, {}).setdefault(target, {})[seed] = hit
-    return out, seeds
+    hits = _first_hits(runs, seeds)
+    return {m: {t: {s: hit and hit["step"] for s, hit in by_seed.items()} for t, by_seed in targets.items()}
+            for m, targets in hits.items()}, seeds
 
 
 def measured_seconds(wholes: list[dict]) -> dict[str, dict[str, dict]]:
@@ -79,13 +86,10 @@ def measured_seconds(wholes: list[dict]) -> dict[str, dict[str, dict]]:
     two files at one rate hold the same method, as each sweep's DDP, the first file's)."""
     out: dict[str, dict] = {}
     for p in wholes:
-        rate, runs = p["settings"]["rate"], _runs_by_method(p)
-        for target, margin in TARGETS.items():
-            for seed in p["seeds"]:
-                goal = runs["ddp"][seed][-1]["accuracy"] - margin
-                for method, by_seed in runs.items():
-                    hit = first_reaching(by_seed[seed], goal)
-                    cell = out.setdefault(rate, {}).setdefault(method, {}).setdefault(target, {})
+        for method, targets in _first_hits(_runs_by_method(p), p["seeds"]).items():
+            for target, by_seed in targets.items():
+                cell = out.setdefault(p["settings"]["rate"], {}).setdefault(method, {}).setdefault(target, {})
+                for seed, hit in by_seed.items():
                     cell.setdefault(seed, hit["train_seconds"] if hit else None)
     return out
 

@@ -198,10 +198,8 @@ def bp_pipelined(args, model, x, y):
                          f"--cuts names {net.num_blocks - 1} cut(s), give {count - 1}")
     stages = [PipelineStage(net.blocks[k].to(DEVICE), k, count, DEVICE) for k in mine]
     loss = lambda out, target: F.cross_entropy(out, target)  # noqa: E731
-    if args.schedule in SINGLE_STAGE:
-        schedule = schedule_class(args.schedule)(stages[0], n_microbatches=args.microbatches, loss_fn=loss)
-    else:
-        schedule = schedule_class(args.schedule)(stages, n_microbatches=args.microbatches, loss_fn=loss)
+    schedule = schedule_class(args.schedule)(stages[0] if args.schedule in SINGLE_STAGE else stages,
+                                             n_microbatches=args.microbatches, loss_fn=loss)
     params = [p for k in mine for p in net.blocks[k].parameters()]
     opt = _sgd(params)
     first, last = 0 in mine, count - 1 in mine
