@@ -213,6 +213,8 @@ def expected_bytes(name: str, activation: dict[str, int], labels: int, traffic, 
         schedule = METHODS[name][METHODS[name].index("--schedule") + 1]
         host = {stage: rank for rank in range(2) for stage in stages_of(schedule, rank, 2)}
         return sum(2 * a for c, a in enumerate(activations4) if host[c] != host[c + 1])
+    if name.endswith("_deltas"):  # int8 deltas: int8's bytes, and each sample's index (8 bytes) with it
+        return expected_bytes(name.removesuffix("_deltas"), activation, labels, traffic, buffers) + labels
     sent_as = next((d for d in SENT_AS if name.endswith(f"_{d}")), "fp32")
     activation = activation.get(sent_as, 0)
     name = name.removesuffix(f"_{sent_as}")

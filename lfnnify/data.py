@@ -18,6 +18,7 @@ __all__ = [
     "SyntheticImages",
     "SeededSampler",
     "SeededItems",
+    "WithIndex",
     "make_loader",
     "default_workers",
     "find_fashion_mnist",
@@ -178,6 +179,25 @@ class SeededItems(Dataset):
             return self.dataset[index]
 
 
+class WithIndex(Dataset):
+    """``dataset`` whose items come with their position: ``(image, label, index)``. A pipeline with
+    ``send_deltas=True`` keys each sample's memory by it (:mod:`lfnnify.pipeline.deltas`)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        item = self.dataset[index]
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            got = f"{len(item)} items" if isinstance(item, (tuple, list)) else f"a {type(item).__name__}"
+            raise DataError(f"item {index} of the dataset given to WithIndex is {got}; WithIndex adds the index to "
+                            f"(image, label) pairs. Make the dataset return (image, label)")
+        return item[0], item[1], index
+
+
 def default_workers(dataset: Dataset) -> int:
     """Loader workers for ``dataset``: none for tensors already in memory (Fashion-MNIST, synthetic data: a worker
     costs more than it saves), else one per core but one, at most 8 (decoding images off the training thread)."""
@@ -189,17 +209,18 @@ def default_workers(dataset: Dataset) -> int:
 
 def make_loader(
     dataset: Dataset, *, batch_size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
-    workers: int | None = 0, pin_memory: bool = False,
+    workers: int | None = 0, pin_memory: bool = False, indexed: bool = False,
 ) -> DataLoader:
     """A DataLoader with a :class:`SeededSampler`: deterministic and resumable, its batches the same for any number
-    of ``workers`` (``None``: :func:`default_workers`), which persist across epochs. ``pin_memory`` for GPUs."""
+    of ``workers`` (``None``: :func:`default_workers`), which persist across epochs. ``pin_memory`` for GPUs.
+    ``indexed``: batches are ``(images, labels, sample indices)`` (:class:`WithIndex`), for ``send_deltas``."""
     workers = default_workers(dataset) if workers is None else workers
     if not is_count(workers, 0):
         from .errors import ConfigError
 
         raise ConfigError(f"workers={workers!r} must be an int >= 0 (loader processes; 0 loads in this process)")
     return DataLoader(
-        SeededItems(dataset),
+        SeededItems(WithIndex(dataset) if indexed else dataset),
         batch_size=batch_size,
         sampler=SeededSampler(len(dataset), seed=seed, shuffle=shuffle),
         drop_last=drop_last,

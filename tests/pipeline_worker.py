@@ -31,6 +31,7 @@ LARGE = dict(size=128, channels=64, batch=16, data=32)  # 16 x 64 x 128 x 128 fl
 
 # name -> what it trains: blocks, mode (local | replay | replay-stash), local_weight, switch_at/switch_to, head,
 # refresh_every, predict, delay_lr (delay-aware step sizes over that many steps), send (send_dtype: bf16 | int8),
+# deltas (send_deltas: each sample's change as int8, the loader giving sample indices),
 # steps, resume_at (save there, load, go on), model (timm: MODEL | plain | large | torchvision), relayout (then
 # resume the same ranks as that many blocks x 1 replica); the world size is blocks x replicas
 SCENARIOS = {
@@ -38,6 +39,7 @@ SCENARIOS = {
     "2-replay": dict(blocks=2, mode="replay"),
     "2-local-bf16": dict(blocks=2, send="bf16", steps=3),
     "2-replay-int8": dict(blocks=2, mode="replay", send="int8", steps=3),
+    "2-local-int8-deltas": dict(blocks=2, send="int8", deltas=True, steps=12),  # 12 steps: each sample seen 2-3 times
     "2-local-resume": dict(blocks=2, resume_at=3),
     "2-replay-resume": dict(blocks=2, mode="replay", resume_at=3),
     "2-torchvision": dict(blocks=2, model="torchvision", steps=2),
@@ -54,8 +56,8 @@ SCENARIOS = {
     "4-replicas-batchnorm": dict(blocks=2, replicas=2, mode="replay-stash", steps=4, relayout=4),
 }
 DEFAULTS = dict(mode="local", local_weight=0.0, switch_at=None, switch_to=None, head="linear", refresh_every=None,
-                predict=False, delay_lr=None, send=None, steps=7, resume_at=None, model="timm", replicas=1,
-                relayout=None)
+                predict=False, delay_lr=None, send=None, deltas=False, steps=7, resume_at=None, model="timm",
+                replicas=1, relayout=None)
 
 
 def spec(name: str) -> dict:
@@ -129,13 +131,15 @@ def loaders(name: str, *, batch_scale: int = 1):
                                                                                                shuffle=False)
     shape = (3, SIZE, SIZE) if s["model"] == "torchvision" else (1, SIZE, SIZE)
     data = SyntheticImages(DATA if s["model"] != "torchvision" else 32, shape=shape, seed=1)
-    return make_loader(data, batch_size=BATCH * batch_scale, seed=2), make_loader(data, batch_size=32, shuffle=False)
+    return (make_loader(data, batch_size=BATCH * batch_scale, seed=2, indexed=s["deltas"]),
+            make_loader(data, batch_size=32, shuffle=False))
 
 
 def _pipeline(net, name, **extra):
     s = spec(name)
     return lfnnify.PipelineTrainer(net, threads=1, timeout_s=30, max_in_flight=2,
                                    send_dtype={"bf16": torch.bfloat16, "int8": torch.int8}.get(s["send"]),
+                                   send_deltas=s["deltas"],
                                    **trainer_knobs(name), **extra)
 
 
@@ -187,8 +191,8 @@ def _record_buffers(trainer) -> list[dict]:
     """This rank's block and head buffers (BatchNorm statistics) after each of its steps, from now on."""
     kept, step = [], trainer._stage_step
 
-    def recorded(x, y):
-        record = step(x, y)
+    def recorded(*batch):
+        record = step(*batch)
         parts = {"block": trainer.net.blocks[trainer.stage]}
         if trainer.stage < len(trainer.net.heads):
             parts["head"] = trainer.net.heads[trainer.stage]
@@ -203,8 +207,8 @@ def _stamp_steps(trainer) -> list[float]:
     """The wall-clock time at which each of this rank's steps ends, from now on."""
     ends, step = [], trainer._stage_step
 
-    def stamped(x, y):
-        record = step(x, y)
+    def stamped(*batch):
+        record = step(*batch)
         ends.append(time.time())
         return record
 

@@ -488,20 +488,26 @@ def _exact_worker(tmp_path, name: str, recipe: Path, *flags) -> dict:
 def test_the_two_host_time_to_accuracy_reports_each_methods_bytes_per_sample_from_the_models_own_shapes():
     # bytes per training sample for the summary: 1F1B over two stages sends the cut's activation and its gradient,
     # LFNN-ℓ the activation and the label, Interleaved Zero Bubble (stages 0 and 2 on host 0, 1 and 3 on host 1)
-    # each of the three cuts' activation and gradient; the shapes come from forward hooks on the timm model here,
-    # not from plan()
+    # each of the three cuts' activation and gradient; LFNN-ℓ sending int8 deltas a byte per value, a float32 scale
+    # per channel (of the batch: 4 / 64 bytes per sample), the label and the sample's index; the shapes come from
+    # forward hooks on the timm model here, not from plan()
     from benchmarks.time_to_accuracy.across_hosts import bytes_per_sample
     from lfnnify.app import create_model
 
-    model, shapes = create_model("test_resnet", num_classes=10, in_chans=1), {}
+    model, shapes, channels = create_model("test_resnet", num_classes=10, in_chans=1), {}, {}
+    def record(name, out):
+        shapes[name], channels[name] = out[0].numel(), out.shape[1]
+
     for name in ("layer1", "layer2", "layer3"):
-        getattr(model, name).register_forward_hook(lambda m, i, o, name=name: shapes.__setitem__(name, o[0].numel()))
+        getattr(model, name).register_forward_hook(lambda m, i, o, name=name: record(name, o))
     model.eval()(torch.zeros(1, 1, 28, 28))
-    args = argparse.Namespace(model="test_resnet", methods=["bp_1f1b_m2", "bp_interleaved_zb_m2", "lfnn_pipeline"],
+    args = argparse.Namespace(model="test_resnet", methods=["bp_1f1b_m2", "bp_interleaved_zb_m2", "lfnn_pipeline",
+                                                            "lfnn_pipeline_int8_deltas"],
                               cuts=["layer2"], cuts4=["layer1", "layer2", "layer3"], batch=64)
     sent = bytes_per_sample(args)
     assert sent["bp_1f1b_m2"] == 2 * 4 * shapes["layer2"]
     assert sent["lfnn_pipeline"] == 4 * shapes["layer2"] + 8
+    assert sent["lfnn_pipeline_int8_deltas"] == shapes["layer2"] + 4 * channels["layer2"] / 64 + 8 + 8
     assert sent["bp_interleaved_zb_m2"] == 2 * 4 * sum(shapes.values())
 
 

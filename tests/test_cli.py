@@ -152,11 +152,13 @@ def test_missing_dataset_mentions_download(tmp_path, capsys):
 
 
 def test_train_under_torchrun_uses_the_pipeline(tmp_path):
+    # sending int8 deltas, which need the training loader to give sample indices: the recipe's run makes it so
     port = free_port()
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(port), "-m", "lfnnify", "train", str(FMNIST), "--out", str(out),
-           "--set", "train.iterations=3", "--set", "convert.blocks=2", *SHORT]
+           "--set", "train.iterations=3", "--set", "convert.blocks=2", "--set", "pipeline.send_dtype=int8",
+           "--set", "pipeline.send_deltas=true", *SHORT]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -141,6 +141,55 @@ def test_int8_sends_equal_the_one_device_trainer_whose_crossings_are_rounded_to_
         _assert_close(piped, plain)
 
 
+class _SampleIds:
+    """The scenario's indexed loader as the one-device trainer takes it, (images, labels), keeping each batch's
+    sample indices for the reference's hook."""
+
+    def __init__(self, loader):
+        self.loader, self.sampler, self.batch_size, self.ids = loader, loader.sampler, loader.batch_size, None
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for x, y, ids in self.loader:
+            self.ids = ids
+            yield x, y
+
+
+@pytest.mark.xdist_group("torchrun-2")
+def test_int8_deltas_equal_the_one_device_trainer_whose_crossing_keeps_aq_sgds_memory():
+    # LFNN-ℓ over 12 steps of 5-batch epochs (each sample crosses 2-3 times), sending each sample's change as int8:
+    # one device whose block 1 takes what a receiver written here from AQ-SGD's definition holds (a dict of
+    # per-sample memories, zero at first) computes the same weights; a plain int8 crossing computes others
+    name = "2-local-int8-deltas"
+    piped = lfnnify.load(scenarios_run(2) / name / "ckpt")
+    torch.set_num_threads(1)
+
+    def one_device(crossing):
+        net = worker.build(name)
+        train = _SampleIds(worker.loaders(name)[0])
+        net.blocks[1].register_forward_pre_hook(
+            lambda module, args: (crossing(args[0], train.ids) if module.training else _RoundTrip._int8(args[0]),
+                                  *args[1:]))
+        trainer = lfnnify.Trainer(net, **worker.trainer_knobs(name))
+        trainer.fit(train, epochs=10, max_steps=worker.spec(name)["steps"])
+        return net
+
+    memory = {}
+
+    def aq_sgd(x, ids):
+        before = torch.stack([memory.get(int(i), torch.zeros_like(x[0])) for i in ids])
+        after = before + _RoundTrip._int8(x.detach() - before)
+        memory.update({int(i): row for i, row in zip(ids, after)})
+        return after
+
+    _assert_close(piped, one_device(aq_sgd))
+    assert len(memory) == worker.DATA  # every sample crossed, and the reference kept each one's memory
+    with pytest.raises(AssertionError):
+        _assert_close(piped, one_device(lambda x, ids: _RoundTrip._int8(x)))
+
+
 @pytest.mark.xdist_group("torchrun-4")
 def test_replicas_start_equal_however_their_ranks_were_seeded():
     # 2 blocks x 2 replicas, the second replica of each block built from another seed (other weights and heads):

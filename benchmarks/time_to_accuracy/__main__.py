@@ -32,8 +32,8 @@ SCRIPT = "time_to_accuracy"
 ONE_MACHINE = {"epochs": 2, "blocks": 2, "cores": os.cpu_count() or 2, "mode": "replay", "stash": False,
                "delay_lr_warmup": None, "eval_every": 100, "train_subset": None, "eval_subset": None}
 ACROSS_HOSTS = {"rate": "1gbit", "methods": list(across_hosts.METHODS), "hook_start": 10, "timeout": 3600.0,
-                "eval_every": 15, "train_subset": 19200, "eval_subset": 2000, "step_times": False}
-SHARED = {"eval_every", "train_subset", "eval_subset"}
+                "eval_every": 15, "train_subset": 19200, "eval_subset": 2000, "step_times": False, "epochs": 1}
+SHARED = {"eval_every", "train_subset", "eval_subset", "epochs"}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -48,12 +48,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-subset", type=int, default=None,
                    help="test images each evaluation reads (default: all on one machine, 2,000 across hosts)")
     p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: 100; 15)")
+    p.add_argument("--epochs", type=int, default=None, help="passes over the training subset (default: 2; 1)")
     p.add_argument("--runs", type=Path, default=None, help="folder of per-run files (default: OUT/NAME-runs)")
     p.add_argument("--allow-dirty", action="store_true", help="run with uncommitted changes (quick looks only)")
     p.add_argument("--name", default=None, help="result file stem (default: experiment, setting, hardware, date)")
     p.add_argument("--out", type=Path, default=RESULTS)
     one = p.add_argument_group("one machine (--hosts 1)")
-    one.add_argument("--epochs", type=int, default=None, help="default 2")
     one.add_argument("--blocks", type=int, default=None, help="the pipeline's K (default 2)")
     one.add_argument("--cores", type=int, default=None, help="backprop's threads (default: every core)")
     one.add_argument("--mode", default=None, choices=["local", "replay"], help="the pipeline's mode (default replay)")
@@ -92,7 +92,7 @@ def settle(args: argparse.Namespace) -> argparse.Namespace:
 
 def main() -> None:
     args = settle(parser().parse_args())
-    refuse_bad_arguments(SCRIPT, args, counts=[n for n in ("eval_every", "delay_lr_warmup", "hook_start")
+    refuse_bad_arguments(SCRIPT, args, counts=[n for n in ("eval_every", "delay_lr_warmup", "hook_start", "epochs")
                                                if hasattr(args, n)])
     refuse_uncommitted(SCRIPT, args.allow_dirty)
     (one_machine if args.hosts == 1 else across_hosts).measure(args)

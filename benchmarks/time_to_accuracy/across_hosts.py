@@ -3,7 +3,7 @@ two hosts.
 
 Two hosts of one core each (network and PID namespaces on this machine, lfnnify/app/testbed.py) joined by a link of
 ``--rate`` (1 Gbit/s by default, tc's token bucket), a real ``torchrun --nnodes 2`` on each. Every method trains the
-default recipe's model (timm resnet18, in_chans=1, 28 px) on Fashion-MNIST for one epoch of the first
+default recipe's model (timm resnet18, in_chans=1, 28 px) on Fashion-MNIST for ``--epochs`` (1) of the first
 ``--train-subset`` training images, with the recipe's batch (128), SGD and cosine schedule, from the same seed and on
 the same batches in the same order:
 
@@ -18,7 +18,9 @@ the same batches in the same order:
   same way); the same worker, plain PyTorch, rank 0 gathering the stages to evaluate (untimed);
 - ``replay_pipeline``: ``lfnnify train``, delayed end-to-end gradients with weight stashing, one block per host;
 - ``lfnn_pipeline``: ``lfnnify train``, LFNN-ℓ (local losses, the paper's heads), one block per host;
-- ``*_int8``: the two pipelines sending int8 with a scale per channel (``pipeline.send_dtype=int8``).
+- ``*_int8``: the two pipelines sending int8 with a scale per channel (``pipeline.send_dtype=int8``);
+- ``*_int8_deltas``: sending each sample's change since its last visit as int8 (``pipeline.send_deltas=true``,
+  AQ-SGD): the same as ``*_int8`` in the first epoch, where no sample has been seen yet (give ``--epochs``).
 
 Both pipelines cut where a K=2 split balanced by measured time puts the cut on this machine
 (``plan(balance="time")`` at the training batch, one thread), measured once per sweep and kept in ``--runs``
@@ -71,6 +73,10 @@ METHODS = {  # name -> recipe overrides of the pipeline; the DDP variants' hook 
     # the same, sending activations (and replay's gradients) as int8 with a scale per channel
     "replay_pipeline_int8": ["convert.mode=replay", "convert.weight_stashing=true", "pipeline.send_dtype=int8"],
     "lfnn_pipeline_int8": ["convert.mode=local", "pipeline.send_dtype=int8"],
+    # the same, sending each sample's change since its last visit as int8 (AQ-SGD; the same after one epoch)
+    "replay_pipeline_int8_deltas": ["convert.mode=replay", "convert.weight_stashing=true", "pipeline.send_dtype=int8",
+                                    "pipeline.send_deltas=true"],
+    "lfnn_pipeline_int8_deltas": ["convert.mode=local", "pipeline.send_dtype=int8", "pipeline.send_deltas=true"],
 }
 TARGET = ("replay_pipeline", 0.7)  # the target: replay reaches DDP's final accuracy in <= 0.7x DDP's training time
 
@@ -105,7 +111,7 @@ def sweep_cuts(args, folder: Path) -> tuple[list[str], list[str] | None]:
 
 def overrides(args, seed: int) -> list[str]:
     return [f"model.name={args.model}", f"data.train_subset={args.train_subset}",
-            f"data.eval_subset={args.eval_subset}", f"data.batch_size={args.batch}", "train.epochs=1",
+            f"data.eval_subset={args.eval_subset}", f"data.batch_size={args.batch}", f"train.epochs={args.epochs}",
             f"train.seed={seed}", "train.threads=1", f"train.eval_every={args.eval_every}",
             "train.checkpoint_every=1000000", "convert.blocks=null", f"convert.cuts={json.dumps(args.cuts)}"]
 
@@ -263,6 +269,8 @@ def measure(args) -> None:
     args.cuts, args.cuts4 = sweep_cuts(args, folder)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
                 if k not in ("runs", "name", "out", "seeds", "methods", "timeout", "allow_dirty", "cuts4")}
+    if settings["epochs"] == 1:  # the runs made before --epochs trained one epoch and say nothing: they still match
+        del settings["epochs"]
     ports = itertools.count(29701)
     with Hosts(2, rate=args.rate) as hosts:
         def train(name: str, seed: int) -> dict:
@@ -314,10 +322,15 @@ def step_times_files(args, stem: str, settings: dict, runs: dict, notes: list, e
     print("\n".join(lines) + f"\nwrote {path}")
 
 
+def _epochs(settings: dict) -> str:
+    n = settings.get("epochs", 1)
+    return "one epoch" if n == 1 else f"{n} epochs"
+
+
 def markdown(payload: dict) -> str:
     s, summary, seeds = payload["settings"], seed_keys(payload["summary"]), payload["seeds"]
     head = (f"2 hosts x 1 core ({payload['env']['device']}) joined by a {s['rate']} link; Fashion-MNIST, timm "
-            f"{s['model']}, one epoch of {s['train_subset']} training images, batch {s['batch']}, K=2 cut after "
+            f"{s['model']}, {_epochs(s)} of {s['train_subset']} training images, batch {s['batch']}, K=2 cut after "
             f"{payload['cuts']} (measured time); test accuracy on {s['eval_subset']} test images every "
             f"{s['eval_every']} steps; seeds {seeds}; commit {payload['env_before']['commit']}")
     if not summary:

@@ -104,8 +104,8 @@ def lfnn_pipeline(args, model, x, y):
     stamps = []
     step = trainer._stage_step
 
-    def timed(xb, yb):
-        out = step(xb, yb)
+    def timed(*batch):
+        out = step(*batch)
         stamps.append(_stamp())
         return out
 

@@ -132,8 +132,8 @@ def _across_hosts(method: str, steps: int, model_name: str, batch: int) -> dict:
         batches = [(x, y)] * (HOSTS_WARMUP + steps)
         step = trainer._stage_step
 
-        def timed(xb, yb):
-            out = step(xb, yb)
+        def timed(*batch):
+            out = step(*batch)
             stamps.append(time.perf_counter())
             return out
 

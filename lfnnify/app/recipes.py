@@ -259,6 +259,9 @@ def _check(recipe: Recipe) -> None:
          f"convert.mode: replay, or drop it"),
         ("train.switch_to", t.switch_to in (None, *({"local", "replay"} - {c.mode})),
          f"must be the other mode than convert.mode ({c.mode!r}); local and replay switch either way"),
+        ("pipeline.send_deltas", not recipe.pipeline.send_deltas or recipe.pipeline.send_dtype == "int8",
+         f"sends each sample's change rounded to int8 (AQ-SGD), but pipeline.send_dtype is "
+         f"{recipe.pipeline.send_dtype!r}; set pipeline.send_dtype: int8, or drop send_deltas"),
     ]
     flat = recipe_to_dict(recipe)
     for path, ok, rule in rules:

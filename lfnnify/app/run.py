@@ -72,8 +72,9 @@ def train_from_recipe(
         net.to(place)  # the pipeline puts each rank's block on its own device
     pin = place.type == "cuda"
     workers = recipe.data.workers
+    indexed = world > 1 and recipe.pipeline.send_deltas  # each sample's change is keyed by its index
     train_loader = make_loader(train_set, batch_size=recipe.data.batch_size, seed=t.seed, workers=workers,
-                               pin_memory=pin)
+                               pin_memory=pin, indexed=indexed)
     test_loader = make_loader(test_set, batch_size=recipe.data.eval_batch_size, shuffle=False, workers=workers,
                               pin_memory=pin)
     steps_per_epoch = _steps_per_epoch(len(train_loader), blocks=len(net.blocks), world=world)

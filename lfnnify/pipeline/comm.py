@@ -11,6 +11,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -19,16 +20,28 @@ from torch import Tensor
 from .. import errors
 from ..errors import PipelineError
 from . import quantize
+from .deltas import SampleMemory
 
-__all__ = ["Link", "PeerError", "TRAIN", "EVAL", "END", "GRAD", "WEIGHTS", "EPOCH_DONE", "EVALUATE", "init_distributed",
-           "choose_backend", "peer_failures", "is_peer_failure", "host_name", "machine_identity",
+__all__ = ["Link", "Message", "PeerError", "TRAIN", "EVAL", "END", "GRAD", "WEIGHTS", "EPOCH_DONE", "EVALUATE",
+           "init_distributed", "choose_backend", "peer_failures", "is_peer_failure", "host_name", "machine_identity",
            "stage_device", "fault", "name_the_rank", "decided_by_rank0", "process_identity", "end_if_here"]
 
 # message kinds in the header
 TRAIN, EVAL, END, GRAD, WEIGHTS = 1, 2, 3, 4, 5  # WEIGHTS: a block's weights for the previous block's head
 EPOCH_DONE, EVALUATE = 1, 2  # flags of an END message after a training phase
-_HEADER = 16  # int64 slots: kind, flag, ndim, dims[8], dtype code, labels, int8 sends' float dtype code + 1, unused
+_HEADER = 16  # int64 slots: kind, flag, ndim, dims[8], dtype code, labels, int8 sends' float dtype code + 1, sample
+# indices (-1: none), 1 if the int8 values are each sample's change against the link's memory (see deltas)
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.uint8, torch.int8]
+
+
+class Message(NamedTuple):
+    """One received message: its kind (``TRAIN``, ``GRAD``, ...), flag, tensor, labels and sample indices."""
+
+    kind: int
+    flag: int
+    tensor: Tensor | None
+    labels: Tensor | None
+    ids: Tensor | None
 
 
 class PeerError(PipelineError):
@@ -92,15 +105,21 @@ class Link:
     Every wait is bounded by ``timeout``. ``timing`` collects the seconds spent waiting, read with ``clock``
     (which waits for the compute stream first on a GPU). Each direction of each pair has its own process group
     (``channels``, from :func:`lfnnify.pipeline.groups.make_groups`), so no two messages can wait for each other.
+
+    With ``send_deltas`` (and int8 sends), a training batch sent with its sample indices goes as each sample's change
+    since its last visit (:mod:`lfnnify.pipeline.deltas`), against a memory this link keeps for each neighbour.
     """
 
     def __init__(self, *, rank: int, prev_rank: int | None, next_rank: int | None, device: torch.device,
                  timeout: datetime.timedelta, max_in_flight: int, send_dtype: torch.dtype | None, timing: dict,
-                 label, on_hung=None, channels: dict | None = None, clock=time.perf_counter):
+                 label, on_hung=None, channels: dict | None = None, clock=time.perf_counter,
+                 send_deltas: bool = False):
         self.channels, self.clock = channels or {}, clock
         self.rank, self.prev_rank, self.next_rank = rank, prev_rank, next_rank
         self.device, self.timeout = device, timeout
         self.max_in_flight, self.send_dtype = max_in_flight, send_dtype
+        self.send_deltas = send_deltas and send_dtype == torch.int8
+        self.memories: dict[int, SampleMemory] = {}  # neighbour's rank -> what the receiver holds per sample
         self.timing = timing
         self.label = label  # rank -> "rank 1 (block 1)"
         self.on_hung = on_hung  # called with a rank that did not answer within the timeout
@@ -111,16 +130,23 @@ class Link:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
     def send(self, dst: int, kind: int, tensor: Tensor | None = None, labels: Tensor | None = None,
-             flag: int = 0) -> None:
+             flag: int = 0, ids: Tensor | None = None) -> None:
+        """Post one message to ``dst``; ``ids``: the batch's sample indices (sent with it, and the key of each
+        sample's change when this link sends deltas)."""
         header = torch.zeros(_HEADER, dtype=torch.int64)
         header[0], header[1] = kind, flag
+        header[14] = -1
         payload = []
         if tensor is not None:
             scales = None
             if self.send_dtype is not None and tensor.is_floating_point() and kind != WEIGHTS:  # weights: exact
                 if self.send_dtype == torch.int8:
                     header[13] = _DTYPES.index(tensor.dtype) + 1  # what the receiver gets back
-                    tensor, scales = quantize.quantize(tensor)
+                    if self.send_deltas and kind == TRAIN and ids is not None:
+                        header[15] = 1
+                        tensor, scales = self._memory(dst).encode(tensor, ids)
+                    else:
+                        tensor, scales = quantize.quantize(tensor)
                 else:
                     tensor = tensor.to(self.send_dtype)
             tensor = tensor.detach().contiguous()
@@ -132,6 +158,9 @@ class Link:
             header[12] = -1 if labels is None else len(labels)
             payload = [tensor] + ([scales] if scales is not None else [])
             payload += [labels.to(torch.int64).contiguous()] if labels is not None else []
+            if ids is not None:
+                header[14] = len(ids)
+                payload.append(ids.to(torch.int64).contiguous())
         messages = [header.to(self.comm_device), *(t.to(self.comm_device) for t in payload)]
         try:
             group = self.channels.get((self.rank, dst))
@@ -142,8 +171,8 @@ class Link:
         while len(self._pending) > self.max_in_flight:
             self._wait_oldest()
 
-    def recv(self, src: int, *, dtype: torch.dtype | None = None) -> tuple[int, int, Tensor | None, Tensor | None]:
-        """(kind, flag, tensor, labels) of the next message from ``src``; the tensor cast to ``dtype``."""
+    def recv(self, src: int, *, dtype: torch.dtype | None = None) -> Message:
+        """The next message from ``src``; its tensor cast to ``dtype``."""
         start = self.clock()
         header = torch.empty(_HEADER, dtype=torch.int64, device=self.comm_device)
         self._recv_into(header, src)
@@ -151,22 +180,33 @@ class Link:
         kind, flag = int(header[0]), int(header[1])
         if kind == END:
             self.timing["recv_wait_s"] += self.clock() - start
-            return kind, flag, None, None
+            return Message(kind, flag, None, None, None)
         shape = header[3 : 3 + int(header[2])].tolist()
         tensor = torch.empty(shape, dtype=_DTYPES[int(header[11])], device=self.comm_device)
         self._recv_into(tensor, src)
+        scales = None
         if int(header[13]) > 0:  # int8 values, then their scales: one per channel (see quantize)
             scales = torch.empty(quantize.scale_count(tensor.shape), dtype=torch.float32, device=self.comm_device)
             self._recv_into(scales, src)
-            tensor = quantize.dequantize(tensor, scales, _DTYPES[int(header[13]) - 1])
-        labels = None
+        labels = ids = None
         if int(header[12]) >= 0:
             labels = torch.empty(int(header[12]), dtype=torch.int64, device=self.comm_device)
             self._recv_into(labels, src)
+        if int(header[14]) >= 0:
+            ids = torch.empty(int(header[14]), dtype=torch.int64, device=self.comm_device)
+            self._recv_into(ids, src)
+        if int(header[15]):  # each sample's change since its last visit (see deltas)
+            tensor = self._memory(src).decode(tensor, scales, ids, _DTYPES[int(header[13]) - 1])
+        elif scales is not None:
+            tensor = quantize.dequantize(tensor, scales, _DTYPES[int(header[13]) - 1])
         self.timing["recv_wait_s"] += self.clock() - start
         if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
             tensor = tensor.to(dtype)
-        return kind, flag, tensor.to(self.device), labels.to(self.device) if labels is not None else None
+        labels, ids = (t.to(self.device) if t is not None else None for t in (labels, ids))
+        return Message(kind, flag, tensor.to(self.device), labels, ids)
+
+    def _memory(self, peer: int) -> SampleMemory:
+        return self.memories.setdefault(peer, SampleMemory())
 
     def flush(self) -> None:
         while self._pending:

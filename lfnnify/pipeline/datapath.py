@@ -25,9 +25,10 @@ __all__ = ["DataPath"]
 class DataPath:
     """A pipeline rank's phase loops and step (a part of :class:`~lfnnify.PipelineTrainer`)."""
 
-    def _stage_step(self, x: Tensor, y: Tensor) -> dict:
+    def _stage_step(self, x: Tensor, y: Tensor, ids: Tensor | None = None) -> dict:
         """This rank's block on batch ``x``: forward, pass the output on, then its update (and, in replay
-        mode, the gradient of an earlier batch's input back to the previous rank).
+        mode, the gradient of an earlier batch's input back to the previous rank). ``ids``: the batch's sample
+        indices, passed on with it (``send_deltas``: the key of each sample's change).
 
         Why this order cannot deadlock, under NCCL's rule that a send may not complete before its receive is
         posted. Every send here is asynchronous (``Link.send`` posts it and returns; it waits only for sends more
@@ -50,7 +51,7 @@ class DataPath:
         out = stage.forward(x, y, t)
         if not self.last:
             self.timing["busy_s"] += self._now() - start
-            self.link.send(self.next_rank, TRAIN, out.detach(), y)  # the next stage starts now
+            self.link.send(self.next_rank, TRAIN, out.detach(), y, ids=ids)  # the next stage starts now
             if self._refresh_due(self.stage, t):
                 self._refresh_head(t)
             start = self._now()
@@ -89,7 +90,7 @@ class DataPath:
         return self._recv_from_next(GRAD, "a gradient")
 
     def _recv_from_next(self, expected: int, what: str) -> Tensor:
-        kind, _, tensor, _ = self.link.recv(self.next_rank)
+        kind, _, tensor, _, _ = self.link.recv(self.next_rank)
         if kind != expected:
             raise PipelineError(f"{self._label(self.rank)} expected {what}, got message kind {kind}")
         return tensor
@@ -130,12 +131,11 @@ class DataPath:
             except StopIteration:
                 finished = True
                 break
-            x, y = check_batch(*pair(chunk[self.replica], where="PipelineTrainer.fit"), self.batch_rules,
-                               where="PipelineTrainer.fit")
+            x, y, ids = self._batch(chunk[self.replica])
             start = self._now()
             x, y = x.to(self.device), y.to(self.device)
             self.timing["busy_s"] += self._now() - start
-            records.append(self._stage_step(x, y))
+            records.append(self._stage_step(x, y, ids))
             bar.update(1)
             # reading the loss waits for the device: only as often as the bar shows it
             if records[-1] and self.options.progress and self.step % self.options.log_every == 0:
@@ -149,12 +149,32 @@ class DataPath:
         self._end_phase()
         return flags
 
+    def _batch(self, batch) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(images, labels, sample indices or None) of one batch of the training loader, checked."""
+        where = "PipelineTrainer.fit"
+        if not self.link.send_deltas:
+            return *check_batch(*pair(batch, where=where), self.batch_rules, where=where), None
+        if not isinstance(batch, (tuple, list)) or len(batch) != 3:
+            got = f"{len(batch)} items" if isinstance(batch, (tuple, list)) else f"a {type(batch).__name__}"
+            raise DataError(
+                f"a batch from the loader given to {where} has {got}; with send_deltas=True each batch is (images, "
+                f"labels, sample indices), because each sample's change is sent against what was sent for it "
+                f"last. Wrap the dataset: lfnnify.data.WithIndex(dataset), or make_loader(..., indexed=True)"
+            )
+        x, y = check_batch(batch[0], batch[1], self.batch_rules, where=where)
+        ids = batch[2]
+        if not isinstance(ids, Tensor) or ids.is_floating_point() or ids.shape != (len(x),):
+            what = f"shape {tuple(ids.shape)}, dtype {ids.dtype}" if isinstance(ids, Tensor) else type(ids).__name__
+            raise DataError(f"the sample indices given to {where} are {what}; give one integer per image, a 1-d "
+                            f"tensor of {len(x)} (lfnnify.data.WithIndex returns each item's position)")
+        return x, y, ids.to(torch.int64)
+
     def _follow(self, records) -> int:
         """Later stages: receive, train, pass on, until the end-of-phase message."""
         if self.step_in_epoch == 0 and self.options.reselect == "epoch":
             self.net.fixed_leaders = [None] * len(self.net.heads)
         while True:
-            kind, flag, x, y = self.link.recv(self.prev_rank, dtype=self._dtype())
+            kind, flag, x, y, ids = self.link.recv(self.prev_rank, dtype=self._dtype())
             if kind == END:
                 if not self.last:
                     self.link.send(self.next_rank, END, flag=flag)
@@ -162,7 +182,7 @@ class DataPath:
                 return flag
             if kind != TRAIN:
                 raise PipelineError(f"rank {self.rank} expected a training batch, got message kind {kind}")
-            records.append(self._stage_step(x, y))
+            records.append(self._stage_step(x, y, ids))
 
     def _dtype(self) -> torch.dtype | None:
         return next((p.dtype for p in self.net.blocks[self.stage].parameters() if p.is_floating_point()), None)

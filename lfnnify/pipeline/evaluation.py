@@ -45,7 +45,7 @@ def evaluate_stage(trainer, loader=None) -> dict:
             trainer.link.send(trainer.next_rank, END)
     else:
         while True:
-            kind, _, x, y = trainer.link.recv(trainer.prev_rank, dtype=trainer._dtype())
+            kind, _, x, y, _ = trainer.link.recv(trainer.prev_rank, dtype=trainer._dtype())
             if kind == END:
                 if not trainer.last:
                     trainer.link.send(trainer.next_rank, END)

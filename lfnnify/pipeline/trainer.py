@@ -73,6 +73,12 @@ class PipelineTrainer(DataPath, TrainerBase):
             ``torch.int8`` sends a quarter: int8 values with one float32 scale per channel, each value within half
             a step (1/254 of its channel's largest magnitude) of what was sent (:mod:`lfnnify.pipeline.quantize`).
             Weights a refresh sends are always exact.
+        send_deltas: with ``send_dtype=torch.int8``, send each training sample's change since its last visit,
+            rounded to int8, instead of its activation (AQ-SGD; :mod:`lfnnify.pipeline.deltas`): the same bytes plus
+            8 per sample for its index, and what one visit rounds away is sent again at the next. The training
+            loader then gives ``(images, labels, sample indices)`` (``lfnnify.data.WithIndex(dataset)``, or
+            ``make_loader(..., indexed=True)``); each end of each cut keeps one float32 activation per training
+            sample in host memory.
         timeout_s: how long a rank waits for a neighbour before giving up; a failed rank's neighbours
             stop within this bound (torchrun also stops the others when one process exits with an error).
         threads: torch threads for this process (set it: oversubscribed cores are very slow).
@@ -144,7 +150,7 @@ class PipelineTrainer(DataPath, TrainerBase):
         self.link = Link(rank=self.rank, prev_rank=self.prev_rank, next_rank=self.next_rank, device=self.device,
                          timeout=self.timeout, max_in_flight=max_in_flight, send_dtype=send_dtype, timing=self.timing,
                          label=self._label, on_hung=lambda rank: end_if_here(self._processes[rank]),
-                         channels=self.groups.channels, clock=self._now)
+                         channels=self.groups.channels, clock=self._now, send_deltas=own.send_deltas)
         self._early_grad: Tensor | None = None  # replay: a gradient received at the end of a phase
         if self.replicas > 1:
             self.updates[self.stage].reduce = self._average

@@ -127,6 +127,9 @@ class PipelineOptions:
                                              "torch.bfloat16, torch.float16, torch.int8: activations and gradients "
                                              "cross as floats (torch.bfloat16 halves the traffic) or as int8 with a "
                                              "scale per channel (a quarter)")
+    send_deltas: bool = setting(False, lambda v: isinstance(v, bool),
+                                "must be True or False: with send_dtype=torch.int8, send each training sample's "
+                                "change since its last visit (AQ-SGD) instead of its activation")
     # chosen once, for the API and the recipes: long enough for a neighbour's evaluation or for rank 0 writing a
     # large checkpoint (a 1 GB one over 100 Mbit/s takes about 80 s), and a dead neighbour is seen at once anyway:
     # the timeout only bounds how long a hung one goes unnoticed
@@ -141,6 +144,12 @@ class PipelineOptions:
 
     def __post_init__(self):
         check_rules(self)
+        if self.send_deltas and self.send_dtype != torch.int8:
+            raise ConfigError(
+                f"send_deltas=True with send_dtype={self.send_dtype!r}: deltas are each sample's change rounded to "
+                f"int8 against what was sent for it last (AQ-SGD), so they need send_dtype=torch.int8 (recipes: "
+                f"pipeline.send_dtype: int8); or drop send_deltas"
+            )
 
     def check_for(self, net) -> None:
         if isinstance(net, LFNNModel) and net.mode == "lfnn":
