@@ -378,7 +378,8 @@ def chart(payload: dict, path: Path) -> None:
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    colors = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 2))
+    shown = [m for m in METHODS if any(r["method"] == m for r in payload["runs"].values())]
+    colors = dict(zip(shown, itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"])))
     for key, r in payload["runs"].items():
         m = r["method"]
         xs = [0.0] + [e["train_seconds"] for e in r["evaluations"]]
