@@ -389,6 +389,28 @@ def multihost_tta_int8(d: dict) -> dict[str, list[str]]:
     return {HISTORY: [line], README: [line], BENCH: [line]}
 
 
+def multihost_tta_deltas(d: dict) -> dict[str, list[str]]:
+    """The pipelines sending float32, int8 and int8 deltas (AQ-SGD) over three epochs of a subset, so that every
+    sample crosses three times, in the two-host time to accuracy (1 Gbit/s)."""
+    acc = d["summary"]["final_accuracy"]
+
+    def three(m):
+        return ", ".join(f"{what} {acc[m + suffix]['mean']:.4f} ± {acc[m + suffix]['sd']:.4f}"
+                         for what, suffix in (("float32", ""), ("int8", "_int8"), ("int8 deltas", "_int8_deltas")))
+
+    def gap(m):  # deltas less plain int8, seed by seed, in points
+        finals = {suffix: [d["runs"][f"{m}{suffix}-seed{s}"]["evaluations"][-1]["accuracy"] for s in d["seeds"]]
+                  for suffix in ("_int8", "_int8_deltas")}
+        return ", ".join(f"{100 * (a - b):+.2f}" for a, b in zip(finals["_int8_deltas"], finals["_int8"]))
+
+    s = d["settings"]
+    line = (f"{s['epochs']} epochs of {s['train_subset']:,} images (each sample crosses {s['epochs']} times), final "
+            f"test accuracy over {len(d['seeds'])} seeds: LFNN-ℓ sending {three('lfnn_pipeline')}; replay sending "
+            f"{three('replay_pipeline')}; DDP {acc['ddp']['mean']:.4f} ± {acc['ddp']['sd']:.4f}. Deltas less plain "
+            f"int8, seed by seed: LFNN-ℓ {gap('lfnn_pipeline')} points, replay {gap('replay_pipeline')} points")
+    return {HISTORY: [line], README: [line], BENCH: [line]}
+
+
 def time_to_accuracy(d: dict) -> dict[str, list[str]]:
     def row(evals):
         return " | ".join(f"{e['accuracy']:.3f}"[1:] for e in evals)
@@ -583,6 +605,8 @@ SOURCES = {  # results file -> how to write its figures, per document that quote
     "multihost_tta-fashion_mnist-resnet18-k2-100mbit-intel-xeon-2026-12-06.json": multihost_tta_strongest,
     "multihost_tta-fashion_mnist-resnet18-k2-1gbit-intel-xeon-2026-12-06.json": multihost_tta_strongest,
     "multihost_tta-int8-fashion_mnist-resnet18-k2-1gbit-intel-xeon-2026-12-06.json": multihost_tta_int8,
+    ("multihost_tta-deltas-fashion_mnist-resnet18-k2-1gbit-3epochs-"
+     "intel-xeon-2026-12-07.json"): multihost_tta_deltas,
     "multihost-hooks-resnet18-k2-intel-xeon-2026-12-06-summary.json": multihost_hooks,
     "multihost-schedules-resnet18-k2-intel-xeon-2026-12-06-summary.json": multihost_schedules,
     "multihost-fsdp-resnet18-k2-intel-xeon-2026-12-06.json": multihost_fsdp,
