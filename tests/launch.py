@@ -27,12 +27,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(nproc: int, *args, timeout: float = 240, env: dict | None = None):
-    """(completed process, seconds) of ``torchrun --nproc-per-node nproc tests/pipeline_worker.py args``."""
+def torchrun(nproc: int, *args, timeout: float = 240, env: dict | None = None, script: Path = WORKER):
+    """(completed process, seconds) of ``torchrun --nproc-per-node nproc <script> args`` (by default
+    tests/pipeline_worker.py)."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
         "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "--max-restarts", "0",
-        "--monitor-interval", "0.5", str(WORKER), *map(str, args),
+        "--monitor-interval", "0.5", str(script), *map(str, args),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     start = time.monotonic()

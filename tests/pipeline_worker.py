@@ -31,7 +31,8 @@ LARGE = dict(size=128, channels=64, batch=16, data=32)  # 16 x 64 x 128 x 128 fl
 
 # name -> what it trains: blocks, mode (local | replay | replay-stash), local_weight, switch_at/switch_to, head,
 # refresh_every, predict, delay_lr (delay-aware step sizes over that many steps), send (send_dtype: bf16 | int8),
-# deltas (send_deltas: each sample's change as int8, the loader giving sample indices),
+# deltas (send_deltas: each sample's change as int8, the loader giving sample indices), powersgd (the replicas
+# average through PowerSGD at this rank, from step 2),
 # steps, resume_at (save there, load, go on), model (timm: MODEL | plain | large | torchvision), relayout (then
 # resume the same ranks as that many blocks x 1 replica); the world size is blocks x replicas
 SCENARIOS = {
@@ -54,10 +55,11 @@ SCENARIOS = {
     "3-replay-64mib": dict(blocks=3, mode="replay", model="large", steps=3),
     "4-replicas-seeded-apart": dict(blocks=2, replicas=2, mode="replay", model="plain", steps=2),
     "4-replicas-batchnorm": dict(blocks=2, replicas=2, mode="replay-stash", steps=4, relayout=4),
+    "4-replicas-powersgd": dict(blocks=2, replicas=2, mode="replay", model="plain", steps=4, powersgd=1),
 }
 DEFAULTS = dict(mode="local", local_weight=0.0, switch_at=None, switch_to=None, head="linear", refresh_every=None,
                 predict=False, delay_lr=None, send=None, deltas=False, steps=7, resume_at=None, model="timm",
-                replicas=1, relayout=None)
+                replicas=1, relayout=None, powersgd=None)
 
 
 def spec(name: str) -> dict:
@@ -139,7 +141,8 @@ def _pipeline(net, name, **extra):
     s = spec(name)
     return lfnnify.PipelineTrainer(net, threads=1, timeout_s=30, max_in_flight=2,
                                    send_dtype={"bf16": torch.bfloat16, "int8": torch.int8}.get(s["send"]),
-                                   send_deltas=s["deltas"],
+                                   send_deltas=s["deltas"], replicas_powersgd_rank=s["powersgd"],
+                                   replicas_powersgd_start=2,
                                    **trainer_knobs(name), **extra)
 
 

@@ -620,6 +620,21 @@ def test_the_rate_map_carries_each_methods_steps_to_a_target_to_other_rates_at_t
     assert "| 10 Mbit/s | final | fits | bp_1f1b_m2 42 s (projected) |" in table
     assert "within 10% of the measurement" in table
     assert (tmp_path / "map.png").read_bytes()[:4] == b"\x89PNG"
+    # a short run repeated twice more at 10 Mbit/s (1F1B at 5 and 9 s per step): the projection takes the median (6 s
+    # per step: 42 s) and gives the range over the three runs (35 s to 63 s), in the cell and in the table
+    again = [_tta_payload("10mbit", curves, {**ten, "bp_1f1b_m2": v}, seeds=(0,)) for v in (5.0, 9.0)]
+    repeated = rate_map.rate_map(wholes, [*shorts, *again])
+    one = repeated["cells"]["10mbit"]["final"]["bp_1f1b_m2"]
+    assert one["seconds"] == [48.0, 36.0] and one["repetitions"] == 3 and one["range_seconds"] == [35.0, 63.0]
+    base = repeated["map"]["10mbit"]["final"]["fits"]
+    assert base["baseline"] == "bp_1f1b_m2" and base["baseline_spread"] == {"range_seconds": [35.0, 63.0],
+                                                                             "repetitions": 3}
+    assert "bp_1f1b_m2 42 s (projected; 35–63 s over 3 short runs)" in rate_map.markdown(
+        {**repeated, "device": "cpu", "setting": "s", "commits": {"whole_runs": ["a"], "short_runs": ["b"]}})
+    assert result["map"]["10mbit"]["final"]["fits"]["baseline_spread"] is None  # one short run: no range to give
+    later = _tta_payload("10mbit", curves, ten, seeds=(0,), hook_start=4)
+    with pytest.raises(SystemExit, match="time different steps"):
+        rate_map.step_seconds([shorts[0], later])
     # the projection rests on equal evaluations at every rate: files that differ are refused
     other = _tta_payload("1gbit", {**curves, "lfnn_pipeline": {0: [0.6, 0.8, 0.8, 0.9], 1: curves["lfnn_pipeline"][1]}},
                          fast)
@@ -641,5 +656,6 @@ def test_step_time_runs_for_the_rate_map_need_no_ddp_and_write_each_methods_seco
     across_hosts.step_times_files(args, "steps", settings, {"lfnn_pipeline-seed0": {"evaluations": evals}}, [],
                                   {"commit": "abc"})
     result = json.loads((tmp_path / "steps.json").read_text())
-    assert result["step_seconds"]["lfnn_pipeline"] == {"seconds_per_step": 1.0, "steps": [8, 24], "hook_start": 10}
+    assert result["step_seconds"]["lfnn_pipeline"] == {"seconds_per_step": 1.0, "repetitions": [1.0], "steps": [8, 24],
+                                                       "hook_start": 10}
     assert "| lfnn_pipeline | 1.000 | 8–24 |" in (tmp_path / "steps.md").read_text()

@@ -109,3 +109,16 @@ def test_coverage_counts_only_what_was_checked(tmp_path):
     assert counts == {"checked": 5, "classifiers": 3, "converted": 2, "encoders": 1, "one_block": 1,
                       "every_block_isolated": 1}
     assert "**2** (66.7%) convert with identical outputs and isolated gradients" in (tmp_path / "doc.md").read_text()
+
+
+def test_a_two_host_time_to_accuracy_sweep_on_an_unshaped_link_measures_its_split(tmp_path):
+    # --rate unshaped with no split kept in the runs folder passed "unshaped" to plan(link=), which refused it: the
+    # sweep stopped before its first run (the earlier unshaped sweeps had their split written in by hand)
+    import argparse
+
+    from benchmarks.time_to_accuracy.across_hosts import sweep_cuts
+
+    args = argparse.Namespace(model="test_resnet", batch=8, rate="unshaped", methods=["lfnn_pipeline"])
+    cuts, cuts4 = sweep_cuts(args, tmp_path)
+    assert len(cuts) == 1 and cuts4 is None
+    assert json.loads((tmp_path / "cuts.json").read_text())["measured_for"]["rate"] == "unshaped"

@@ -217,6 +217,27 @@ def test_replicas_start_equal_however_their_ranks_were_seeded():
 
 
 @pytest.mark.xdist_group("torchrun-4")
+def test_replicas_averaging_through_powersgd_apply_the_same_compressed_average():
+    # as above, but the replicas average through PowerSGD at rank 1 from step 2 of 4 (replicas_powersgd_rank): each
+    # block's replicas end with the same block and head (every replica applies the same average), and with other
+    # weights than the plain average's (the one process on the doubled batch), near them: compression was used
+    name = "4-replicas-powersgd"
+    out = scenarios_run(4) / name
+    states = [torch.load(out / f"state-rank{r}.pt") for r in range(4)]
+    for a, b in ((0, 1), (2, 3)):
+        assert all(torch.equal(states[a][k], states[b][k]) for k in states[a]), (a, b)
+    torch.set_num_threads(1)
+    net = worker.build(name)
+    trainer = lfnnify.Trainer(net, optimizer=worker.optimizer, scheduler=worker.scheduler, progress=False)
+    trainer.fit(worker.loaders(name, batch_scale=2)[0], max_steps=worker.spec(name)["steps"])
+    piped = lfnnify.load(out / "ckpt", model=worker.build(name)._source)
+    with pytest.raises(AssertionError):
+        _assert_close(piped, net)
+    for key, value in piped.state_dict().items():
+        assert torch.allclose(value, net.state_dict()[key], atol=0.05), key
+
+
+@pytest.mark.xdist_group("torchrun-4")
 def test_replicas_hold_the_same_batchnorm_statistics_after_every_step():
     # 2 blocks x 2 replicas of a model with BatchNorm, replay with weight stashing: each replica sees other batches,
     # so its own statistics would drift apart; after every step each takes its block's first replica's (as DDP

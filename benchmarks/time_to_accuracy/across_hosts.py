@@ -101,7 +101,8 @@ def sweep_cuts(args, folder: Path) -> tuple[list[str], list[str] | None]:
         if key in kept:
             print(f"the {blocks}-way split of this sweep, measured before: {kept[key]} (from {path})", flush=True)
         elif blocks == 2 or any(four_stages(m) for m in args.methods):
-            plan = time_balanced_plan(args.model, batch=args.batch, example_shape=(1, 28, 28), link=args.rate,
+            link = None if args.rate == "unshaped" else args.rate  # plan() says what crosses a link of that rate
+            plan = time_balanced_plan(args.model, batch=args.batch, example_shape=(1, 28, 28), link=link,
                                       blocks=blocks, in_chans=1)
             print(plan, flush=True)
             kept |= {key: plan.cuts, f"plan{blocks}": str(plan)}

@@ -95,11 +95,12 @@ def measured_seconds(wholes: list[dict]) -> dict[str, dict[str, dict]]:
 
 
 def step_seconds(shorts: list[dict]) -> dict[str, dict[str, dict]]:
-    """rate -> method -> {"seconds_per_step", "steps", "hook_start"}: the slope of training seconds from each short
-    run's first evaluation to its last (the first seed given): the steps before the first evaluation (the first
-    steps' warm-up, and the uncompressed steps before ``--hook-start``) are left out, so a short run wants its first
-    evaluation after its hook start, and a window of whole local-SGD periods (``--hook-start 2 --eval-every 16``,
-    48 steps)."""
+    """rate -> method -> {"seconds_per_step", "repetitions", "steps", "hook_start"}: the slope of training seconds
+    from each short run's first evaluation to its last (the first seed given): the steps before the first evaluation
+    (the first steps' warm-up, and the uncompressed steps before ``--hook-start``) are left out, so a short run wants
+    its first evaluation after its hook start, and a window of whole local-SGD periods (``--hook-start 2
+    --eval-every 16``, 48 steps). A method at a rate in several files is a repeated measurement: every repetition's
+    slope is kept (``repetitions``) and ``seconds_per_step`` is their median."""
     out: dict[str, dict] = {}
     for p in shorts:
         rate = p["settings"]["rate"]
@@ -108,18 +109,31 @@ def step_seconds(shorts: list[dict]) -> dict[str, dict[str, dict]]:
             if len(evals) < 2:
                 raise SystemExit(f"rate_map: {method} at {rate} has {len(evals)} evaluation(s); a short run needs at "
                                  f"least 2 (give --eval-every a quarter of its steps or less)")
-            if method in out.get(rate, {}):
-                raise SystemExit(f"rate_map: {method} at {rate} is in two of the step-time files; give it once")
             a, b = evals[0], evals[-1]
-            out.setdefault(rate, {})[method] = {
-                "seconds_per_step": (b["train_seconds"] - a["train_seconds"]) / (b["step"] - a["step"]),
-                "steps": [a["step"], b["step"]], "hook_start": p["settings"]["hook_start"]}
+            slope = (b["train_seconds"] - a["train_seconds"]) / (b["step"] - a["step"])
+            entry = out.setdefault(rate, {}).setdefault(method, {
+                "repetitions": [], "steps": [a["step"], b["step"]], "hook_start": p["settings"]["hook_start"]})
+            if entry["steps"] != [a["step"], b["step"]] or entry["hook_start"] != p["settings"]["hook_start"]:
+                raise SystemExit(f"rate_map: {method} at {rate} is in two step-time files that time different steps "
+                                 f"({entry['steps']} from hook start {entry['hook_start']}, and "
+                                 f"{[a['step'], b['step']]} from {p['settings']['hook_start']}); repeat a short run "
+                                 f"with the same settings")
+            entry["repetitions"].append(slope)
+            entry["seconds_per_step"] = statistics.median(entry["repetitions"])
     return out
 
 
-def projected(method: str, step: int, per_step: dict[str, dict], hook_start: int) -> float | None:
-    """Training seconds to ``step`` at a rate whose seconds per step are ``per_step``; a hooked method's first
-    ``hook_start`` steps at plain DDP's step time. None where a needed step time was not measured."""
+def _rate_of(entry: dict, which: str) -> float:
+    """A method's seconds per step at a rate: the median of its repetitions, or the lowest or highest of them."""
+    return {"median": entry["seconds_per_step"], "low": min(entry["repetitions"]),
+            "high": max(entry["repetitions"])}[which]
+
+
+def projected(method: str, step: int, per_step: dict[str, dict], hook_start: int,
+              which: str = "median") -> float | None:
+    """Training seconds to ``step`` at a rate whose seconds per step are ``per_step`` (``which``: their median over
+    the short runs, or the lowest or highest); a hooked method's first ``hook_start`` steps at plain DDP's step time.
+    None where a needed step time was not measured."""
     own = per_step.get(method)
     if own is None:
         return None
@@ -128,8 +142,8 @@ def projected(method: str, step: int, per_step: dict[str, dict], hook_start: int
         if plain is None:
             return None
         before = min(step, hook_start)
-        return before * plain["seconds_per_step"] + (step - before) * own["seconds_per_step"]
-    return step * own["seconds_per_step"]
+        return before * _rate_of(plain, which) + (step - before) * _rate_of(own, which)
+    return step * _rate_of(own, which)
 
 
 def _cell(rate: str, method: str, by_seed: dict, seeds: list[int], measured: dict, per_rate: dict,
@@ -154,9 +168,23 @@ def _cell(rate: str, method: str, by_seed: dict, seeds: list[int], measured: dic
         else:
             value = guess
         seconds.append(value)
-    return {"seconds": seconds, "reached": sum(v is not None for v in seconds),
+    cell = {"seconds": seconds, "reached": sum(v is not None for v in seconds),
             "kind": "measured" if here is not None else "projected",
             "mean_seconds": statistics.mean(seconds) if None not in seconds else None}
+    if here is None:  # the spread of a projection: the short runs' lowest and highest seconds per step
+        used = [steps[method]] + ([steps["ddp"]] if method.startswith(HOOKED) else [])
+        cell["repetitions"] = min(len(e["repetitions"]) for e in used)
+        if cell["mean_seconds"] is not None:
+            cell["range_seconds"] = [statistics.mean(projected(method, by_seed[seed], steps, hook_start, which)
+                                                     for seed in seeds) for which in ("low", "high")]
+    return cell
+
+
+def _spread(cell: dict) -> dict | None:
+    """A projected cell's range over its short runs' seconds per step, where they were repeated."""
+    if cell.get("repetitions", 1) < 2 or "range_seconds" not in cell:
+        return None
+    return {"range_seconds": cell["range_seconds"], "repetitions": cell["repetitions"]}
 
 
 def _case(row: dict, case: str, seeds: int) -> dict:
@@ -165,14 +193,15 @@ def _case(row: dict, case: str, seeds: int) -> dict:
     every = {m: c for m, c in row.items() if c["mean_seconds"] is not None}
     base = min((m for m in every if is_choice(m, case)), key=lambda m: every[m]["mean_seconds"], default=None)
     cell = {"baseline": base, "baseline_seconds": every[base]["mean_seconds"] if base else None,
-            "baseline_kind": row[base]["kind"] if base else None, "families": {}}
+            "baseline_kind": row[base]["kind"] if base else None,
+            "baseline_spread": _spread(row[base]) if base else None, "families": {}}
     for family, prefix in FAMILIES.items():
         mine = [m for m in row if m.startswith(prefix)]
         done = [m for m in mine if m in every]
         if done:
             best = min(done, key=lambda m: every[m]["mean_seconds"])
             cell["families"][family] = {"method": best, "seconds": every[best]["mean_seconds"],
-                                        "kind": row[best]["kind"],
+                                        "kind": row[best]["kind"], "spread": _spread(row[best]),
                                         "ratio": every[best]["mean_seconds"] / cell["baseline_seconds"] if base
                                         else None}
         elif mine:
@@ -211,9 +240,12 @@ def rate_map(wholes: list[dict], shorts: list[dict]) -> dict:
             "max_abs_projection_error": max((abs(e["relative_error"]) for e in errors), default=None)}
 
 
-def _seconds(value: float | None, kind: str) -> str:
+def _seconds(value: float | None, kind: str, spread: dict | None = None) -> str:
     if value is None:
         return "–"
+    if kind == "projected" and spread:
+        low, high = spread["range_seconds"]
+        return f"{value:.0f} s (projected; {low:.0f}–{high:.0f} s over {spread['repetitions']} short runs)"
     return f"{value:.0f} s" + (" (projected)" if kind == "projected" else "")
 
 
@@ -241,9 +273,10 @@ def markdown(payload: dict) -> str:
                         cells += [f"{f['method']}: reached on {f['reached']}", "–"]
                     else:
                         ratio = f"{f['ratio']:.2f}×" if f["ratio"] is not None else "–"
-                        cells += [f"{f['method']} {_seconds(f['seconds'], f['kind'])}", ratio]
-                base = (f"{c['baseline']} {_seconds(c['baseline_seconds'], c['baseline_kind'])}" if c["baseline"]
-                        else "none on every seed")
+                        cells += [f"{f['method']} {_seconds(f['seconds'], f['kind'], f.get('spread'))}", ratio]
+                spread = c.get("baseline_spread")
+                base = (f"{c['baseline']} {_seconds(c['baseline_seconds'], c['baseline_kind'], spread)}"
+                        if c["baseline"] else "none on every seed")
                 each = ", ".join(f"{f['method']} {_seconds(f['seconds'], f['kind'])}" if f else "none"
                                  for f in c["first_per_seed"])
                 lines.append(f"| {RATE_NAMES[rate]} | {target.replace('_', ' ')} | {case} | {base} | "

@@ -33,7 +33,7 @@ from .comm import (
 from .datapath import DataPath
 from .evaluation import evaluate_stage
 from .groups import make_groups
-from .replicas import average_gradients, broadcast_from_first_replica
+from .replicas import PowerSGDAverage, average_gradients, broadcast_from_first_replica
 from .shards import Shard, keep_only_stage
 
 __all__ = ["PipelineTrainer", "StageTiming"]
@@ -79,6 +79,10 @@ class PipelineTrainer(DataPath, TrainerBase):
             loader then gives ``(images, labels, sample indices)`` (``lfnnify.data.WithIndex(dataset)``, or
             ``make_loader(..., indexed=True)``); each end of each cut keeps one float32 activation per training
             sample in host memory.
+        replicas_powersgd_rank, replicas_powersgd_start: with R > 1 replicas per block, average their gradients
+            through torch's PowerSGD at this rank (error feedback, warm start; plain all-reduces for the first
+            ``replicas_powersgd_start`` steps, 10 by default) instead of one all-reduce of the whole gradient
+            (:class:`lfnnify.pipeline.replicas.PowerSGDAverage`).
         timeout_s: how long a rank waits for a neighbour before giving up; a failed rank's neighbours
             stop within this bound (torchrun also stops the others when one process exits with an error).
         threads: torch threads for this process (set it: oversubscribed cores are very slow).
@@ -152,9 +156,19 @@ class PipelineTrainer(DataPath, TrainerBase):
                          label=self._label, on_hung=lambda rank: end_if_here(self._processes[rank]),
                          channels=self.groups.channels, clock=self._now, send_deltas=own.send_deltas)
         self._early_grad: Tensor | None = None  # replay: a gradient received at the end of a phase
+        self._powersgd = None
+        if own.replicas_powersgd_rank is not None and self.replicas == 1:
+            raise ConfigError(
+                f"replicas_powersgd_rank={own.replicas_powersgd_rank}: PowerSGD averages a block's replicas, and this "
+                f"run has one replica per block ({self.world} processes for {blocks} blocks); start K×R processes "
+                f"(e.g. torchrun --nproc-per-node {2 * blocks}), or drop replicas_powersgd_rank"
+            )
         if self.replicas > 1:
             self.updates[self.stage].reduce = self._average
             broadcast_from_first_replica(self.net, self.stage, self.replicas, self.group, self.link.comm_device)
+            if own.replicas_powersgd_rank is not None:
+                self._powersgd = PowerSGDAverage(self.group, rank=own.replicas_powersgd_rank,
+                                                 start=own.replicas_powersgd_start, comm_device=self.link.comm_device)
         self.shard = Shard(stage=self.stage, replica=self.replica, replicas=self.replicas, rank=self.rank,
                            blocks=blocks, source_shapes=shapes, talking=self.talking, group=self.groups.objects)
 
@@ -183,7 +197,10 @@ class PipelineTrainer(DataPath, TrainerBase):
 
     def _average(self, grads) -> None:
         with self.link.named(self._other_replicas(), "averaging gradients"):
-            average_gradients(grads, self.group, self.replicas, self.link.comm_device)
+            if self._powersgd is not None:
+                self._powersgd(grads)
+            else:
+                average_gradients(grads, self.group, self.replicas, self.link.comm_device)
 
     def fit(self, loader=None, *, epochs: int = 1, max_steps: int | None = None, val_loader=None) -> list[dict]:
         """Train in pipeline mode. Every rank calls ``fit`` with the same ``epochs``/``max_steps``;

@@ -130,6 +130,12 @@ class PipelineOptions:
     send_deltas: bool = setting(False, lambda v: isinstance(v, bool),
                                 "must be True or False: with send_dtype=torch.int8, send each training sample's "
                                 "change since its last visit (AQ-SGD) instead of its activation")
+    replicas_powersgd_rank: int | None = setting(None, optional(count(1)),
+                                                 "must be None (replicas average with one all-reduce) or a rank >= 1: "
+                                                 "average a block's replicas through torch's PowerSGD at that rank")
+    replicas_powersgd_start: int = setting(10, count(2),
+                                           "must be an int >= 2: the steps of plain all-reduce before PowerSGD "
+                                           "compresses (torch's start_powerSGD_iter; error feedback needs 2)")
     # chosen once, for the API and the recipes: long enough for a neighbour's evaluation or for rank 0 writing a
     # large checkpoint (a 1 GB one over 100 Mbit/s takes about 80 s), and a dead neighbour is seen at once anyway:
     # the timeout only bounds how long a hung one goes unnoticed
