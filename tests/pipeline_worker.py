@@ -56,6 +56,7 @@ SCENARIOS = {
     "4-replicas-seeded-apart": dict(blocks=2, replicas=2, mode="replay", model="plain", steps=2),
     "4-replicas-batchnorm": dict(blocks=2, replicas=2, mode="replay-stash", steps=4, relayout=4),
     "4-replicas-powersgd": dict(blocks=2, replicas=2, mode="replay", model="plain", steps=4, powersgd=1),
+    "2-powersgd-one-replica": dict(blocks=2, model="plain", steps=1, powersgd=1),  # refused: no replicas
 }
 DEFAULTS = dict(mode="local", local_weight=0.0, switch_at=None, switch_to=None, head="linear", refresh_every=None,
                 predict=False, delay_lr=None, send=None, deltas=False, steps=7, resume_at=None, model="timm",
@@ -153,6 +154,14 @@ def run(name: str, out: Path) -> None:
     seed = 0 if replica == 0 else 100 + rank  # the replicas of a block start apart unless the pipeline aligns them
     train, test = loaders(name)
     net = build(name, seed)
+    if s["powersgd"] and s["replicas"] == 1:  # refused when made, on every rank, in one line
+        try:
+            _pipeline(net, name)
+            said = "accepted"
+        except lfnnify.ConfigError as exc:
+            said = str(exc)
+        (out / f"refused-rank{rank}.txt").write_text(said)
+        return
     trainer = _pipeline(net, name)
     first = trainer.first
     buffers = _record_buffers(trainer) if s["replicas"] > 1 else None

@@ -38,7 +38,8 @@ def _assert_close(a, b):
 
 
 EQUAL = [pytest.param(n, marks=pytest.mark.xdist_group(f"torchrun-{worker.world(n)}")) for n in worker.SCENARIOS
-         if worker.spec(n)["replicas"] == 1 and not worker.spec(n)["send"] and worker.spec(n)["model"] != "torchvision"]
+         if worker.spec(n)["replicas"] == 1 and not worker.spec(n)["send"] and worker.spec(n)["model"] != "torchvision"
+         and not worker.spec(n)["powersgd"]]
 
 
 @pytest.mark.parametrize("name", EQUAL)
@@ -235,6 +236,15 @@ def test_replicas_averaging_through_powersgd_apply_the_same_compressed_average()
         _assert_close(piped, net)
     for key, value in piped.state_dict().items():
         assert torch.allclose(value, net.state_dict()[key], atol=0.05), key
+
+
+@pytest.mark.xdist_group("torchrun-2")
+def test_powersgd_for_replicas_is_refused_where_a_block_has_one_replica():
+    out = scenarios_run(2) / "2-powersgd-one-replica"
+    for rank in range(2):
+        said = (out / f"refused-rank{rank}.txt").read_text()
+        assert said.startswith("replicas_powersgd_rank=1: PowerSGD averages a block's replicas, and this run has one "
+                               "replica per block (2 processes for 2 blocks)"), said
 
 
 @pytest.mark.xdist_group("torchrun-4")
