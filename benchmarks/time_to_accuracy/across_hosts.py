@@ -390,8 +390,8 @@ def chart(payload: dict, path: Path) -> None:
     ax.set_xlabel("training time (s; evaluations excluded)")
     ax.set_ylabel("test accuracy")
     s = payload["settings"]
-    ax.set_title(f"2 hosts x 1 core, {s['rate']} link, {s['model']} K=2, {s['train_subset']} images, one line per "
-                 f"seed\n{payload['env']['device'][:60]}", fontsize=9)
+    ax.set_title(f"2 hosts x 1 core, {s['rate']} link, {s['model']} K=2, {_epochs(s)} of {s['train_subset']} images, "
+                 f"one line per seed\n{payload['env']['device'][:60]}", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     save_figure(fig, path)
