@@ -1,5 +1,6 @@
-"""int8 sends of each sample's change (lfnnify.pipeline.deltas, AQ-SGD), against a reference written here from the
-definition: per sample a memory m (zero at first), send round(a - m) per channel, both ends add it to m."""
+"""int8 sends of each sample's change (lfnnify.pipeline.deltas, AQ-SGD), against a reference written from the
+definition (tests/references.py): per sample a memory m (zero at first), send round(a - m) per channel, both ends add
+it to m."""
 
 from types import SimpleNamespace
 
@@ -11,27 +12,7 @@ from lfnnify.data import SyntheticImages, WithIndex, make_loader
 from lfnnify.pipeline.datapath import DataPath
 from lfnnify.pipeline.deltas import SampleMemory
 from lfnnify.pipeline.quantize import dequantize, quantize
-
-
-def _int8(x):
-    """x rounded to int8 with one scale per channel (dim 1) and back, from the definition (not lfnnify's code)."""
-    dims = tuple(d for d in range(x.dim()) if d != 1)
-    scale = x.abs().amax(dim=dims, keepdim=True) / 127
-    return torch.where(scale > 0, (x / scale).round().clamp(-127, 127) * scale, torch.zeros_like(x))
-
-
-class _Reference:
-    """AQ-SGD's receiver from its definition: a dict of per-sample memories, zero until a sample's first visit."""
-
-    def __init__(self):
-        self.memory = {}
-
-    def send(self, x, ids):
-        before = torch.stack([self.memory.get(int(i), torch.zeros_like(x[0])) for i in ids])
-        after = before + _int8(x - before)
-        for i, row in zip(ids, after):
-            self.memory[int(i)] = row
-        return after
+from tests.references import AqSgdReceiver
 
 
 def _visits(epochs=4, samples=24, batch=8, drift=0.02, seed=0):
@@ -48,7 +29,7 @@ def _visits(epochs=4, samples=24, batch=8, drift=0.02, seed=0):
 
 
 def test_the_receiver_computes_on_what_the_reference_receiver_holds_and_both_ends_keep_the_same_bits():
-    sender, receiver, reference = SampleMemory(), SampleMemory(), _Reference()
+    sender, receiver, reference = SampleMemory(), SampleMemory(), AqSgdReceiver()
     for x, ids in _visits():
         values, scales = sender.encode(x, ids)
         assert values.dtype == torch.int8 and scales.shape == (6,)  # what crosses: int8 and a scale per channel

@@ -17,6 +17,7 @@ import lfnnify
 from lfnnify.pipeline.balance import TOLERANCE, balance_report
 from tests import pipeline_worker as worker
 from tests.launch import names, scenarios_run, torchrun
+from tests.references import AqSgdReceiver, int8_round_trip
 
 
 def _reference(name, *, steps=None):
@@ -107,22 +108,16 @@ def test_bf16_activations_stay_close_to_float32():
 
 
 class _RoundTrip(torch.autograd.Function):
-    """int8 with a scale per channel and back, written here from the definition (not lfnnify's code): the activation
-    going forward, and the gradient coming back."""
-
-    @staticmethod
-    def _int8(x):
-        dims = tuple(d for d in range(x.dim()) if d != 1)
-        scale = x.abs().amax(dim=dims, keepdim=True) / 127
-        return torch.where(scale > 0, (x / scale).round().clamp(-127, 127) * scale, torch.zeros_like(x))
+    """int8 with a scale per channel and back, from the definition (tests/references.py, not lfnnify's code): the
+    activation going forward, and the gradient coming back."""
 
     @staticmethod
     def forward(ctx, x):
-        return _RoundTrip._int8(x)
+        return int8_round_trip(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return _RoundTrip._int8(grad)
+        return int8_round_trip(grad)
 
 
 @pytest.mark.xdist_group("torchrun-2")
@@ -161,7 +156,7 @@ class _SampleIds:
 @pytest.mark.xdist_group("torchrun-2")
 def test_int8_deltas_equal_the_one_device_trainer_whose_crossing_keeps_aq_sgds_memory():
     # LFNN-ℓ over 12 steps of 5-batch epochs (each sample crosses 2-3 times), sending each sample's change as int8:
-    # one device whose block 1 takes what a receiver written here from AQ-SGD's definition holds (a dict of
+    # one device whose block 1 takes what a receiver written from AQ-SGD's definition holds (a dict of
     # per-sample memories, zero at first) computes the same weights; a plain int8 crossing computes others
     name = "2-local-int8-deltas"
     piped = lfnnify.load(scenarios_run(2) / name / "ckpt")
@@ -171,24 +166,17 @@ def test_int8_deltas_equal_the_one_device_trainer_whose_crossing_keeps_aq_sgds_m
         net = worker.build(name)
         train = _SampleIds(worker.loaders(name)[0])
         net.blocks[1].register_forward_pre_hook(
-            lambda module, args: (crossing(args[0], train.ids) if module.training else _RoundTrip._int8(args[0]),
+            lambda module, args: (crossing(args[0], train.ids) if module.training else int8_round_trip(args[0]),
                                   *args[1:]))
         trainer = lfnnify.Trainer(net, **worker.trainer_knobs(name))
         trainer.fit(train, epochs=10, max_steps=worker.spec(name)["steps"])
         return net
 
-    memory = {}
-
-    def aq_sgd(x, ids):
-        before = torch.stack([memory.get(int(i), torch.zeros_like(x[0])) for i in ids])
-        after = before + _RoundTrip._int8(x.detach() - before)
-        memory.update({int(i): row for i, row in zip(ids, after)})
-        return after
-
-    _assert_close(piped, one_device(aq_sgd))
-    assert len(memory) == worker.DATA  # every sample crossed, and the reference kept each one's memory
+    receiver = AqSgdReceiver()
+    _assert_close(piped, one_device(receiver.send))
+    assert len(receiver.memory) == worker.DATA  # every sample crossed, and the reference kept each one's memory
     with pytest.raises(AssertionError):
-        _assert_close(piped, one_device(lambda x, ids: _RoundTrip._int8(x)))
+        _assert_close(piped, one_device(lambda x, ids: int8_round_trip(x)))
 
 
 @pytest.mark.xdist_group("torchrun-4")

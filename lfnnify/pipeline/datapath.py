@@ -152,17 +152,11 @@ class DataPath:
     def _batch(self, batch) -> tuple[Tensor, Tensor, Tensor | None]:
         """(images, labels, sample indices or None) of one batch of the training loader, checked."""
         where = "PipelineTrainer.fit"
-        if not self.link.send_deltas:
-            return *check_batch(*pair(batch, where=where), self.batch_rules, where=where), None
-        if not isinstance(batch, (tuple, list)) or len(batch) != 3:
-            got = f"{len(batch)} items" if isinstance(batch, (tuple, list)) else f"a {type(batch).__name__}"
-            raise DataError(
-                f"a batch from the loader given to {where} has {got}; with send_deltas=True each batch is (images, "
-                f"labels, sample indices), because each sample's change is sent against what was sent for it "
-                f"last. Wrap the dataset: lfnnify.data.WithIndex(dataset), or make_loader(..., indexed=True)"
-            )
-        x, y = check_batch(batch[0], batch[1], self.batch_rules, where=where)
-        ids = batch[2]
+        x, y, *rest = pair(batch, where=where, indexed=self.link.send_deltas)
+        x, y = check_batch(x, y, self.batch_rules, where=where)
+        if not rest:
+            return x, y, None
+        ids = rest[0]
         if not isinstance(ids, Tensor) or ids.is_floating_point() or ids.shape != (len(x),):
             what = f"shape {tuple(ids.shape)}, dtype {ids.dtype}" if isinstance(ids, Tensor) else type(ids).__name__
             raise DataError(f"the sample indices given to {where} are {what}; give one integer per image, a 1-d "

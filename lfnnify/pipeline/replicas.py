@@ -31,17 +31,27 @@ def broadcast_from_first_replica(net, stage: int, replicas: int, group, comm_dev
             tensor.copy_(moved)
 
 
+def _flatten(tensors: list[Tensor], device: torch.device) -> Tensor:
+    """``tensors`` as one flat tensor on ``device``: one message for all of them."""
+    return torch.cat([t.reshape(-1) for t in tensors]).to(device)
+
+
+def _copy_back(flat: Tensor, tensors: list[Tensor]) -> None:
+    """Each of ``tensors`` takes its part of ``flat`` (as :func:`_flatten` laid them out), in place."""
+    flat = flat.to(tensors[0].device)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
 def average_gradients(grads: list[Tensor], group, replicas: int, comm_device: torch.device) -> None:
     """Average ``grads`` in place over the block's replicas: one all-reduce of all of them, flattened."""
     if not grads:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads]).to(comm_device)
+    flat = _flatten(grads, comm_device)
     dist.all_reduce(flat, group=group)
-    flat = flat.to(grads[0].device) / replicas
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+    _copy_back(flat / replicas, grads)
 
 
 class _Bucket:
@@ -103,13 +113,8 @@ class PowerSGDAverage:
             return
         shapes = [g.shape for g in grads]
         index = self._layouts.setdefault(tuple(shapes), len(self._layouts))
-        flat = torch.cat([g.reshape(-1) for g in grads]).to(self.comm_device)
-        averaged = self._hook(self.state, _Bucket(index, flat, shapes)).wait()
-        averaged = (averaged[0] if isinstance(averaged, (list, tuple)) else averaged).to(grads[0].device)
-        offset = 0
-        for g in grads:
-            g.copy_(averaged[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+        averaged = self._hook(self.state, _Bucket(index, _flatten(grads, self.comm_device), shapes)).wait()
+        _copy_back(averaged, grads)
 
 
 @torch.no_grad()
@@ -122,9 +127,6 @@ def broadcast_buffers(net, stage: int, replicas: int, group, comm_device: torch.
         for b in part.buffers():
             by_dtype.setdefault(b.dtype, []).append(b)
     for items in by_dtype.values():
-        flat = torch.cat([b.reshape(-1) for b in items]).to(comm_device)
+        flat = _flatten(items, comm_device)
         dist.broadcast(flat, src=stage * replicas, group=group)
-        offset = 0
-        for b in items:
-            b.copy_(flat[offset : offset + b.numel()].view_as(b))
-            offset += b.numel()
+        _copy_back(flat, items)

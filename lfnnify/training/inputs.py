@@ -45,10 +45,17 @@ def batch_rules(net: nn.Module) -> dict:
     }
 
 
-def pair(batch, *, where: str) -> tuple:
-    """``(images, labels)`` from one batch of a loader (its contents are checked by :func:`check_batch`)."""
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+def pair(batch, *, where: str, indexed: bool = False) -> tuple:
+    """``(images, labels)`` from one batch of a loader (its contents are checked by :func:`check_batch`);
+    ``indexed``: ``(images, labels, sample indices)``, what a pipeline sending deltas reads."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2 + indexed:
         got = f"{len(batch)} items" if isinstance(batch, (tuple, list)) else f"a {type(batch).__name__}"
+        if indexed:
+            raise DataError(
+                f"a batch from the loader given to {where} has {got}; with send_deltas=True each batch is (images, "
+                f"labels, sample indices), because each sample's change is sent against what was sent for it "
+                f"last. Wrap the dataset: lfnnify.data.WithIndex(dataset), or make_loader(..., indexed=True)"
+            )
         raise DataError(
             f"a batch from the loader given to {where} has {got}; the trainers take (images, labels) pairs. "
             f"Make the dataset return (image, label), or wrap the loader, e.g. [(x, y) for x, y, *_ in loader]"
