@@ -104,6 +104,6 @@ for model in resnet101 resnet152; do
 done
 # the 16 CPU cores, measured for real: K=4 processes x 4 threads, GPUs hidden
 step "cpu16 K=4x4" 120 env CUDA_VISIBLE_DEVICES= python3 -m benchmarks.speedup --model resnet18 --size 32 \
-  --batch 64 --blocks 4 --threads "$T" --warmup 2 --steps "$((N + 2))" --balance flops \
+  --batch 64 --blocks 4 --threads "$T" --warmup 2 --steps "$((N + 2))" --balance flops --repeats 1 \
   --out "$RES/speedup-resnet18-k4-cpu16" --name "speedup-resnet18-k4-cpu16"
 date -u

@@ -14,7 +14,9 @@ Two hosts of one core each (network and PID namespaces on this machine, lfnnify/
 - ``replay_pipeline``: delayed end-to-end gradients with weight stashing, one block per host;
 - ``*_bf16``, ``*_int8``: the same two, sending activations (and replay's gradients) in bfloat16, or as int8 with a
   float32 scale per channel (``send_dtype``; lfnnify.pipeline.quantize).
-Every pipeline overlaps its sends with compute (asynchronous, at most ``max_in_flight=2`` pending).
+Every pipeline overlaps its sends with compute (asynchronous, at most ``max_in_flight=2`` pending), but for
+``*_no_overlap``: each step waits until its sends have arrived (``overlap_sends=False``), to measure what the overlap
+buys.
 
 The same model (timm resnet18, CIFAR variant, 32 px), global batch (64), synthetic batch, and cut for every method:
 the K=2 split balanced by *measured time* on this machine (``lfnnify.plan(balance="time")`` at the training batch,
@@ -77,6 +79,9 @@ METHODS = {  # name -> worker arguments
     **{f"{m}_{d}": [*args, "--send-dtype", d] for d in SENT_AS for m, args in
        (("lfnn_pipeline", ["--method", "lfnn_pipeline"]),
         ("replay_pipeline", ["--method", "lfnn_pipeline", "--mode", "replay", "--stash"]))},
+    # the same two, each step waiting until its sends have arrived: what overlapping sends with compute buys
+    "lfnn_pipeline_no_overlap": ["--method", "lfnn_pipeline", "--no-overlap"],
+    "replay_pipeline_no_overlap": ["--method", "lfnn_pipeline", "--mode", "replay", "--stash", "--no-overlap"],
 }
 DDP_VARIANTS = [m for m in METHODS if m.startswith(("ddp", "local_sgd"))]
 BEST_DDP = "best_ddp"  # in TARGETS: the DDP variant with the most samples/s at that rate
@@ -92,7 +97,8 @@ TARGETS = {  # (method, against, rate) -> the ratio of samples/s the project aim
 }
 # and, without a target, each pipeline (bf16 and int8 sends included) against the best DDP variant at every rate
 TARGETS = {**{(f"{m}{d}", BEST_DDP, r): None for m in ("lfnn_pipeline", "replay_pipeline")
-              for d in ("", *(f"_{d}" for d in SENT_AS)) for r in RATES}, **TARGETS}
+              for d in ("", *(f"_{d}" for d in SENT_AS)) for r in RATES},
+           **{(m, f"{m}_no_overlap", r): None for m in ("lfnn_pipeline", "replay_pipeline") for r in RATES}, **TARGETS}
 
 
 FOUR_STAGES = ("interleaved1f1b", "interleaved_zb", "zbv", "dualpipev")
@@ -213,6 +219,8 @@ def expected_bytes(name: str, activation: dict[str, int], labels: int, traffic, 
         schedule = METHODS[name][METHODS[name].index("--schedule") + 1]
         host = {stage: rank for rank in range(2) for stage in stages_of(schedule, rank, 2)}
         return sum(2 * a for c, a in enumerate(activations4) if host[c] != host[c + 1])
+    if name.endswith("_no_overlap"):  # the same messages, sent one step at a time
+        return expected_bytes(name.removesuffix("_no_overlap"), activation, labels, traffic, buffers)
     if name.endswith("_deltas"):  # int8 deltas: int8's bytes, and each sample's index (8 bytes) with it
         return expected_bytes(name.removesuffix("_deltas"), activation, labels, traffic, buffers) + labels
     sent_as = next((d for d in SENT_AS if name.endswith(f"_{d}")), "fp32")

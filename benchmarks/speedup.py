@@ -144,9 +144,31 @@ def measure(args) -> dict:
     }
     for name, run in runs.items():
         if not args.methods or name in args.methods:
-            methods[name] = run()
+            methods[name] = repeated([run() for _ in range(args.repeats)])
     proj = _run("projection", args, nproc=1, threads=t)
     return {"methods": methods, "projection_raw": proj}
+
+
+def repeated(results: list[dict]) -> dict:
+    """A method's runs (each a fresh launch) as one cell: the run with the median samples/s (its step times and stage
+    timings), the median over the runs as its samples/s, their range, and every run's figures (``runs``)."""
+    if len(results) == 1:
+        return results[0]
+    order = sorted(results, key=lambda r: r["samples_per_s"])
+    cell = dict(order[(len(order) - 1) // 2])
+    rates = [r["samples_per_s"] for r in results]
+    cell.update(samples_per_s=statistics.median(rates), samples_per_s_range=[min(rates), max(rates)],
+                runs=[{k: r[k] for k in ("samples_per_s", "step_s_median", "step_s", "process_wall_s")}
+                      for r in results])
+    return cell
+
+
+def _apart(m: dict, a: str, b: str) -> str:
+    """Whether the runs of ``a`` and ``b`` say which is faster: only where their ranges of samples/s do not overlap."""
+    if a not in m or b not in m or "samples_per_s_range" not in m[a] or "samples_per_s_range" not in m[b]:
+        return ""
+    (lo_a, hi_a), (lo_b, hi_b) = m[a]["samples_per_s_range"], m[b]["samples_per_s_range"]
+    return " (ranges apart)" if lo_a > hi_b or hi_a < lo_b else " (ranges overlap: neither is faster)"
 
 
 PAPER_SPEEDUP_K4 = {"resnet101": 2.07, "resnet152": 2.21}  # ImageNet, 4 blocks on 4 GPUs (METHOD.md)
@@ -241,13 +263,17 @@ def markdown(payload: dict) -> str:
         f"{payload['env']['device']}, {payload['env']['date'][:10]}",
         "",
         f"Synthetic data; {cfg['threads']} thread(s) per process; median of {cfg['steps']} steps after "
-        f"{cfg['warmup']} warm-up. Commit {payload['env']['commit']}.",
+        f"{cfg['warmup']} warm-up" + (f"; samples/s: the median of {cfg['repeats']} runs, each a fresh launch (their "
+                                       f"range), the step times of the median run"
+                                       if cfg.get("repeats", 1) > 1 else "") + f". Commit {payload['env']['commit']}.",
         "",
         "| method | processes | samples/s | median step (ms) | min–max (ms) |",
         "|---|---|---|---|---|",
     ]
     for name, r in m.items():
-        lines.append(f"| {name} | {r['processes']}×{r['threads_per_process']}t | {r['samples_per_s']:.1f} | "
+        spread = (f" ({r['samples_per_s_range'][0]:.1f}–{r['samples_per_s_range'][1]:.1f})"
+                  if "samples_per_s_range" in r else "")
+        lines.append(f"| {name} | {r['processes']}×{r['threads_per_process']}t | {r['samples_per_s']:.1f}{spread} | "
                      f"{r['step_s_median'] * 1e3:.0f} | {r['step_s_min'] * 1e3:.0f}–{r['step_s_max'] * 1e3:.0f} |")
     k, gbs = cfg["blocks"], p["link_gbs"]
     pred = p["predicted_step_s"]
@@ -287,11 +313,13 @@ def markdown(payload: dict) -> str:
         "",
         f"- LFNN-ℓ pipeline vs BP model-parallel: **{_x(s['vs_bp_model_parallel'])}** (ideal {k}.0×; projected "
         f"{_x(p['predicted_speedup_vs_bp_model_parallel'])})",
-        f"- LFNN-ℓ pipeline vs DDP: **{_x(s['vs_ddp'])}**; replay pipeline vs DDP: **{_x(s['replay_vs_ddp'])}**",
+        f"- LFNN-ℓ pipeline vs DDP: **{_x(s['vs_ddp'])}**{_apart(m, 'lfnn_pipeline', 'ddp')}; replay pipeline vs "
+        f"DDP: **{_x(s['replay_vs_ddp'])}**{_apart(m, 'replay_pipeline', 'ddp')}",
         f"- LFNN-ℓ pipeline vs BP pipelined ({s['vs_bp_pipelined_schedule']}, M={cfg['microbatches']}): "
         f"**{_x(s['vs_bp_pipelined'])}**",
-        f"- LFNN-ℓ pipeline vs one-process BP on the same cores: **{_x(s['vs_bp_single'])}**; replay: "
-        f"{_x(s['replay_vs_bp_single'])}",
+        f"- LFNN-ℓ pipeline vs one-process BP on the same cores: **{_x(s['vs_bp_single'])}**"
+        f"{_apart(m, 'lfnn_pipeline', 'bp_single')}; replay: {_x(s['replay_vs_bp_single'])}"
+        f"{_apart(m, 'replay_pipeline', 'bp_single')}",
         f"- filter-wise LFNN-ℓ pipeline vs BP model-parallel: {_x(s['filter_wise_vs_bp_model_parallel'])}",
         "",
         "Per-stage time of the LFNN-ℓ pipeline (seconds over all steps):",
@@ -360,6 +388,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--microbatches", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each method, each a fresh launch (--quick: 1)")
     parser.add_argument("--balance", default="time", choices=["flops", "time", "params"],
                         help="how the split is chosen (once, for every method)")
     parser.add_argument("--fw-workers", type=int, default=4)
@@ -377,7 +406,9 @@ def main() -> None:
     parser.add_argument("--name", default=None, help="file name stem (default: speedup-<model>-k<K>-<hw>-<date>)")
     args = parser.parse_args()
     if args.quick:
-        args.blocks, args.steps, args.warmup = 2, min(args.steps, 12), min(args.warmup, 2)
+        args.blocks, args.steps, args.warmup, args.repeats = 2, min(args.steps, 12), min(args.warmup, 2), 1
+    if args.repeats < 1:
+        raise SystemExit(f"speedup.py: --repeats {args.repeats}: must be at least 1")
     import torch
 
     if torch.cuda.is_available() and not args.projection_only and torch.cuda.device_count() < args.blocks:

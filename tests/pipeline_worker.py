@@ -32,7 +32,7 @@ LARGE = dict(size=128, channels=64, batch=16, data=32)  # 16 x 64 x 128 x 128 fl
 # name -> what it trains: blocks, mode (local | replay | replay-stash), local_weight, switch_at/switch_to, head,
 # refresh_every, predict, delay_lr (delay-aware step sizes over that many steps), send (send_dtype: bf16 | int8),
 # deltas (send_deltas: each sample's change as int8, the loader giving sample indices), powersgd (the replicas
-# average through PowerSGD at this rank, from step 2),
+# average through PowerSGD at this rank, from step 2), overlap (False: each step waits for its sends),
 # steps, resume_at (save there, load, go on), model (timm: MODEL | plain | large | torchvision), relayout (then
 # resume the same ranks as that many blocks x 1 replica); the world size is blocks x replicas
 SCENARIOS = {
@@ -52,6 +52,9 @@ SCENARIOS = {
     "3-local-to-replay-at-3": dict(blocks=3, switch_at=3, switch_to="replay"),
     "3-replay-w0.5-to-local-at-3": dict(blocks=3, mode="replay", local_weight=0.5, switch_at=3, switch_to="local"),
     "3-lookahead-refresh": dict(blocks=3, mode="replay", head="lookahead-layer", refresh_every=2),
+    # every message a step sends has arrived before the next step computes: activations, gradients and weights
+    "3-lookahead-refresh-no-overlap": dict(blocks=3, mode="replay", head="lookahead-layer", refresh_every=2,
+                                           overlap=False),
     "3-replay-64mib": dict(blocks=3, mode="replay", model="large", steps=3),
     "4-replicas-seeded-apart": dict(blocks=2, replicas=2, mode="replay", model="plain", steps=2),
     "4-replicas-batchnorm": dict(blocks=2, replicas=2, mode="replay-stash", steps=4, relayout=4),
@@ -60,7 +63,7 @@ SCENARIOS = {
 }
 DEFAULTS = dict(mode="local", local_weight=0.0, switch_at=None, switch_to=None, head="linear", refresh_every=None,
                 predict=False, delay_lr=None, send=None, deltas=False, steps=7, resume_at=None, model="timm",
-                replicas=1, relayout=None, powersgd=None)
+                replicas=1, relayout=None, powersgd=None, overlap=True)
 
 
 def spec(name: str) -> dict:
@@ -143,7 +146,7 @@ def _pipeline(net, name, **extra):
     return lfnnify.PipelineTrainer(net, threads=1, timeout_s=30, max_in_flight=2,
                                    send_dtype={"bf16": torch.bfloat16, "int8": torch.int8}.get(s["send"]),
                                    send_deltas=s["deltas"], replicas_powersgd_rank=s["powersgd"],
-                                   replicas_powersgd_start=2,
+                                   replicas_powersgd_start=2, overlap_sends=s["overlap"],
                                    **trainer_knobs(name), **extra)
 
 

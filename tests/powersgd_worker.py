@@ -30,13 +30,25 @@ def main() -> None:
     rank = dist.get_rank()
     group = dist.new_group([0, 1])  # a replica group, as the pipeline makes one per block
     average = PowerSGDAverage(group, rank=RANK, start=START, comm_device=torch.device("cpu"))
-    record = {"given": [], "applied": []}
+    record = {"given": [], "applied": [], "all_reduced": []}
+    counted = [0]
+    all_reduce = dist.all_reduce
+
+    def counting(tensor, *a, **kw):  # the elements each step all-reduces on the replica group (torch's hook inside)
+        if kw.get("group") is group:
+            counted[0] += tensor.numel()
+        return all_reduce(tensor, *a, **kw)
+
+    dist.all_reduce = counting
     for step in range(STEPS):
         given = grads(rank, step)
         applied = [t.clone() for t in given]
+        counted[0] = 0
         average(applied)
+        record["all_reduced"].append(counted[0])
         record["given"].append(given)
         record["applied"].append(applied)
+    dist.all_reduce = all_reduce
     record["error"] = average.state.error_dict[0].clone()
     other = [t.clone() for t in grads(rank, STEPS, SHAPES[1:])]  # another layout: its own bucket and memories
     average(other)

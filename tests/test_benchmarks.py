@@ -88,6 +88,22 @@ def test_the_projection_times_a_blocks_whole_step(monkeypatch):
     assert result["block_replay_step_s"] == [2.0, 1.0]
 
 
+def test_a_speedup_cell_is_the_median_of_its_runs_with_their_range():
+    from benchmarks.speedup import _apart, repeated
+
+    def run(rate, tag):
+        return {"samples_per_s": rate, "step_s_median": 64 / rate, "step_s": [64 / rate], "process_wall_s": 1.0,
+                "stage_timings": tag}
+
+    cell = repeated([run(100.0, "a"), run(120.0, "b"), run(90.0, "c")])
+    assert cell["samples_per_s"] == 100.0 and cell["samples_per_s_range"] == [90.0, 120.0]
+    assert cell["stage_timings"] == "a" and len(cell["runs"]) == 3  # the median run's details, every run's figures
+    other = repeated([run(125.0, "x"), run(130.0, "y"), run(140.0, "z")])
+    assert _apart({"a": cell, "b": other}, "a", "b") == " (ranges apart)"
+    assert "overlap" in _apart({"a": cell, "b": repeated([run(119.0, "x"), run(130.0, "y")])}, "a", "b")
+    assert repeated([run(100.0, "a")]) == run(100.0, "a")  # one run: as it was measured, no range to claim
+
+
 def test_speedup_projection_only_path_runs_on_one_device(tmp_path, capsys):
     # what a one-GPU session runs (benchmarks/gpu_check.sh), here on the CPU at tiny sizes
     code, out, err = here.module(capsys, SPEEDUP, "--projection-only", "--no-cifar", "--model", "test_resnet",

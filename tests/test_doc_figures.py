@@ -284,8 +284,11 @@ def tta_map(d: dict) -> dict[str, list[str]]:
     for rate, targets in d["map"].items():
         fits, split = targets["minus_one_point"]["fits"], targets["minus_one_point"]["split"]
         each = ", ".join(f"{f['method']} {f['seconds']:.0f} s" if f else "none" for f in fits["first_per_seed"])
+        spread = fits.get("baseline_spread")
+        ranged = (f" ({spread['range_seconds'][0]:.0f}–{spread['range_seconds'][1]:.0f} s over "
+                  f"{spread['repetitions']} short runs)" if spread else "")
         cell = (f"{RATE_NAMES[rate]} ({fits['baseline_kind']}): on every seed first {fits['baseline']} "
-                f"{fits['baseline_seconds']:.0f} s")
+                f"{fits['baseline_seconds']:.0f} s{ranged}")
         if split["baseline"] != fits["baseline"]:
             cell += f" (of the schedules {split['baseline']} {split['baseline_seconds']:.0f} s)"
         cells.append(cell + f"; first on each seed {each}")

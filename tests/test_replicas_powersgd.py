@@ -6,6 +6,7 @@ hold back is exactly what they were given)."""
 import pytest
 import torch
 
+from lfnnify.surgery.traffic import powersgd_elements
 from tests import powersgd_worker as worker
 from tests.launch import torchrun
 
@@ -53,3 +54,13 @@ def test_error_feedback_applies_over_the_steps_what_the_replicas_were_given(reco
     held_back = (records[0]["error"] + records[1]["error"]) / 2
     assert held_back.abs().max() > 1e-2  # compression left something out
     assert torch.allclose(torch.stack(flat).sum(0) + held_back, torch.stack(given).sum(0), atol=1e-4)
+
+
+def test_what_the_replicas_all_reduce_is_what_the_plan_counts_for_powersgd(records):
+    # the rule plan() and benchmarks/replicas_traffic.py count with, against what torch's hook really all-reduced:
+    # at rank 1, the conv weight as P (8 x 1) and Q (36 x 1), the linear weight as 16 + 12, the bias whole (16)
+    whole = sum(torch.Size(s).numel() for s in worker.SHAPES)
+    assert records[0]["all_reduced"][:worker.START] == [whole] * worker.START
+    compressed = powersgd_elements(worker.SHAPES, worker.RANK)
+    assert compressed == (8 + 36) + (16 + 12) + 16
+    assert records[0]["all_reduced"][worker.START:] == [compressed] * (worker.STEPS - worker.START)

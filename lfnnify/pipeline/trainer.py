@@ -79,6 +79,9 @@ class PipelineTrainer(DataPath, TrainerBase):
             loader then gives ``(images, labels, sample indices)`` (``lfnnify.data.WithIndex(dataset)``, or
             ``make_loader(..., indexed=True)``); each end of each cut keeps one float32 activation per training
             sample in host memory.
+        overlap_sends: ``True`` (the default): a step's sends travel while the next steps compute. ``False``: each
+            step ends by waiting until every message it sent has been received, so no send overlaps the next step's
+            compute; slower wherever sending takes time, and there to measure what the overlap buys.
         replicas_powersgd_rank, replicas_powersgd_start: with R > 1 replicas per block, average their gradients
             through torch's PowerSGD at this rank (error feedback, warm start; plain all-reduces for the first
             ``replicas_powersgd_start`` steps, 10 by default) instead of one all-reduce of the whole gradient
@@ -155,6 +158,7 @@ class PipelineTrainer(DataPath, TrainerBase):
                          timeout=self.timeout, max_in_flight=max_in_flight, send_dtype=send_dtype, timing=self.timing,
                          label=self._label, on_hung=lambda rank: end_if_here(self._processes[rank]),
                          channels=self.groups.channels, clock=self._now, send_deltas=own.send_deltas)
+        self.overlap_sends = own.overlap_sends  # False: each step waits for its sends (DataPath._stage_step)
         self._early_grad: Tensor | None = None  # replay: a gradient received at the end of a phase
         self._powersgd = None
         if own.replicas_powersgd_rank is not None and self.replicas == 1:

@@ -2,7 +2,8 @@
 
 Public here: :func:`convert`, :func:`plan` (with :class:`Plan` and :class:`BlockInfo`) and the converted model,
 :class:`LFNNModel` (with :class:`LocalLosses`); for tools that survey models, :func:`trace_model` (what torch.fx makes
-of a model, with timm's leaf modules) and :func:`resolve_num_classes` (the classes its classifier predicts). The other
+of a model, with timm's leaf modules), :func:`resolve_num_classes` (the classes its classifier predicts) and
+:func:`powersgd_elements` (what torch's PowerSGD hook all-reduces for gradients of given shapes). The other
 modules are this folder's machinery. The names load on first use, so that reading convert's settings (``options``)
 never imports torch.
 """
@@ -12,10 +13,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__all__ = ["convert", "plan", "Plan", "BlockInfo", "LFNNModel", "LocalLosses", "trace_model", "resolve_num_classes"]
+__all__ = ["convert", "plan", "Plan", "BlockInfo", "LFNNModel", "LocalLosses", "trace_model", "resolve_num_classes",
+           "powersgd_elements"]
 _HOMES = {"convert": "conversion", "plan": "planning", "Plan": "planning", "BlockInfo": "planning",
           "LFNNModel": "model", "LocalLosses": "model", "trace_model": ("trace", "trace"),
-          "resolve_num_classes": "facts"}
+          "resolve_num_classes": "facts", "powersgd_elements": "traffic"}
 
 if TYPE_CHECKING:
     from .conversion import convert  # noqa: F401
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
     from .model import LFNNModel, LocalLosses  # noqa: F401
     from .planning import BlockInfo, Plan, plan  # noqa: F401
     from .trace import trace as trace_model  # noqa: F401
+    from .traffic import powersgd_elements  # noqa: F401
 
 
 def __getattr__(name: str):

@@ -130,6 +130,9 @@ class PipelineOptions:
     send_deltas: bool = setting(False, lambda v: isinstance(v, bool),
                                 "must be True or False: with send_dtype=torch.int8, send each training sample's "
                                 "change since its last visit (AQ-SGD) instead of its activation")
+    overlap_sends: bool = setting(True, lambda v: isinstance(v, bool),
+                                  "must be True or False: with False every step waits until its sends have been "
+                                  "received before the next step's compute starts (to measure what overlap buys)")
     replicas_powersgd_rank: int | None = setting(None, optional(count(1)),
                                                  "must be None (replicas average with one all-reduce) or a rank >= 1: "
                                                  "average a block's replicas through torch's PowerSGD at that rank")
