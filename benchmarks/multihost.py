@@ -16,7 +16,8 @@ Two hosts of one core each (network and PID namespaces on this machine, lfnnify/
   float32 scale per channel (``send_dtype``; lfnnify.pipeline.quantize).
 Every pipeline overlaps its sends with compute (asynchronous, at most ``max_in_flight=2`` pending), but for
 ``*_no_overlap``: each step waits until its sends have arrived (``overlap_sends=False``), to measure what the overlap
-buys.
+buys; and for ``*_ahead``: each block posts the receive of its next batch before computing this one
+(``receive_ahead=True``), so that the batch crosses while the block computes.
 
 The same model (timm resnet18, CIFAR variant, 32 px), global batch (64), synthetic batch, and cut for every method:
 the K=2 split balanced by *measured time* on this machine (``lfnnify.plan(balance="time")`` at the training batch,
@@ -82,6 +83,9 @@ METHODS = {  # name -> worker arguments
     # the same two, each step waiting until its sends have arrived: what overlapping sends with compute buys
     "lfnn_pipeline_no_overlap": ["--method", "lfnn_pipeline", "--no-overlap"],
     "replay_pipeline_no_overlap": ["--method", "lfnn_pipeline", "--mode", "replay", "--stash", "--no-overlap"],
+    # the same two, each block posting the receive of its next batch before computing this one (receive_ahead)
+    "lfnn_pipeline_ahead": ["--method", "lfnn_pipeline", "--receive-ahead"],
+    "replay_pipeline_ahead": ["--method", "lfnn_pipeline", "--mode", "replay", "--stash", "--receive-ahead"],
 }
 DDP_VARIANTS = [m for m in METHODS if m.startswith(("ddp", "local_sgd"))]
 BEST_DDP = "best_ddp"  # in TARGETS: the DDP variant with the most samples/s at that rate
@@ -98,7 +102,9 @@ TARGETS = {  # (method, against, rate) -> the ratio of samples/s the project aim
 # and, without a target, each pipeline (bf16 and int8 sends included) against the best DDP variant at every rate
 TARGETS = {**{(f"{m}{d}", BEST_DDP, r): None for m in ("lfnn_pipeline", "replay_pipeline")
               for d in ("", *(f"_{d}" for d in SENT_AS)) for r in RATES},
-           **{(m, f"{m}_no_overlap", r): None for m in ("lfnn_pipeline", "replay_pipeline") for r in RATES}, **TARGETS}
+           **{(m, f"{m}_no_overlap", r): None for m in ("lfnn_pipeline", "replay_pipeline") for r in RATES},
+           **{(f"{m}_ahead", against, r): None for m in ("lfnn_pipeline", "replay_pipeline")
+              for against in (m, BEST_DDP) for r in RATES}, **TARGETS}
 
 
 FOUR_STAGES = ("interleaved1f1b", "interleaved_zb", "zbv", "dualpipev")
@@ -219,8 +225,9 @@ def expected_bytes(name: str, activation: dict[str, int], labels: int, traffic, 
         schedule = METHODS[name][METHODS[name].index("--schedule") + 1]
         host = {stage: rank for rank in range(2) for stage in stages_of(schedule, rank, 2)}
         return sum(2 * a for c, a in enumerate(activations4) if host[c] != host[c + 1])
-    if name.endswith("_no_overlap"):  # the same messages, sent one step at a time
-        return expected_bytes(name.removesuffix("_no_overlap"), activation, labels, traffic, buffers)
+    if name.endswith(("_no_overlap", "_ahead")):  # the same messages, timed otherwise
+        base = name.removesuffix("_no_overlap").removesuffix("_ahead")
+        return expected_bytes(base, activation, labels, traffic, buffers)
     if name.endswith("_deltas"):  # int8 deltas: int8's bytes, and each sample's index (8 bytes) with it
         return expected_bytes(name.removesuffix("_deltas"), activation, labels, traffic, buffers) + labels
     sent_as = next((d for d in SENT_AS if name.endswith(f"_{d}")), "fp32")
@@ -295,6 +302,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600, help="seconds one method may take")
     parser.add_argument("--unshaped-gbit", type=float, default=10.0, help="the unshaped link's rate in projections")
     parser.add_argument("--no-projection", action="store_true", help="skip the K=4 projection")
+    parser.add_argument("--cuts", nargs="+", default=None,
+                        help="the two-block split (default: balanced by time, measured here, as every earlier run)")
     parser.add_argument("--name", default=None)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--summarize", type=Path, metavar="JSON",
@@ -307,8 +316,11 @@ def main() -> None:
     refuse_bad_arguments("multihost.py", args, counts=("steps", "warmup", "batch", "size", "repeats"),
                          positives=("unshaped_gbit", "timeout"))
     env_before = hosts_ready("multihost.py")
-    args.cuts, plan_text = measured_time_cuts(args)
-    print(plan_text, flush=True)
+    if args.cuts:  # the split of earlier runs, so that their cells and these compare
+        print(f"the split given: {args.cuts}", flush=True)
+    else:
+        args.cuts, plan_text = measured_time_cuts(args)
+        print(plan_text, flush=True)
     args.cuts4 = None
     if any(four_stages(m) for m in args.methods):
         args.cuts4, plan4 = measured_time_cuts(args, blocks=4)
@@ -345,7 +357,8 @@ def main() -> None:
     payload = {"experiment": "multihost", "settings": {k: str(v) if isinstance(v, Path) else v
                                                        for k, v in vars(args).items()},
                "cuts": args.cuts, "cuts4": args.cuts4,
-               "cut_choice": "balance='time' at the training batch, one thread, on this machine",
+               "cut_choice": ("given with --cuts" if "--cuts" in sys.argv else
+                              "balance='time' at the training batch, one thread, on this machine"),
                "bytes": {"activation": activation["fp32"], "activation_sent_as": activation,
                          "labels": args.batch * 8, "gradients": gradients,
                          "buffers": sum(b.numel() * b.element_size() for b in model.buffers())},

@@ -32,7 +32,8 @@ LARGE = dict(size=128, channels=64, batch=16, data=32)  # 16 x 64 x 128 x 128 fl
 # name -> what it trains: blocks, mode (local | replay | replay-stash), local_weight, switch_at/switch_to, head,
 # refresh_every, predict, delay_lr (delay-aware step sizes over that many steps), send (send_dtype: bf16 | int8),
 # deltas (send_deltas: each sample's change as int8, the loader giving sample indices), powersgd (the replicas
-# average through PowerSGD at this rank, from step 2), overlap (False: each step waits for its sends),
+# average through PowerSGD at this rank, from step 2), overlap (False: each step waits for its sends), ahead
+# (receive_ahead: the next batch's receive posted before this one computes),
 # steps, resume_at (save there, load, go on), model (timm: MODEL | plain | large | torchvision), relayout (then
 # resume the same ranks as that many blocks x 1 replica); the world size is blocks x replicas
 SCENARIOS = {
@@ -40,7 +41,7 @@ SCENARIOS = {
     "2-replay": dict(blocks=2, mode="replay"),
     "2-local-bf16": dict(blocks=2, send="bf16", steps=3),
     "2-replay-int8": dict(blocks=2, mode="replay", send="int8", steps=3),
-    "2-local-int8-deltas": dict(blocks=2, send="int8", deltas=True, steps=12),  # 12 steps: each sample seen 2-3 times
+    "2-local-int8-deltas": dict(blocks=2, send="int8", deltas=True, steps=12, ahead=True),  # 12 steps: each sample seen 2-3 times
     "2-local-resume": dict(blocks=2, resume_at=3),
     "2-replay-resume": dict(blocks=2, mode="replay", resume_at=3),
     "2-torchvision": dict(blocks=2, model="torchvision", steps=2),
@@ -55,6 +56,9 @@ SCENARIOS = {
     # every message a step sends has arrived before the next step computes: activations, gradients and weights
     "3-lookahead-refresh-no-overlap": dict(blocks=3, mode="replay", head="lookahead-layer", refresh_every=2,
                                            overlap=False),
+    # each block posts the receive of its next batch before it computes this one (replay: gradients and weights
+    # cross too; 2-local-int8-deltas receives ahead as well: the sample memory decodes a batch received ahead)
+    "3-lookahead-refresh-ahead": dict(blocks=3, mode="replay", head="lookahead-layer", refresh_every=2, ahead=True),
     "3-replay-64mib": dict(blocks=3, mode="replay", model="large", steps=3),
     "4-replicas-seeded-apart": dict(blocks=2, replicas=2, mode="replay", model="plain", steps=2),
     "4-replicas-batchnorm": dict(blocks=2, replicas=2, mode="replay-stash", steps=4, relayout=4),
@@ -63,7 +67,7 @@ SCENARIOS = {
 }
 DEFAULTS = dict(mode="local", local_weight=0.0, switch_at=None, switch_to=None, head="linear", refresh_every=None,
                 predict=False, delay_lr=None, send=None, deltas=False, steps=7, resume_at=None, model="timm",
-                replicas=1, relayout=None, powersgd=None, overlap=True)
+                replicas=1, relayout=None, powersgd=None, overlap=True, ahead=False)
 
 
 def spec(name: str) -> dict:
@@ -147,6 +151,7 @@ def _pipeline(net, name, **extra):
                                    send_dtype={"bf16": torch.bfloat16, "int8": torch.int8}.get(s["send"]),
                                    send_deltas=s["deltas"], replicas_powersgd_rank=s["powersgd"],
                                    replicas_powersgd_start=2, overlap_sends=s["overlap"],
+                                   receive_ahead=s["ahead"],
                                    **trainer_knobs(name), **extra)
 
 

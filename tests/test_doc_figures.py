@@ -253,6 +253,28 @@ def multihost_int8(d: dict) -> dict[str, list[str]]:
     return {README: [text, short], BENCH: [text]}
 
 
+def _apart(a: dict, b: dict) -> str:
+    (lo_a, hi_a), (lo_b, hi_b) = a["samples_per_s_range"], b["samples_per_s_range"]
+    return "ranges apart" if lo_a > hi_b or hi_a < lo_b else "ranges overlap"
+
+
+def multihost_overlap(d: dict) -> dict[str, list[str]]:
+    # what overlapping sends with the next step's compute buys: each pipeline with and without, at each rate
+    from benchmarks.speed_map import RATE_NAMES
+
+    r = d["results"]
+    cells = []
+    for rate in d["settings"]["rates"]:
+        pair = []
+        for m, name in (("lfnn_pipeline", "LFNN-ℓ"), ("replay_pipeline", "replay")):
+            on, off = r[rate][m], r[rate][f"{m}_no_overlap"]
+            pair.append(f"{name} {_samples(on)} samples/s overlapping, {_samples(off)} not: "
+                        f"{_x(on['samples_per_s'] / off['samples_per_s'])} ({_apart(on, off)})")
+        cells.append(f"{RATE_NAMES[rate]}: " + "; ".join(pair))
+    text = ". ".join(cells)
+    return {README: [text], BENCH: [text]}
+
+
 def speed_map(d: dict) -> dict[str, list[str]]:
     # where the pipelines win on samples/s: per case, each rate's best baseline and each family's ratio to it
     from benchmarks.speed_map import RATE_NAMES
@@ -637,6 +659,7 @@ SOURCES = {  # results file -> how to write its figures, per document that quote
     "multihost-fsdp-resnet18-k2-intel-xeon-2026-12-06.json": multihost_fsdp,
     "multihost-int8-resnet18-k2-intel-xeon-2026-12-06.json": multihost_int8,
     "speed_map-resnet18-k2-intel-xeon-2026-12-06.json": speed_map,
+    "multihost-overlap-resnet18-k2-intel-xeon-2026-12-07.json": multihost_overlap,
     "tta_map-fashion_mnist-resnet18-k2-intel-xeon-2026-12-07.json": tta_map,
     "multihost_tta-powersgd-fashion_mnist-resnet18-k2-1gbit-intel-xeon-2026-12-06.json": multihost_tta_powersgd,
     "time_to_accuracy-fashion_mnist-resnet18-k2-replay-stash-cpu2-2026-11-29.json": time_to_accuracy,

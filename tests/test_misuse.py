@@ -378,7 +378,8 @@ def test_the_largest_seed_trains_and_orders_the_data():
     (dict(replicas_powersgd_rank=0), "replicas_powersgd_rank=0 must be None (replicas average with one all-reduce) or"),
     (dict(replicas_powersgd_start=1), "replicas_powersgd_start=1 must be an int >= 2"),
     (dict(overlap_sends="no"), "overlap_sends='no' must be True or False"),
-], ids=["int8", "string", "inf", "1e12", "powersgd-rank-0", "powersgd-start-1", "overlap-string"])
+    (dict(receive_ahead=1), "receive_ahead=1 must be True or False"),
+], ids=["int8", "string", "inf", "1e12", "powersgd-rank-0", "powersgd-start-1", "overlap-string", "ahead-int"])
 def test_pipeline_settings_that_failed_at_the_first_send_are_refused_when_made(knobs, words):
     from lfnnify.training.options import PipelineOptions
 

@@ -100,7 +100,8 @@ def lfnn_pipeline(args, model, x, y):
                    weight_stashing=args.stash)
     trainer = lfnnify.PipelineTrainer(net, optimizer=_sgd, threads=args.threads, progress=False,
                                       max_in_flight=args.in_flight, timeout_s=300,
-                                      send_dtype=SEND_DTYPES[args.send_dtype], overlap_sends=not args.no_overlap)
+                                      send_dtype=SEND_DTYPES[args.send_dtype], overlap_sends=not args.no_overlap,
+                                      receive_ahead=args.receive_ahead)
     stamps = []
     step = trainer._stage_step
 
@@ -470,6 +471,8 @@ def main():
                         help="pipelines send activations (and replay's gradients) as (int8: a scale per channel)")
     parser.add_argument("--no-overlap", action="store_true",
                         help="pipelines: each step waits until its sends have arrived (overlap_sends=False)")
+    parser.add_argument("--receive-ahead", action="store_true",
+                        help="pipelines: post the next batch's receive before computing this one (receive_ahead=True)")
     parser.add_argument("--iface", default=None, help="count the bytes this host sends on this interface")
     add_hook_arguments(parser)  # --hook-start 2: within the warm-up, so every timed step is compressed
     parser.add_argument("--out", type=Path, required=True)

@@ -124,6 +124,7 @@ class Link:
         self.label = label  # rank -> "rank 1 (block 1)"
         self.on_hung = on_hung  # called with a rank that did not answer within the timeout
         self._pending: collections.deque = collections.deque()
+        self._ahead: dict[int, tuple] = {}  # source rank -> a message whose receives are posted (receive_ahead)
 
     @property
     def comm_device(self) -> torch.device:
@@ -172,36 +173,64 @@ class Link:
             self._wait_oldest()
 
     def recv(self, src: int, *, dtype: torch.dtype | None = None) -> Message:
-        """The next message from ``src``; its tensor cast to ``dtype``."""
+        """The next message from ``src`` (the one :meth:`receive_ahead` already posted, if any); its tensor cast to
+        ``dtype``."""
         start = self.clock()
+        posted = self._ahead.pop(src, None) or self._post(src)
+        message = self._finish(src, *posted)
+        self.timing["recv_wait_s"] += self.clock() - start
+        tensor = message.tensor
+        if tensor is not None and dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+            message = message._replace(tensor=tensor.to(dtype))
+        return message
+
+    def receive_ahead(self, src: int) -> None:
+        """Post the receive of the next message from ``src`` now, so that it crosses the link while this rank
+        computes (a send completes only once its receive is posted, under gloo as under NCCL, so without this the
+        next batch starts crossing only when this rank asks for it). Waits for its header: until ``src`` has posted
+        the message. :meth:`recv` then finishes it."""
+        if src not in self._ahead:
+            start = self.clock()
+            self._ahead[src] = self._post(src)
+            self.timing["recv_wait_s"] += self.clock() - start
+
+    def _post(self, src: int) -> tuple:
+        """Receive the header of the next message from ``src`` and post the receives of its tensors."""
         header = torch.empty(_HEADER, dtype=torch.int64, device=self.comm_device)
         self._recv_into(header, src)
         header = header.cpu()
+        if int(header[0]) == END:
+            return header, {}, []
+        parts = {"tensor": torch.empty(header[3 : 3 + int(header[2])].tolist(), dtype=_DTYPES[int(header[11])],
+                                       device=self.comm_device)}
+        if int(header[13]) > 0:  # int8 values, then their scales: one per channel (see quantize)
+            parts["scales"] = torch.empty(quantize.scale_count(parts["tensor"].shape), dtype=torch.float32,
+                                          device=self.comm_device)
+        if int(header[12]) >= 0:
+            parts["labels"] = torch.empty(int(header[12]), dtype=torch.int64, device=self.comm_device)
+        if int(header[14]) >= 0:
+            parts["ids"] = torch.empty(int(header[14]), dtype=torch.int64, device=self.comm_device)
+        group = self.channels.get((src, self.rank))
+        try:  # in the order the sender posted them
+            works = [dist.irecv(t, src=src, group=group) for t in parts.values()]
+        except Exception as exc:
+            raise self._peer_error(src, exc) from None
+        return header, parts, works
+
+    def _finish(self, src: int, header: Tensor, parts: dict, works: list) -> Message:
+        try:
+            for work in works:
+                work.wait(self.timeout)
+        except Exception as exc:
+            raise self._peer_error(src, exc) from None
         kind, flag = int(header[0]), int(header[1])
         if kind == END:
-            self.timing["recv_wait_s"] += self.clock() - start
             return Message(kind, flag, None, None, None)
-        shape = header[3 : 3 + int(header[2])].tolist()
-        tensor = torch.empty(shape, dtype=_DTYPES[int(header[11])], device=self.comm_device)
-        self._recv_into(tensor, src)
-        scales = None
-        if int(header[13]) > 0:  # int8 values, then their scales: one per channel (see quantize)
-            scales = torch.empty(quantize.scale_count(tensor.shape), dtype=torch.float32, device=self.comm_device)
-            self._recv_into(scales, src)
-        labels = ids = None
-        if int(header[12]) >= 0:
-            labels = torch.empty(int(header[12]), dtype=torch.int64, device=self.comm_device)
-            self._recv_into(labels, src)
-        if int(header[14]) >= 0:
-            ids = torch.empty(int(header[14]), dtype=torch.int64, device=self.comm_device)
-            self._recv_into(ids, src)
+        tensor, scales, labels, ids = (parts.get(k) for k in ("tensor", "scales", "labels", "ids"))
         if int(header[15]):  # each sample's change since its last visit (see deltas)
             tensor = self._memory(src).decode(tensor, scales, ids, _DTYPES[int(header[13]) - 1])
         elif scales is not None:
             tensor = quantize.dequantize(tensor, scales, _DTYPES[int(header[13]) - 1])
-        self.timing["recv_wait_s"] += self.clock() - start
-        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
-            tensor = tensor.to(dtype)
         labels, ids = (t.to(self.device) if t is not None else None for t in (labels, ids))
         return Message(kind, flag, tensor.to(self.device), labels, ids)
 

@@ -51,6 +51,14 @@ class DataPath:
         needs. Every flush waits only for receives that follow flushes ranked lower, which finish by induction. Each
         replica's chain of blocks is such a pipeline, and a block's replicas meet in their collectives of step t
         before any of them flushes it.
+
+        With ``receive_ahead=True`` block k+1 waits, before it computes step t, for the header of k's next message
+        (activation t+1, or the end of the phase) and posts its receives. Between its posts of activation t and of
+        activation t+1, block k waits only for what k+1 posted before that wait: the gradient of step t-1 (posted at
+        the end of k+1's step t-1) and the weights of step t (posted at the start of step t, just above); its own
+        receives from k-1, its sends' completions at k-1 and its replicas' collectives of step t involve no message of
+        k+1's step t, only blocks below, for which the same holds one block lower (block 0 receives nothing ahead). So
+        the wait ends, and the order of everything else is as above.
         """
         start = self._now()
         t, stage = self.step, self.stages[self.stage]
@@ -58,6 +66,8 @@ class DataPath:
         self.net.train()
         if not self.first and self._refresh_due(self.stage - 1, t):  # block k-1's look-ahead head copies this block
             self.link.send(self.prev_rank, WEIGHTS, self.net.heads[self.stage - 1].flat_weights(stage.block))
+        if not self.first and self.receive_ahead:  # the next batch crosses while this one computes
+            self.link.receive_ahead(self.prev_rank)
         out = stage.forward(x, y, t)
         if not self.last:
             self.timing["busy_s"] += self._now() - start

@@ -80,8 +80,14 @@ class PipelineTrainer(DataPath, TrainerBase):
             ``make_loader(..., indexed=True)``); each end of each cut keeps one float32 activation per training
             sample in host memory.
         overlap_sends: ``True`` (the default): a step's sends travel while the next steps compute. ``False``: each
-            step ends by waiting until every message it sent has been received, so no send overlaps the next step's
-            compute; slower wherever sending takes time, and there to measure what the overlap buys.
+            step ends by waiting until every send it posted has completed (its receiver has posted the receive, and
+            gloo has handed the data to the network or NCCL has delivered it), so the sender computes no further
+            step meanwhile; to measure what the overlap buys.
+        receive_ahead: ``True``: a block posts the receive of its next batch before it computes this one, so that
+            the next batch crosses the link while it computes. A send completes only once its receive is posted
+            (gloo and NCCL alike), so by default (``False``) block k+1's next batch starts crossing only when block
+            k+1 has finished its step: on a slow link the link then idles while the block computes, and the block
+            while the link carries. It holds one more batch's activation on each receiving block.
         replicas_powersgd_rank, replicas_powersgd_start: with R > 1 replicas per block, average their gradients
             through torch's PowerSGD at this rank (error feedback, warm start; plain all-reduces for the first
             ``replicas_powersgd_start`` steps, 10 by default) instead of one all-reduce of the whole gradient
@@ -159,6 +165,7 @@ class PipelineTrainer(DataPath, TrainerBase):
                          label=self._label, on_hung=lambda rank: end_if_here(self._processes[rank]),
                          channels=self.groups.channels, clock=self._now, send_deltas=own.send_deltas)
         self.overlap_sends = own.overlap_sends  # False: each step waits for its sends (DataPath._stage_step)
+        self.receive_ahead = own.receive_ahead  # True: the next batch's receive is posted before this one computes
         self._early_grad: Tensor | None = None  # replay: a gradient received at the end of a phase
         self._powersgd = None
         if own.replicas_powersgd_rank is not None and self.replicas == 1:

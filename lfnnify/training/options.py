@@ -133,6 +133,9 @@ class PipelineOptions:
     overlap_sends: bool = setting(True, lambda v: isinstance(v, bool),
                                   "must be True or False: with False every step waits until its sends have been "
                                   "received before the next step's compute starts (to measure what overlap buys)")
+    receive_ahead: bool = setting(False, lambda v: isinstance(v, bool),
+                                  "must be True or False: with True each block posts the receive of its next batch "
+                                  "before it computes this one, so that the batch crosses the link meanwhile")
     replicas_powersgd_rank: int | None = setting(None, optional(count(1)),
                                                  "must be None (replicas average with one all-reduce) or a rank >= 1: "
                                                  "average a block's replicas through torch's PowerSGD at that rank")
