@@ -40,8 +40,8 @@ def launch(args, rank: int | None) -> dict:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "4",
                "--master-addr", "127.0.0.1", "--master-port", str(args.port), "--max-restarts", "0",
                "-m", "benchmarks.workers.replicas_traffic", "--model", args.model, "--size", str(args.size),
-               "--batch", str(args.batch), "--cuts", *args.cuts, "--mode", args.mode, "--start", str(args.start),
-               "--steps", str(args.steps), "--out", str(out)]
+               "--batch", str(args.batch), "--cuts", *args.cuts, "--mode", args.mode,
+               "--powersgd-start", str(args.start), "--steps", str(args.steps), "--out", str(out)]
         if rank is not None:
             cmd += ["--powersgd-rank", str(rank)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,

@@ -41,7 +41,8 @@ SCENARIOS = {
     "2-replay": dict(blocks=2, mode="replay"),
     "2-local-bf16": dict(blocks=2, send="bf16", steps=3),
     "2-replay-int8": dict(blocks=2, mode="replay", send="int8", steps=3),
-    "2-local-int8-deltas": dict(blocks=2, send="int8", deltas=True, steps=12, ahead=True),  # 12 steps: each sample seen 2-3 times
+    # 12 steps: each sample seen 2-3 times
+    "2-local-int8-deltas": dict(blocks=2, send="int8", deltas=True, steps=12, ahead=True),
     "2-local-resume": dict(blocks=2, resume_at=3),
     "2-replay-resume": dict(blocks=2, mode="replay", resume_at=3),
     "2-torchvision": dict(blocks=2, model="torchvision", steps=2),

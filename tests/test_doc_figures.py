@@ -78,7 +78,7 @@ def memory_checkpointed(d: dict) -> dict[str, list[str]]:
             f"{at('bp')}")
     short = (f"peaked at {d['lfnn_over_bp_checkpointed']:.2f}× checkpointed backprop's memory and took "
              f"{_x(d['lfnn_step_over_bp_checkpointed_step'])} its step time")
-    return {README: [text, short], BENCH: [text]}
+    return {README: [text, short], BENCH: [text], HISTORY: [text]}
 
 
 def speedup(d: dict) -> dict[str, list[str]]:
@@ -97,8 +97,6 @@ def speedup(d: dict) -> dict[str, list[str]]:
            f"| LFNN-ℓ pipeline / DDP | {_x(s['vs_ddp'])} (replay: {_x(s['replay_vs_ddp'])}) |",
            f"| LFNN-ℓ pipeline / one-process BP | {_x(s['vs_bp_single'])} (replay: {_x(s['replay_vs_bp_single'])}) |",
            f"{b['ddp'] / 1e6:.1f} MB, {fewer[0]}–{fewer[1]}× less for these small inputs"],
-        README: [f"{_x(s['vs_bp_single'])} ({_x(s['replay_vs_bp_single'])}) / {_x(s['vs_ddp'])} "
-                 f"({_x(s['replay_vs_ddp'])})"],
         BENCH: [f"{_x(s['vs_bp_model_parallel'])} / {_x(s['vs_bp_pipelined'])} (projected "
                 f"{_x(p['predicted_speedup_vs_bp_model_parallel'])})",
                 f"{_x(s['vs_bp_single'])} ({_x(s['replay_vs_bp_single'])}) / {_x(s['vs_ddp'])} "
@@ -272,7 +270,66 @@ def multihost_overlap(d: dict) -> dict[str, list[str]]:
                         f"{_x(on['samples_per_s'] / off['samples_per_s'])} ({_apart(on, off)})")
         cells.append(f"{RATE_NAMES[rate]}: " + "; ".join(pair))
     text = ". ".join(cells)
-    return {README: [text], BENCH: [text]}
+    return {README: [text], BENCH: [text], HISTORY: [text]}
+
+
+def multihost_ahead(d: dict) -> dict[str, list[str]]:
+    # what receiving ahead buys: each pipeline with and without, and against DDP with PowerSGD at rank 1
+    from benchmarks.speed_map import RATE_NAMES
+
+    r = d["results"]
+    cells = []
+    for rate in d["settings"]["rates"]:
+        best = r[rate]["ddp_powersgd_r1"]
+        parts = []
+        for m, name in (("lfnn_pipeline", "LFNN-ℓ"), ("replay_pipeline", "replay")):
+            ahead, plain = r[rate][f"{m}_ahead"], r[rate][m]
+            parts.append(f"{name} receiving ahead {_samples(ahead)} samples/s against {_samples(plain)} without "
+                         f"({_x(ahead['samples_per_s'] / plain['samples_per_s'])}, {_apart(ahead, plain)}), "
+                         f"{_x(ahead['samples_per_s'] / best['samples_per_s'])} DDP with PowerSGD at rank 1 "
+                         f"({_apart(ahead, best)})")
+        cells.append(f"{RATE_NAMES[rate]} (PowerSGD at rank 1 {_samples(best)}): " + "; ".join(parts))
+    text = ". ".join(cells)
+    at = r["100mbit"]
+    short = (f"receiving ahead, the LFNN-ℓ pipeline sending float32 ran "
+             f"{_x(at['lfnn_pipeline_ahead']['samples_per_s'] / at['ddp_powersgd_r1']['samples_per_s'])} DDP with "
+             f"PowerSGD at rank 1 at 100 Mbit/s")
+    return {README: [text, short], BENCH: [text]}
+
+
+def replicas_traffic(d: dict) -> dict[str, list[str]]:
+    # what a block's replicas all-reduce per step, plain and through PowerSGD, counted as the pipeline calls torch
+    res = d["results"]
+
+    def mb(b):
+        return b["all_reduce_bytes_per_step"] / 1e6
+
+    def seconds(b, bits):
+        return (b["all_reduce_bytes_per_step"] + b["broadcast_bytes_per_step"]) * 8 / bits
+
+    blocks = []
+    for k in sorted(res["plain"], key=int):
+        plain, r1 = res["plain"][k], res["powersgd_r1"][k]
+        ranks = " / ".join(f"{mb(res[f'powersgd_r{r}'][k]):.3f}" for r in (1, 2, 4))
+        blocks.append(f"block {k}: {mb(plain):.2f} MB all-reduced per step plain, {ranks} MB through PowerSGD at rank "
+                      f"1 / 2 / 4 ({plain['all_reduce_bytes_per_step'] / r1['all_reduce_bytes_per_step']:.0f}× less "
+                      f"at rank 1; at 100 Mbit/s {seconds(plain, 1e8):.2f} s against {seconds(r1, 1e8):.3f} s per "
+                      f"step, projected)")
+    exact = all(b["all_reduce_bytes_per_step"] == b["expected_all_reduce_bytes"]
+                for by_block in res.values() for b in by_block.values())
+    text = ("; ".join(blocks) + f"; the activation crossing the cut: {d['activation_bytes_per_step'][0] / 1e6:.2f} MB "
+            f"per step" + ("; every count equal to PowerSGD's rule" if exact else "; NOT equal to PowerSGD's rule"))
+    return {README: [text], BENCH: [text], "docs/pipeline.md": [text], HISTORY: [text]}
+
+
+def speedup_repeats(d: dict) -> dict[str, list[str]]:
+    # K=2 processes on one machine, every method 3 times: medians with their ranges
+    m, s = d["methods"], d["speedup"]
+    text = (f"LFNN-ℓ pipeline {_samples(m['lfnn_pipeline'])} samples/s, replay {_samples(m['replay_pipeline'])}, "
+            f"one-process BP {_samples(m['bp_single'])}, DDP {_samples(m['ddp'])}: {_x(s['vs_bp_single'])} "
+            f"({_x(s['replay_vs_bp_single'])}) / {_x(s['vs_ddp'])} ({_x(s['replay_vs_ddp'])}) one-process BP / DDP's "
+            f"samples/s")
+    return {README: [text], BENCH: [text], HISTORY: [text]}
 
 
 def speed_map(d: dict) -> dict[str, list[str]]:
@@ -316,7 +373,7 @@ def tta_map(d: dict) -> dict[str, list[str]]:
         cells.append(cell + f"; first on each seed {each}")
     text = "to DDP's final accuracy less one point, " + "; ".join(cells)
     error = f"the projection was within {d['max_abs_projection_error']:.0%} of the measurement"
-    return {README: [text, error], BENCH: [text, error]}
+    return {README: [text, error], BENCH: [text, error], HISTORY: [text]}
 
 
 def multihost_tta_powersgd(d: dict) -> dict[str, list[str]]:
@@ -660,6 +717,9 @@ SOURCES = {  # results file -> how to write its figures, per document that quote
     "multihost-int8-resnet18-k2-intel-xeon-2026-12-06.json": multihost_int8,
     "speed_map-resnet18-k2-intel-xeon-2026-12-06.json": speed_map,
     "multihost-overlap-resnet18-k2-intel-xeon-2026-12-07.json": multihost_overlap,
+    "multihost-ahead-resnet18-k2-intel-xeon-2026-12-07.json": multihost_ahead,
+    "replicas_traffic-resnet18-k2x2-intel-xeon-2026-12-07.json": replicas_traffic,
+    "speedup-resnet18-k2-repeats-intel-xeon-2026-12-07.json": speedup_repeats,
     "tta_map-fashion_mnist-resnet18-k2-intel-xeon-2026-12-07.json": tta_map,
     "multihost_tta-powersgd-fashion_mnist-resnet18-k2-1gbit-intel-xeon-2026-12-06.json": multihost_tta_powersgd,
     "time_to_accuracy-fashion_mnist-resnet18-k2-replay-stash-cpu2-2026-11-29.json": time_to_accuracy,

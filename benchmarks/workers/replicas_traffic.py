@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--cuts", nargs="+", required=True)
     parser.add_argument("--mode", default="replay", choices=["local", "replay"])
     parser.add_argument("--powersgd-rank", type=int, default=None)
-    parser.add_argument("--start", type=int, default=2)
+    parser.add_argument("--powersgd-start", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -56,7 +56,8 @@ def main() -> None:
     _count_collectives(counts, lambda: holder.get("group"))
     trainer = lfnnify.PipelineTrainer(net, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9),
                                       threads=1, progress=False, timeout_s=600,
-                                      replicas_powersgd_rank=args.powersgd_rank, replicas_powersgd_start=args.start)
+                                      replicas_powersgd_rank=args.powersgd_rank,
+                                      replicas_powersgd_start=args.powersgd_start)
     holder["group"] = trainer.group  # counted from here: the first replica's broadcast of the start state is not
     per_step = []
     step = trainer._stage_step

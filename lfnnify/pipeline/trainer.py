@@ -87,7 +87,9 @@ class PipelineTrainer(DataPath, TrainerBase):
             the next batch crosses the link while it computes. A send completes only once its receive is posted
             (gloo and NCCL alike), so by default (``False``) block k+1's next batch starts crossing only when block
             k+1 has finished its step: on a slow link the link then idles while the block computes, and the block
-            while the link carries. It holds one more batch's activation on each receiving block.
+            while the link carries. It holds one more batch's activation on each receiving block, and waits for the
+            next batch's header before computing: in ``mode="replay"`` that makes a block's step wait for the
+            previous block's next forward, which measured slower (``benchmarks.multihost``'s ``*_ahead``).
         replicas_powersgd_rank, replicas_powersgd_start: with R > 1 replicas per block, average their gradients
             through torch's PowerSGD at this rank (error feedback, warm start; plain all-reduces for the first
             ``replicas_powersgd_start`` steps, 10 by default) instead of one all-reduce of the whole gradient
