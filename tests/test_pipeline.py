@@ -307,7 +307,7 @@ def test_pipeline_refuses_lfnn_mode_and_needs_torchrun():
     ],
 )
 def test_nccl_only_when_every_process_has_its_own_gpu(requested, gpus, local, expected, monkeypatch):
-    from lfnnify.pipeline import comm as _comm
+    from lfnnify.pipeline import processes as _comm
 
     monkeypatch.setattr(_comm.dist, "is_nccl_available", lambda: True)
     backend, note = _comm.choose_backend(requested, gpus=gpus, local_processes=local)
@@ -326,7 +326,7 @@ def test_a_stuck_neighbour_is_ended_only_on_this_machine_only_if_stopped_and_onl
     import subprocess
     import sys
 
-    from lfnnify.pipeline import comm as _comm
+    from lfnnify.pipeline import processes as _comm
 
     here = _comm.machine_identity()
     boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()

@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 
 from ..errors import DataError, PipelineError
 from ..training.inputs import check_batch, pair
-from .comm import END, EPOCH_DONE, EVALUATE, GRAD, TRAIN, WEIGHTS, fault
+from .comm import END, EPOCH_DONE, EVALUATE, GRAD, TRAIN, WEIGHTS
+from .processes import fault
 from .replicas import broadcast_buffers
 
 __all__ = ["DataPath"]

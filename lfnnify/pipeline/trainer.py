@@ -17,22 +17,11 @@ from ..training.base import TrainerBase
 from ..training.inputs import check_fit
 from ..training.options import PipelineOptions, TrainerOptions, signature_with_options
 from .balance import CHECK_AFTER_STEPS, balance_report
-from .comm import (
-    EPOCH_DONE,
-    EVALUATE,
-    Link,
-    decided_by_rank0,
-    end_if_here,
-    host_name,
-    init_distributed,
-    name_the_rank,
-    peer_failures,
-    process_identity,
-    stage_device,
-)
+from .comm import EPOCH_DONE, EVALUATE, Link, decided_by_rank0, peer_failures
 from .datapath import DataPath
 from .evaluation import evaluate_stage
 from .groups import make_groups
+from .processes import end_if_here, host_name, init_distributed, name_the_rank, process_identity, stage_device
 from .replicas import PowerSGDAverage, average_gradients, broadcast_from_first_replica
 from .shards import Shard, keep_only_stage
 
