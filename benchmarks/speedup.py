@@ -435,8 +435,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "speedup.json", payload)
     stem = args.name or f"speedup-{args.model}-k{args.blocks}-{hardware_tag()}-{env_before['date'][:10]}"
-    if args.out.resolve() == RESULTS.resolve():
-        write_json(args.out / f"{stem}.json", payload)
+    write_json(args.out / f"{stem}.json", payload)  # beside its table and picture, wherever --out is
     (args.out / f"{stem}.md").write_text(markdown(payload))
     chart(payload, args.out / f"{stem}.png")
     print()
