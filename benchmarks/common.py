@@ -157,6 +157,11 @@ def first_reaching(evals: list[dict], target: float) -> dict | None:
     return next((r for r in evals if r["accuracy"] >= target), None)
 
 
+def ranges_apart(a: list[float], b: list[float]) -> bool:
+    """Whether two ranges ``[low, high]`` (of repeated runs) do not overlap: only then is one method faster."""
+    return a[0] > b[1] or a[1] < b[0]
+
+
 def mean_sd(values: list[float]) -> dict:
     return {"mean": statistics.mean(values), "sd": statistics.stdev(values) if len(values) > 1 else None,
             "values": values}

@@ -15,7 +15,7 @@ Two hosts of one core each (network and PID namespaces on this machine, lfnnify/
 - ``*_bf16``, ``*_int8``: the same two, sending activations (and replay's gradients) in bfloat16, or as int8 with a
   float32 scale per channel (``send_dtype``; lfnnify.pipeline.quantize).
 Every pipeline overlaps its sends with compute (asynchronous, at most ``max_in_flight=2`` pending), but for
-``*_no_overlap``: each step waits until its sends have arrived (``overlap_sends=False``), to measure what the overlap
+``*_no_overlap``: each step waits until its sends have completed (``overlap_sends=False``), to measure what the overlap
 buys; and for ``*_ahead``: each block posts the receive of its next batch before computing this one
 (``receive_ahead=True``), so that the batch crosses while the block computes.
 
@@ -52,6 +52,7 @@ from .common import (  # noqa: E402
     environment,
     hardware_tag,
     hosts_ready,
+    ranges_apart,
     refuse_bad_arguments,
     time_balanced_plan,
     write_json,
@@ -80,7 +81,7 @@ METHODS = {  # name -> worker arguments
     **{f"{m}_{d}": [*args, "--send-dtype", d] for d in SENT_AS for m, args in
        (("lfnn_pipeline", ["--method", "lfnn_pipeline"]),
         ("replay_pipeline", ["--method", "lfnn_pipeline", "--mode", "replay", "--stash"]))},
-    # the same two, each step waiting until its sends have arrived: what overlapping sends with compute buys
+    # the same two, each step waiting until its sends have completed: what overlapping sends with compute buys
     "lfnn_pipeline_no_overlap": ["--method", "lfnn_pipeline", "--no-overlap"],
     "replay_pipeline_no_overlap": ["--method", "lfnn_pipeline", "--mode", "replay", "--stash", "--no-overlap"],
     # the same two, each block posting the receive of its next batch before computing this one (receive_ahead)
@@ -316,7 +317,8 @@ def main() -> None:
     refuse_bad_arguments("multihost.py", args, counts=("steps", "warmup", "batch", "size", "repeats"),
                          positives=("unshaped_gbit", "timeout"))
     env_before = hosts_ready("multihost.py")
-    if args.cuts:  # the split of earlier runs, so that their cells and these compare
+    cuts_given = bool(args.cuts)
+    if cuts_given:  # the split of earlier runs, so that their cells and these compare
         print(f"the split given: {args.cuts}", flush=True)
     else:
         args.cuts, plan_text = measured_time_cuts(args)
@@ -357,7 +359,7 @@ def main() -> None:
     payload = {"experiment": "multihost", "settings": {k: str(v) if isinstance(v, Path) else v
                                                        for k, v in vars(args).items()},
                "cuts": args.cuts, "cuts4": args.cuts4,
-               "cut_choice": ("given with --cuts" if "--cuts" in sys.argv else
+               "cut_choice": ("given with --cuts" if cuts_given else
                               "balance='time' at the training batch, one thread, on this machine"),
                "bytes": {"activation": activation["fp32"], "activation_sent_as": activation,
                          "labels": args.batch * 8, "gradients": gradients,
@@ -445,10 +447,9 @@ def verdicts_of(results: dict) -> tuple[dict, list[str]]:
         ratios[label] = value
         if min(len(a["runs"]), len(b["runs"])) < 3:
             order = "fewer than 3 runs each: too few to say which is faster"
-        elif a["samples_per_s_range"][0] > b["samples_per_s_range"][1]:
-            order = f"{method} beats {other} (ranges apart)"
-        elif a["samples_per_s_range"][1] < b["samples_per_s_range"][0]:
-            order = f"{other} beats {method} (ranges apart)"
+        elif ranges_apart(a["samples_per_s_range"], b["samples_per_s_range"]):
+            faster, slower = (method, other) if a["samples_per_s"] > b["samples_per_s"] else (other, method)
+            order = f"{faster} beats {slower} (ranges apart)"
         else:
             order = "ranges overlap: neither beats the other"
         among = DDP_VARIANTS if against == BEST_DDP else EXACT

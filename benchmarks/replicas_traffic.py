@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -63,23 +64,16 @@ def summary(run: dict, rank: int | None, start: int) -> dict:
             continue
         steady = entry["per_step"][start:]
         shapes = entry["averaged_shapes"][-1]
-        elements = sum(_numel(s) for s in shapes) if rank is None else powersgd_elements(shapes, rank)
+        elements = sum(math.prod(s) for s in shapes) if rank is None else powersgd_elements(shapes, rank)
         blocks[entry["block"]] = {
             "all_reduce_bytes_per_step": statistics.median(s["all_reduce"] for s in steady),
             "all_reduce_bytes_range": [min(s["all_reduce"] for s in steady), max(s["all_reduce"] for s in steady)],
             "broadcast_bytes_per_step": statistics.median(s["broadcast"] for s in steady),
             "expected_all_reduce_bytes": 4 * elements,
-            "gradient_bytes": 4 * sum(_numel(s) for s in shapes),
+            "gradient_bytes": 4 * sum(math.prod(s) for s in shapes),
             "steps_counted": len(steady),
         }
     return blocks
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def activations(args) -> list[int]:

@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import RESULTS, environment, hardware_tag, write_json  # noqa: E402
+from .common import RESULTS, environment, hardware_tag, ranges_apart, write_json  # noqa: E402
 
 WORKER = ["-m", "benchmarks.workers.speedup"]
 
@@ -167,8 +167,8 @@ def _apart(m: dict, a: str, b: str) -> str:
     """Whether the runs of ``a`` and ``b`` say which is faster: only where their ranges of samples/s do not overlap."""
     if a not in m or b not in m or "samples_per_s_range" not in m[a] or "samples_per_s_range" not in m[b]:
         return ""
-    (lo_a, hi_a), (lo_b, hi_b) = m[a]["samples_per_s_range"], m[b]["samples_per_s_range"]
-    return " (ranges apart)" if lo_a > hi_b or hi_a < lo_b else " (ranges overlap: neither is faster)"
+    apart = ranges_apart(m[a]["samples_per_s_range"], m[b]["samples_per_s_range"])
+    return " (ranges apart)" if apart else " (ranges overlap: neither is faster)"
 
 
 PAPER_SPEEDUP_K4 = {"resnet101": 2.07, "resnet152": 2.21}  # ImageNet, 4 blocks on 4 GPUs (METHOD.md)

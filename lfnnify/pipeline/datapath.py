@@ -43,15 +43,15 @@ class DataPath:
         activation never queues behind a gradient, and every communicator was opened before the first step. The
         replicas' all-reduce and broadcast run in the same order on every replica of a block.
 
-        With ``overlap_sends=False`` the step ends in ``Link.flush``: it waits until its own messages have been
-        received. That adds no cycle either. Rank each flush by 2t + k (block k, step t). Block k's flush at step t
-        waits for k+1 to take activation t, which k+1 does when it starts step t, after its flush at t-1 (2t + k - 1);
-        for k-1 to take the weights k sent when it started step t, in k-1's step t after its flush at t-1; and for
-        k-1 to take gradient t, first thing after its forward in step t+1 (``_refresh_head`` takes the gradient
-        before the weights), after its flush at t (2t + k - 1) and k-2's at t (2t + k - 2), whose activation it
+        With ``overlap_sends=False`` the step ends in ``Link.flush``: it waits until its own sends have completed, each
+        once its receiver has taken it. That adds no cycle either. Rank each flush by 2t + k (block k, step t). Block
+        k's flush at step t waits for k+1 to take activation t, which k+1 does when it starts step t, after its flush at
+        t-1 (2t + k - 1); for k-1 to take the weights k sent when it started step t, in k-1's step t after its flush at
+        t-1; and for k-1 to take gradient t, first thing after its forward in step t+1 (``_refresh_head`` takes the
+        gradient before the weights), after its flush at t (2t + k - 1) and k-2's at t (2t + k - 2), whose activation it
         needs. Every flush waits only for receives that follow flushes ranked lower, which finish by induction. Each
-        replica's chain of blocks is such a pipeline, and a block's replicas meet in their collectives of step t
-        before any of them flushes it.
+        replica's chain of blocks is such a pipeline, and a block's replicas meet in their collectives of step t before
+        any of them flushes it.
 
         With ``receive_ahead=True`` block k+1 waits, before it computes step t, for the header of k's next message
         (activation t+1, or the end of the phase) and posts its receives. Between its posts of activation t and of
@@ -93,7 +93,7 @@ class DataPath:
         self.step_in_epoch += 1
         self.timing["steps"] += 1
         self.timing["busy_s"] += self._now() - start
-        if not self.overlap_sends:  # the next step's compute starts once this step's messages have arrived
+        if not self.overlap_sends:  # the next step's compute starts once this step's sends have completed
             self.link.flush()
         self._after_step()
         return record
