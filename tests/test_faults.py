@@ -169,7 +169,8 @@ def small_run(steps, start=None):
     return net, trainer
 
 
-@pytest.mark.parametrize("point", ["before-write", "mid-write", "before-pointer", "after-pointer"])
+@pytest.mark.parametrize("point", ["before-write", "before-marker", "mid-write", "before-pointer", "mid-pointer",
+                                   "after-pointer", "mid-removal"])
 def test_a_save_killed_at_any_point_leaves_a_checkpoint_that_resumes_exactly(tmp_path, point):
     ckpt = tmp_path / "ckpt"
     net, trainer = small_run(steps=2)
@@ -179,7 +180,7 @@ def test_a_save_killed_at_any_point_leaves_a_checkpoint_that_resumes_exactly(tmp
                    errors=tmp_path / "saver.err")
     assert saver.wait() == -signal.SIGKILL, saver.error()  # killed inside the save, for real
     step = lfnnify.read_trainer_state(ckpt)["step"]
-    assert step == (4 if point == "after-pointer" else 2)  # the old checkpoint, or the new one once it is current
+    assert step == (4 if point in ("after-pointer", "mid-removal") else 2)  # the old one, or the new once current
     resumed, _ = small_run(steps=6, start=ckpt)
     straight, _ = small_run(steps=6)
     for key, value in straight.state_dict().items():

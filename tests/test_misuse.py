@@ -84,10 +84,13 @@ def test_two_savers_and_a_reader_side_by_side_all_succeed_and_leave_one_good_che
 
     # three processes side by side; each saver pauses between publishing its version and replacing the pointer, the
     # reader between reading the pointer and the files: without the locks the saves collide and the reader finds its
-    # version removed
-    children = [Forked(lambda net=net, trainer=trainer: saver(net, trainer), env={"LFNNIFY_PAUSE_AT": "before-pointer"},
+    # version removed. The savers also pause where a save's folders prove nothing yet (a new version before its
+    # marker, the pointer before its text, an old version half removed), which the other save's first look at the
+    # folder must not take for files lfnnify did not write
+    pauses = "before-pointer,before-marker,mid-pointer,mid-removal"
+    children = [Forked(lambda net=net, trainer=trainer: saver(net, trainer), env={"LFNNIFY_PAUSE_AT": pauses},
                        errors=tmp_path / f"saver{i}.err") for i, (net, trainer) in enumerate(runs)]
-    children.append(Forked(reader, env={"LFNNIFY_PAUSE_AT": "mid-read"}, errors=tmp_path / "reader.err"))
+    children.append(Forked(reader, env={"LFNNIFY_PAUSE_AT": "mid-read,pointer-read"}, errors=tmp_path / "reader.err"))
     for child in children:
         assert child.wait(timeout_s=300) == 0, child.error()
     left = sorted(p.name for p in ckpt.iterdir())

@@ -64,9 +64,15 @@ def test_a_save_never_removes_a_folder_or_a_sibling_it_cannot_prove_it_made(tmp_
     assert all((tmp_path / n / "notes.txt").read_text() == "the user's" for n in (".ckpt.old-20240101", ".ckpt.tmp-2"))
     unmarked = tmp_path / "ckpt" / "v000007.tmp-12"  # named like a killed save's folder, without its marker
     unmarked.mkdir()
+    (unmarked / "notes.txt").write_text("the user's")  # (empty, it would hold nothing to lose: a save removes it)
     with pytest.raises(lfnnify.CheckpointError, match=r"did not write \(v000007.tmp-12\)"):
         lfnnify.save(net, tmp_path / "ckpt")
-    assert unmarked.is_dir()
+    assert (unmarked / "notes.txt").read_text() == "the user's"
+    (tmp_path / "ckpt" / "CURRENT.tmp-12").write_text("the user's")  # named like a pointer, not reading as one
+    (unmarked / "notes.txt").unlink()
+    with pytest.raises(lfnnify.CheckpointError, match=r"did not write \(CURRENT.tmp-12\)"):
+        lfnnify.save(net, tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "CURRENT.tmp-12").read_text() == "the user's"
 
 
 def test_export_refuses_a_path_inside_a_checkpoint_and_anything_but_a_regular_file(tmp_path):
