@@ -78,7 +78,7 @@ def memory_checkpointed(d: dict) -> dict[str, list[str]]:
             f"{at('bp')}")
     short = (f"peaked at {d['lfnn_over_bp_checkpointed']:.2f}× checkpointed backprop's memory and took "
              f"{_x(d['lfnn_step_over_bp_checkpointed_step'])} its step time")
-    return {README: [text, short], BENCH: [text]}
+    return {README: [short], BENCH: [text]}
 
 
 def speedup(d: dict) -> dict[str, list[str]]:
@@ -172,7 +172,7 @@ def multihost_hooks(d: dict) -> dict[str, list[str]]:
             f"{_x(ratio['lfnn_pipeline/ddp@1gbit'])}")
     short = (f"{_x(ratio['lfnn_pipeline/best_ddp@100mbit'])} (replay "
              f"{_x(ratio['replay_pipeline/best_ddp@100mbit'])}) the best DDP variant's samples/s at 100 Mbit/s")
-    return {README: [headline, rest, short], BENCH: [headline, rest]}
+    return {README: [short], BENCH: [headline, rest]}
 
 
 SCHEDULE_NAMES = {"gpipe": "GPipe", "1f1b": "1F1B", "interleaved1f1b": "Interleaved 1F1B",
@@ -204,7 +204,7 @@ def multihost_schedules(d: dict) -> dict[str, list[str]]:
              f"{_x(ratio['replay_pipeline/best_exact@unshaped'])}) the best exact schedule's samples/s on an unshaped "
              f"link, {_x(ratio['lfnn_pipeline/best_exact@1gbit'])} ({_x(ratio['replay_pipeline/best_exact@1gbit'])}) "
              f"at 1 Gbit/s")
-    return {README: [text, short], BENCH: [text]}
+    return {README: [short], BENCH: [text]}
 
 
 def multihost_fsdp(d: dict) -> dict[str, list[str]]:
@@ -225,7 +225,7 @@ def multihost_fsdp(d: dict) -> dict[str, list[str]]:
     name = SCHEDULE_NAMES[slow.removeprefix("bp_").rsplit("_m", 1)[0]]
     short = (f"{_x(ratio['lfnn_pipeline/best_exact@100mbit'])} ({_x(ratio['replay_pipeline/best_exact@100mbit'])}) "
              f"{name} at 100 Mbit/s")
-    return {README: [text, short], BENCH: [text]}
+    return {README: [short], BENCH: [text]}
 
 
 def multihost_int8(d: dict) -> dict[str, list[str]]:
@@ -248,7 +248,7 @@ def multihost_int8(d: dict) -> dict[str, list[str]]:
              f"{_x(ratio['replay_pipeline_int8/best_ddp@100mbit'])}) the best DDP variant's samples/s at 100 Mbit/s, "
              f"{_x(ratio['lfnn_pipeline_int8/best_ddp@10mbit'])} ({_x(ratio['replay_pipeline_int8/best_ddp@10mbit'])})"
              f" at 10 Mbit/s")
-    return {README: [text, short], BENCH: [text]}
+    return {README: [short], BENCH: [text]}
 
 
 def _apart(a: dict, b: dict) -> str:
@@ -270,7 +270,7 @@ def multihost_overlap(d: dict) -> dict[str, list[str]]:
                         f"{_x(on['samples_per_s'] / off['samples_per_s'])} ({_apart(on, off)})")
         cells.append(f"{RATE_NAMES[rate]}: " + "; ".join(pair))
     text = ". ".join(cells)
-    return {README: [text], BENCH: [text], HISTORY: [text]}
+    return {BENCH: [text], HISTORY: [text]}
 
 
 def multihost_ahead(d: dict) -> dict[str, list[str]]:
@@ -294,7 +294,7 @@ def multihost_ahead(d: dict) -> dict[str, list[str]]:
     short = (f"receiving ahead, the LFNN-ℓ pipeline sending float32 ran "
              f"{_x(at['lfnn_pipeline_ahead']['samples_per_s'] / at['ddp_powersgd_r1']['samples_per_s'])} DDP with "
              f"PowerSGD at rank 1 at 100 Mbit/s")
-    return {README: [text, short], BENCH: [text], HISTORY: [text]}
+    return {README: [short], BENCH: [text], HISTORY: [text]}
 
 
 def replicas_traffic(d: dict) -> dict[str, list[str]]:
@@ -319,7 +319,10 @@ def replicas_traffic(d: dict) -> dict[str, list[str]]:
                 for by_block in res.values() for b in by_block.values())
     text = ("; ".join(blocks) + f"; the activation crossing the cut: {d['activation_bytes_per_step'][0] / 1e6:.2f} MB "
             f"per step" + ("; every count equal to PowerSGD's rule" if exact else "; NOT equal to PowerSGD's rule"))
-    return {README: [text], BENCH: [text], "docs/pipeline.md": [text], HISTORY: [text]}
+    less = [f"{res['plain'][k]['all_reduce_bytes_per_step'] / res['powersgd_r1'][k]['all_reduce_bytes_per_step']:.0f}× "
+            f"(block {k})" for k in sorted(res["plain"], key=int)]
+    short = f"through PowerSGD at rank 1 the replicas all-reduced {' and '.join(less)} fewer bytes per step"
+    return {README: [short], BENCH: [text], "docs/pipeline.md": [text], HISTORY: [text]}
 
 
 def speedup_repeats(d: dict) -> dict[str, list[str]]:
@@ -329,7 +332,8 @@ def speedup_repeats(d: dict) -> dict[str, list[str]]:
             f"one-process BP {_samples(m['bp_single'])}, DDP {_samples(m['ddp'])}: {_x(s['vs_bp_single'])} "
             f"({_x(s['replay_vs_bp_single'])}) / {_x(s['vs_ddp'])} ({_x(s['replay_vs_ddp'])}) one-process BP / DDP's "
             f"samples/s")
-    return {README: [text], BENCH: [text], HISTORY: [text]}
+    short = text[text.index(": ") + 2:]  # the ratios
+    return {README: [short], BENCH: [text], HISTORY: [text]}
 
 
 def speed_map(d: dict) -> dict[str, list[str]]:
@@ -352,7 +356,7 @@ def speed_map(d: dict) -> dict[str, list[str]]:
                          f"({outcome(fam['LFNN-ℓ'])}), replay {_x(fam['replay']['ratio'])} ({outcome(fam['replay'])})")
         lines[case] = "; ".join(cells)
     text = f"model fits each host: {lines['fits']}. Model split: {lines['split']}"
-    return {README: [text], BENCH: [text]}
+    return {BENCH: [text]}
 
 
 def tta_map(d: dict) -> dict[str, list[str]]:
@@ -373,7 +377,10 @@ def tta_map(d: dict) -> dict[str, list[str]]:
         cells.append(cell + f"; first on each seed {each}")
     text = "to DDP's final accuracy less one point, " + "; ".join(cells)
     error = f"the projection was within {d['max_abs_projection_error']:.0%} of the measurement"
-    return {README: [text, error], BENCH: [text, error], HISTORY: [text]}
+    firsts = {rate: targets["minus_one_point"]["fits"] for rate, targets in d["map"].items()}
+    short = "; ".join(f"{RATE_NAMES[rate]} ({f['baseline_kind']}) {f['baseline']} {f['baseline_seconds']:.0f} s"
+                      for rate, f in firsts.items())
+    return {README: [short, error], BENCH: [text, error], HISTORY: [text]}
 
 
 def multihost_tta_powersgd(d: dict) -> dict[str, list[str]]:
@@ -384,7 +391,7 @@ def multihost_tta_powersgd(d: dict) -> dict[str, list[str]]:
             f"{_pm(acc['ddp_powersgd_r4']['values'], 4)}, against DDP's {_pm(acc['ddp']['values'], 4)}; DDP's final "
             f"accuracy less one point was reached on {lower['ddp_powersgd_r2']['reached']} at rank 2 and "
             f"{lower['ddp_powersgd_r4']['reached']} at rank 4")
-    return {README: [text], BENCH: [text]}
+    return {BENCH: [text]}
 
 
 def multihost_tta_localsgd4(d: dict) -> dict[str, list[str]]:
@@ -405,7 +412,7 @@ def multihost_tta_localsgd4(d: dict) -> dict[str, list[str]]:
                         for rate, cells in rates["cells"].items())
     line = (f"local SGD every 4 steps ended at {h4} test accuracy (every 16 steps: {h16}); to DDP's final accuracy "
             f"less one point, every 4 steps against every 16: {seconds}")
-    return {README: [line], BENCH: [line], HISTORY: [line]}
+    return {BENCH: [line], HISTORY: [line]}
 
 
 def multihost_tta(d: dict) -> dict[str, list[str]]:
@@ -433,15 +440,15 @@ def multihost_tta(d: dict) -> dict[str, list[str]]:
                            f"LFNN-ℓ's {speed('lfnn_pipeline')}",
                            f"ends {100 * (final['ddp'] - final['lfnn_pipeline']):.2f} points below DDP",
                            "(DDP " + " → ".join(f"{r['ddp_seconds_per_step']:.2f}" for r in per) + " s)"],
-            **dict.fromkeys((README, BENCH), [
+            BENCH: [
                 f"replay reached DDP's final accuracy on {s['ratio_to_ddp']['replay_pipeline']['reached']} "
                 f"({reached('replay_pipeline')}), ending at {pm(s['final_accuracy']['replay_pipeline'], 4)} "
-                f"against DDP's {pm(s['final_accuracy']['ddp'], 4)}"])}
+                f"against DDP's {pm(s['final_accuracy']['ddp'], 4)}"]}
 
 
 def multihost_tta_strongest(d: dict) -> dict[str, list[str]]:
     """The two-host time to accuracy against the strongest baselines, one file per link rate: its table and who
-    reached each target first (HISTORY), and one summary per rate (README, benchmarks/README)."""
+    reached each target first (HISTORY), and one summary per rate (benchmarks/README)."""
     from benchmarks.time_to_accuracy.across_hosts import first_text, first_to_target, markdown, seed_keys
 
     rate = {"100mbit": "100 Mbit/s", "1gbit": "1 Gbit/s"}[d["settings"]["rate"]]
@@ -470,7 +477,7 @@ def multihost_tta_strongest(d: dict) -> dict[str, list[str]]:
     seeds_line = (f"{rate}: " + ", ".join(per_seed) + f" the time of {schedule}; seconds per step replay "
                   f"{_x(step['replay_pipeline'])}, LFNN-ℓ {_x(step['lfnn_pipeline'])} the schedule's; final accuracy "
                   f"{gap['replay_pipeline']:.2f} and {gap['lfnn_pipeline']:.2f} points below it")
-    return {HISTORY: table + [seeds_line], README: [line, seeds_line], BENCH: [line]}
+    return {HISTORY: table + [seeds_line], BENCH: [line]}
 
 
 def multihost_tta_int8(d: dict) -> dict[str, list[str]]:
@@ -489,7 +496,7 @@ def multihost_tta_int8(d: dict) -> dict[str, list[str]]:
             f"(float32 sends {acc(fp32, 'replay_pipeline')}), LFNN-ℓ {acc(d, 'lfnn_pipeline_int8')} (float32 sends "
             f"{acc(fp32, 'lfnn_pipeline')}); DDP's evaluations {'identical to' if ddp_same else 'differ from'} "
             f"the float32 sweep's")
-    return {HISTORY: [line], README: [line], BENCH: [line]}
+    return {HISTORY: [line], BENCH: [line]}
 
 
 def multihost_tta_deltas(d: dict) -> dict[str, list[str]]:
@@ -511,7 +518,7 @@ def multihost_tta_deltas(d: dict) -> dict[str, list[str]]:
             f"test accuracy over {len(d['seeds'])} seeds: LFNN-ℓ sending {three('lfnn_pipeline')}; replay sending "
             f"{three('replay_pipeline')}; DDP {acc['ddp']['mean']:.4f} ± {acc['ddp']['sd']:.4f}. Deltas less plain "
             f"int8, seed by seed: LFNN-ℓ {gap('lfnn_pipeline')} points, replay {gap('replay_pipeline')} points")
-    return {HISTORY: [line], README: [line], BENCH: [line]}
+    return {HISTORY: [line], BENCH: [line]}
 
 
 def time_to_accuracy(d: dict) -> dict[str, list[str]]:
