@@ -684,6 +684,27 @@ def delay_lr_pilot(d: dict) -> dict[str, list[str]]:
     return {HISTORY: rows + [f"per seed, validation error after epoch 2: {seeds}"]}
 
 
+def error_vs_length(d: dict) -> dict[str, list[str]]:
+    """Final test error against training length, each length its own cosine schedule: the tables (HISTORY), each
+    row's gap to backprop at every length, and whether the paper's heads beat backprop at any of them."""
+    from benchmarks.error_vs_length import table
+
+    by, lengths, labels = d["summary"]["by_length"], d["lengths"], d["labels"]
+    summary = {"by_length": {int(k): v for k, v in by.items()}}
+    tables = [ln for key in ("val_error", "test_error") for ln in table(summary, lengths, key, labels).splitlines()
+              if ln.startswith("| ") and not ln.startswith("| method")]
+    at = " / ".join(str(length) for length in lengths)
+    bp = " / ".join(f"{by[str(length)]['bp']['test_error'][0]:.2f}" for length in lengths)
+    gaps = "; ".join(f"{labels[m]} " + " / ".join(f"{by[str(length)][m]['test_gap_to_bp']:+.2f}" for length in lengths)
+                     for m in labels if m != "bp" and all(m in by[str(length)] for length in lengths))
+    beats = [str(length) for length in lengths if by[str(length)]["local"]["against_bp"] == "beats"]
+    line = (f"final test error at {at} epochs, mean of {len(d['seeds'])} seeds: backprop {bp}%; each row less "
+            f"backprop, in points: {gaps}")
+    verdict = ("the paper's heads beat backprop at " + ", ".join(beats) + " epochs" if beats else
+               f"the paper's heads beat backprop at none of the lengths measured ({at} epochs)")
+    return {HISTORY: tables + [line, verdict], README: [line, verdict], BENCH: [line, verdict]}
+
+
 def checkpoint_cost(d: dict) -> dict[str, list[str]]:
     # one pipeline save across four hosts: seconds on rank 0 (median, range) and the megabytes sent to rank 0
     def line(model):
@@ -743,6 +764,7 @@ SOURCES = {  # results file -> how to write its figures, per document that quote
     "accuracy_fashion_mnist-resnet18-k4-seeds-amd-epyc-2026-12-05.json": leaderboard_delay_lr,
     "accuracy_fashion_mnist-resnet18-k4-seeds-intel-xeon-2026-12-06.json": leaderboard_xeon,
     "checkpoint_cost-k4-1gbit-2026-12-06.json": checkpoint_cost,
+    "error_vs_length-fashion_mnist-resnet10t-k4-3to12-intel-xeon-2026-12-07.json": error_vs_length,
 }
 
 
