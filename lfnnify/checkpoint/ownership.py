@@ -22,7 +22,8 @@ FLAT_FILES = re.compile(r"^(lfnnify\.json|model\.safetensors|trainer\.(json|safe
 
 def saves_name(name: str) -> bool:
     """Whether a save names things so in a checkpoint folder (versions, the pointer, and their temporary names)."""
-    return bool(VERSION.match(name.split(".tmp-")[0])) or name.split(".tmp-")[0] == POINTER
+    base = name.split(".tmp-")[0]
+    return bool(VERSION.match(base)) or base == POINTER
 
 
 def holding_checkpoint(path: Path) -> Path | None:
@@ -80,10 +81,9 @@ def ours(child: Path, *, flat: bool) -> bool:
         return is_pointer(child) or (child.is_file() and child.stat().st_size == 0)
     if VERSION.match(name):
         return is_version(child)
-    if ".tmp-" in name and VERSION.match(name.split(".tmp-")[0]):  # a save killed before it finished writing or
-        if not child.is_dir():                                        # removing a version: marked, or empty
-            return False
-        return ((child / MARKER).is_file() and not (child / MARKER).is_symlink()) or not any(child.iterdir())
+    if ".tmp-" in name and saves_name(name):  # a save killed while writing or removing a version: marked, or empty
+        return child.is_dir() and (((child / MARKER).is_file() and not (child / MARKER).is_symlink())
+                                   or not any(child.iterdir()))
     return flat and bool(FLAT_FILES.match(name)) and child.is_file()
 
 
