@@ -14,7 +14,7 @@ leaderboard does (``accuracy_fashion_mnist.py``, whose runs these are: same spli
 - Each run is one file, ``<runs>/<L>-epochs/<method>-seed<N>.json``, written when it ends and reused by name, so the
   sweep can be filled over several sittings. Runs of every length share the ``--jobs`` slots, shortest first.
 
-Reproduce (the committed table; about 10 hours of both cores of the Intel Xeon):
+Reproduce (the committed table; about 10 hours of both cores of the Intel Xeon, twice that of the AMD EPYC Zen 3):
   python -m benchmarks.error_vs_length --lengths 3 6 12 30 --seeds 0 1 2 --jobs 2 --threads 1
 Tiny (tests): --model test_resnet --cuts layer1 layer2 layer3 --lengths 1 2 --train-subset 128 --eval-subset 64
 """
@@ -62,6 +62,13 @@ def _read(args) -> dict[int, dict[str, list[dict]]]:
                                      f"({r['settings']}); move it away or use another --runs folder")
             rows[length][m] = runs
     return rows
+
+
+def _devices(rows: dict[int, dict[str, list[dict]]]) -> dict[str, int]:
+    """How many runs each CPU trained: runs of one sweep may come from different machines of the kind (the runs
+    are accuracy, not timings; each file keeps its own device and epoch times)."""
+    found = [r["env"]["device"] for methods in rows.values() for runs in methods.values() for r in runs]
+    return {d: found.count(d) for d in sorted(set(found))}
 
 
 def _cell(mean_sd: tuple[float, float]) -> str:
@@ -147,6 +154,7 @@ def main() -> None:
     lengths = sorted(args.lengths)
     labels = {m: acc.METHODS[m][0] for m in [*args.methods, *args.longest_methods]}
     commits = sorted({c for length in rows for runs in rows[length].values() for r in runs for c in [r["commit"]]})
+    devices = _devices(rows)
     payload = {
         "experiment": "error_vs_length",
         "model": f"timm {args.model} (in_chans=1, num_classes=10), K=4, cuts {args.cuts}",
@@ -156,7 +164,7 @@ def main() -> None:
         "lengths": lengths, "seeds": args.seeds, "summary": summary, "labels": labels,
         "settings": {length: acc._settings(_length_args(args, length)) for length in lengths},
         "runs": {length: rows[length] for length in lengths},
-        "one_commit": len(commits) == 1 and not commits[0].endswith("+dirty"), "commits": commits,
+        "devices": devices, "one_commit": len(commits) == 1 and not commits[0].endswith("+dirty"), "commits": commits,
         "env": environment(args.threads),
         "command": " ".join(["python -m benchmarks.error_vs_length", *sys.argv[1:]]),
     }
@@ -180,7 +188,8 @@ def main() -> None:
             + "\n".join(f"{length} epochs: chosen on validation: {labels.get(c, c)}"
                         for length, c in summary["chosen_on_validation"].items())
             + f"\n\nrows from commit(s) {', '.join(commits)}" + ("" if payload["one_commit"]
-                                                                   else " (NOT one clean commit)"))
+                                                                   else " (NOT one clean commit)")
+            + "; runs on " + ", ".join(f"{d} ({n} runs)" for d, n in devices.items()))
     (args.out / f"{stem}.md").write_text(text + "\n")
     print("\n" + text + f"\nwrote {path}")
 

@@ -382,6 +382,17 @@ def test_each_exact_schedule_holds_the_stages_torch_places_on_its_process():
                     s for s, r in torch_places.items() if r == rank), (schedule, world, rank)
 
 
+def test_the_error_against_length_table_says_which_cpus_trained_its_runs():
+    from benchmarks.error_vs_length import _devices
+
+    def run(device):
+        return {"env": {"device": device}}
+
+    xeon, epyc = "cpu (Intel(R) Xeon(R) Processor)", "cpu (AMD EPYC)"
+    rows = {3: {"bp": [run(xeon)] * 3, "local": [run(xeon)] * 3}, 30: {"bp": [run(xeon), run(epyc), run(epyc)]}}
+    assert _devices(rows) == {"cpu (AMD EPYC)": 2, "cpu (Intel(R) Xeon(R) Processor)": 7}
+
+
 def test_one_method_beats_another_only_where_their_ranges_are_apart():
     from benchmarks.multihost import cell, verdicts_of
 
