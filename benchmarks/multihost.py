@@ -130,11 +130,17 @@ def run_repeated(hosts: Hosts, name: str, args, port: int) -> dict:
 def run_figures(run: dict, batch: int) -> dict:
     """A run's samples/s, from its raw step times: the global batch times the timed steps over their seconds (not
     the median step: local SGD's averaging steps are the slow ones, one in H), and the bytes that crossed the link:
-    each host's received bytes over its own timed steps (see benchmarks.workers.speedup._stamp)."""
+    each host's received bytes over its own timed steps (see benchmarks.workers.speedup._stamp), headers and all, and
+    the payload in them: those bytes less each packet's headers (runs measured before packets were counted: none)."""
     steps = run["step_s"]
-    received = [h["received"] for h in run.get("link_bytes_per_step", [])]
-    return {**run, "step_s_median": statistics.median(steps), "samples_per_s": batch * len(steps) / sum(steps),
-            "measured_bytes_per_step": sum(b for b in received if b is not None)}
+    hosts = run.get("link_bytes_per_step", [])
+    received = [h["received"] for h in hosts]
+    figures = {**run, "step_s_median": statistics.median(steps), "samples_per_s": batch * len(steps) / sum(steps),
+               "measured_bytes_per_step": sum(b for b in received if b is not None)}
+    if hosts and all(h.get("received_packets") is not None for h in hosts):
+        figures["measured_payload_bytes_per_step"] = sum(h["received"] - h["received_packets"] * h["header_bytes"]
+                                                         for h in hosts)
+    return figures
 
 
 def cell(runs: list[dict], batch: int) -> dict:
@@ -144,8 +150,23 @@ def cell(runs: list[dict], batch: int) -> dict:
         return {"failed": True, "failed_runs": len(runs) - len(good), "runs": runs}
     rates = sorted(r["samples_per_s"] for r in good)
     received = [r["measured_bytes_per_step"] for r in good]
-    return {"runs": good, "samples_per_s": statistics.median(rates), "samples_per_s_range": [rates[0], rates[-1]],
-            "measured_bytes_per_step": statistics.median(received), "hook": good[0].get("hook")}
+    figures = {"runs": good, "samples_per_s": statistics.median(rates), "samples_per_s_range": [rates[0], rates[-1]],
+               "measured_bytes_per_step": statistics.median(received), "hook": good[0].get("hook")}
+    if all("measured_payload_bytes_per_step" in r for r in good):
+        figures["measured_payload_bytes_per_step"] = statistics.median(r["measured_payload_bytes_per_step"]
+                                                                       for r in good)
+    return figures
+
+
+def with_expected(r: dict, expected: int) -> dict:
+    """Cell ``r`` with what its method should send per step, and what the link counted over that: all its bytes
+    (TCP/IP headers and acknowledgements too, which weigh most where a method sends little) and, where its packets
+    were counted, its payload alone."""
+    r["expected_bytes_per_step"] = expected
+    r["bytes_measured_over_expected"] = r["measured_bytes_per_step"] / expected
+    if "measured_payload_bytes_per_step" in r:
+        r["payload_measured_over_expected"] = r["measured_payload_bytes_per_step"] / expected
+    return r
 
 
 def run_method(hosts: Hosts, name: str, args, port: int) -> dict:
@@ -346,8 +367,7 @@ def main() -> None:
                 port += 2 * args.repeats
                 r = run_repeated(hosts, name, args, port)
                 if not r.get("failed"):
-                    r["expected_bytes_per_step"] = expected[name]
-                    r["bytes_measured_over_expected"] = r["measured_bytes_per_step"] / r["expected_bytes_per_step"]
+                    with_expected(r, expected[name])
                     low, high = r["samples_per_s_range"]
                     print(f"  {rate:>8} {name:<20} {r['samples_per_s']:7.1f} samples/s ({low:.1f}-{high:.1f}, "
                           f"{args.repeats} runs)  sent {r['measured_bytes_per_step'] / 1e6:7.2f} MB/step (expected "
@@ -405,8 +425,8 @@ def summarize(args) -> None:
                     weights = argparse.Namespace(gradient_bytes=kept["bytes"]["gradients"])
                     old["expected_bytes_per_step"] = expected_bytes(name, 0, 0, weights, 0)
                 new["expected_bytes_per_step"] = old["expected_bytes_per_step"]
-            if not new.get("failed") and "expected_bytes_per_step" in new:
-                new["bytes_measured_over_expected"] = new["measured_bytes_per_step"] / new["expected_bytes_per_step"]
+                if not new.get("failed"):
+                    with_expected(new, old["expected_bytes_per_step"])
             results[rate][name] = new
     ratios, verdicts = verdicts_of(results)
     payload = {**kept, "results": results, "ratios": ratios, "verdicts": verdicts,

@@ -228,12 +228,16 @@ def test_the_multihost_benchmark_runs_end_to_end(tmp_path, capsys):
     row = result["results"]["100mbit"]
     assert set(row) == {"ddp_powersgd_r1", "fsdp", "replay_pipeline_int8"}
     assert all(len(r["runs"]) == 1 and len(r["runs"][0]["step_s"]) == 3 for r in row.values())
-    # the bytes the link counted are the bytes each method sends, TCP/IP headers and all (within 15%): FSDP on gloo
-    # sends 4x the weights (two all-gathers, and a reduce-scatter that moves what an all-reduce moves); int8 sends
-    # a quarter of the activations and gradients, and a scale per channel
+    # the payload that crossed the link (its bytes less each packet's TCP/IP headers: acknowledgements and how TCP
+    # cut the messages into packets vary from run to run) is what each method sends, and little more: FSDP on gloo
+    # sends 4x the weights (two all-gathers, and a reduce-scatter that moves what an all-reduce moves); int8 sends a
+    # quarter of the activations and gradients, and a scale per channel. The little more is gloo's own framing: a
+    # 48-byte preamble on each message and a ready notice for each receive, a few dozen a step (measured on the AMD
+    # EPYC: 3.7 kB a step for PowerSGD at rank 1 over its 74 kB, 16 kB for FSDP over its 6.0 MB, 1.4 kB for int8)
     for name, r in row.items():
-        assert abs(r["bytes_measured_over_expected"] - 1) < 0.15, (name, r["measured_bytes_per_step"],
-                                                                   r["expected_bytes_per_step"])
+        payload, expected = r["measured_payload_bytes_per_step"], r["expected_bytes_per_step"]
+        assert 0.99 * expected <= payload <= 1.01 * expected + 6_000, (name, payload, expected)
+        assert r["measured_bytes_per_step"] > payload  # the headers are counted, not guessed: each packet has them
     assert row["ddp_powersgd_r1"]["hook"] == {"hook": "powersgd", "rank": 1, "start_iter": 2, "error_feedback": True,
                                               "warm_start": True, "one_bucket": True}
     assert result["ratios"]["replay_pipeline_int8/best_ddp@100mbit"] > 0  # against the best DDP variant run

@@ -27,6 +27,7 @@ DEVICE = torch.device("cpu")  # cuda:LOCAL_RANK when GPUs are present: one GPU p
 IFACE = None  # --iface: the network interface whose byte counters every step stamp also reads (multi-host runs)
 TX: list[int] = []  # bytes sent on IFACE so far, read with each step's stamp
 RX: list[int] = []  # bytes received on IFACE so far, read with each step's stamp
+RX_PACKETS: list[int] = []  # packets received on IFACE so far: each carries its frame's headers (frame_header_bytes)
 
 
 def _now() -> float:
@@ -47,7 +48,17 @@ def _stamp() -> float:
         stats = Path(f"/sys/class/net/{IFACE}/statistics")
         TX.append(int((stats / "tx_bytes").read_text()))
         RX.append(int((stats / "rx_bytes").read_text()))
+        RX_PACKETS.append(int((stats / "rx_packets").read_text()))
     return _now()
+
+
+def frame_header_bytes() -> int:
+    """The bytes of headers in each frame the link's counters count: Ethernet (14), IPv4 (20) and TCP (20, and 12 more
+    for the timestamp option where this network namespace turns it on, as Linux does by default). Every packet a
+    collective or a pipeline sends is one of these (a pure acknowledgement is nothing else), so the payload that
+    crossed the link is its bytes less its packets times this."""
+    timestamps = Path("/proc/sys/net/ipv4/tcp_timestamps").read_text().strip() != "0"
+    return 14 + 20 + 20 + (12 if timestamps else 0)
 
 
 def _setup(args):
@@ -504,7 +515,9 @@ def main():
         steps = len(TX) - args.warmup
         sent = (TX[-1] - TX[args.warmup - 1]) / steps if steps > 0 else None
         received = (RX[-1] - RX[args.warmup - 1]) / steps if steps > 0 else None
-        result["link_bytes_per_step"] = _gather({"rank": rank, "iface": IFACE, "sent": sent, "received": received})
+        packets = (RX_PACKETS[-1] - RX_PACKETS[args.warmup - 1]) / steps if steps > 0 else None
+        result["link_bytes_per_step"] = _gather({"rank": rank, "iface": IFACE, "sent": sent, "received": received,
+                                                 "received_packets": packets, "header_bytes": frame_header_bytes()})
     if rank == world - 1:  # on its own host's disk: the folder may exist only where the run was started
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(_with_step_times(result, args.warmup)))
