@@ -799,3 +799,29 @@ def test_the_xeon_table_reproduces_the_first_three_seed_table():
     for name in ("bp", "local", "replay_stash"):
         for a, b in zip(first["runs"][name], later["runs"][name], strict=True):
             assert (a["seed"], a["val_error"], a["test_error"]) == (b["seed"], b["val_error"], b["test_error"]), name
+
+
+def _named_results(text: str) -> list[str]:
+    """Every results path a document names (``results/...`` from benchmarks/, ``benchmarks/results/...`` from the
+    root), its ``{json,md,png}`` braces expanded and its elided ``...`` parts as wildcards."""
+    def expand(path: str) -> list[str]:
+        brace = re.search(r"\{([^}]*)\}", path)
+        if not brace:
+            return [path.replace("...", "*")]
+        return [p for alt in brace.group(1).split(",")
+                for p in expand(path[:brace.start()] + alt + path[brace.end():])]
+
+    named = (m.group(0).rstrip(".,") for m in re.finditer(r"(?<![\w/])(?:benchmarks/)?results/[\w.\-{},/*]+", text))
+    return [p if p.startswith("benchmarks/") else f"benchmarks/{p}" for raw in named for p in expand(raw)]
+
+
+def test_every_results_file_the_documents_name_exists():
+    # a results file or run folder renamed or removed leaves no document pointing at nothing (the changelog keeps
+    # the names things had when they happened)
+    docs = [README, BENCH, HISTORY, *(str(p.relative_to(ROOT)) for p in sorted((ROOT / "docs").glob("*.md")))]
+    named = {doc: _named_results((ROOT / doc).read_text()) for doc in docs}
+    assert sum(map(len, named.values())) > 100  # the documents do name their results, and the pattern finds them
+    missing = [f"{doc}: {p}" for doc, paths in named.items() for p in paths if not any(ROOT.glob(p))]
+    assert not missing, "\n".join(missing)
+    assert _named_results("see results/a-{json,png}, results/b-...-1gbit.md.") == [
+        "benchmarks/results/a-json", "benchmarks/results/a-png", "benchmarks/results/b-*-1gbit.md"]
