@@ -26,6 +26,7 @@ import copy
 import json
 import math
 import sys
+from collections import Counter
 from pathlib import Path
 
 from . import accuracy_fashion_mnist as acc  # noqa: E402
@@ -67,8 +68,8 @@ def _read(args) -> dict[int, dict[str, list[dict]]]:
 def _devices(rows: dict[int, dict[str, list[dict]]]) -> dict[str, int]:
     """How many runs each CPU trained: runs of one sweep may come from different machines of the kind (the runs
     are accuracy, not timings; each file keeps its own device and epoch times)."""
-    found = [r["env"]["device"] for methods in rows.values() for runs in methods.values() for r in runs]
-    return {d: found.count(d) for d in sorted(set(found))}
+    found = Counter(r["env"]["device"] for methods in rows.values() for runs in methods.values() for r in runs)
+    return dict(sorted(found.items()))
 
 
 def _cell(mean_sd: tuple[float, float]) -> str:
