@@ -765,6 +765,7 @@ SOURCES = {  # results file -> how to write its figures, per document that quote
     "accuracy_fashion_mnist-resnet18-k4-seeds-intel-xeon-2026-12-06.json": leaderboard_xeon,
     "checkpoint_cost-k4-1gbit-2026-12-06.json": checkpoint_cost,
     "error_vs_length-fashion_mnist-resnet10t-k4-3to12-intel-xeon-2026-12-07.json": error_vs_length,
+    "error_vs_length-fashion_mnist-resnet10t-k4-bp-local-3to30-2026-12-07.json": error_vs_length,
 }
 
 
