@@ -133,8 +133,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="a JSONL file; one line per check as it ends")
     parser.add_argument("--checks", nargs="+", default=list(CHECKS), choices=list(CHECKS))
     args = parser.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", "2")
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.setdefault("OMP_NUM_THREADS", "2")))  # 2 unless the caller says
     args.out.parent.mkdir(parents=True, exist_ok=True)
     failed = 0
     for name in args.checks:

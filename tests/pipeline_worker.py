@@ -272,9 +272,12 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--scenarios", nargs="+", required=True, choices=[*SCENARIOS, "fail", "out-of-step"])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out-for", nargs=2, action="append", default=[], metavar=("SCENARIO", "FOLDER"),
+                        help="write this scenario under FOLDER instead of --out (a folder the hosts share)")
     args = parser.parse_args()
+    elsewhere = {name: Path(folder) for name, folder in args.out_for}
     for name in args.scenarios:
-        folder = args.out / name
+        folder = elsewhere.get(name, args.out) / name
         folder.mkdir(parents=True, exist_ok=True)
         if name == "fail":
             fail(folder)

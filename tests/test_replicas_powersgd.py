@@ -10,6 +10,8 @@ from lfnnify.surgery.traffic import powersgd_elements
 from tests import powersgd_worker as worker
 from tests.launch import torchrun
 
+pytestmark = pytest.mark.xdist_group("powersgd")  # one pytest worker runs them all: one launch, not one per worker
+
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):

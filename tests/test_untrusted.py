@@ -15,6 +15,7 @@ import torch
 
 import lfnnify
 from lfnnify.checkpoint import locks
+from tests.forked import Forked
 from tests.test_cli import in_process
 from tests.test_faults import _Small, small_run
 
@@ -152,16 +153,24 @@ def test_a_checkpoint_rebuilds_only_registered_architectures_from_size_arguments
 
 
 def _load_in_child(tmp_path, path, timeout_s=30):
-    """lfnnify.load(path) in a child process, bounded: (exit code, stderr). A hang is a failure, not a stuck suite."""
-    code = ("import sys, lfnnify\nfrom tests.test_faults import _Small\n"
-            f"try:\n    lfnnify.load({str(path)!r}, model=_Small())\nexcept lfnnify.CheckpointError as e:\n"
-            "    print(e, file=sys.stderr); sys.exit(2)\n")
+    """lfnnify.load(path) in a child process forked from this one, bounded: (exit code, what it raised). A hang is a
+    failure, not a stuck suite: the child is killed and the test fails."""
+    errors = tmp_path / "child-error.txt"
+    errors.unlink(missing_ok=True)
+
+    def load():
+        try:
+            lfnnify.load(path, model=_Small())
+        except lfnnify.CheckpointError as exc:
+            errors.write_text(str(exc))
+            os._exit(2)
+
+    child = Forked(load, errors=errors)
     try:
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s,
-                              cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    except subprocess.TimeoutExpired:
+        code = child.wait(timeout_s)
+    except AssertionError:
         raise AssertionError(f"lfnnify.load did not return within {timeout_s} s: it blocked") from None
-    return proc.returncode, proc.stderr
+    return code, child.error()
 
 
 def test_links_pipes_and_devices_in_a_checkpoint_are_refused_before_a_byte_is_read(tmp_path):
