@@ -50,19 +50,30 @@ def hosts():
     assert testbed.tag not in _namespaces()  # nothing left behind
 
 
-def test_a_two_host_pipeline_equals_the_one_device_trainer(hosts, tmp_path):
-    sent = [hosts.tx_bytes(i) for i in range(2)]
-    procs, outputs, _ = on_hosts(hosts, [str(ROOT / "tests" / "pipeline_worker.py"), "--scenarios", "2-local",
-                                         "2-replay", "--out", str(tmp_path)], timeout=400)
-    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
-    for name in ("2-local", "2-replay"):
-        reference, _ = _reference(name)
-        _assert_close(lfnnify.load(hosts.path(0, tmp_path / name / "ckpt")), reference)  # host 0's disk holds it all
-        assert not hosts.path(1, tmp_path / name / "ckpt").exists()  # host 1 wrote nothing of it
-    # the activations really crossed the link: 14 training steps of batch 16 from host 0 (block 0), at the cut's shape
-    shape = worker.build("2-local").plan.blocks[0].output_shape
-    activations = 14 * worker.BATCH * torch.Size(shape[1:]).numel() * 4
-    assert hosts.tx_bytes(0) - sent[0] > activations
+def test_a_two_host_pipeline_equals_the_one_device_trainer_and_a_shared_folder_lets_every_rank_load(tmp_path):
+    # one launch on two hosts: the paper's mode and replay, each host writing its own disk; and a user with a
+    # network file system: their own script saves, then every rank loads the checkpoint and its trainer state from
+    # the shared folder (lfnnify.load, read_trainer_state), and goes on as if uninterrupted
+    own, shared = tmp_path / "own", tmp_path / "nfs"
+    _testbed.Hosts.remove_stale()
+    with _testbed.Hosts(2, shared=[shared]) as hosts:
+        sent = [hosts.tx_bytes(i) for i in range(2)]
+        procs, outputs, _ = on_hosts(hosts, [str(ROOT / "tests" / "pipeline_worker.py"), "--scenarios", "2-local",
+                                             "2-replay", "2-replay-resume", "--out", str(own), "--out-for",
+                                             "2-replay-resume", str(shared)], timeout=400)
+        assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+        for name in ("2-local", "2-replay"):
+            reference, _ = _reference(name)
+            _assert_close(lfnnify.load(hosts.path(0, own / name / "ckpt")), reference)  # host 0's disk holds it all
+            assert not hosts.path(1, own / name / "ckpt").exists()  # host 1 wrote nothing of it
+        reference, _ = _reference("2-replay-resume")
+        _assert_close(lfnnify.load(shared / "2-replay-resume" / "ckpt"), reference)
+        # the activations really crossed the link: at least 14 training steps of batch 16 from host 0 (block 0),
+        # at the cut's shape
+        shape = worker.build("2-local").plan.blocks[0].output_shape
+        activations = 14 * worker.BATCH * torch.Size(shape[1:]).numel() * 4
+        assert hosts.tx_bytes(0) - sent[0] > activations
+    assert hosts.tag not in _namespaces()  # nothing left behind
 
 
 @pytest.mark.parametrize("fault", ["link-cut", "host-killed", "save-killed"])
@@ -170,17 +181,16 @@ def test_replicas_across_hosts_stop_together_resume_from_host_0_alone_restart_an
         assert torch.equal(restarted[key], value), key
 
 
-def test_with_a_shared_folder_every_rank_can_load_the_checkpoint_itself(tmp_path):
-    # a user with a network file system: their own script saves, then every rank loads the checkpoint and its trainer
-    # state from the shared folder (lfnnify.load, read_trainer_state), and goes on as if uninterrupted
-    shared = tmp_path / "nfs"
-    _testbed.Hosts.remove_stale()
-    with _testbed.Hosts(2, shared=[shared]) as hosts:
-        procs, outputs, _ = on_hosts(hosts, [str(ROOT / "tests" / "pipeline_worker.py"), "--scenarios",
-                                             "2-replay-resume", "--out", str(shared)], timeout=400)
-        assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
-        reference, _ = _reference("2-replay-resume")
-        _assert_close(lfnnify.load(shared / "2-replay-resume" / "ckpt"), reference)
+def test_a_hosts_processes_import_the_lfnnify_that_made_the_hosts_installed_or_not(hosts):
+    # each host works in a folder of its own, so `python -m lfnnify...` there finds lfnnify only through the path the
+    # testbed hands it (`lfnnify demo` run from a checkout that was never installed failed its two-host part)
+    base = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = hosts.popen(0, [sys.executable, "-S", "-c", "import os, lfnnify; print(lfnnify.__file__, os.getcwd())"],
+                       env=hosts.env(0, base), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = proc.communicate(timeout=60)[0]  # -S: no site-packages, so no installed lfnnify either
+    assert proc.returncode == 0, out
+    found, cwd = out.split()
+    assert Path(found) == Path(lfnnify.__file__).resolve() and not Path(cwd).resolve().is_relative_to(ROOT), out
 
 
 def test_the_testbed_refuses_in_one_line_without_root(monkeypatch):

@@ -37,6 +37,7 @@ from ..errors import ConfigError
 
 __all__ = ["Hosts", "TestbedError", "missing", "parse_rate", "PREFIX", "HOSTNAME", "PRIVATE"]
 
+_CHECKOUT = Path(__file__).resolve().parents[2]  # the folder holding the lfnnify package
 PREFIX = "lfh"  # every namespace and link this module creates starts with it (and with the creating process's id)
 SUBNET = "10.213.0"
 HOSTNAME = "lfnnify-host"  # every host's name: nothing may rely on host names telling machines apart
@@ -330,6 +331,10 @@ class Hosts:
                    # torchrun's restarts across hosts hand the new workers the old ones' addresses when workers share
                    # the rendezvous store (pytorch/pytorch#135712); a store of their own per attempt avoids it
                    TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+        if (_CHECKOUT / "pyproject.toml").is_file():  # lfnnify run from a source checkout, installed or not: each
+            # host works in a folder of its own, where ``-m lfnnify...`` finds only what the path names
+            env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([str(_CHECKOUT), *filter(None, env.get(
+                "PYTHONPATH", "").split(os.pathsep))]))
         return env
 
     def popen(self, i: int, cmd: list[str], **kwargs) -> subprocess.Popen:
