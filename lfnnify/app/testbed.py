@@ -29,6 +29,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -82,6 +83,14 @@ def _run(*cmd: str) -> str:
     return proc.stdout
 
 
+def _software() -> list[Path]:
+    """The folders of what a host's processes run: this interpreter's prefixes and lfnnify's source checkout."""
+    folders = [Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve()]
+    if (_CHECKOUT / "pyproject.toml").is_file():
+        folders.append(_CHECKOUT)
+    return list(dict.fromkeys(folders))
+
+
 class Hosts:
     """``count`` hosts on this machine (see the module docstring).
 
@@ -92,7 +101,8 @@ class Hosts:
         latency_ms: one-way delay added with netem where the kernel has it; else skipped with a note.
         tag: the testbed's name (default: from this process's id); a named one outlives the process (the CLI's).
         shared: folders every host sees as one, as a network file system (default: none; each host's /tmp,
-            /var/tmp, /dev/shm and working folder are its own).
+            /var/tmp, /dev/shm and working folder are its own; what the hosts run, this Python and lfnnify's
+            checkout, every host sees wherever it lies).
     """
 
     def __init__(self, count: int = 2, *, rate: str | None = None, cores: list[list[int]] | None = None,
@@ -113,6 +123,9 @@ class Hosts:
         self.names = [f"{self.tag}h{i}" for i in range(count)]
         self.switch = f"{self.tag}sw" if count > 2 else None
         self.shared = [Path(p).absolute() for p in shared]
+        # what every host runs, as on machines built from one image: this Python and, run from a source checkout,
+        # lfnnify's; where such a folder lies inside a host's own folders (a clone in /tmp), each host sees it too
+        self.shared += [f for f in _software() if f not in self.shared and any(Path(p) in f.parents for p in PRIVATE)]
         self.disks = Path(tempfile.gettempdir()) / f"lfnnify-disks-{self.tag}"  # each host's private folders
         self.notes: list[str] = []
         self._up = False
