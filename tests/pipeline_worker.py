@@ -26,6 +26,7 @@ lfnnify.pipeline.trainer.CHECK_AFTER_STEPS = 5
 # shared with the single-process references in the tests; the pipeline's properties need BatchNorm, residuals and
 # several cuts, not size: timm's test_resnet (0.37M parameters) has them and trains 10x faster than resnet18 here
 MODEL = "test_resnet"
+TIMEOUT_S = 30  # how long a rank waits for a neighbour (PipelineTrainer timeout_s)
 SIZE, BATCH, DATA = 16, 16, 72  # 72 images: the last batch of each epoch has 8, not 16
 LARGE = dict(size=128, channels=64, batch=16, data=32)  # 16 x 64 x 128 x 128 floats: 64 MiB per message
 
@@ -148,7 +149,7 @@ def loaders(name: str, *, batch_scale: int = 1):
 
 def _pipeline(net, name, **extra):
     s = spec(name)
-    return lfnnify.PipelineTrainer(net, threads=1, timeout_s=30, max_in_flight=2,
+    return lfnnify.PipelineTrainer(net, threads=1, timeout_s=TIMEOUT_S, max_in_flight=2,
                                    send_dtype={"bf16": torch.bfloat16, "int8": torch.int8}.get(s["send"]),
                                    send_deltas=s["deltas"], replicas_powersgd_rank=s["powersgd"],
                                    replicas_powersgd_start=2, overlap_sends=s["overlap"],

@@ -269,7 +269,13 @@ def test_a_raising_data_loader_stops_every_rank_quickly_and_is_reported_once(tmp
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
     raised = float(re.search(r"lfnnify-fault: the loader raises at time ([\d.]+)", output).group(1))
-    assert ended - raised < 8, f"every process ended {ended - raised:.1f} s after the loader raised (bound 8 s)"
+    # quickly: the neighbours stop because rank 0's process exited, not because they waited out the pipeline's
+    # timeout (30 s in pipeline_worker). That takes 3-4 s on a quiet AMD EPYC (docs/failures.md); the bound is half
+    # the timeout, not a few seconds, so that a loaded machine (the suite's other worker beside 3 processes on 2
+    # cores: once over 8 s) does not fail it, while a run that waits out the timeout still does
+    bound = worker.TIMEOUT_S / 2
+    took = ended - raised
+    assert took < bound, f"every process ended {took:.1f} s after the loader raised (bound {bound} s)"
     assert output.count("OSError: injected: the data loader could not read batch 2") == 1, output[-4000:]
     assert output.count("lfnnify: this happened on rank 0 (block 0)") == 1, output[-4000:]
     assert "stops: rank 0 (block 0) exited" in output or "stops: rank 0 (block 0) did not answer" in output
