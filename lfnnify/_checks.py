@@ -12,8 +12,8 @@ import math
 
 from .errors import ConfigError
 
-__all__ = ["is_int", "is_count", "is_number", "is_flag", "setting", "broken_rule", "check_rules", "optional",
-           "count", "one_of"]
+__all__ = ["is_int", "is_count", "is_number", "is_flag", "setting", "broken_rule", "check_rules", "refuse_unknown",
+           "optional", "count", "one_of"]
 
 
 def is_int(value) -> bool:
@@ -64,6 +64,16 @@ def check_rules(obj) -> None:
     if broken is not None:
         name, value, text = broken
         raise ConfigError(f"{name}={value!r} {text}")
+
+
+def refuse_unknown(where: str, settings: dict, options) -> None:
+    """Raise :class:`~lfnnify.ConfigError` naming every key of ``settings`` that is not a field of the dataclass
+    ``options``, with the fields it takes."""
+    names = [f.name for f in dataclasses.fields(options)]
+    unknown = sorted(set(settings) - set(names))
+    if unknown:
+        raise ConfigError(f"{where} got unknown setting{'s' if len(unknown) > 1 else ''} "
+                          f"{', '.join(map(repr, unknown))}; it takes {', '.join(names)}")
 
 
 def optional(rule):

@@ -213,6 +213,8 @@ def test_settings_that_would_be_ignored_are_refused(small_net):
         lfnnify.Trainer(small_net, optimizer=_sgd, refresh_momentum=0.5)
     with pytest.raises(lfnnify.ConfigError, match=r"unknown setting 'lr'; it takes optimizer, scheduler"):
         lfnnify.Trainer(small_net, optimizer=_sgd, lr=0.1)
+    with pytest.raises(lfnnify.ConfigError, match=r"convert got unknown settings 'lr', 'modee'; it takes blocks, cuts"):
+        lfnnify.convert(_Small(), blocks=2, modee="local", lr=0.1, example_input=torch.zeros(1, 1, 16, 16))
     fallen = lfnnify.convert(_Small(), cuts=["stage"], head="lookahead", example_input=torch.zeros(1, 1, 16, 16))
     with pytest.raises(lfnnify.ConfigError, match=r"converted with head='lookahead', but every head fell back"):
         lfnnify.Trainer(fallen, optimizer=_sgd, refresh_heads_every=5)

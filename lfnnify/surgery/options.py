@@ -12,7 +12,7 @@ import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .._checks import check_rules, count, is_flag, is_number, one_of, optional, setting
+from .._checks import check_rules, count, is_flag, is_number, one_of, optional, refuse_unknown, setting
 from ..errors import ConfigError
 
 __all__ = ["ConvertOptions", "MODES", "BALANCES", "HEADS", "LOOKAHEAD_HEADS", "signature_with"]
@@ -69,11 +69,7 @@ class ConvertOptions:
     @classmethod
     def from_settings(cls, where: str, settings: dict) -> ConvertOptions:
         """The options from keyword arguments; an unknown one is named with the list of settings."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(settings) - set(names))
-        if unknown:
-            raise ConfigError(f"{where} got unknown setting{'s' if len(unknown) > 1 else ''} "
-                              f"{', '.join(map(repr, unknown))}; it takes {', '.join(names)}")
+        refuse_unknown(where, settings, cls)
         return cls(**settings)
 
 

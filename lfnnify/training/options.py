@@ -8,14 +8,13 @@ between, whether it has look-ahead heads to refresh) are :meth:`TrainerOptions.c
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .._checks import check_rules, count, is_number, one_of, optional, setting
+from .._checks import check_rules, count, is_number, one_of, optional, refuse_unknown, setting
 from ..errors import ConfigError
 from ..surgery.lookahead import LookaheadHead
 from ..surgery.model import LFNNModel
@@ -61,11 +60,7 @@ class TrainerOptions:
     @classmethod
     def from_settings(cls, where: str, settings: dict) -> TrainerOptions:
         """The options from a trainer's keyword arguments; an unknown or missing one is named."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(settings) - set(names))
-        if unknown:
-            raise ConfigError(f"{where} got unknown setting{'s' if len(unknown) > 1 else ''} "
-                              f"{', '.join(map(repr, unknown))}; it takes {', '.join(names)}")
+        refuse_unknown(where, settings, cls)
         if settings.get("optimizer") is None:
             raise ConfigError(f"{where} needs optimizer=, a factory: optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1)")
         return cls(**settings)
