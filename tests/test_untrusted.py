@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 
 import lfnnify
@@ -76,7 +77,7 @@ def test_a_save_never_removes_a_folder_or_a_sibling_it_cannot_prove_it_made(tmp_
     assert (tmp_path / "ckpt" / "CURRENT.tmp-12").read_text() == "the user's"
 
 
-def test_export_refuses_a_path_inside_a_checkpoint_and_anything_but_a_regular_file(tmp_path):
+def test_export_refuses_a_checkpoints_path_anything_but_a_regular_file_and_a_file_not_an_earlier_export(tmp_path):
     net, ckpt = _saved(tmp_path)
     weights = _version(ckpt) / "model.safetensors"
     before = weights.read_bytes()
@@ -94,6 +95,18 @@ def test_export_refuses_a_path_inside_a_checkpoint_and_anything_but_a_regular_fi
             lfnnify.export(net, path)
     assert stat.S_ISCHR(device.lstat().st_mode) and stat.S_ISFIFO(pipe.lstat().st_mode) and link.is_symlink()
     assert target.read_text() == "the user's"
+    # a regular file: an earlier export (or an empty file) is replaced; anything else is the user's and is kept
+    mine, earlier, empty = tmp_path / "model.pth", tmp_path / "earlier.safetensors", tmp_path / "empty.safetensors"
+    mine.write_bytes(b"\x80the user's weights")
+    with pytest.raises(lfnnify.CheckpointError, match=r"model.pth exists and is not a safetensors file: .*nothing was "
+                                                      r"written. Give another file name, or remove"):
+        lfnnify.export(net, mine)
+    assert mine.read_bytes() == b"\x80the user's weights"
+    safetensors.torch.save_file({"w": torch.zeros(2)}, earlier)
+    empty.touch()
+    for path in (earlier, empty):
+        lfnnify.export(net, path)
+        assert safetensors.torch.load_file(path).keys() == net._source.state_dict().keys()
 
 
 def test_a_run_starts_only_in_a_new_or_empty_folder_and_never_writes_through_a_link(tmp_path, capsys):

@@ -8,13 +8,14 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save as save_bytes
 from torch import nn
 
 import lfnnify.checkpoint.files as fileio
 import lfnnify.checkpoint.store as store
 
-from .._writing import write_regular
+from .._writing import check_writable, write_regular
 from ..errors import CheckpointError, DataNotFoundError
 from ..surgery.facts import classifier_parameter_names, find_classifier
 from ..surgery.model import LFNNModel
@@ -35,7 +36,8 @@ def original_state_dict(net: LFNNModel) -> dict[str, torch.Tensor]:
 def export(net: LFNNModel, path: str | os.PathLike | None = None) -> nn.Module:
     """The original architecture (same class) with the converted model's trained weights.
 
-    With ``path``, also writes its state dict as safetensors (atomically), which
+    With ``path``, also writes its state dict as safetensors (atomically; an existing file is replaced only if it
+    is a safetensors file, an earlier export, or empty; never anything else), which
     ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path, num_classes=N), num_classes=N)``
     or ``torchvision_model.load_state_dict(safetensors.torch.load_file(path))`` read back.
     The converted model is not modified.
@@ -52,8 +54,23 @@ def export(net: LFNNModel, path: str | os.PathLike | None = None) -> nn.Module:
             raise CheckpointError(
                 f"{path} is inside the checkpoint at {holder}: an export there would replace or add to the "
                 f"checkpoint's own files, and it would no longer load. Export to a path outside it")
+        check_writable(path, CheckpointError)  # a link, a device or a pipe: refused by name
+        if path.exists() and path.stat().st_size > 0 and not _is_safetensors(path):  # an empty file holds nothing
+            raise CheckpointError(
+                f"{path} exists and is not a safetensors file: an export replaces only an earlier export, so "
+                f"nothing was written. Give another file name, or remove {path} yourself")
         write_regular(path, save_bytes(fileio.unshare(model.state_dict())), error=CheckpointError)
     return model
+
+
+def _is_safetensors(path: Path) -> bool:
+    """Whether the regular file ``path`` reads as a safetensors file (an earlier export, or weights like it)."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            f.keys()
+    except Exception:  # safetensors raises its own error for a file that is not one, OSError for one it cannot read
+        return False
+    return True
 
 
 _PREFIXES = ("module.", "model.", "_orig_mod.")
