@@ -220,6 +220,23 @@ def test_settings_that_would_be_ignored_are_refused(small_net):
         lfnnify.Trainer(fallen, optimizer=_sgd, refresh_heads_every=5)
 
 
+@pytest.mark.parametrize("knobs,pattern", [
+    (dict(optimizer=torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)),
+     r"optimizer= got a SGD instance; lfnnify makes one optimizer per block, so it takes a factory"),
+    (dict(optimizer="sgd"), r"optimizer='sgd' must be a factory: optimizer=lambda params: "),
+    (dict(optimizer=lambda ps: list(ps)), r"optimizer factory returned list for block 0; it must return"),
+    # torch's own refusal of the arguments, which would surface as a bare "'<' not supported between 'str' and 'float'"
+    (dict(optimizer=lambda ps: torch.optim.SGD(ps, lr="0.1")),
+     r"the optimizer factory raised TypeError \('<' not supported .*\) when called with block 0's parameters; it is "
+     r"called once per block"),
+    (dict(optimizer=_sgd, scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt)),
+     r"the scheduler factory raised TypeError \(.*step_size.*\) when called with a block's optimizer"),
+])
+def test_optimizer_and_scheduler_factories_that_cannot_serve_are_refused_by_name(small_net, knobs, pattern):
+    with pytest.raises(lfnnify.ConfigError, match=pattern):
+        lfnnify.Trainer(small_net, **knobs).fit(_loader(), epochs=1, max_steps=1)
+
+
 def test_a_replay_stash_state_is_not_resumed_into_another_conversion():
     x = torch.zeros(1, 1, 16, 16)
     stash = lfnnify.convert(_Small(), cuts=["stem"], mode="replay", weight_stashing=True, example_input=x)

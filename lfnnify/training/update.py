@@ -25,7 +25,14 @@ def make_optimizer(factory: OptimizerFactory, params: list[nn.Parameter], block:
     if not callable(factory):
         raise ConfigError(f"optimizer={factory!r} must be a factory: optimizer=lambda params: "
                           f"torch.optim.SGD(params, lr=0.1)")
-    opt = factory(params)
+    try:
+        opt = factory(params)
+    except Exception as exc:  # the user's factory, or torch refusing its arguments: say which call it was
+        raise ConfigError(
+            f"the optimizer factory raised {type(exc).__name__} ({exc}) when called with block {block}'s parameters; "
+            f"it is called once per block and must return a torch.optim.Optimizer, e.g. optimizer=lambda params: "
+            f"torch.optim.SGD(params, lr=0.1)"
+        ) from exc
     if not isinstance(opt, torch.optim.Optimizer):
         raise ConfigError(
             f"optimizer factory returned {type(opt).__name__} for block {block}; it must return a torch.optim.Optimizer"
@@ -44,7 +51,13 @@ def make_scheduler(factory: SchedulerFactory | None, opt: torch.optim.Optimizer)
         )
     if not callable(factory):
         raise ConfigError(f"scheduler={factory!r} must be a factory: scheduler=lambda opt: ...(opt, ...)")
-    return factory(opt)
+    try:
+        return factory(opt)
+    except Exception as exc:
+        raise ConfigError(
+            f"the scheduler factory raised {type(exc).__name__} ({exc}) when called with a block's optimizer; it is "
+            f"called once per block, e.g. scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=10)"
+        ) from exc
 
 
 class BlockUpdate:
