@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Subset
 
 import lfnnify
+from lfnnify.checkpoint.loading import load_weights_into
 from lfnnify.data import FashionMNIST, make_loader
 from tests.models import batch
 
@@ -127,6 +128,25 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypat
     # the pointer and the one complete version; the failed attempt left nothing behind
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["CURRENT", "v000001"]
     assert sorted(p.name for p in (tmp_path / "ckpt" / "v000001").iterdir()) == ["lfnnify.json", "model.safetensors"]
+
+
+def test_a_checkpoint_given_another_architecture_is_refused_by_name(tmp_path):
+    net = lfnnify.convert(_SmallNet(), cuts=["stem"], example_input=X28)
+    lfnnify.save(net, tmp_path / "ckpt")
+    wide, rgb = _SmallNet(), _SmallNet()
+    wide.stage[0], wide.fc = torch.nn.Conv2d(8, 32, 3, stride=2, padding=1), torch.nn.Linear(32, 10)
+    rgb.stem[0] = torch.nn.Conv2d(3, 8, 3, padding=1)
+    shapes = (r"does not fit this (architecture|model): 3 tensor\(s\) differ in shape "
+              r"\(e.g. blocks.1.fc.weight: \(10, 16\) saved, \(10, 32\) here; ")
+    with pytest.raises(lfnnify.CheckpointError, match=shapes + r"blocks.1.stage.0.bias.*as model="):
+        lfnnify.load(tmp_path / "ckpt", model=wide)  # torch's load_state_dict raised its own RuntimeError here
+    converted = r"model= given cannot be converted as the saved one was \(cuts \['stem'\], inputs shaped \(1, 1, 28"
+    with pytest.raises(lfnnify.CheckpointError, match=converted + r".*as model="):
+        lfnnify.load(tmp_path / "ckpt", model=rgb)
+    other = lfnnify.convert(wide, cuts=["stem"], example_input=X28)
+    with pytest.raises(lfnnify.CheckpointError, match=shapes + r".*Convert the same architecture the same way"):
+        load_weights_into(other, tmp_path / "ckpt")
+    assert lfnnify.load(tmp_path / "ckpt", model=_SmallNet()).num_blocks == 2  # the right one still loads
 
 
 def test_not_a_checkpoint_and_truncated_files_give_clear_errors(tmp_path):

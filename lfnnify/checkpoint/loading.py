@@ -12,7 +12,7 @@ from torch import nn
 import lfnnify.checkpoint.files as fileio
 import lfnnify.checkpoint.store as store
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, LfnnifyError
 from ..surgery.conversion import convert
 from ..surgery.facts import rebuild_model
 from ..surgery.model import LFNNModel
@@ -68,14 +68,25 @@ def load(
         )
     saved = {f.name: config[f.name] for f in dataclasses.fields(ConvertOptions)
              if f.name in config and f.name not in ("blocks", "cuts", "head", "num_classes")}
-    net = convert(source, **saved, cuts=meta["cuts"], head=head or saved_head, num_classes=config["num_classes"],
-                  example_input=torch.zeros(meta["input_shape"]), leaf_modules=leaf_modules)
+    try:
+        net = convert(source, **saved, cuts=meta["cuts"], head=head or saved_head, num_classes=config["num_classes"],
+                      example_input=torch.zeros(meta["input_shape"]), leaf_modules=leaf_modules)
+    except LfnnifyError as exc:
+        if model is None:
+            raise
+        raise CheckpointError(  # the user's model=, not the checkpoint, is what failed to convert
+            f"{path}: the model= given cannot be converted as the saved one was (cuts {meta['cuts']}, inputs shaped "
+            f"{tuple(meta['input_shape'])}), so it is not the architecture the checkpoint was saved from; pass that "
+            f"one as model=. (Converting it said: {exc})"
+        ) from exc
     net.config["model"] = meta["model"]
+    fix = "Pass the architecture it was saved from as model=."
+    _refuse_other_shapes(net, weights, f"{path} does not fit this architecture", fix)
     missing, unexpected = net.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise CheckpointError(
             f"{path} does not fit this architecture: {len(missing)} missing keys (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}). Pass the architecture it was saved from as model=."
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}). {fix}"
         )
     expected = meta.get("fingerprint")
     if expected is not None:
@@ -87,6 +98,16 @@ def load(
                 f"don't show. Pass the exact architecture: lfnnify.load(path, model=...)"
             )
     return net
+
+
+def _refuse_other_shapes(net: nn.Module, weights: dict[str, torch.Tensor], what: str, fix: str) -> None:
+    """Refuse, naming them, the tensors whose shape in ``weights`` differs from ``net``'s (``load_state_dict`` would
+    raise its own RuntimeError for them, even with ``strict=False``)."""
+    own = net.state_dict()
+    wrong = [f"{k}: {tuple(weights[k].shape)} saved, {tuple(own[k].shape)} here" for k in sorted(weights)
+             if k in own and own[k].shape != weights[k].shape]
+    if wrong:
+        raise CheckpointError(f"{what}: {len(wrong)} tensor(s) differ in shape (e.g. {'; '.join(wrong[:2])}). {fix}")
 
 
 def load_weights_into(net: LFNNModel, path: str | os.PathLike) -> LFNNModel:
@@ -102,6 +123,7 @@ def load_weights_into(net: LFNNModel, path: str | os.PathLike) -> LFNNModel:
     if partial:  # a pipeline rank holds only its own blocks and heads
         held = tuple(f"{part}.{k}." for k in net.held_blocks for part in ("blocks", "heads"))
         weights = {k: v for k, v in weights.items() if k.startswith(held)}
+    _refuse_other_shapes(net, weights, f"{path} does not fit this model", "Convert the same architecture the same way.")
     missing, unexpected = net.load_state_dict(weights, strict=False)
     if unexpected or (not partial and missing):
         raise CheckpointError(f"{path} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
