@@ -215,6 +215,13 @@ def test_settings_that_would_be_ignored_are_refused(small_net):
         lfnnify.Trainer(small_net, optimizer=_sgd, lr=0.1)
     with pytest.raises(lfnnify.ConfigError, match=r"convert got unknown settings 'lr', 'modee'; it takes blocks, cuts"):
         lfnnify.convert(_Small(), blocks=2, modee="local", lr=0.1, example_input=torch.zeros(1, 1, 16, 16))
+    for knobs in (dict(weight_stashing=True), dict(weight_prediction=True, spike_compensation=True)):
+        local = lfnnify.convert(_Small(), cuts=["stem"], example_input=torch.zeros(1, 1, 16, 16), **knobs)
+        named = ", ".join(f"{k}=True" for k in knobs)
+        with pytest.raises(lfnnify.ConfigError, match=rf"{named}: .* mode='local' throughout, so nothing would use"):
+            lfnnify.Trainer(local, optimizer=_sgd)
+        momentum = lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9)  # noqa: E731 (spike compensation's rule)
+        lfnnify.Trainer(local, optimizer=momentum, switch_mode_at=2, switch_to="replay")  # used from step 2
     fallen = lfnnify.convert(_Small(), cuts=["stage"], head="lookahead", example_input=torch.zeros(1, 1, 16, 16))
     with pytest.raises(lfnnify.ConfigError, match=r"converted with head='lookahead', but every head fell back"):
         lfnnify.Trainer(fallen, optimizer=_sgd, refresh_heads_every=5)

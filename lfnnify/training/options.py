@@ -97,6 +97,15 @@ class TrainerOptions:
                 f"gradients, and this model trains in mode={net.mode!r} throughout; convert with mode='replay' (or "
                 f"switch_to='replay'), or drop delay_lr_warmup"
             )
+        unused = [k for k in REPLAY_ONLY if net.config.get(k)]
+        if unused and "replay" not in (net.mode, self.switch_to):
+            named = ", ".join(f"{k}=True" for k in unused)
+            raise ConfigError(
+                f"{named}: {'these change' if len(unused) > 1 else 'it changes'} how replay's delayed gradients are "
+                f"applied, and this model trains in mode={net.mode!r} throughout, so nothing would use "
+                f"{'them' if len(unused) > 1 else 'it'}; convert with mode='replay' (or train with "
+                f"switch_mode_at=N, switch_to='replay'), or convert without {named}"
+            )
         every = self.refresh_heads_every
         if every is not None and not any(isinstance(h, LookaheadHead) for h in net.heads):
             if net.config.get("head") in ("lookahead", "lookahead-layer"):
@@ -110,6 +119,10 @@ class TrainerOptions:
                 f"refresh_heads_every={every}: only look-ahead heads copy the next block, and this model's heads "
                 f"are {net.config.get('head')!r}; convert with head='lookahead' or head='lookahead-layer'"
             )
+
+
+# what a conversion sets for replay's delayed gradients alone (ConvertOptions' fields)
+REPLAY_ONLY = ("weight_stashing", "weight_prediction", "spike_compensation")
 
 
 @dataclass(frozen=True)
