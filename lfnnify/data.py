@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from ._checks import is_count
-from .errors import DataError, DataNotFoundError
+from .errors import ConfigError, DataError, DataNotFoundError
 
 __all__ = [
     "FashionMNIST",
@@ -214,10 +214,10 @@ def make_loader(
     """A DataLoader with a :class:`SeededSampler`: deterministic and resumable, its batches the same for any number
     of ``workers`` (``None``: :func:`default_workers`), which persist across epochs. ``pin_memory`` for GPUs.
     ``indexed``: batches are ``(images, labels, sample indices)`` (:class:`WithIndex`), for ``send_deltas``."""
+    if not is_count(batch_size, 1):
+        raise ConfigError(f"batch_size={batch_size!r} must be an int >= 1 (images per batch)")
     workers = default_workers(dataset) if workers is None else workers
     if not is_count(workers, 0):
-        from .errors import ConfigError
-
         raise ConfigError(f"workers={workers!r} must be an int >= 0 (loader processes; 0 loads in this process)")
     return DataLoader(
         SeededItems(WithIndex(dataset) if indexed else dataset),

@@ -41,3 +41,6 @@ def test_default_workers_and_bad_workers():
     assert default_workers(SyntheticImages(8)) == 0  # tensors in memory: a worker costs more than it saves
     with pytest.raises(lfnnify.ConfigError, match=r"workers=-1 must be an int >= 0"):
         make_loader(SyntheticImages(8), batch_size=4, workers=-1)
+    for batch in (0, 2.0, True):  # refused before the DataLoader raises its own ValueError
+        with pytest.raises(lfnnify.ConfigError, match=rf"batch_size={batch!r} must be an int >= 1"):
+            make_loader(SyntheticImages(8), batch_size=batch)
