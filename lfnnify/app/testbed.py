@@ -38,7 +38,9 @@ from ..errors import ConfigError
 
 __all__ = ["Hosts", "TestbedError", "missing", "parse_rate", "PREFIX", "HOSTNAME", "PRIVATE"]
 
-_CHECKOUT = Path(__file__).resolve().parents[2]  # the folder holding the lfnnify package
+_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the lfnnify package
+# lfnnify's source checkout when it runs from one (installed editable or not), else None (installed from a wheel)
+_CHECKOUT = _ROOT if (_ROOT / "pyproject.toml").is_file() else None
 PREFIX = "lfh"  # every namespace and link this module creates starts with it (and with the creating process's id)
 SUBNET = "10.213.0"
 HOSTNAME = "lfnnify-host"  # every host's name: nothing may rely on host names telling machines apart
@@ -86,7 +88,7 @@ def _run(*cmd: str) -> str:
 def _software() -> list[Path]:
     """The folders of what a host's processes run: this interpreter's prefixes and lfnnify's source checkout."""
     folders = [Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve()]
-    if (_CHECKOUT / "pyproject.toml").is_file():
+    if _CHECKOUT is not None:
         folders.append(_CHECKOUT)
     return list(dict.fromkeys(folders))
 
@@ -344,7 +346,7 @@ class Hosts:
                    # torchrun's restarts across hosts hand the new workers the old ones' addresses when workers share
                    # the rendezvous store (pytorch/pytorch#135712); a store of their own per attempt avoids it
                    TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
-        if (_CHECKOUT / "pyproject.toml").is_file():  # lfnnify run from a source checkout, installed or not: each
+        if _CHECKOUT is not None:  # lfnnify run from a source checkout, installed or not: each
             # host works in a folder of its own, where ``-m lfnnify...`` finds only what the path names
             env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([str(_CHECKOUT), *filter(None, env.get(
                 "PYTHONPATH", "").split(os.pathsep))]))
