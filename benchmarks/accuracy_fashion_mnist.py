@@ -7,7 +7,9 @@ How the table is made (so that a reviewer can check it):
   on the *validation* error only (mean over seeds); the test error is reported for the final table.
 - One run = one method and one seed; the seed sets the model's initialisation and the data order. Each run is
   written to its own file in ``--runs`` as soon as it ends, named ``<method>-seed<N>.json``, and a later call
-  reuses it by name, so the table can be filled over several working stretches.
+  reuses it by name, so the table can be filled over several working stretches. An unfinished run keeps its state
+  after every epoch in ``<method>-seed<N>.partial/``: killed, or paused by ``--pause-after N``, it continues from
+  its last epoch at the next call (at the commit and with the settings it started with) and ends as it would have.
 - A run records the commit it ran at and refuses to start with uncommitted changes to lfnnify/ or benchmarks/
   (``--allow-dirty`` for quick looks, which the table then marks). The table names every commit its rows
   come from and says whether they are one.
@@ -27,19 +29,25 @@ Clean seconds per epoch (one run alone): --time-steps 20
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from .common import (  # noqa: E402
     RESULTS,
+    commit,
+    device_name,
     environment,
     hardware_tag,
     peak_rss_bytes,
@@ -78,6 +86,7 @@ METHODS = {
 }
 PIPELINE_CAPABLE = set(METHODS) - {"bp", "lfnn_eq1"}
 VALIDATION = 5000
+BP_STATE, LFNN_STATE = "backprop-state.pt", "checkpoint"  # a paused or killed run's state, in its .partial folder
 # settings added after runs were kept, with the value those runs had: a kept run without one is read as this
 ADDED_SETTINGS = {"model": "resnet18", "eval_subset": None, "cuts": None}
 
@@ -102,8 +111,19 @@ def splits(args):
     return train, val, (Subset(test, range(args.eval_subset)) if args.eval_subset else test)
 
 
-def _build(name, args, steps_per_epoch):
-    """(step function, evaluate function, facts) of one row, seeded."""
+class _Row(NamedTuple):
+    """One row, built and seeded: how it trains, evaluates and keeps its state."""
+
+    step: Callable  # (x, y) -> None: one training step
+    evaluate: Callable  # loader -> {"accuracy": ...}
+    facts: dict  # parameter counts, cuts
+    save: Callable  # (folder, steps) -> None: the state to continue from, in a run's .partial folder
+    weights: Callable  # () -> the model's state dict
+
+
+def _build(name, args, steps_per_epoch, resume: Path | None = None) -> _Row:
+    """One row, seeded; with ``resume``, the state its ``save`` wrote there is loaded (model, optimizer, scheduler,
+    random state, and the trainer's kept batches)."""
     import timm
 
     import lfnnify
@@ -118,6 +138,12 @@ def _build(name, args, steps_per_epoch):
     if knobs is None:
         opt = _optimizer(model.parameters(), args.lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total_steps)
+        if resume is not None:
+            state = torch.load(resume / BP_STATE, weights_only=True)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["rng"])
 
         def step(x, y):
             model.train()
@@ -132,8 +158,17 @@ def _build(name, args, steps_per_epoch):
             correct = sum((model(x).argmax(1) == y).sum().item() for x, y in loader)
             return {"accuracy": correct / len(loader.dataset)}
 
-        return step, evaluate, facts
-    net = lfnnify.convert(model, **knobs, example_input=torch.zeros(1, 1, 28, 28))
+        def save(folder: Path, steps: int) -> None:
+            tmp = folder / f"{BP_STATE}.tmp"
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        "rng": torch.get_rng_state(), "steps": steps}, tmp)
+            tmp.replace(folder / BP_STATE)
+
+        return _Row(step, evaluate, facts, save, model.state_dict)
+    if resume is None:
+        net = lfnnify.convert(model, **knobs, example_input=torch.zeros(1, 1, 28, 28))
+    else:  # lfnnify rebuilds the conversion it saved, options included
+        net = lfnnify.load(resume / LFNN_STATE, model=model)
     switch = {}
     if "switch_to" in trainer_knobs:
         switch = {"switch_to": trainer_knobs["switch_to"],
@@ -144,36 +179,87 @@ def _build(name, args, steps_per_epoch):
     trainer = lfnnify.Trainer(net, optimizer=lambda ps: _optimizer(ps, args.lr),
                               scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, total_steps),
                               progress=False, **switch, **extra)
+    if resume is not None:
+        trainer.load_state_dict(lfnnify.read_trainer_state(resume / LFNN_STATE))
     facts.update(cuts=net.plan.cuts, head_params=net.plan.total_head_params)
-    return trainer.train_step, trainer.evaluate, facts
+
+    def save(folder: Path, steps: int) -> None:
+        assert trainer.step == steps, (trainer.step, steps)  # the trainer counts the steps it was given
+        lfnnify.save(net, folder / LFNN_STATE, trainer=trainer)
+
+    return _Row(trainer.train_step, trainer.evaluate, facts, save, net.state_dict)
+
+
+def _steps_saved(folder: Path) -> int:
+    """How many training steps the state kept in ``folder`` has taken."""
+    import lfnnify
+
+    if (folder / BP_STATE).exists():
+        return int(torch.load(folder / BP_STATE, weights_only=True)["steps"])
+    return int(lfnnify.read_trainer_state(folder / LFNN_STATE)["step"])
 
 
 def run_method(name: str, args) -> dict:
-    """One run (one method, one seed), in this process: train ``args.epochs`` epochs, evaluate after each."""
+    """One run (one method, one seed), in this process: train ``args.epochs`` epochs, evaluate after each.
+
+    After each epoch the run's state is kept in ``<run>.partial/`` (:func:`partial_folder`): the epoch's record
+    (``epoch-<n>.json``, written first) and the training state (written second, replacing the last one whole). A
+    run killed at any moment, or paused by ``--pause-after``, continues from its last finished epoch and ends as
+    the same run trained straight through would (tests/test_benchmarks.py checks this); the record read back is
+    the one of the epoch the state has reached, so a kill between the two writes loses nothing.
+    """
     from lfnnify.data import make_loader
 
     torch.set_num_threads(args.threads)
     train, val, test = splits(args)
     loader = make_loader(train, batch_size=args.batch_size, seed=args.seed)
     val_loader, test_loader = (make_loader(d, batch_size=512, shuffle=False) for d in (val, test))
-    step, evaluate, facts = _build(name, args, len(loader))
-    val_error, test_error, block_val_error, epoch_seconds = [], [], [], []
-    for epoch in range(args.epochs):
+    folder = partial_folder(args.child_out) if args.child_out else None
+    done, record = 0, {"val_error": [], "test_error": [], "block_val_error": [], "epoch_seconds": [],
+                       "epoch_devices": [], "resumed_after": [], "settings": _settings(args),
+                       "env_before": environment(args.threads)}
+    if folder is not None and ((folder / BP_STATE).exists() or (folder / LFNN_STATE).exists()):
+        steps = _steps_saved(folder)
+        done = steps // len(loader)
+        record = json.loads((folder / f"epoch-{done}.json").read_text())
+        refuse_other_run(folder, record, _settings(args), commit())
+        record["resumed_after"].append(done)
+        print(f"  {name} seed {args.seed}: continues after epoch {done} ({folder})", flush=True)
+    row = _build(name, args, len(loader), resume=folder if done else None)
+    stop = args.epochs if not args.pause_after else min(args.epochs, done + args.pause_after)
+    for epoch in range(done, stop):
         loader.sampler.set_epoch(epoch)
         start = time.perf_counter()
         for x, y in loader:
-            step(x, y)
-        epoch_seconds.append(time.perf_counter() - start)
-        v, t = evaluate(val_loader), evaluate(test_loader)
-        val_error.append(100 * (1 - v["accuracy"]))
-        test_error.append(100 * (1 - t["accuracy"]))
+            row.step(x, y)
+        record["epoch_seconds"].append(time.perf_counter() - start)
+        record["epoch_devices"].append(device_name())
+        v, t = row.evaluate(val_loader), row.evaluate(test_loader)
+        record["val_error"].append(100 * (1 - v["accuracy"]))
+        record["test_error"].append(100 * (1 - t["accuracy"]))
         if "block_accuracy" in v:
-            block_val_error.append([100 * (1 - a) for a in v["block_accuracy"]])
-        print(f"  {name} seed {args.seed} epoch {epoch + 1}: validation error {val_error[-1]:.2f}% "
-              f"({epoch_seconds[-1]:.0f} s)", flush=True)
-    return {"method": name, "seed": args.seed, "val_error": val_error, "test_error": test_error,
-            "block_val_error": block_val_error, "epoch_seconds": epoch_seconds, "peak_rss_bytes": peak_rss_bytes(),
-            **facts}
+            record["block_val_error"].append([100 * (1 - a) for a in v["block_accuracy"]])
+        print(f"  {name} seed {args.seed} epoch {epoch + 1}: validation error {record['val_error'][-1]:.2f}% "
+              f"({record['epoch_seconds'][-1]:.0f} s)", flush=True)
+        if folder is not None and epoch + 1 < args.epochs:
+            folder.mkdir(parents=True, exist_ok=True)
+            write_json(folder / f"epoch-{epoch + 1}.json", record)  # the record first, then the state it belongs to
+            row.save(folder, (epoch + 1) * len(loader))
+    if stop < args.epochs:
+        return {"paused_after": stop}
+    return {"method": name, "seed": args.seed, **{k: v for k, v in record.items() if k != "settings"},
+            "weights_sha256": weights_sha256(row.weights()), "peak_rss_bytes": peak_rss_bytes(), **row.facts}
+
+
+def weights_sha256(state: dict) -> str:
+    """One digest of a model's final weights and buffers (names, shapes, dtypes and bytes): two runs that end with
+    this digest ended with the same model, bit for bit."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        digest.update(f"{key}:{tuple(t.shape)}:{t.dtype};".encode())
+        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 def time_method(name: str, args) -> dict:
@@ -183,7 +269,7 @@ def time_method(name: str, args) -> dict:
     torch.set_num_threads(args.threads)
     train, _, _ = splits(args)
     loader = make_loader(train, batch_size=args.batch_size, seed=args.seed)
-    step, _, _ = _build(name, args, len(loader))
+    step = _build(name, args, len(loader)).step
     loader.sampler.set_epoch(0)
     times = []
     for i, (x, y) in enumerate(loader):
@@ -203,6 +289,37 @@ def _run_file(args, name: str, seed: int) -> Path:
     return args.runs / f"{name}-seed{seed}.json"
 
 
+def partial_folder(run_file: Path) -> Path:
+    """Where an unfinished run keeps its state between epochs: ``<method>-seed<N>.partial/`` beside its file."""
+    return run_file.with_suffix(".partial")
+
+
+def refuse_other_run(folder: Path, record: dict, settings: dict, now: str) -> None:
+    """A run continues only at the commit and with the settings it started with: one run, one computation."""
+    started = record["env_before"]["commit"]
+    if started != now:
+        raise SystemExit(f"{folder} holds a run started at commit {started}, and this checkout is at {now}: a run "
+                         f"trains at one commit. Continue it from a checkout of {started.removesuffix('+dirty')} "
+                         f"(git worktree add <dir> {started.removesuffix('+dirty')}), or delete {folder} to start it "
+                         f"over")
+    if record["settings"] != settings:
+        raise SystemExit(f"{folder} holds a run started with other settings ({record['settings']}); finish it with "
+                         f"those, or delete {folder} to start it over")
+
+
+def _check_partial(run_file: Path, settings: dict) -> None:
+    """Before a run starts: an unfinished one of the same name must be continuable here (refused in one line)."""
+    folder = partial_folder(run_file)
+    records = sorted(folder.glob("epoch-*.json"), key=lambda f: int(f.stem.removeprefix("epoch-")))
+    if records:
+        refuse_other_run(folder, json.loads(records[-1].read_text()), settings, commit())
+
+
+def paused(todo: list, args) -> list[str]:
+    """The runs of ``todo`` that have no file yet (paused by ``--pause-after``), as '<method> seed <N>'."""
+    return [f"{m} seed {s}" for m, s, *own in todo if not _run_file(own[0] if own else args, m, s).exists()]
+
+
 def _settings(args) -> dict:
     return {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "threads": args.threads,
             "train_subset": args.train_subset, "split_seed": args.split_seed, "validation": VALIDATION,
@@ -218,6 +335,7 @@ def _run_all(todo: list[tuple[str, int]], args) -> None:
             name, seed, *own = queue.pop(0)
             run_args = own[0] if own else args
             out = _run_file(run_args, name, seed)
+            _check_partial(out, _settings(run_args))
             cmd = [sys.executable, "-m", "benchmarks.accuracy_fashion_mnist", "--child", name, "--child-out", str(out),
                    *_forwarded(run_args, seed)]
             print(f"{name} seed {seed}: started ({len(queue)} waiting)", flush=True)
@@ -242,25 +360,34 @@ def _forwarded(args, seed: int) -> list[str]:
             out += [flag, str(value)]
     if args.cuts:
         out += ["--cuts", *args.cuts]
+    if getattr(args, "pause_after", None):
+        out += ["--pause-after", str(args.pause_after)]
     if args.data:
         out += ["--data", args.data]
     return out
 
 
 def _child(args) -> None:
-    run = time_method if args.time_steps else run_method
-    started = environment(args.threads)
-    result = run(args.child, args)
+    if args.time_steps:
+        started = environment(args.threads)
+        result = time_method(args.child, args)
+    else:
+        result = run_method(args.child, args)
+        if "paused_after" in result:
+            return
+        started = result.pop("env_before")  # where the run began, if it was paused or killed on the way
     payload = {**result, "settings": _settings(args), "commit": started["commit"], "env_before": started,
                "env": environment(args.threads), "command": " ".join(["python", *sys.argv])}
     write_json(args.child_out, payload)
+    shutil.rmtree(partial_folder(args.child_out), ignore_errors=True)
 
 
 # ---------------------------------------------------------------- the table
 
 
 def check_counts(args) -> None:
-    refuse_bad_arguments("accuracy_fashion_mnist.py", args, counts=("jobs", "threads", "epochs", "batch_size"))
+    refuse_bad_arguments("accuracy_fashion_mnist.py", args, counts=("jobs", "threads", "epochs", "batch_size",
+                                                                        "pause_after"))
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -321,6 +448,9 @@ def main() -> None:
     parser.add_argument("--name", default=None, help="result file stem (default: experiment, model, hardware, date)")
     parser.add_argument("--time-steps", type=int, default=0,
                         help="only time each method: this many steps after 3 warm-up, one at a time, seed 0")
+    parser.add_argument("--pause-after", type=int, default=None, metavar="N",
+                        help="train at most N more epochs of each run in this call; an unfinished run keeps its "
+                             "state and the next call continues it (as it does a run that was killed)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)
@@ -343,6 +473,9 @@ def main() -> None:
     todo = [(m, s) for s in args.seeds for m in args.methods if not _run_file(args, m, s).exists()]
     if todo:
         _run_all(todo, args)
+    if paused(todo, args):
+        print(f"paused, to continue with the same command: {', '.join(paused(todo, args))}")
+        return None
     rows: dict[str, list[dict]] = {}
     for m in args.methods:
         rows[m] = [json.loads(_run_file(args, m, s).read_text()) for s in args.seeds]

@@ -12,7 +12,9 @@ leaderboard does (``accuracy_fashion_mnist.py``, whose runs these are: same spli
   with weight stashing and delay-aware step sizes over epoch 1; and at the longest length only, the same replay
   with spike compensation (Kosson et al. 2021).
 - Each run is one file, ``<runs>/<L>-epochs/<method>-seed<N>.json``, written when it ends and reused by name, so the
-  sweep can be filled over several sittings. Runs of every length share the ``--jobs`` slots, shortest first.
+  sweep can be filled over several sittings. Runs of every length share the ``--jobs`` slots, shortest first. A run
+  keeps its state after every epoch (``<method>-seed<N>.partial/``), so one killed, or paused by ``--pause-after``,
+  continues from its last epoch at the next call, at the commit it started at, and ends as it would have straight.
 
 Reproduce (the committed table; about 10 hours of both cores of the Intel Xeon, twice that of the AMD EPYC Zen 3):
   python -m benchmarks.error_vs_length --lengths 3 6 12 30 --seeds 0 1 2 --jobs 2 --threads 1
@@ -132,6 +134,8 @@ def main() -> None:
     parser.add_argument("--name", default=None)
     parser.add_argument("--allow-dirty", action="store_true")
     parser.add_argument("--only-run", action="store_true", help="train what is missing, then stop (no table)")
+    parser.add_argument("--pause-after", type=int, default=None, metavar="N",
+                        help="train at most N more epochs of each run in this call; the next call continues them")
     args = parser.parse_args()
     args.time_steps, args.epochs = 0, max(args.lengths)  # what the accuracy script's runs read
     acc.check_counts(args)
@@ -147,6 +151,9 @@ def main() -> None:
                  if not acc._run_file(run_args, m, s).exists()]
     if todo:
         acc._run_all(todo, args)
+    if acc.paused(todo, args):
+        print(f"paused, to continue with the same command: {', '.join(acc.paused(todo, args))}")
+        return
     if args.only_run:
         return
 

@@ -332,6 +332,48 @@ def test_the_accuracy_table_is_made_from_its_seeded_runs_and_reuses_them(tmp_pat
     assert code != 0 and f"{kept} was run with other settings" in out + err
 
 
+def test_a_paused_or_killed_run_continues_from_its_last_epoch_and_ends_as_the_same_run(tmp_path, capsys):
+    # a 30-epoch run outlives a working stretch, so a run keeps its state after every epoch and the next call continues
+    # it. Backprop and the row with the most state (replay: kept batches, stashed weights, delay-aware step sizes,
+    # spike compensation), trained straight and paused after epoch 1: the same errors and the same final weights, bit
+    # for bit; a record a kill left ahead of the state is not read; a run continued at another commit is refused
+    methods = ("bp", "replay_stash_delay_lr_sc")
+    args = ["benchmarks.accuracy_fashion_mnist", "--model", "test_resnet", "--epochs", "2", "--train-subset", "128",
+            "--eval-subset", "64", "--batch-size", "64", "--seeds", "0", "--methods", *methods, "--jobs", "2",
+            "--allow-dirty", "--out", tmp_path]
+    code, out, err = here.module(capsys, *args, "--runs", tmp_path / "straight", "--name", "straight")
+    assert code == 0, out[-2000:] + err[-3000:]
+
+    paused = [*args, "--runs", tmp_path / "paused", "--name", "paused", "--pause-after", "1"]
+    code, out, err = here.module(capsys, *paused)
+    assert code == 0 and "paused, to continue with the same command: bp seed 0, replay_stash_delay_lr_sc seed 0" in out
+    for m in methods:
+        folder = tmp_path / "paused" / f"{m}-seed0.partial"
+        assert not (tmp_path / "paused" / f"{m}-seed0.json").exists() and (folder / "epoch-1.json").exists()
+        record = json.loads((folder / "epoch-1.json").read_text())
+        assert len(record["val_error"]) == 1
+        # a kill after the next epoch's record was written and before its state was: that record must not be read
+        (folder / "epoch-2.json").write_text(json.dumps({**record, "val_error": [50.0, 50.0]}))
+    record_file = tmp_path / "paused" / "bp-seed0.partial" / "epoch-2.json"
+    record = json.loads(record_file.read_text())
+    record_file.write_text(json.dumps({**record, "env_before": {**record["env_before"], "commit": "0000000"}}))
+    code, out, err = here.module(capsys, *paused)
+    assert code != 0 and "holds a run started at commit 0000000" in out + err and "git worktree add" in out + err
+    record_file.write_text(json.dumps(record))
+
+    code, out, err = here.module(capsys, *paused)
+    assert code == 0, out[-2000:] + err[-3000:]
+    for m in methods:
+        straight, resumed = (json.loads((tmp_path / run / f"{m}-seed0.json").read_text())
+                             for run in ("straight", "paused"))
+        assert resumed["resumed_after"] == [1] and straight["resumed_after"] == []
+        assert len(resumed["epoch_devices"]) == len(resumed["epoch_seconds"]) == 2
+        for key in ("val_error", "test_error", "weights_sha256"):
+            assert resumed[key] == straight[key], (m, key)
+        assert resumed["env_before"]["date"] <= resumed["env"]["date"]
+        assert not (tmp_path / "paused" / f"{m}-seed0.partial").exists()  # a finished run leaves only its file
+
+
 def test_a_benchmark_that_makes_a_table_refuses_uncommitted_changes(monkeypatch):
     from benchmarks import common
 
