@@ -435,6 +435,21 @@ def test_the_error_against_length_table_says_which_cpus_trained_its_runs():
     assert _devices(rows) == {"cpu (AMD EPYC)": 2, "cpu (Intel(R) Xeon(R) Processor)": 7}
 
 
+def test_the_length_sweeps_two_commits_train_every_row_alike():
+    # the sweep's 30-epoch runs trained at two commits: 643b149, and 81e9980, which added continuing a killed run
+    # (lfnnify changed much in between: pipelines, checkpoints, errors for bad input). A short run of every row at each
+    # commit (resnet10t, 8 steps), kept beside the runs, must give the same validation and test errors, epoch by
+    # epoch: the one-device training the sweep measures is the same at both; the table names both commits
+    from benchmarks.error_vs_length import LONGEST_ONLY, ROWS
+
+    folder = ROOT / "benchmarks" / "results" / "error_vs_length_runs" / "643b149" / "same-training"
+    for method in ROWS + LONGEST_ONLY:
+        old, new = (json.loads((folder / c / f"{method}-seed0.json").read_text()) for c in ("643b149", "81e9980"))
+        assert (old["commit"], new["commit"]) == ("643b149", "81e9980") and old["settings"] == new["settings"]
+        assert old["settings"]["model"] == "resnet10t" and old["settings"]["cuts"] == ["layer1", "layer2", "layer3"]
+        assert (old["val_error"], old["test_error"]) == (new["val_error"], new["test_error"]), method
+
+
 def test_one_method_beats_another_only_where_their_ranges_are_apart():
     from benchmarks.multihost import cell, verdicts_of
 
