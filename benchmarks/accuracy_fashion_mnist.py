@@ -360,7 +360,7 @@ def _forwarded(args, seed: int) -> list[str]:
             out += [flag, str(value)]
     if args.cuts:
         out += ["--cuts", *args.cuts]
-    if getattr(args, "pause_after", None):
+    if args.pause_after:
         out += ["--pause-after", str(args.pause_after)]
     if args.data:
         out += ["--data", args.data]
