@@ -74,6 +74,24 @@ def _devices(rows: dict[int, dict[str, list[dict]]]) -> dict[str, int]:
     return dict(sorted(found.items()))
 
 
+def same_training(runs: Path, commits: list[str], methods: list[str]) -> bool | None:
+    """Whether runs made at these commits trained alike, by the short runs kept in ``<runs>/same-training/<commit>/``
+    (the same settings, one per method, at each commit): True where every method's errors agree epoch by epoch at
+    every commit, False where one differs, None where a commit has no such run (nothing shown either way)."""
+    folder = runs / "same-training"
+    files = {c: {m: folder / c / f"{m}-seed0.json" for m in methods} for c in commits}
+    if len(commits) < 2 or not all(f.exists() for by_method in files.values() for f in by_method.values()):
+        return None
+    for m in methods:
+        kept = [json.loads(files[c][m].read_text()) for c in commits]
+        if any(r["commit"] != c for r, c in zip(kept, commits)):
+            return False
+        if any((r["settings"], r["val_error"], r["test_error"])
+               != (kept[0]["settings"], kept[0]["val_error"], kept[0]["test_error"]) for r in kept):
+            return False
+    return True
+
+
 def _cell(mean_sd: tuple[float, float]) -> str:
     m, sd = mean_sd
     return f"{m:.2f} ± {sd:.2f}"
@@ -163,6 +181,7 @@ def main() -> None:
     labels = {m: acc.METHODS[m][0] for m in [*args.methods, *args.longest_methods]}
     commits = sorted({c for length in rows for runs in rows[length].values() for r in runs for c in [r["commit"]]})
     devices = _devices(rows)
+    alike = same_training(args.runs, commits, list(labels))
     payload = {
         "experiment": "error_vs_length",
         "model": f"timm {args.model} (in_chans=1, num_classes=10), K=4, cuts {args.cuts}",
@@ -173,6 +192,7 @@ def main() -> None:
         "settings": {length: acc._settings(_length_args(args, length)) for length in lengths},
         "runs": {length: rows[length] for length in lengths},
         "devices": devices, "one_commit": len(commits) == 1 and not commits[0].endswith("+dirty"), "commits": commits,
+        "same_training_across_commits": alike,
         "env": environment(args.threads),
         "command": " ".join(["python -m benchmarks.error_vs_length", *sys.argv[1:]]),
     }
@@ -197,6 +217,8 @@ def main() -> None:
                         for length, c in summary["chosen_on_validation"].items())
             + f"\n\nrows from commit(s) {', '.join(commits)}" + ("" if payload["one_commit"]
                                                                    else " (NOT one clean commit)")
+            + ("" if alike is None else "; a short run of every row gives the same errors at each of them "
+               f"({args.runs.name}/same-training)" if alike else "; short runs of the rows at those commits DIFFER")
             + "; runs on " + ", ".join(f"{d} ({n} runs)" for d, n in devices.items()))
     (args.out / f"{stem}.md").write_text(text + "\n")
     print("\n" + text + f"\nwrote {path}")
