@@ -374,6 +374,19 @@ def test_a_paused_or_killed_run_continues_from_its_last_epoch_and_ends_as_the_sa
         assert not (tmp_path / "paused" / f"{m}-seed0.partial").exists()  # a finished run leaves only its file
 
 
+def test_runs_under_way_continue_before_new_runs_start(tmp_path):
+    from benchmarks.accuracy_fashion_mnist import started_first
+
+    args = argparse.Namespace(runs=tmp_path)
+    todo = [("bp", 0), ("local", 0), ("bp", 1), ("local", 1)]
+    (tmp_path / "local-seed0.partial").mkdir()
+    (tmp_path / "bp-seed1.partial").mkdir()
+    assert started_first(todo, args) == [("local", 0), ("bp", 1), ("bp", 0), ("local", 1)]
+    own = argparse.Namespace(runs=tmp_path / "30-epochs")  # an item may carry its own arguments (another length)
+    (own.runs / "bp-seed0.partial").mkdir(parents=True)
+    assert started_first([("bp", 0, args), ("bp", 0, own)], args) == [("bp", 0, own), ("bp", 0, args)]
+
+
 def test_a_benchmark_that_makes_a_table_refuses_uncommitted_changes(monkeypatch):
     from benchmarks import common
 
