@@ -16,7 +16,8 @@ leaderboard does (``accuracy_fashion_mnist.py``, whose runs these are: same spli
   keeps its state after every epoch (``<method>-seed<N>.partial/``), so one killed, or paused by ``--pause-after``,
   continues from its last epoch at the next call, at the commit it started at, and ends as it would have straight.
 
-Reproduce (the committed table; about 10 hours of both cores of the Intel Xeon, twice that of the AMD EPYC Zen 3):
+Reproduce (the committed table; about 12 hours of both cores of the Intel Xeon, about three times that of the AMD
+EPYC Zen 3, where a replay epoch of two runs side by side took about 410 s; runs continue across sittings):
   python -m benchmarks.error_vs_length --lengths 3 6 12 30 --seeds 0 1 2 --jobs 2 --threads 1
 Tiny (tests): --model test_resnet --cuts layer1 layer2 layer3 --lengths 1 2 --train-subset 128 --eval-subset 64
 """
