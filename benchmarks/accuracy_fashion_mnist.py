@@ -206,7 +206,8 @@ def run_method(name: str, args) -> dict:
     (``epoch-<n>.json``, written first) and the training state (written second, replacing the last one whole). A
     run killed at any moment, or paused by ``--pause-after``, continues from its last finished epoch and ends as
     the same run trained straight through would (tests/test_benchmarks.py checks this); the record read back is
-    the one of the epoch the state has reached, so a kill between the two writes loses nothing.
+    the one of the epoch the state has reached, so a kill between the two writes loses nothing. A continued run's
+    ``peak_rss_bytes`` is that of the process that finished it.
     """
     from lfnnify.data import make_loader
 
