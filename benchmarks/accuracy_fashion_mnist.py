@@ -316,9 +316,12 @@ def _check_partial(run_file: Path, settings: dict) -> None:
         refuse_other_run(folder, json.loads(records[-1].read_text()), settings, commit())
 
 
-def paused(todo: list, args) -> list[str]:
-    """The runs of ``todo`` that have no file yet (paused by ``--pause-after``), as '<method> seed <N>'."""
-    return [f"{m} seed {s}" for m, s, *own in todo if not _run_file(own[0] if own else args, m, s).exists()]
+def stopped_paused(todo: list, args) -> bool:
+    """Whether some run of ``todo`` has no file yet (paused by ``--pause-after``); if so, says which, once."""
+    waiting = [f"{m} seed {s}" for m, s, *own in todo if not _run_file(own[0] if own else args, m, s).exists()]
+    if waiting:
+        print(f"paused, to continue with the same command: {', '.join(waiting)}")
+    return bool(waiting)
 
 
 def _settings(args) -> dict:
@@ -484,8 +487,7 @@ def main() -> None:
     todo = [(m, s) for s in args.seeds for m in args.methods if not _run_file(args, m, s).exists()]
     if todo:
         _run_all(todo, args)
-    if paused(todo, args):
-        print(f"paused, to continue with the same command: {', '.join(paused(todo, args))}")
+    if stopped_paused(todo, args):
         return None
     rows: dict[str, list[dict]] = {}
     for m in args.methods:

@@ -170,8 +170,7 @@ def main() -> None:
                  if not acc._run_file(run_args, m, s).exists()]
     if todo:
         acc._run_all(todo, args)
-    if acc.paused(todo, args):
-        print(f"paused, to continue with the same command: {', '.join(acc.paused(todo, args))}")
+    if acc.stopped_paused(todo, args):
         return
     if args.only_run:
         return
