@@ -93,6 +93,21 @@ def same_training(runs: Path, commits: list[str], methods: list[str]) -> bool | 
     return True
 
 
+def provenance(commits: list[str], alike: bool | None, runs_name: str) -> str:
+    """Which commits trained the rows, and whether runs of several commits are shown to train alike."""
+    if any(c.endswith("+dirty") for c in commits):
+        return f"rows from {', '.join(commits)} (NOT clean: uncommitted changes trained some runs)"
+    if len(commits) == 1:
+        return f"rows from one commit, {commits[0]}"
+    said = f"rows from {len(commits)} commits, {', '.join(commits)}"
+    if alike is None:
+        return said + " (NOT one commit, and no short runs kept to show that they train alike)"
+    if alike:
+        return said + f", which train alike: a short run of every row gives the same errors at each ({runs_name}/" \
+                      "same-training)"
+    return said + f": short runs of the rows at those commits DIFFER ({runs_name}/same-training)"
+
+
 def _cell(mean_sd: tuple[float, float]) -> str:
     m, sd = mean_sd
     return f"{m:.2f} ± {sd:.2f}"
@@ -215,11 +230,8 @@ def main() -> None:
             f"{table(summary, lengths, 'test_error', labels)}\n\n"
             + "\n".join(f"{length} epochs: chosen on validation: {labels.get(c, c)}"
                         for length, c in summary["chosen_on_validation"].items())
-            + f"\n\nrows from commit(s) {', '.join(commits)}" + ("" if payload["one_commit"]
-                                                                   else " (NOT one clean commit)")
-            + ("" if alike is None else "; a short run of every row gives the same errors at each of them "
-               f"({args.runs.name}/same-training)" if alike else "; short runs of the rows at those commits DIFFER")
-            + "; runs on " + ", ".join(f"{d} ({n} runs)" for d, n in devices.items()))
+            + f"\n\n{provenance(commits, alike, args.runs.name)}; runs on "
+            + ", ".join(f"{d} ({n} runs)" for d, n in devices.items()))
     (args.out / f"{stem}.md").write_text(text + "\n")
     print("\n" + text + f"\nwrote {path}")
 

@@ -472,6 +472,68 @@ def test_the_length_sweeps_two_commits_train_every_row_alike(tmp_path):
     assert same_training(tmp_path, both, methods) is False
 
 
+def test_the_length_sweep_makes_its_table_and_picture_from_kept_runs_of_two_commits(tmp_path, capsys):
+    # The sweep's last step, run on kept runs as the committed table will be: every row at every length, the
+    # longest-only row (spike compensation) at the longest length alone, runs of two commits whose short runs agree.
+    # The runs: the committed short runs of 81e9980 (resnet10t, 2 epochs) as the 2-epoch column, seed 0, and the
+    # same shifted by +1 point as seed 1; a 1-epoch column made from 643b149's, cut to their first epoch. Nothing
+    # is trained: every cell is checked against the mean and sd computed here from the files.
+    import shutil
+
+    from benchmarks.error_vs_length import LONGEST_ONLY, ROWS
+
+    kept = ROOT / "benchmarks" / "results" / "error_vs_length_runs" / "643b149" / "same-training"
+    runs = tmp_path / "runs"
+    shutil.copytree(kept, runs / "same-training")
+    expected: dict[tuple[int, str], list[float]] = {}
+    for length, commit in ((1, "643b149"), (2, "81e9980")):
+        (runs / f"{length}-epochs").mkdir(parents=True)
+        for m in ROWS + (LONGEST_ONLY if length == 2 else []):
+            r = json.loads((kept / commit / f"{m}-seed0.json").read_text())
+            assert r["commit"] == commit and r["settings"]["epochs"] == 2
+            r = {**r, "settings": {**r["settings"], "epochs": length}}
+            for key in ("val_error", "test_error", "epoch_seconds"):
+                r[key] = r[key][:length]
+            for seed, shift in ((0, 0.0), (1, 1.0)):
+                run = {**r, "seed": seed, "val_error": [e + shift for e in r["val_error"]],
+                       "test_error": [e + shift for e in r["test_error"]]}
+                (runs / f"{length}-epochs" / f"{m}-seed{seed}.json").write_text(json.dumps(run))
+                expected.setdefault((length, m), []).append(run["test_error"][-1])
+    args = ["benchmarks.error_vs_length", "--lengths", "1", "2", "--seeds", "0", "1", "--train-subset", "512",
+            "--eval-subset", "1000", "--runs", runs, "--out", tmp_path, "--name", "sweep", "--allow-dirty"]
+    code, out, err = here.module(capsys, *args)
+    assert code == 0, out[-2000:] + err[-3000:]
+    assert "started" not in out  # every run was kept: none trained again
+
+    text = (tmp_path / "sweep.md").read_text()
+    test_table = text.split("final test error (%):")[1].split("\n\n")[1].splitlines()
+    assert test_table[0] == "| method | 1 epochs | 2 epochs |"
+    cells = {line.split(" | ")[0].lstrip("| "): line.rstrip(" |").split(" | ")[1:] for line in test_table[2:]}
+    payload = json.loads((tmp_path / "sweep.json").read_text())
+    assert len(cells) == len(ROWS + LONGEST_ONLY)
+    for m in ROWS + LONGEST_ONLY:
+        row = cells[payload["labels"][m]]
+        for column, length in enumerate((1, 2)):
+            if (length, m) not in expected:
+                assert row[column] == "–", (m, row)  # the longest-only row has no shorter cell
+                continue
+            errors = expected[(length, m)]
+            assert row[column] == f"{statistics.mean(errors):.2f} ± {statistics.stdev(errors):.2f}", (m, length, row)
+            gap = payload["summary"]["by_length"][str(length)][m]["test_gap_to_bp"]
+            assert math.isclose(gap, statistics.mean(errors) - statistics.mean(expected[(length, "bp")]))
+    assert "rows from 2 commits, 643b149, 81e9980, which train alike: a short run of every row gives the same " \
+           "errors at each (runs/same-training); runs on " in text
+    assert payload["same_training_across_commits"] is True and payload["commits"] == ["643b149", "81e9980"]
+    assert [line for line in text.splitlines() if "chosen on validation" in line][0].startswith("1 epochs: ")
+    assert (tmp_path / "sweep.png").stat().st_size > 10_000
+    from benchmarks.error_vs_length import provenance  # the other cases of that line
+
+    assert provenance(["81e9980"], None, "r") == "rows from one commit, 81e9980"
+    assert "DIFFER" in provenance(["643b149", "81e9980"], False, "r")
+    assert "NOT one commit" in provenance(["643b149", "81e9980"], None, "r")
+    assert "NOT clean" in provenance(["81e9980+dirty"], None, "r")
+
+
 def test_one_method_beats_another_only_where_their_ranges_are_apart():
     from benchmarks.multihost import cell, verdicts_of
 
