@@ -698,8 +698,11 @@ def error_vs_length(d: dict) -> dict[str, list[str]]:
     gaps = "; ".join(f"{labels[m]} " + " / ".join(f"{by[str(length)][m]['test_gap_to_bp']:+.2f}" for length in lengths)
                      for m in labels if m != "bp" and all(m in by[str(length)] for length in lengths))
     beats = [str(length) for length in lengths if by[str(length)]["local"]["against_bp"] == "beats"]
+    longest = str(max(lengths))
+    only = "; ".join(f"{labels[m]} {by[longest][m]['test_gap_to_bp']:+.2f}" for m in labels
+                     if m in by[longest] and not all(m in by[str(length)] for length in lengths))
     line = (f"final test error at {at} epochs, mean of {len(d['seeds'])} seeds: backprop {bp}%; each row less "
-            f"backprop, in points: {gaps}")
+            f"backprop, in points: {gaps}" + (f"; at {longest} epochs only: {only}" if only else ""))
     verdict = ("the paper's heads beat backprop at " + ", ".join(beats) + " epochs" if beats else
                f"the paper's heads beat backprop at none of the lengths measured ({at} epochs)")
     return {HISTORY: tables + [line, verdict], README: [line, verdict], BENCH: [line, verdict]}
