@@ -695,12 +695,13 @@ def error_vs_length(d: dict) -> dict[str, list[str]]:
               if ln.startswith("| ") and not ln.startswith("| method")]
     at = " / ".join(str(length) for length in lengths)
     bp = " / ".join(f"{by[str(length)]['bp']['test_error'][0]:.2f}" for length in lengths)
+    everywhere = [m for m in labels if all(m in by[str(length)] for length in lengths)]
     gaps = "; ".join(f"{labels[m]} " + " / ".join(f"{by[str(length)][m]['test_gap_to_bp']:+.2f}" for length in lengths)
-                     for m in labels if m != "bp" and all(m in by[str(length)] for length in lengths))
+                     for m in everywhere if m != "bp")
     beats = [str(length) for length in lengths if by[str(length)]["local"]["against_bp"] == "beats"]
     longest = str(max(lengths))
     only = "; ".join(f"{labels[m]} {by[longest][m]['test_gap_to_bp']:+.2f}" for m in labels
-                     if m in by[longest] and not all(m in by[str(length)] for length in lengths))
+                     if m in by[longest] and m not in everywhere)
     line = (f"final test error at {at} epochs, mean of {len(d['seeds'])} seeds: backprop {bp}%; each row less "
             f"backprop, in points: {gaps}" + (f"; at {longest} epochs only: {only}" if only else ""))
     verdict = ("the paper's heads beat backprop at " + ", ".join(beats) + " epochs" if beats else
